@@ -1,0 +1,62 @@
+# msao: the two commands a new machine needs are `make demo` and `make test`.
+# Everything else here is a step they run (or a workstation step: `make models`, `make export`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msao-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BUILTINS := msao-tiny-edge msao-tiny-cloud
+CHECKPOINTS := $(wildcard msao/export/checkpoints/*/*)
+
+.PHONY: setup broker demo test models export eval lint clean
+
+## setup: virtual environment with msao[dev] (torch CPU, transformers, onnxruntime) + mosquitto
+setup: $(STAMP) broker
+
+$(STAMP): pyproject.toml
+	@echo "==> [1/2] creating $(VENV) (Python: $$($(PYTHON) --version))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> [2/2] installing msao[dev]: torch==2.13.0 (CPU), transformers, onnx, onnxruntime, test tools (a few minutes the first time)"
+	@$(BIN)/python -m pip install --upgrade --progress-bar off pip >/dev/null
+	@$(BIN)/python -m pip install --progress-bar off -e '.[dev]' | grep -E '^(Successfully|ERROR)' || true
+	@$(BIN)/python -c "import msao, torch, onnxruntime" || { echo "install failed; see pip's output above"; exit 1; }
+	@touch $@
+
+broker:
+	@command -v mosquitto >/dev/null || { echo "==> installing mosquitto (Debian package)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients >/dev/null; }
+	@command -v mosquitto >/dev/null && echo "==> mosquitto: $$(mosquitto -h 2>/dev/null | head -1)"
+
+## test: the whole suite (CI runs this through .ci/run)
+test: setup
+	$(BIN)/python -m pytest -q
+
+## models: retrain the built-in checkpoints (replaces the committed ones; see docs/models.md for time)
+models: $(STAMP)
+	$(BIN)/msao train
+
+## export: bundles/msao-tiny-edge and bundles/msao-tiny-cloud, each checked and profiled
+export: $(foreach m,$(BUILTINS),bundles/$(m)/manifest.json)
+
+bundles/%/manifest.json: $(STAMP) $(CHECKPOINTS)
+	$(BIN)/msao export --model $* --out bundles/$*
+
+## eval: full easy-VQA test accuracy of both built-in bundles (the numbers in docs/models.md)
+eval: export
+	@for m in $(BUILTINS); do $(BIN)/msao eval --bundle bundles/$$m; done
+
+## demo: export both built-ins, then answer real easy-VQA questions with each
+demo: setup export
+	@echo "==> accuracy on the first 1,000 easy-VQA test questions (run 'make eval' for all 9,673)"
+	@for m in $(BUILTINS); do $(BIN)/msao eval --bundle bundles/$$m --limit 1000; done
+	@img=$$($(BIN)/python -c "import easy_vqa; print(easy_vqa.get_test_image_paths()[0])"); \
+	for q in "what color is the shape?" "what shape is in the image?" "is there a circle?"; do \
+	  for m in $(BUILTINS); do printf '%-16s %-30s -> ' "$$m" "$$q"; $(BIN)/msao ask --bundle bundles/$$m --image $$img --question "$$q"; done; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check msao tests bench
+	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations msao
+
+clean:
+	rm -rf bundles .pytest_cache .ruff_cache

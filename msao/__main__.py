@@ -1,0 +1,5 @@
+import sys
+
+from msao.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The ``msao`` command: one entry point, one module per subcommand.
+
+Importing this package must stay cheap and torch-free: subcommands import their heavy
+dependencies only when they run, so ``msao --help`` works on an edge install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from msao import __version__
+from msao.errors import MsaoError
+
+__all__ = ["main"]
+
+# name -> module under msao.cli that defines add_arguments(parser) and run(args) -> int
+SUBCOMMANDS = {
+    "train": ("train_cmd", "train the built-in easy-VQA models (workstation; needs msao[export])"),
+    "export": ("export_cmd", "export a LLaVA checkpoint to a verified ONNX bundle (needs msao[export])"),
+    "eval": ("eval_cmd", "easy-VQA test accuracy and latency of a bundle on ONNX Runtime"),
+    "ask": ("ask_cmd", "answer one question about one image with a local bundle"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    import importlib
+
+    p = argparse.ArgumentParser(prog="msao", description="Modality Sparsity-Aware Offloading of multimodal LLMs (edge + cloud).")
+    p.add_argument("--version", action="version", version=f"msao {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(f"msao.cli.{module}").add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import importlib
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(f"msao.cli.{args._module}").run(args) or 0)
+    except MsaoError as exc:
+        print(f"msao {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""``msao eval``: easy-VQA accuracy and latency of a bundle on ONNX Runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from msao.cli.common import Progress, add_bundle_option, add_threads_option
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_bundle_option(p)
+    p.add_argument("--limit", type=int, help="only the first N questions (default: all 9,673 test questions)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="easy-VQA split (default test)")
+    p.add_argument("--exit-layer", type=int, help="answer from the early-exit head after this decoder layer (cheaper, less accurate)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, latency_ms_p50, ...) instead of a table")
+    add_threads_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from msao.engines.bundle import LoadBundle
+    from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+    from msao.evaluation import EvaluateBundle
+
+    bundle = LoadBundle(args.bundle)
+    if args.exit_layer is not None and args.exit_layer not in bundle.manifest.exit_layers:
+        from msao.errors import ConfigError
+
+        raise ConfigError(
+            f"bundle {bundle.manifest.name} has exit heads after layers {list(bundle.manifest.exit_layers)}, not {args.exit_layer}"
+        )
+    report = EvaluateBundle(
+        bundle,
+        OnnxRuntimeBackend(OrtOptions(threads=args.threads)),
+        split=args.split,
+        limit=args.limit,
+        exit_layer=args.exit_layer,
+        progress=None if args.json else Progress,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        head = f"{report.bundle}" + (f" exit@{report.exit_layer}" if report.exit_layer else "")
+        print(f"{head}: accuracy {report.accuracy:.4f} on {report.n} {report.split} questions")
+        for kind, acc in report.accuracy_by_kind.items():
+            print(f"  {kind:<8} {acc:.4f}")
+        print(f"  FLOPs per request: {report.flops_per_request_mean / 1e6:.1f} M (mean over the questions)")
+        print(
+            f"  latency per request: p50 {report.latency_ms_p50:.2f} ms, p90 {report.latency_ms_p90:.2f} ms, p99 {report.latency_ms_p99:.2f} ms ({report.backend})"
+        )
+    return 0

@@ -1,0 +1,42 @@
+"""``msao train``: re-create the built-in models' checkpoints from easy-VQA (CPU)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from msao.cli.common import Progress
+from msao.errors import MissingDependency
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from msao.export.builtin import BUILTIN_MODELS
+
+    p.add_argument("--model", choices=[*BUILTIN_MODELS, "all"], default="all", help="which built-in model to train (default all)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write checkpoints under DIR/<name> (default: the package's checkpoints folder, replacing the committed ones)",
+    )
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's, see docs/models.md); fewer steps give a weaker model")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and dropout (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from msao.export.builtin import BUILTIN_MODELS, CHECKPOINT_ROOT
+        from msao.export.train import RECIPES, TrainBuiltin
+    except ImportError as exc:
+        raise MissingDependency(f"training needs the export extra ({exc.name} is missing): pip install 'msao[export]'") from exc
+    from dataclasses import replace
+
+    names = list(BUILTIN_MODELS) if args.model == "all" else [args.model]
+    root = Path(args.out) if args.out else CHECKPOINT_ROOT
+    for name in names:
+        options = replace(RECIPES[name], seed=args.seed)
+        if args.steps:
+            options = replace(options, steps=args.steps)
+        Progress(f"training {name}: {options.steps} steps, batch {options.batch_size} (see docs/models.md for the time this takes)")
+        report = TrainBuiltin(BUILTIN_MODELS[name], root / name, options, progress=Progress)
+        Progress(f"{name}: {report.params:,} parameters trained in {report.seconds:.0f}s -> {root / name}")
+    return 0

@@ -1,0 +1,1 @@
+"""MQTT 5 wire protocol, tensor codec and the cloud worker. Decides no placement."""

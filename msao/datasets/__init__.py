@@ -1,0 +1,1 @@
+"""Datasets msao trains, evaluates and benchmarks on; they know nothing of models."""

@@ -1,0 +1,1 @@
+"""The edge daemon (intake, MAS analysis, scheduler, executor). Never imports torch."""

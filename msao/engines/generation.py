@@ -1,0 +1,257 @@
+"""Greedy generation over bundle segments on any backend: prefill + KV-cached decode.
+
+Knows nothing of MQTT or placement. The pieces are separable on purpose — ``DecoderStack``
+runs any contiguous range of decoder chunks and keeps that range's KV cache — so that a split
+plan can run layers [0:k) here and [k:L) elsewhere with the same code.
+
+    question ─tokenize─► prefix ids | <image> | suffix ids
+    pixels ─vision_encoder─► image tokens (N, D) ─keep-set─► (K, D), original positions kept
+    [embed(prefix), kept tokens, embed(suffix)] ─decoder[0:L]─► hidden ─lm_head─► next token
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from msao.engines.backend import Backend, Runner
+from msao.engines.bundle import Bundle
+from msao.engines.images import DecodeImage, PixelsFromImage
+from msao.engines.manifest import exit_segment_name
+from msao.errors import FeedError, MsaoError
+
+__all__ = ["Answer", "DecoderStack", "Generator", "ImageEncoding", "StageTimings", "Softmax"]
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Wall time per stage of one request, in milliseconds."""
+
+    vision_ms: float = 0.0
+    embed_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """Output of the vision encoder for one image.
+
+    Attributes:
+        tokens: float32 (N, D) projected image tokens, what the decoder reads.
+        mas_features: float32 (N, Dv) early vision features, what the MAS probe reads.
+        vision_ms: encoder wall time.
+    """
+
+    tokens: np.ndarray
+    mas_features: np.ndarray
+    vision_ms: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer.
+
+    Attributes:
+        confidence: the lowest per-token probability among generated tokens (EOS included);
+            a single unsure token makes the answer unsure.
+        exit_layer: decoder layer whose exit head produced the tokens; None = full depth.
+        kept_tokens: image tokens that entered prefill.
+        text_tokens: prompt tokens other than image tokens.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    token_probs: tuple[float, ...]
+    confidence: float
+    exit_layer: int | None
+    kept_tokens: int
+    text_tokens: int
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
+def Softmax(logits: np.ndarray) -> np.ndarray:  # noqa: N802
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class DecoderStack:
+    """Decoder chunks covering layers [start, end) and their KV cache for one sequence batch."""
+
+    def __init__(self, runners: list[Runner], num_kv_heads: int, head_dim: int):
+        if not runners:
+            raise ValueError("a decoder stack needs at least one chunk")
+        self.runners = runners
+        self.start = runners[0].spec.layers[0]  # type: ignore[index]
+        self.end = runners[-1].spec.layers[1]  # type: ignore[index]
+        self.kv_shape = (num_kv_heads, head_dim)
+        self.past: dict[str, np.ndarray] = {}
+
+    def reset(self, batch: int = 1) -> None:
+        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)
+        self.past = {}
+        for r in self.runners:
+            for t in r.spec.inputs:
+                if t.name.startswith("past_"):
+                    self.past[t.name] = empty
+
+    @property
+    def past_length(self) -> int:
+        return next(iter(self.past.values())).shape[2] if self.past else 0
+
+    def run(self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """hidden (B, T, D) at ``position_ids`` (B, T) → hidden after layer ``end``; KV appended."""
+        for r in self.runners:
+            feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}
+            for t in r.spec.inputs:
+                if t.name.startswith("past_"):
+                    feeds[t.name] = self.past[t.name]
+            out = r.infer(feeds)
+            hidden = out["hidden_states_out"]
+            for t in r.spec.outputs:
+                if t.name.startswith("present_"):
+                    self.past["past_" + t.name[len("present_") :]] = out[t.name]
+        return hidden
+
+
+class Generator:
+    """Answers questions about images with one bundle on one backend (batch 1).
+
+    Opens a runner per segment once; reuse the generator across requests. Not thread-safe:
+    one request at a time per generator (the KV cache lives in its ``DecoderStack``).
+    """
+
+    def __init__(self, bundle: Bundle, backend: Backend):
+        from tokenizers import Tokenizer
+
+        self.bundle = bundle
+        m = bundle.manifest
+        self.info = m.model
+        self.runners: dict[str, Runner] = {s.name: backend.open(bundle, s) for s in m.segments}
+        self.tokenizer = Tokenizer.from_str(bundle.read_verified(m.tokenizer).decode("utf-8"))
+        self.placeholder_id = self.tokenizer.token_to_id(m.prompt.image_placeholder)
+        if self.placeholder_id is None:
+            raise MsaoError(f"tokenizer of {m.name} has no token {m.prompt.image_placeholder!r}; re-export the bundle")
+        self.eos = set(m.model.eos_token_ids)
+        self._stacks: dict[int, DecoderStack] = {}
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+
+    def stack(self, end: int) -> DecoderStack:
+        """The decoder stack for layers [0, end), built once per ``end``."""
+        if end not in self._stacks:
+            chunks = [self.runners[s.name] for s in self.bundle.manifest.decoder_chunks() if s.layers and s.layers[1] <= end]
+            if not chunks or chunks[-1].spec.layers[1] != end:  # type: ignore[index]
+                raise MsaoError(f"{self.bundle.manifest.name}: no chunk boundary at layer {end}; exits: {self.bundle.manifest.exit_layers}")
+            self._stacks[end] = DecoderStack(chunks, self.info.num_kv_heads, self.info.head_dim)
+        return self._stacks[end]
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def pixels_from_bytes(self, data: bytes) -> np.ndarray:
+        """Decode an image file and preprocess it: float32 (3, H, W)."""
+        return PixelsFromImage(DecodeImage(data), self.bundle.manifest.preprocess)
+
+    def encode_image(self, pixels: np.ndarray) -> ImageEncoding:
+        """Run the vision encoder on float32 pixels (3, H, W)."""
+        if pixels.ndim != 3:
+            raise FeedError(f"encode_image takes one image (3, H, W), got shape {pixels.shape}")
+        r = self.runners["vision_encoder"]
+        out = r.infer({"pixel_values": pixels[None]})
+        return ImageEncoding(out["image_tokens"][0], out["mas_features"][0], r.last_latency_ms)
+
+    def prompt_ids(self, question: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids before and after the image placeholder of the bundle's prompt template."""
+        ids = self.tokenizer.encode(self.bundle.manifest.prompt.template.format(question=question)).ids
+        if ids.count(self.placeholder_id) != 1:
+            raise FeedError(f"the question must not contain the image placeholder {self.bundle.manifest.prompt.image_placeholder!r}")
+        cut = ids.index(self.placeholder_id)
+        return np.asarray(ids[:cut], np.int64), np.asarray(ids[cut + 1 :], np.int64)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        image: ImageEncoding,
+        question: str,
+        *,
+        keep: np.ndarray | None = None,
+        exit_layer: int | None = None,
+        max_new_tokens: int = 16,
+    ) -> Answer:
+        """Greedy answer to ``question`` about ``image``.
+
+        Args:
+            keep: indices of image tokens to feed (sorted, unique, within N); None = all.
+                Kept tokens keep their original position ids.
+            exit_layer: answer from the exit head after this layer (fewer layers run); None = full.
+            max_new_tokens: upper bound on generated tokens (EOS usually stops sooner).
+        """
+        t_start = time.perf_counter()
+        n = image.tokens.shape[0]
+        keep_idx = np.arange(n) if keep is None else _check_keep(keep, n)
+        end = self.info.num_layers if exit_layer is None else exit_layer
+        head = self.runners["lm_head" if exit_layer is None else exit_segment_name(exit_layer)]
+        stack = self.stack(end)
+        stack.reset()
+
+        prefix, suffix = self.prompt_ids(question)
+        t0 = time.perf_counter()
+        emb = self.runners["text_embed"].infer({"input_ids": np.concatenate([prefix, suffix])[None]})["embeddings"]
+        embed_ms = (time.perf_counter() - t0) * 1e3
+        lp = len(prefix)
+        hidden = np.concatenate([emb[:, :lp], image.tokens[keep_idx][None], emb[:, lp:]], axis=1)  # (1, T, D)
+        positions = np.concatenate([np.arange(lp), lp + keep_idx, lp + n + np.arange(len(suffix))])[None].astype(np.int64)
+        next_pos = lp + n + len(suffix)
+
+        t0 = time.perf_counter()
+        h = stack.run(hidden, positions, np.ones((1, hidden.shape[1]), np.int64))
+        probs = Softmax(head.infer({"hidden_states": h[:, -1:]})["logits"][0, -1])
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+
+        ids: list[int] = []
+        token_probs: list[float] = []
+        t0 = time.perf_counter()
+        while True:
+            tok = int(probs.argmax())
+            ids.append(tok)
+            token_probs.append(float(probs[tok]))
+            if tok in self.eos or len(ids) >= max_new_tokens:
+                break
+            e = self.runners["text_embed"].infer({"input_ids": np.asarray([[tok]], np.int64)})["embeddings"]
+            mask = np.ones((1, stack.past_length + 1), np.int64)
+            h = stack.run(e, np.asarray([[next_pos]], np.int64), mask)
+            next_pos += 1
+            probs = Softmax(head.infer({"hidden_states": h})["logits"][0, -1])
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        text_ids = [t for t in ids if t not in self.eos]
+        total_ms = (time.perf_counter() - t_start) * 1e3 + image.vision_ms
+        return Answer(
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            token_ids=tuple(ids),
+            token_probs=tuple(token_probs),
+            confidence=min(token_probs),
+            exit_layer=exit_layer,
+            kept_tokens=len(keep_idx),
+            text_tokens=len(prefix) + len(suffix),
+            timings=StageTimings(image.vision_ms, embed_ms, prefill_ms, decode_ms, total_ms),
+        )
+
+    def answer(self, image_bytes: bytes, question: str, **kwargs) -> Answer:
+        """Decode, encode and answer in one call (the simple Python API)."""
+        return self.generate(self.encode_image(self.pixels_from_bytes(image_bytes)), question, **kwargs)
+
+
+def _check_keep(keep: np.ndarray, n: int) -> np.ndarray:
+    keep = np.asarray(keep)
+    if keep.ndim != 1 or keep.dtype.kind not in "iu" or len(keep) == 0:
+        raise FeedError(f"keep must be a non-empty 1-D integer array of token indices, got {keep.dtype} {keep.shape}")
+    if keep.min() < 0 or keep.max() >= n or np.any(np.diff(keep) <= 0):
+        raise FeedError(f"keep must be sorted, unique indices in [0, {n}); got {keep.tolist()[:8]}…")
+    return keep.astype(np.int64)

@@ -1,0 +1,59 @@
+"""Count a segment's FLOPs with PyTorch's FlopCounterMode and fit the manifest's FlopsModel."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from msao.engines.manifest import FlopsModel, ModelInfo, SegmentSpec
+from msao.errors import ExportCheckFailed
+
+__all__ = ["CountFlops", "FlopsModelFromModule"]
+
+
+def _inputs(spec: SegmentSpec, info: ModelInfo, batch: int, seq: int, past: int) -> tuple[torch.Tensor, ...]:
+    sizes = {"batch": batch, "seq": seq, "past": past, "past+seq": past + seq}
+    args = []
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "position_ids":
+            args.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
+        elif t.name == "attention_mask":
+            args.append(torch.ones(shape, dtype=torch.int64))
+        elif t.dtype == "int64":
+            args.append(torch.zeros(shape, dtype=torch.int64))
+        else:
+            args.append(torch.randn(shape))
+    return tuple(args)
+
+
+def CountFlops(module: torch.nn.Module, spec: SegmentSpec, info: ModelInfo, batch: int = 1, seq: int = 1, past: int = 0) -> int:  # noqa: N802
+    """FLOPs of one call at the given sizes (matmuls, convolutions and attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*_inputs(spec, info, batch, seq, past))
+    return int(counter.get_total_flops())
+
+
+def FlopsModelFromModule(module: torch.nn.Module, spec: SegmentSpec, info: ModelInfo) -> FlopsModel:  # noqa: N802
+    """Fit ``FlopsModel`` from counts at a few shapes, then verify it at another shape.
+
+    Raises:
+        ExportCheckFailed: the counts do not follow the model (a segment whose cost is not
+            per-call + linear + attention-shaped; a bug to report).
+    """
+    if spec.kind == "vision_encoder":
+        model = FlopsModel(per_call=CountFlops(module, spec, info, batch=1))
+    elif spec.kind == "decoder":
+        f1 = CountFlops(module, spec, info, seq=8, past=0)  # = 8a + 64b
+        f2 = CountFlops(module, spec, info, seq=4, past=8)  # = 4a + 48b
+        b = (2 * f2 - f1) // 32  # 2*f2 - f1 = 96b - 64b
+        a = (f1 - 64 * b) // 8
+        model = FlopsModel(per_token=a, per_token_pair=b)
+    else:
+        model = FlopsModel(per_token=CountFlops(module, spec, info, seq=1))
+    if spec.kind != "vision_encoder":
+        got = CountFlops(module, spec, info, batch=2, seq=5, past=3)
+        if got != model.flops(batch=2, tokens=5, past=3):
+            raise ExportCheckFailed(f"segment {spec.name}: FLOPs {got} at (B=2, T=5, P=3) do not fit {model}")
+    return model

@@ -1,0 +1,47 @@
+"""Session fixtures: the built-in models exported for real into temporary bundles.
+
+Exports here check fewer end-to-end questions than `make export` (20 instead of 200) and
+profile briefly, to keep the suite fast; every segment is still compared with PyTorch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+FAST_EXPORT = dict(check_questions=20, profile_repeats=2)
+
+
+def _export(name: str, root: Path) -> Path:
+    from msao.export.exporter import ExportBundle, ExportOptions
+
+    out = root / name
+    ExportBundle(name, out, ExportOptions(**FAST_EXPORT), progress=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def edge_bundle_dir(tmp_path_factory) -> Path:
+    return _export("msao-tiny-edge", tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="session")
+def cloud_bundle_dir(tmp_path_factory) -> Path:
+    return _export("msao-tiny-cloud", tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture()
+def edge_bundle_copy(edge_bundle_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the edge bundle that a test may damage."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(edge_bundle_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def easyvqa_test():
+    from msao.datasets.easyvqa import LoadEasyVqa
+
+    return LoadEasyVqa("test")

@@ -1,0 +1,56 @@
+"""The msao command as a user types it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def msao(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "msao", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_help_lists_subcommands():
+    r = msao("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "export", "eval", "ask"):
+        assert cmd in r.stdout
+
+
+def test_eval_json_is_machine_readable(edge_bundle_dir: Path):
+    r = msao("eval", "--bundle", str(edge_bundle_dir), "--limit", "50", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["n"] == 50 and 0.5 < report["accuracy"] <= 1.0
+    assert report["latency_ms_p50"] > 0 and set(report["accuracy_by_kind"]) <= {"shape", "colour", "yes/no"}
+
+
+def test_eval_of_an_exit_head_the_bundle_lacks_says_which_exist(edge_bundle_dir: Path):
+    r = msao("eval", "--bundle", str(edge_bundle_dir), "--limit", "5", "--exit-layer", "7")
+    assert r.returncode == 1 and "exit heads after layers [1], not 7" in r.stderr
+
+
+def test_ask_answers_from_an_image_file(edge_bundle_dir: Path, easyvqa_test, tmp_path: Path):
+    img = tmp_path / "q.png"
+    img.write_bytes(easyvqa_test.image_pngs[0])
+    r = msao("ask", "--bundle", str(edge_bundle_dir), "--image", str(img), "--question", "what color is the shape?", "--json")
+    assert r.returncode == 0, r.stderr
+    ans = json.loads(r.stdout)
+    assert ans["text"] == "red" and ans["kept_tokens"] == 64
+
+
+def test_ask_with_a_corrupt_image_fails_clearly(edge_bundle_dir: Path, tmp_path: Path):
+    img = tmp_path / "bad.png"
+    img.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    r = msao("ask", "--bundle", str(edge_bundle_dir), "--image", str(img), "--question", "what color?")
+    assert r.returncode == 1 and "cannot decode image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_on_a_damaged_bundle_fails_before_running(edge_bundle_copy: Path):
+    (edge_bundle_copy / "vision_encoder.onnx").write_bytes(b"oops")
+    r = msao("eval", "--bundle", str(edge_bundle_copy), "--limit", "5")
+    assert r.returncode == 1 and "vision_encoder.onnx" in r.stderr and "Traceback" not in r.stderr
