@@ -17,17 +17,25 @@ from msao.engines.backend import Backend
 from msao.engines.bundle import Bundle
 from msao.engines.manifest import LatencyProfile, ProfilePoint, SegmentSpec
 
-__all__ = ["DeviceName", "ProfileBundle", "TEXT_TOKENS"]
+__all__ = ["DeviceName", "ProfileBundle", "SyntheticFeeds", "TEXT_TOKENS"]
 
 TEXT_TOKENS = 16  # typical prompt text around the image (template + a short question)
 
 
-def _feeds(spec: SegmentSpec, sizes: dict[str, int], rng: np.random.Generator, vocab: int) -> dict[str, np.ndarray]:
+def SyntheticFeeds(  # noqa: N802
+    spec: SegmentSpec, *, batch: int, seq: int, past: int, vocab: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Valid random feeds for ``spec`` at the given sizes: for timing, tracing and FLOP counts.
+
+    Position ids continue after the past, the attention mask is all ones, ids are in the
+    vocabulary, floats are standard normal.
+    """
+    sizes = {"batch": batch, "seq": seq, "past": past}
     feeds = {}
     for t in spec.inputs:
         shape = tuple(d if isinstance(d, int) else sum(sizes[p] for p in d.split("+")) for d in t.shape)
         if t.name == "position_ids":
-            feeds[t.name] = np.broadcast_to(np.arange(sizes["past"], sizes["past"] + sizes["seq"]), shape).astype(np.int64)
+            feeds[t.name] = np.ascontiguousarray(np.broadcast_to(np.arange(past, past + seq), shape)).astype(np.int64)
         elif t.name == "attention_mask":
             feeds[t.name] = np.ones(shape, np.int64)
         elif t.dtype == "int64":
@@ -60,7 +68,7 @@ def ProfileBundle(bundle: Bundle, backend: Backend, repeats: int = 20, warmup: i
     for s in m.segments:
         with backend.open(bundle, s) as runner:
             for seq, past in shapes[s.name]:
-                feeds = _feeds(s, {"batch": 1, "seq": seq, "past": past}, rng, m.model.vocab_size)
+                feeds = SyntheticFeeds(s, batch=1, seq=seq, past=past, vocab=m.model.vocab_size, rng=rng)
                 times = []
                 for i in range(warmup + repeats):
                     t0 = time.perf_counter()

@@ -46,14 +46,12 @@ from msao.engines.profile import ProfileBundle
 from msao.errors import ExportCheckFailed, ModelFolderError
 from msao.export.builtin import BUILTIN_MODELS, PROMPT_TEMPLATE, builtin_checkpoint_dir
 from msao.export.checkpoint import LlavaCheckpoint, LoadCheckpoint
-from msao.export.flops import FlopsModelFromModule
+from msao.export.flops import FlopsModelFromModule, TorchFeeds
 from msao.export.onnx_export import OPSET, OnnxFromSegment
 from msao.export.reference import HfGreedyAnswer, TorchPipeline
 from msao.export.segments import DecoderChunk, LmHead, TextEmbed, VisionEncoder
 
 __all__ = ["ExportOptions", "ExportBundle", "ModelHash", "ResolveModel"]
-
-LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ class ExportOptions:
         split_points: decoder layer boundaries to cut chunks at (edge/cloud split candidates);
             None = the built-in model's own, or the middle layer for other checkpoints.
         mas_feature_layer: vision layer the MAS probe reads; None = built-in's or 1/4 depth.
-        prompt_template: None = the built-in's, or LLaVA-1.5's for other checkpoints.
+        prompt_template: None = LLaVA-1.5's conversation format (the built-ins use it too).
         check_questions: easy-VQA test questions answered by both ONNX and HF ``generate``.
         check_atol: max abs error allowed per segment output (fp32).
         max_new_tokens: generation bound for the end-to-end check.
@@ -202,21 +200,6 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
     return out
 
 
-def _example(spec: SegmentSpec, info: ModelInfo) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs with every dynamic dim > 1 so nothing is specialised."""
-    sizes = {"batch": 2, "seq": 5, "past": 3, "past+seq": 8}
-    args = []
-    for t in spec.inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
-        if t.name == "position_ids":
-            args.append(torch.arange(3, 8).expand(2, 5).contiguous())
-        elif t.dtype == "int64":
-            args.append(torch.ones(shape, dtype=torch.int64) if t.name == "attention_mask" else torch.randint(0, info.vocab_size, shape))
-        else:
-            args.append(torch.randn(shape))
-    return tuple(args)
-
-
 def _check_samples(n: int, seed: int = 0) -> list[tuple[bytes, np.ndarray, str, str]]:
     """Real easy-VQA test samples: (png bytes, rgb, question, answer), spread over the set."""
     test = LoadEasyVqa("test")
@@ -251,7 +234,7 @@ def ExportBundle(  # noqa: N802
         raise ModelFolderError(f"split points {split} outside the model's {n_layers} decoder layers")
     vision_layers = ck.model.config.vision_config.num_hidden_layers
     mas_layer = options.mas_feature_layer or (builtin.mas_feature_layer if builtin else max(1, vision_layers // 4))
-    template = options.prompt_template or (PROMPT_TEMPLATE if builtin else LLAVA_15_TEMPLATE)
+    template = options.prompt_template or PROMPT_TEMPLATE
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(ck.tokenizer_json)
@@ -276,7 +259,9 @@ def ExportBundle(  # noqa: N802
         segs = _segments(ck, info, bounds, mas_layer)
         for spec, module in segs:
             t0 = time.perf_counter()
-            OnnxFromSegment(module, _example(spec, info), spec.inputs, spec.outputs, work / spec.file, options.opset)
+            OnnxFromSegment(
+                module, TorchFeeds(spec, info, batch=2, seq=5, past=3), spec.inputs, spec.outputs, work / spec.file, options.opset
+            )
             progress(f"  exported {spec.name:<16} {(work / spec.file).stat().st_size / 1e6:7.2f} MB  {time.perf_counter() - t0:5.1f}s")
         (work / "tokenizer.json").write_text(ck.tokenizer_json)
         checks = _check_segments(segs, work, info, ck, tokenizer, template, samples[:4], options, progress)

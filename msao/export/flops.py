@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from msao.engines.manifest import FlopsModel, ModelInfo, SegmentSpec
+from msao.engines.profile import SyntheticFeeds
 from msao.errors import ExportCheckFailed
 
-__all__ = ["CountFlops", "FlopsModelFromModule"]
+__all__ = ["CountFlops", "FlopsModelFromModule", "TorchFeeds"]
 
 
-def _inputs(spec: SegmentSpec, info: ModelInfo, batch: int, seq: int, past: int) -> tuple[torch.Tensor, ...]:
-    sizes = {"batch": batch, "seq": seq, "past": past, "past+seq": past + seq}
-    args = []
-    for t in spec.inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
-        if t.name == "position_ids":
-            args.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
-        elif t.name == "attention_mask":
-            args.append(torch.ones(shape, dtype=torch.int64))
-        elif t.dtype == "int64":
-            args.append(torch.zeros(shape, dtype=torch.int64))
-        else:
-            args.append(torch.randn(shape))
-    return tuple(args)
+def TorchFeeds(spec: SegmentSpec, info: ModelInfo, batch: int, seq: int, past: int) -> tuple[torch.Tensor, ...]:
+    """``SyntheticFeeds`` as torch tensors in the segment's input order."""
+    feeds = SyntheticFeeds(spec, batch=batch, seq=seq, past=past, vocab=info.vocab_size, rng=np.random.default_rng(0))
+    return tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
 
 
 def CountFlops(module: torch.nn.Module, spec: SegmentSpec, info: ModelInfo, batch: int = 1, seq: int = 1, past: int = 0) -> int:  # noqa: N802
     """FLOPs of one call at the given sizes (matmuls, convolutions and attention)."""
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        module(*_inputs(spec, info, batch, seq, past))
+        module(*TorchFeeds(spec, info, batch, seq, past))
     return int(counter.get_total_flops())
 
 

@@ -12,7 +12,8 @@ The auxiliary heads are dropped after training: the shipped model is a plain LLa
 Two more things the rest of msao relies on are trained in:
 
 * random visual-token dropout: a share of the batches keeps only a random subset of the image
-  tokens (original position ids kept), so the decoder answers from MAS-pruned token sets;
+  tokens (original position ids kept, at least one token showing the shape), so the decoder
+  answers from MAS-pruned token sets;
 * early-exit heads after chosen decoder layers, trained jointly with the final head.
 """
 
@@ -71,8 +72,8 @@ class TrainOptions:
 
 
 RECIPES: dict[str, TrainOptions] = {
-    "msao-tiny-edge": TrainOptions(steps=3000),
-    "msao-tiny-cloud": TrainOptions(steps=4000),
+    "msao-tiny-edge": TrainOptions(vision_steps=400, steps=3000),
+    "msao-tiny-cloud": TrainOptions(vision_steps=500, steps=2000),
 }
 
 
@@ -87,12 +88,16 @@ class TrainReport:
     eval_accuracy: dict[str, float]  # teacher-forced first-token accuracy on a test subset, per head
 
 
-def ForegroundFromImages(images: np.ndarray) -> np.ndarray:  # noqa: N802
-    """Pixels of the shape: far from the background colour (the median of the border)."""
-    a = images.astype(np.int32)  # (N, H, W, 3)
+def _Background(a: np.ndarray) -> np.ndarray:  # noqa: N802
+    """Background colour per image (N, 3): the median of the border pixels of (N, H, W, 3)."""
     border = np.concatenate([a[:, 0], a[:, -1], a[:, :, 0], a[:, :, -1]], axis=1)  # (N, 4W, 3)
-    bg = np.median(border, axis=1)  # (N, 3)
-    return np.abs(a - bg[:, None, None]).sum(-1) > 60  # (N, H, W)
+    return np.median(border, axis=1)
+
+
+def ForegroundFromImages(images: np.ndarray) -> np.ndarray:  # noqa: N802
+    """Pixels of the shape: far from the background colour."""
+    a = images.astype(np.int32)  # (N, H, W, 3)
+    return np.abs(a - _Background(a)[:, None, None]).sum(-1) > 60  # (N, H, W)
 
 
 def AuxLabelsFromImages(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N802
@@ -103,14 +108,19 @@ def AuxLabelsFromImages(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  #
     """
     a = images.astype(np.int32)
     fg = ForegroundFromImages(images)
+    bg = _Background(a)
     shape_ids = np.empty(len(a), np.int64)
     colour_ids = np.empty(len(a), np.int64)
     for i, m in enumerate(fg):
         ys, xs = np.nonzero(m)
         fill = m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
         shape_ids[i] = 2 if fill < 0.7 else (0 if fill < 0.915 else 1)
-        mean = a[i][m].mean(0)
-        colour_ids[i] = int(np.argmin(((_COLOUR_RGB - mean) ** 2).sum(1)))
+        # The outline is anti-aliased into the background, so a plain mean drifts (a small teal
+        # triangle on white averages to gray): use the median of the half farthest from it.
+        px = a[i][m]
+        dist = np.abs(px - bg[i]).sum(1)
+        colour = np.median(px[dist >= np.median(dist)], axis=0)
+        colour_ids[i] = int(np.argmin(((_COLOUR_RGB - colour) ** 2).sum(1)))
     return shape_ids, colour_ids
 
 
@@ -202,7 +212,9 @@ class _Trainee(nn.Module):
         self.chunks = nn.ModuleList(DecoderChunk(self.llava, a, b) for a, b in zip(bounds, bounds[1:]))
         self.head = LmHead(self.llava)
         self.exits = ExitHeads(spec.exit_layers, spec.text_hidden, vocab_size)
-        self.aux = nn.Linear(spec.vision_hidden, 1 + len(SHAPES) + len(COLOURS))  # per token: fg, shape, colour
+        self.foreground = nn.Linear(spec.vision_hidden, 1)  # per token: does it show the shape?
+        self.attribute_ids: torch.Tensor  # token ids of SHAPES then COLOURS, set by TrainBuiltin
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.match = nn.ModuleDict({str(k): nn.Linear(spec.text_hidden, 1) for k in (*spec.exit_layers, spec.text_layers)})
         cfg = self.llava.config.text_config
         self.kv_shape = (cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
@@ -210,12 +222,17 @@ class _Trainee(nn.Module):
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens (B, N, D) and per-token auxiliary logits (B, N, 1 + 3 + 8).
 
-        The classifier reads every vision feature before the projector: each token learns
-        whether it shows the shape and, if so, which shape and colour, so the evidence sits in
-        the very tokens the decoder attends to (and stage 1 needs no projector).
+        Logit 0 (foreground) reads the vision feature; the shape and colour logits are cosine
+        similarities between the *projected* token and the model's own word embeddings of the
+        shape and colour names. So each token that shows the shape carries its evidence where
+        the decoder reads it, and in the space of the question's words: MAS can then measure a
+        question's relevance to a token as a plain cosine (docs/mas.md).
         """
         features, _ = self.vision.select(pixels)  # (B, N, Dv)
-        return self.vision.projector(features), self.aux(features)
+        tokens = self.vision.projector(features)  # (B, N, D)
+        words = self.embed(self.attribute_ids)  # (3 + 8, D)
+        cos = nn.functional.normalize(tokens, dim=-1) @ nn.functional.normalize(words, dim=-1).T  # (B, N, 11)
+        return tokens, torch.cat([self.foreground(features), self.logit_scale.exp() * cos], dim=-1)
 
     def forward(self, b: dict[str, torch.Tensor], prefix: torch.Tensor, keep: int, gen: torch.Generator):
         tokens, aux_logits = self.encode(b["pixels"])  # (B_img, N, D), (B_img, N, 12)
@@ -223,7 +240,13 @@ class _Trainee(nn.Module):
         bsz, n, _ = tokens.shape
         lp = prefix.shape[0]
         if keep < n:  # (B, N, D) -> (B, K, D), positions of kept tokens preserved
-            idx = torch.rand(bsz, n, generator=gen).argsort(dim=1)[:, :keep].sort(dim=1).values
+            # Random tokens, but always one that shows the shape: with the object dropped
+            # entirely, "is there a red shape? yes" would teach the model a false answer.
+            score = torch.rand(bsz, n, generator=gen)
+            fg = b["token_fg"][b["image_index"]]  # (B, N)
+            forced = torch.where(fg, torch.rand(bsz, n, generator=gen), torch.full_like(score, -1.0)).argmax(dim=1)
+            score[torch.arange(bsz), forced] = 2.0
+            idx = score.argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values
             tokens = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         else:
             idx = torch.arange(n).expand(bsz, n)
@@ -269,15 +292,23 @@ def _evaluate(model: _Trainee, data: _Batcher, prefix: torch.Tensor, rows: np.nd
 
 
 def _pretrain_vision(model: _Trainee, train: _Batcher, options: TrainOptions, rng, aux_loss, progress) -> None:
-    """Stage 1: teach the vision tower shape and colour from whole images (cheap, no decoder).
+    """Stage 1: teach the vision tower and projector shape and colour per token (cheap, no decoder).
 
     Joint VQA training alone leaves shape at chance for a long time; a few hundred steps of
-    direct classification make every image token carry shape evidence the decoder can read.
+    direct per-token classification against the word embeddings make every image token that
+    shows the shape carry its shape and colour, in the space of the question's words.
     """
     if options.vision_steps <= 0:
         return
-    params = [*model.vision.vision_tower.parameters(), *model.aux.parameters()]
-    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    params = [*model.vision.parameters(), *model.foreground.parameters()]  # tower + projector + fg head
+    opt = torch.optim.AdamW(
+        [
+            {"params": params, "weight_decay": options.weight_decay},
+            # the word embeddings (only the attribute rows get gradients) and the scale: no decay
+            {"params": [*model.embed.parameters(), model.logit_scale], "weight_decay": 0.0},
+        ],
+        lr=options.lr,
+    )
     n_images = len(train.pixels)
     t0 = time.perf_counter()
     for step in range(options.vision_steps):
@@ -315,6 +346,7 @@ def TrainBuiltin(  # noqa: N802
     test = _Batcher(LoadEasyVqa("test"), tokenizer, preprocess, spec.patch_size)
     eval_rows = np.random.default_rng(1).permutation(len(test.answer))[: options.eval_questions]
     model = _Trainee(spec, tokenizer.get_vocab_size())
+    model.attribute_ids = torch.tensor([tokenizer.token_to_id(w) for w in (*SHAPES, *COLOURS)])
     model.train()
     n_params = sum(p.numel() for p in model.llava.parameters())
     prefix = torch.from_numpy(train.prefix)

@@ -51,7 +51,7 @@ def test_wrong_fixed_dim_is_reported_with_symbolic_shape(chunk):
 def test_inconsistent_batch_and_mask_length_are_all_reported_at_once(chunk):
     _, spec = chunk
     f = _feeds()
-    f["past_value_0"] = np.zeros((2, 1, 2, 32), np.float32)
+    f["position_ids"] = np.zeros((2, 4), np.int64)
     f["attention_mask"] = np.ones((1, 5), np.int64)
     del f["past_key_0"]
     f["extra"] = np.zeros(1)
