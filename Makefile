@@ -28,7 +28,7 @@ broker:
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients >/dev/null; }
 	@command -v mosquitto >/dev/null && echo "==> mosquitto: $$(mosquitto -h 2>/dev/null | head -1)"
 
-## test: the whole suite (CI runs this through .ci/run)
+## test: the whole suite (CI runs this through .ci/run); it also compiles msao/engines/mas.cu for sm_87 and sm_90 with nvcc
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -53,6 +53,20 @@ demo: setup export
 	@img=$$($(BIN)/python -c "import easy_vqa; print(easy_vqa.get_test_image_paths()[0])"); \
 	for q in "what color is the shape?" "what shape is in the image?" "is there a circle?"; do \
 	  for m in $(BUILTINS); do printf '%-16s %-30s -> ' "$$m" "$$q"; $(BIN)/msao ask --bundle bundles/$$m --image $$img --question "$$q"; done; done
+
+## bench-bridge: cloud bridge numbers (codec vs memcpy, zstd on real hidden states, loopback job round trips vs floors)
+.PHONY: bench-bridge
+bench-bridge: $(STAMP) bundles/msao-tiny-cloud/manifest.json
+	@mkdir -p bench/results
+	$(BIN)/python bench/cloud_bridge.py --bundle bundles/msao-tiny-cloud --out bench/results/cloud_bridge.json
+
+## bench-mas: MAS evidence for docs/mas.md (accuracy per keep policy and ratio on all 9,673 test questions, MAS cost, probes, stream workload; ~30 min on 2 cores)
+.PHONY: bench-mas
+bench-mas: $(STAMP) bundles/msao-tiny-cloud/manifest.json
+	@mkdir -p bench/results
+	$(BIN)/python bench/mas.py --bundle bundles/msao-tiny-cloud --out bench/results/mas.json
+	$(BIN)/python bench/mas.py --bundle bundles/msao-tiny-cloud --ratios 0.0625,0.015625 --policies mas,random,saliency \
+	  --skip cost,saliency,alignment,stream --out bench/results/mas_low_ratios.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check msao tests bench

@@ -8,7 +8,16 @@
     ├── FeedError              a tensor fed to a segment has the wrong name, dtype or shape
     ├── ImageError             bytes given as an image cannot be decoded or are too large
     ├── MissingDependency      an optional package (torch, tensorrt, ...) is not installed
-    └── ConfigError            a configuration value or key is invalid
+    ├── GpuUnavailable         a GPU path was asked for but no CUDA driver or device answers
+    ├── MasInputError          tensors given to MAS disagree in shape, are not finite, or the question is empty
+    ├── StreamError            a frame or token delta does not fit its stream (size changed, stale version)
+    ├── ConfigError            a configuration value or key is invalid
+    ├── CodecError             bytes from the wire are not a valid msao payload (never trusted)
+    │   └── PayloadTooLarge    a payload, decompressed size or chunked message exceeds a limit
+    └── CloudError             the cloud path did not deliver; the edge should fall back
+        ├── CloudUnavailable   no broker, no worker, no answer within the deadline, or a lost session
+        ├── CloudBusy          every worker tried answered ``busy`` (its job queue was full)
+        └── CloudJobFailed     a worker answered with an error result (``code`` says which)
 
 Messages say what went wrong, where, what was expected, and what to do next.
 """
@@ -17,14 +26,23 @@ from __future__ import annotations
 
 __all__ = [
     "BundleError",
+    "CloudBusy",
+    "CloudError",
+    "CloudJobFailed",
+    "CloudUnavailable",
+    "CodecError",
     "ConfigError",
     "ExportCheckFailed",
     "FeedError",
+    "GpuUnavailable",
     "HashMismatch",
     "ImageError",
+    "MasInputError",
     "MissingDependency",
     "ModelFolderError",
     "MsaoError",
+    "PayloadTooLarge",
+    "StreamError",
 ]
 
 
@@ -60,5 +78,50 @@ class MissingDependency(MsaoError):
     """An optional dependency is needed for this action but not installed."""
 
 
+class GpuUnavailable(MsaoError):
+    """A GPU code path was requested but no CUDA driver, device or compiler answers; use the NumPy path."""
+
+
+class MasInputError(MsaoError):
+    """Inputs to the MAS analysis are inconsistent; no scores or keep-set were produced."""
+
+
+class StreamError(MsaoError):
+    """A frame or token delta cannot be applied to its stream; start the stream again (reset / full resend)."""
+
+
 class ConfigError(MsaoError):
     """A configuration value is invalid or unknown."""
+
+
+class CodecError(MsaoError):
+    """A payload is malformed: bad header, unknown dtype, sizes that do not add up."""
+
+
+class PayloadTooLarge(CodecError):
+    """A payload (or its decompressed form, or a chunked message) is larger than allowed."""
+
+
+class CloudError(MsaoError):
+    """The cloud path did not deliver a result; the edge runtime should fall back locally."""
+
+
+class CloudUnavailable(CloudError):
+    """No broker connection, no worker serving the model, no result by the deadline, or a lost session."""
+
+
+class CloudBusy(CloudError):
+    """The worker(s) tried had full job queues and answered ``busy``."""
+
+
+class CloudJobFailed(CloudError):
+    """A worker answered with an error result; retrying the same job will fail the same way.
+
+    Attributes:
+        code: the worker's error code (``bad_payload``, ``unknown_model``, ``unknown_segment``,
+            ``bad_input``, ``session_unknown``, ``session_mismatch``, ``internal``, ...).
+    """
+
+    def __init__(self, message: str, code: str = "internal"):
+        super().__init__(message)
+        self.code = code

@@ -1,8 +1,8 @@
 """Accuracy and per-request latency of a bundle on easy-VQA, through a real backend.
 
 Each request is served the way the edge serves it: PNG bytes → decode → preprocess →
-vision encoder → prefill → decode, timed end to end. No caching across questions that share
-an image, so latencies are per request, not amortised.
+vision encoder → (keep policy, e.g. MAS) → prefill → decode, timed end to end. No caching
+across questions that share an image, so latencies are per request, not amortised.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from msao.engines.backend import Backend
 from msao.engines.bundle import Bundle
 from msao.engines.flops import RequestFlops
 from msao.engines.generation import Generator
+from msao.engines.keep_policy import KeepPolicyFromName
+from msao.engines.mas import MasOptions
+from msao.engines.mas_text import QuestionEmbedder
 
 __all__ = ["EvalReport", "EvaluateBundle", "ANSWER_KINDS"]
 
@@ -46,6 +49,12 @@ class EvalReport:
     mean_confidence: float
     flops_per_request_mean: float
     backend: str
+    keep_policy: str | None = None  # None: every image token enters prefill
+    keep_ratio: float = 1.0
+    kept_tokens_mean: float = 0.0
+    mas_ms_mean: float = 0.0  # keep policy time per request (question embedding + scores + keep-set)
+    mas_share_of_vision: float = 0.0  # mas_ms_mean / mean vision encoder time
+    mas_share_of_end_to_end: float = 0.0  # mas_ms_mean / mean request latency
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,23 +67,52 @@ def EvaluateBundle(  # noqa: N802
     split: str = "test",
     limit: int | None = None,
     exit_layer: int | None = None,
+    keep_policy: str | None = None,
+    keep_ratio: float = 1.0,
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Answer easy-VQA questions (all of ``split``, or the first ``limit``) with greedy decoding."""
+    """Answer easy-VQA questions (all of ``split``, or the first ``limit``) with greedy decoding.
+
+    Args:
+        keep_policy: a name from ``KEEP_POLICIES`` (mas, mas-blind, saliency, random); None
+            feeds every image token. Its time is measured per request and reported.
+        keep_ratio: share of image tokens the policy keeps, in (0, 1].
+
+    Raises:
+        ConfigError: unknown policy or a keep ratio outside (0, 1].
+    """
+    policy = KeepPolicyFromName(keep_policy, MasOptions(keep_ratio=keep_ratio)) if keep_policy else None
+    if policy is None:
+        MasOptions(keep_ratio=keep_ratio)  # same check and message with or without a policy
     data = LoadEasyVqa(split)
     n = len(data) if limit is None else min(limit, len(data))
     gen = Generator(bundle, backend)
+    embed_question = QuestionEmbedder(gen)
     try:
         gen.answer(data.image_pngs[data.image_ids[0]], data.questions[0], exit_layer=exit_layer)  # warm-up
         correct = np.zeros(n, bool)
         latency = np.zeros(n)
         confidence = np.zeros(n)
+        kept = np.zeros(n)
         flops = np.zeros(n)
+        mas_ms = np.zeros(n)
+        vision_ms = np.zeros(n)
         t_start = time.perf_counter()
         for i in range(n):
             t0 = time.perf_counter()
-            ans = gen.answer(data.image_pngs[data.image_ids[i]], data.questions[i], exit_layer=exit_layer)
+            png, question = data.image_pngs[data.image_ids[i]], data.questions[i]
+            if policy is None:
+                ans = gen.answer(png, question, exit_layer=exit_layer)
+            else:
+                enc = gen.encode_image(gen.pixels_from_bytes(png))
+                tm = time.perf_counter()
+                q = embed_question(question) if policy.needs_question else None
+                keep = policy.decide(enc.tokens, enc.mas_features, q, request_id=i).keep.indices
+                mas_ms[i] = (time.perf_counter() - tm) * 1e3
+                ans = gen.generate(enc, question, keep=keep, exit_layer=exit_layer)
             latency[i] = (time.perf_counter() - t0) * 1e3
+            vision_ms[i] = ans.timings.vision_ms
+            kept[i] = ans.kept_tokens
             correct[i] = ans.text == data.answers[i]
             confidence[i] = ans.confidence
             flops[i] = RequestFlops(
@@ -105,4 +143,10 @@ def EvaluateBundle(  # noqa: N802
         mean_confidence=round(float(confidence.mean()), 4),
         flops_per_request_mean=float(flops.mean()),
         backend=backend.describe(),
+        keep_policy=keep_policy,
+        keep_ratio=keep_ratio,
+        kept_tokens_mean=round(float(kept.mean()), 3),
+        mas_ms_mean=round(float(mas_ms.mean()), 4),
+        mas_share_of_vision=round(float(mas_ms.mean() / max(vision_ms.mean(), 1e-9)), 4),
+        mas_share_of_end_to_end=round(float(mas_ms.mean() / max(latency.mean(), 1e-9)), 4),
     )

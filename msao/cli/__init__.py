@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "export": ("export_cmd", "export a LLaVA checkpoint to a verified ONNX bundle (needs msao[export])"),
     "eval": ("eval_cmd", "easy-VQA test accuracy and latency of a bundle on ONNX Runtime"),
     "ask": ("ask_cmd", "answer one question about one image with a local bundle"),
+    "explain": ("explain_cmd", "MAS heat-map of an image for a question, as a PNG (which image tokens a question needs)"),
+    "cloud": ("cloud_cmd", "serve bundles to edges over MQTT 5: a cloud worker (ONNX Runtime; needs msao[cloud])"),
 }
 
 

@@ -14,6 +14,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("test", "train"), default="test", help="easy-VQA split (default test)")
     p.add_argument("--exit-layer", type=int, help="answer from the early-exit head after this decoder layer (cheaper, less accurate)")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, latency_ms_p50, ...) instead of a table")
+    from msao.engines.keep_policy import KEEP_POLICIES
+
+    p.add_argument(
+        "--keep-policy",
+        choices=sorted(KEEP_POLICIES),
+        help="who picks the image tokens that enter prefill (default: all tokens; 'mas' when --keep-ratio < 1); its time is reported",
+    )
+    p.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="share of image tokens kept, in (0, 1] (default 1): lower is faster prefill, possibly less accurate",
+    )
     add_threads_option(p)
 
 
@@ -35,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         limit=args.limit,
         exit_layer=args.exit_layer,
+        keep_policy=args.keep_policy or ("mas" if args.keep_ratio != 1.0 else None),
+        keep_ratio=args.keep_ratio,
         progress=None if args.json else Progress,
     )
     if args.json:
@@ -45,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
         for kind, acc in report.accuracy_by_kind.items():
             print(f"  {kind:<8} {acc:.4f}")
         print(f"  FLOPs per request: {report.flops_per_request_mean / 1e6:.1f} M (mean over the questions)")
+        if report.keep_policy:
+            print(
+                f"  keep policy {report.keep_policy} at ratio {report.keep_ratio:g}: {report.kept_tokens_mean:.1f} tokens kept, "
+                f"{report.mas_ms_mean:.3f} ms per request = {100 * report.mas_share_of_vision:.1f} % of the vision encoder, "
+                f"{100 * report.mas_share_of_end_to_end:.2f} % of end-to-end"
+            )
         print(
             f"  latency per request: p50 {report.latency_ms_p50:.2f} ms, p90 {report.latency_ms_p90:.2f} ms, p99 {report.latency_ms_p99:.2f} ms ({report.backend})"
         )
