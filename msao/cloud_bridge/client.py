@@ -1,0 +1,393 @@
+"""A small, defensive MQTT 5 client over paho-mqtt 2.x: the only module that talks to paho.
+
+Knows topics only as strings and payloads only as bytes; jobs, workers and placement live
+elsewhere. What it adds to paho, each for a fact that bites (docs/cloud_bridge.md):
+
+- TCP_NODELAY on the socket as soon as it opens (paho never sets it; small messages otherwise
+  stall ~40 ms on Nagle + delayed ACK);
+- every callback guarded: an exception is logged and counted, never let into paho, where it
+  would silently end the network thread (paho #894); slow callbacks are logged (paho #379);
+- a watchdog thread that restarts a dead network thread and sweeps stale chunk reassembly;
+- the broker's Maximum Packet Size read from CONNACK: bigger payloads are chunked, never
+  published whole; chunks in flight are bounded by a window;
+- a bounded outgoing queue (paho queues without limit by default), reconnect with backoff,
+  re-subscription on every connect, session expiry set on purpose, a Last Will.
+
+Callbacks given to this client run on the network thread and must be quick: no inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+
+from msao.cloud_bridge.chunking import CHUNK_PROPERTY, MAX_CHUNKS, ChunkHeader, Reassembler, SplitPayload
+from msao.cloud_bridge.mqtt_options import BrokerUrl, ClientCounters, ClientOptions, InboundMessage, PublishReport, TlsOptions
+from msao.errors import CloudUnavailable, CodecError, ConfigError, MissingDependency
+
+__all__ = ["BridgeClient", "BrokerUrl", "ClientCounters", "ClientOptions", "InboundMessage", "PublishReport", "TlsOptions"]
+
+log = logging.getLogger(__name__)
+
+SLOW_CALLBACK_S = 0.5
+MQTT_MAX_PACKET = 268_435_455  # the protocol's own ceiling (4-byte remaining length)
+
+
+def _paho():
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError as exc:
+        raise MissingDependency("paho-mqtt is not installed: pip install 'msao[edge]' (or 'msao[cloud]')") from exc
+    return mqtt
+
+
+class BridgeClient:
+    """One MQTT 5 connection with the habits listed in the module docstring.
+
+    Args:
+        options: connection settings.
+        on_message: called on the network thread with each whole inbound message; must be quick.
+        on_connect: called on the network thread after every (re)connect and re-subscription.
+    """
+
+    def __init__(self, options: ClientOptions, on_message: Callable[[InboundMessage], None], on_connect: Callable[[], None] | None = None):
+        mqtt = _paho()
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.properties import Properties
+
+        self.options = options
+        self.url = BrokerUrl.parse(options.broker)
+        self.counters = ClientCounters()
+        self.tcp_nodelay = False
+        self._handler = on_message
+        self._on_connect_hook = on_connect
+        self._subscriptions: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._reassembler = Reassembler(options.max_message_bytes, timeout_s=options.reassembly_timeout_s)
+        self._broker_max_packet: int | None = None
+        self._disconnected_since: float | None = time.monotonic()
+        self._warned_down = False
+        self._net_thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._Properties = Properties
+
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=options.client_id, protocol=mqtt.MQTTv5, reconnect_on_failure=True)
+        c.suppress_exceptions = True  # second line of defence; our callbacks are guarded anyway
+        c.max_queued_messages_set(options.max_queued_messages)
+        c.max_inflight_messages_set(options.max_inflight)
+        c.reconnect_delay_set(max(1, math.floor(options.reconnect_min_s)), max(1, math.ceil(options.reconnect_max_s)))
+        if self.url.tls:
+            tls = options.tls or TlsOptions()
+            c.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
+            c.tls_insecure_set(tls.insecure)
+        elif options.tls is not None and (options.tls.ca_file or options.tls.cert_file):
+            raise ConfigError(f"TLS files given but the broker URL {self.url} is not mqtts://")
+        if options.username is not None:
+            c.username_pw_set(options.username, options.password)
+        if options.will_topic:
+            c.will_set(options.will_topic, options.will_payload, qos=1, retain=True)
+        c.on_socket_open = self._guard("on_socket_open", self._on_socket_open)
+        c.on_connect = self._guard("on_connect", self._on_connect)
+        c.on_connect_fail = self._guard("on_connect_fail", self._on_connect_fail)
+        c.on_disconnect = self._guard("on_disconnect", self._on_disconnect)
+        c.on_message = self._guard("on_message", self._on_message)
+        self._mqtt = c
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> BridgeClient:
+        """Connect in the background (retrying with backoff) and start the watchdog."""
+        self._connect_async()
+        self._watchdog = threading.Thread(target=self._watch, name=f"msao-mqtt-watchdog-{self.options.client_id}", daemon=True)
+        self._watchdog.start()
+        return self
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout_s: float = 2.0) -> None:
+        """Publish ``final`` (topic, payload; retained, e.g. an offline status), then disconnect cleanly."""
+        if self._stopping.is_set():
+            return
+        if final is not None and self.connected:
+            try:
+                info = self._mqtt.publish(final[0], final[1], qos=1, retain=True)
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish the final status on %s: %s", final[0], exc)
+        self._stopping.set()
+        self._mqtt.disconnect()
+        self._mqtt.loop_stop()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout_s)
+        self._connected.clear()
+        log.info("MQTT client %s stopped (%s)", self.options.client_id, self.counters)
+
+    def __enter__(self) -> BridgeClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- subscribing and publishing ----------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        if self.connected:
+            self._mqtt.subscribe(topic_filter, qos)
+
+    @property
+    def max_packet_bytes(self) -> int:
+        """The broker's Maximum Packet Size from CONNACK, or the configured default."""
+        return self._broker_max_packet or self.options.default_max_packet_bytes
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | bytearray,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        expiry_s: float | None = None,
+        user_properties: tuple[tuple[str, str], ...] = (),
+        timeout_s: float = 10.0,
+    ) -> PublishReport:
+        """Publish ``payload``, in chunks when it does not fit one packet; never whole above the limit.
+
+        Chunked publishes wait for broker acknowledgements to keep at most ``chunk_window``
+        chunks in flight (except on the network thread, which must not wait).
+
+        Raises:
+            CloudUnavailable: the outgoing queue is full (broker unreachable for a while), or
+                chunks were not acknowledged within ``timeout_s``.
+            PayloadTooLarge: the payload cannot be chunked under the broker's limit.
+        """
+        base = (response_topic, correlation_data, expiry_s)
+        props = self._props(*base, user_properties)
+        limit = self.max_packet_bytes
+        if _PacketBytes(topic, props, len(payload)) <= limit:
+            self._publish_one(topic, payload, qos, retain, props)
+            self.counters.messages_out += 1
+            return PublishReport(len(payload), 1)
+        message_id = uuid.uuid4().hex[:16]
+        widest = f"{message_id}:{MAX_CHUNKS - 1}:{MAX_CHUNKS}:{10**12 - 1}:{10**10 - 1}"  # longest header the format allows
+        chunk_bytes = limit - _PacketBytes(topic, self._props(*base, (*user_properties, (CHUNK_PROPERTY, widest))), 0)
+        in_loop = threading.current_thread() is self._net_thread
+        window: deque = deque()
+        deadline = time.monotonic() + timeout_s
+        chunks = 0
+        for header, part in SplitPayload(payload, chunk_bytes, message_id):
+            p = self._props(*base, (*user_properties, (CHUNK_PROPERTY, header.to_property())))
+            while not in_loop and len(window) >= self.options.chunk_window:
+                self._await(window.popleft(), deadline, topic)
+            window.append(self._publish_one(topic, part.tobytes(), 1, False, p))
+            chunks += 1
+        while window and not in_loop:
+            self._await(window.popleft(), deadline, topic)
+        self.counters.messages_out += 1
+        self.counters.chunks_out += chunks
+        return PublishReport(len(payload), chunks)
+
+    def _props(self, response_topic, correlation_data, expiry_s, user_properties):
+        props = self._Properties(_PacketType("PUBLISH"))
+        if response_topic:
+            props.ResponseTopic = response_topic
+        if correlation_data is not None:
+            props.CorrelationData = correlation_data
+        if expiry_s is not None:
+            props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
+        if user_properties:
+            props.UserProperty = list(user_properties)
+        return props
+
+    def _publish_one(self, topic: str, payload, qos: int, retain: bool, props):
+        mqtt = _paho()
+        info = self._mqtt.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise CloudUnavailable(
+                f"MQTT outgoing queue is full ({self.options.max_queued_messages} messages) while publishing to {topic}: "
+                f"the broker {self.url} has been unreachable; fall back to local execution"
+            )
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN) or (info.rc == mqtt.MQTT_ERR_NO_CONN and qos == 0):
+            raise CloudUnavailable(f"publish to {topic} failed: {mqtt.error_string(info.rc)}; is the broker {self.url} reachable?")
+        return info
+
+    def _await(self, info, deadline: float, topic: str) -> None:
+        info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        if not info.is_published():
+            raise CloudUnavailable(f"the broker {self.url} did not acknowledge chunks on {topic} in time; link down or too slow")
+
+    # -- paho callbacks (all run on the network thread, all guarded) --------------------------
+
+    def _guard(self, name: str, fn: Callable) -> Callable:
+        def guarded(*args):
+            t0 = time.perf_counter()
+            try:
+                fn(*args)
+            except Exception:
+                self.counters.callback_errors += 1
+                log.exception(
+                    "MQTT callback %s of %s raised; dropped the event, the network thread keeps running", name, self.options.client_id
+                )
+            dt = time.perf_counter() - t0
+            if dt > SLOW_CALLBACK_S:
+                self.counters.slow_callbacks += 1
+                log.warning("MQTT callback %s took %.2f s; slow callbacks delay keepalives and every other message", name, dt)
+
+        return guarded
+
+    def _on_socket_open(self, client, userdata, sock) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.tcp_nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        except (OSError, AttributeError) as exc:
+            self.tcp_nodelay = False
+            log.warning("could not set TCP_NODELAY on the MQTT socket (%s); small messages may stall ~40 ms", exc)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "broker %s refused %s: %s (check credentials, client id and TLS settings)", self.url, self.options.client_id, reason_code
+            )
+            return
+        stated = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        self._broker_max_packet = int(stated) if stated else None
+        receive_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        if receive_max and int(receive_max) < self.options.max_inflight:
+            # paho 2.x ignores Receive Maximum and cannot change in-flight limits once connected
+            log.warning(
+                "broker %s allows %s QoS 1 messages in flight, fewer than max_inflight=%d; lower it",
+                self.url,
+                receive_max,
+                self.options.max_inflight,
+            )
+        self.counters.connects += 1
+        with self._lock:
+            subs = list(self._subscriptions.items())
+            self._disconnected_since = None
+            self._warned_down = False
+        for topic_filter, qos in subs:
+            client.subscribe(topic_filter, qos)
+        self._connected.set()
+        log.info(
+            "connected to %s as %s (max packet %s, session present %s, TCP_NODELAY %s)",
+            self.url, self.options.client_id, stated or f"not stated, using {self.options.default_max_packet_bytes}",
+            flags.session_present, self.tcp_nodelay,
+        )  # fmt: skip
+        if self._on_connect_hook is not None:
+            self._on_connect_hook()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        with self._lock:
+            first = not self._warned_down
+            self._warned_down = True
+        if first:
+            log.warning("cannot connect to %s yet; retrying with backoff up to %.0f s", self.url, self.options.reconnect_max_s)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        self.counters.disconnects += 1
+        with self._lock:
+            self._disconnected_since = time.monotonic()
+        if not self._stopping.is_set():
+            log.warning("disconnected from %s (%s); reconnecting", self.url, reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        now = time.monotonic()
+        props = msg.properties
+        user = tuple((str(k), str(v)) for k, v in (getattr(props, "UserProperty", None) or ()))
+        chunk = next((v for k, v in user if k == CHUNK_PROPERTY), None)
+        payload, chunks = msg.payload, 1
+        self.counters.chunks_in += 1
+        if chunk is not None:
+            try:
+                header = ChunkHeader.from_property(chunk)
+                with self._lock:
+                    whole = self._reassembler.add(msg.topic, header, payload, now)
+            except CodecError as exc:
+                self.counters.dropped_in += 1
+                log.warning("dropped a chunk on %s: %s", msg.topic, exc)
+                return
+            if whole is None:
+                return
+            payload, chunks = whole, header.count
+            user = tuple(kv for kv in user if kv[0] != CHUNK_PROPERTY)
+        self.counters.messages_in += 1
+        corr = getattr(props, "CorrelationData", None)
+        self._handler(
+            InboundMessage(
+                topic=msg.topic,
+                payload=payload,
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation_data=bytes(corr) if corr is not None else None,
+                expiry_s=getattr(props, "MessageExpiryInterval", None),
+                user_properties=user,
+                retained=bool(msg.retain),
+                received_monotonic=now,
+                wire_bytes=len(payload),
+                chunks=chunks,
+            )
+        )
+
+    # -- network thread and watchdog ----------------------------------------------------------
+
+    def _connect_async(self) -> None:
+        from paho.mqtt.properties import Properties
+
+        connect = Properties(_PacketType("CONNECT"))
+        connect.SessionExpiryInterval = self.options.session_expiry_s
+        # tells the broker not to forward anything we would refuse anyway
+        connect.MaximumPacketSize = min(MQTT_MAX_PACKET, self.options.max_message_bytes + 65536)
+        clean = True if self.options.session_expiry_s == 0 else _paho().MQTT_CLEAN_START_FIRST_ONLY
+        self._mqtt.connect_async(self.url.host, self.url.port, self.options.keepalive_s, clean_start=clean, properties=connect)
+        self._mqtt.loop_start()
+        # paho 2.x keeps its network thread in Client._thread; watched so a dead one is noticed
+        self._net_thread = getattr(self._mqtt, "_thread", None)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.options.watchdog_interval_s):
+            try:
+                self._check()
+            except Exception:
+                log.exception("MQTT watchdog check failed; will retry")
+
+    def _check(self) -> None:
+        with self._lock:
+            self._reassembler.expire()
+            down_since = self._disconnected_since
+        thread = self._net_thread
+        if thread is not None and not thread.is_alive() and not self._stopping.is_set():
+            self.counters.loop_restarts += 1
+            self._connected.clear()
+            log.error("MQTT network thread of %s died; restarting it and reconnecting to %s", self.options.client_id, self.url)
+            self._connect_async()
+        if down_since is not None and time.monotonic() - down_since > 3 * self.options.keepalive_s and not self._warned_down:
+            self._warned_down = True
+            log.warning("no connection to %s for %.0f s; cloud jobs will fail over to the edge", self.url, time.monotonic() - down_since)
+
+
+def _PacketType(name: str):  # noqa: N802
+    from paho.mqtt.packettypes import PacketTypes
+
+    return getattr(PacketTypes, name)
+
+
+def _PacketBytes(topic: str, props, payload_bytes: int) -> int:  # noqa: N802
+    """Upper bound of a QoS 1 PUBLISH packet's size: fixed header, topic, packet id, properties, payload."""
+    return 1 + 4 + 2 + len(topic.encode("utf-8")) + 2 + len(props.pack()) + payload_bytes

@@ -1,0 +1,228 @@
+"""Runs decoded jobs on one verified bundle: split ranges with cloud-side KV sessions, whole answers.
+
+Knows jobs and segments, not MQTT: the worker hands it a ``JobHeader`` and tensors, and gets
+tensors back or a ``CloudJobFailed`` whose ``code`` goes into the error result. Runners are
+opened once per bundle and shared by all worker threads (ONNX Runtime sessions are safe to
+run concurrently); KV caches and generators are per session / per thread.
+
+    split:  hidden (B, T, D) at layer k ─decoder[k:L] (+ KV of session)─► (B, T, D) ─head─► logits (B, 1|T, V)
+    answer: image bytes | kept tokens (K, D) + keep (K,) ─Generator─► token ids, probs, text
+    probe:  anything ─(decoded, discarded)─► reply_bytes zeros
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from msao.cloud_bridge.messages import JobHeader, ParseDecoderRange, ServedModel
+from msao.cloud_bridge.sessions import SessionTable
+from msao.engines.backend import Backend, Runner
+from msao.engines.bundle import Bundle
+from msao.engines.generation import DecoderStack, Generator, ImageEncoding
+from msao.engines.manifest import SegmentSpec, exit_segment_name
+from msao.errors import CloudJobFailed
+
+__all__ = ["JobOutput", "ModelServer", "SPLIT_INPUTS"]
+
+log = logging.getLogger(__name__)
+
+SPLIT_INPUTS = ("attention_mask", "hidden_states", "position_ids")
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """What a job produced, before it is encoded into a result."""
+
+    tensors: dict[str, np.ndarray]
+    compute_ms: float
+    session_id: str = ""
+    past_length: int = 0
+    text: str = ""
+    confidence: float = -1.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _SplitSession:
+    stack: DecoderStack
+    segment: str
+    head: str
+
+
+class _SharedRunners(Backend):
+    """Hands out runners that are already open, so per-thread generators share sessions."""
+
+    name = "shared"
+
+    def __init__(self, runners: Mapping[str, Runner]):
+        self._runners = runners
+
+    def open(self, bundle: Bundle, spec: SegmentSpec) -> Runner:
+        return self._runners[spec.name]
+
+
+class ModelServer:
+    """One bundle, its open runners, and the jobs it can run.
+
+    Args:
+        bundle: a verified bundle (``LoadBundle``).
+        backend: opens one runner per segment (e.g. ``OnnxRuntimeBackend``).
+        sessions: the worker's KV session table (shared by all models; ids are random).
+    """
+
+    def __init__(self, bundle: Bundle, backend: Backend, sessions: SessionTable):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.sessions = sessions
+        self.runners: dict[str, Runner] = {s.name: backend.open(bundle, s) for s in self.manifest.segments}
+        self.providers: dict[str, tuple[str, ...]] = {n: tuple(getattr(r, "providers", (backend.name,))) for n, r in self.runners.items()}
+        for name, providers in self.providers.items():
+            log.info("model %s: segment %s runs on %s", self.manifest.name, name, ", ".join(providers))
+        self._local = threading.local()
+
+    @property
+    def model_hash(self) -> str:
+        return self.manifest.model_hash
+
+    def served(self) -> ServedModel:
+        used = sorted({p for ps in self.providers.values() for p in ps[:1]})
+        return ServedModel(self.manifest.name, self.model_hash, self.manifest.model.num_layers, self.manifest.split_points, tuple(used))
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+
+    def run(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
+        """Run one job. Raises CloudJobFailed (code for the result) or FeedError/ImageError (bad input)."""
+        if header.kind == "split":
+            return self._split(header, tensors)
+        if header.kind == "probe":  # link measurement: the tensors were decoded (checked), nothing runs
+            return JobOutput({"reply": np.zeros(header.reply_bytes, np.uint8)} if header.reply_bytes else {}, 0.0)
+        return self._answer(header, tensors)
+
+    # -- split --------------------------------------------------------------------------------
+
+    def _chunk_runners(self, segment: str) -> list[Runner]:
+        start, end = ParseDecoderRange(segment)
+        chunks = [s for s in self.manifest.decoder_chunks() if s.layers and start <= s.layers[0] and s.layers[1] <= end]
+        if not chunks or chunks[0].layers[0] != start or chunks[-1].layers[1] != end:  # type: ignore[index]
+            bounds = sorted({0, *(s.layers[1] for s in self.manifest.decoder_chunks() if s.layers)})
+            raise CloudJobFailed(
+                f"model {self.manifest.name} cannot run {segment}: its decoder chunks end at layers {bounds}; "
+                f"split at one of {list(self.manifest.split_points)}",
+                "unknown_segment",
+            )
+        return [self.runners[s.name] for s in chunks]
+
+    def _head_runner(self, head: str, end: int) -> Runner | None:
+        if head == "none":
+            return None
+        if head != "lm_head" and head != exit_segment_name(end):
+            raise CloudJobFailed(f"head {head} cannot follow layer {end}: use lm_head, none or {exit_segment_name(end)}", "unknown_segment")
+        if head not in self.runners:
+            raise CloudJobFailed(
+                f"model {self.manifest.name} has no segment {head}; exit heads: {list(self.manifest.exit_layers)}", "unknown_segment"
+            )
+        return self.runners[head]
+
+    def _split(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
+        if tuple(sorted(tensors)) != SPLIT_INPUTS:
+            raise CloudJobFailed(f"split job needs exactly the tensors {list(SPLIT_INPUTS)}, got {sorted(tensors)}", "bad_input")
+        runners = self._chunk_runners(header.segment)
+        head = self._head_runner(header.head, ParseDecoderRange(header.segment)[1])
+        hidden = tensors["hidden_states"]
+        if hidden.dtype == np.float16:  # fp16 transport; the segments compute in float32
+            hidden = hidden.astype(np.float32)
+        sid = header.session_id
+        if header.past_length == 0:
+            info = self.manifest.model
+            state = _SplitSession(DecoderStack(runners, info.num_kv_heads, info.head_dim), header.segment, header.head)
+            state.stack.reset(hidden.shape[0] if hidden.ndim == 3 else 1)
+            lock = self.sessions.put(sid, state) if sid else threading.Lock()
+        else:
+            found = self.sessions.get(sid)
+            if found is None:
+                raise CloudJobFailed(
+                    f"this worker holds no KV session {sid} (idle-expired after {self.sessions.idle_s:.0f} s, evicted, "
+                    "or it lives on another worker); run prefill again or fall back to the edge",
+                    "session_unknown",
+                )
+            state, lock = found
+            if (state.segment, state.head) != (header.segment, header.head):
+                raise CloudJobFailed(
+                    f"session {sid} runs {state.segment}+{state.head}, this step asks {header.segment}+{header.head}", "session_mismatch"
+                )
+        with lock:
+            if state.stack.past_length != header.past_length:
+                raise CloudJobFailed(
+                    f"session {sid} holds {state.stack.past_length} past tokens, the step expects {header.past_length}; "
+                    "steps were lost or re-ordered: run prefill again",
+                    "session_mismatch",
+                )
+            t0 = time.perf_counter()
+            try:
+                h = state.stack.run(hidden, tensors["position_ids"], tensors["attention_mask"])  # (B, T, D)
+                if header.logits == "last":
+                    h = h[:, -1:]  # (B, T, D) -> (B, 1, D)
+                out = h if head is None else head.infer({"hidden_states": np.ascontiguousarray(h)})["logits"]
+            except Exception:
+                if sid:  # a step that failed half-way leaves the KV inconsistent
+                    self.sessions.drop(sid)
+                raise
+            compute_ms = (time.perf_counter() - t0) * 1e3
+            past = state.stack.past_length
+        name = "hidden_states_out" if head is None else "logits"
+        return JobOutput({name: out.astype(header.result_dtype, copy=False)}, compute_ms, session_id=sid, past_length=past)
+
+    # -- answer -------------------------------------------------------------------------------
+
+    def _generator(self) -> Generator:
+        gen = getattr(self._local, "generator", None)
+        if gen is None:
+            gen = self._local.generator = Generator(self.bundle, _SharedRunners(self.runners))
+        return gen
+
+    def _answer(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
+        names = tuple(sorted(tensors))
+        if names not in (("image",), ("image", "keep"), ("image_tokens", "keep")):
+            raise CloudJobFailed(f"answer job takes image [+ keep] or image_tokens + keep, got {list(names)}", "bad_input")
+        exit_layer = None if header.exit_layer == -1 else header.exit_layer
+        if exit_layer is not None and exit_layer not in self.manifest.exit_layers:
+            raise CloudJobFailed(
+                f"model {self.manifest.name} has exit heads after layers {list(self.manifest.exit_layers)}, not {exit_layer}",
+                "unknown_segment",
+            )
+        keep = tensors.get("keep")
+        gen = self._generator()
+        t0 = time.perf_counter()
+        if "image" in tensors:
+            img = tensors["image"]
+            if img.dtype != np.uint8 or img.ndim != 1:
+                raise CloudJobFailed(f"image must be the file's bytes as uint8 (n,), got {img.dtype} {img.shape}", "bad_input")
+            enc = gen.encode_image(gen.pixels_from_bytes(img.tobytes()))
+        else:
+            enc = self._encoding_from_kept(tensors["image_tokens"], keep)
+        ans = gen.generate(enc, header.question, keep=keep, exit_layer=exit_layer, max_new_tokens=header.max_new_tokens)
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        out = {"token_ids": np.asarray(ans.token_ids, np.int64), "token_probs": np.asarray(ans.token_probs, np.float32)}
+        return JobOutput(out, compute_ms, text=ans.text, confidence=ans.confidence)
+
+    def _encoding_from_kept(self, tokens: np.ndarray, keep: np.ndarray) -> ImageEncoding:
+        info = self.manifest.model
+        n, d = info.image_tokens, info.hidden_size
+        if tokens.ndim != 2 or tokens.shape[1] != d or keep.ndim != 1 or len(keep) != tokens.shape[0] or keep.dtype.kind not in "iu":
+            raise CloudJobFailed(
+                f"image_tokens must be (K, {d}) with keep (K,) integer indices; got {tokens.shape} and {keep.dtype} {keep.shape}",
+                "bad_input",
+            )
+        if len(keep) and (keep.min() < 0 or keep.max() >= n):
+            raise CloudJobFailed(f"keep indices must lie in [0, {n})", "bad_input")
+        full = np.zeros((n, d), np.float32)  # rows not kept are never read: generate() takes only keep
+        full[keep] = tokens
+        return ImageEncoding(full, np.zeros((n, 0), np.float32), 0.0)

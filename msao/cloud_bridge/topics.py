@@ -1,0 +1,83 @@
+"""The MQTT topic layout of msao v1, in one place; builders check every id they put in a topic.
+
+    msao/v1/cloud/jobs/<model_hash>                        jobs for any worker serving the model
+    $share/msao-cloud/msao/v1/cloud/jobs/<model_hash>      ... as workers subscribe (shared = load balancing)
+    msao/v1/cloud/workers/<worker_id>/jobs/<model_hash>    jobs for one worker (chunked jobs, decode steps
+                                                           bound to that worker's KV session, re-dispatch)
+    msao/v1/cloud/status/<worker_id>                       retained worker status (Last Will: offline)
+    msao/v1/edge/<edge_id>/cloud/results                   results (each job's ResponseTopic)
+    msao/v1/edge/<edge_id>/status                          retained edge status (Last Will: offline)
+
+Ids are ``[A-Za-z0-9_-]{1,64}`` so they never contain MQTT wildcards or separators.
+"""
+
+from __future__ import annotations
+
+import re
+
+from msao.errors import ConfigError
+
+__all__ = [
+    "PREFIX",
+    "SHARE_GROUP",
+    "CheckId",
+    "EdgeResultsTopic",
+    "EdgeStatusTopic",
+    "JobTopic",
+    "SharedJobFilter",
+    "WorkerJobFilter",
+    "WorkerJobTopic",
+    "WorkerStatusFilter",
+    "WorkerStatusTopic",
+]
+
+PREFIX = "msao/v1"
+SHARE_GROUP = "msao-cloud"
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def CheckId(value: str, what: str = "id") -> str:  # noqa: N802
+    """Return ``value`` if it is a valid msao id; raise ConfigError otherwise."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ConfigError(f"{what} {value!r} is not a valid id: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
+    return value
+
+
+def _hash(model_hash: str) -> str:
+    if not isinstance(model_hash, str) or not _HASH.match(model_hash):
+        raise ConfigError(f"model hash {model_hash!r} is not 64 lower-case hex digits (see the bundle's manifest.json)")
+    return model_hash
+
+
+def JobTopic(model_hash: str) -> str:  # noqa: N802
+    return f"{PREFIX}/cloud/jobs/{_hash(model_hash)}"
+
+
+def SharedJobFilter(model_hash: str) -> str:  # noqa: N802
+    return f"$share/{SHARE_GROUP}/{JobTopic(model_hash)}"
+
+
+def WorkerJobTopic(worker_id: str, model_hash: str) -> str:  # noqa: N802
+    return f"{PREFIX}/cloud/workers/{CheckId(worker_id, 'worker id')}/jobs/{_hash(model_hash)}"
+
+
+def WorkerJobFilter(worker_id: str) -> str:  # noqa: N802
+    """Every model's direct jobs for one worker (a job for a model it lacks gets an error result)."""
+    return f"{PREFIX}/cloud/workers/{CheckId(worker_id, 'worker id')}/jobs/+"
+
+
+def WorkerStatusTopic(worker_id: str) -> str:  # noqa: N802
+    return f"{PREFIX}/cloud/status/{CheckId(worker_id, 'worker id')}"
+
+
+def WorkerStatusFilter() -> str:  # noqa: N802
+    return f"{PREFIX}/cloud/status/+"
+
+
+def EdgeResultsTopic(edge_id: str) -> str:  # noqa: N802
+    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/cloud/results"
+
+
+def EdgeStatusTopic(edge_id: str) -> str:  # noqa: N802
+    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/status"

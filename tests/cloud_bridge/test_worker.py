@@ -1,0 +1,237 @@
+"""One real `msao cloud` worker process: split jobs equal local segments, cloud KV reuse, answers, busy, idempotency, status."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from msao.cloud_bridge.link import NewJobId
+from msao.cloud_bridge.messages import JobHeader, WorkerStatus
+from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
+from msao.engines.bundle import LoadBundle
+from msao.engines.generation import DecoderStack, Generator
+from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+from msao.errors import CloudBusy, CloudJobFailed, FeedError
+from tests.cloud_bridge.conftest import OpenLink, StartWorkers, StopAll, WaitOnline
+from tests.cloud_bridge.split_reference import PromptHidden, SplitGenerate
+
+ATOL = 1e-5  # same ONNX files, same inputs, same ONNX Runtime: differences are float re-association only
+QUESTION = "what color is the shape?"
+
+
+@pytest.fixture(scope="module")
+def gen(cloud_bundle_dir):
+    g = Generator(LoadBundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def worker(broker, cloud_bundle_dir, tmp_path_factory):
+    procs = StartWorkers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--queue-size", "2", "--workers", "1"))
+    yield procs[0]
+    StopAll(procs)
+
+
+@pytest.fixture(scope="module")
+def link(broker, worker):
+    lk = OpenLink(broker)
+    WaitOnline(lk, [worker])
+    yield lk
+    lk.close()
+
+
+def _local_logits(gen, hidden, positions, mask, end_stack):
+    h = end_stack.run(hidden, positions, mask)
+    return gen.runners["lm_head"].infer({"hidden_states": h[:, -1:]})["logits"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_split_prefill_returns_logits_equal_to_local_segments(gen, link, easyvqa_test, k):
+    hidden, positions, _ = PromptHidden(gen, easyvqa_test.image_pngs[0], QUESTION)
+    mask = np.ones((1, hidden.shape[1]), np.int64)
+    edge = gen.stack(k)
+    edge.reset()
+    h_k = edge.run(hidden, positions, mask)
+    full = gen.stack(gen.info.num_layers)
+    full.reset()
+    want = _local_logits(gen, hidden, positions, mask, full)
+    remote = RemoteRunner(link, gen.bundle.manifest, k, options=RemoteOptions(transport_dtype="float32"))
+    got = remote.infer({"hidden_states": h_k, "position_ids": positions, "attention_mask": mask})["logits"]
+    assert got.shape == want.shape == (1, 1, gen.info.vocab_size)
+    err = np.abs(got - want)
+    assert err.max() <= ATOL, f"max {err.max():.2e} mean {err.mean():.2e}"
+    s = remote.last_stats
+    assert s.outcome == "ok" and s.attempts == 1 and s.bytes_up > h_k.nbytes * 0.5 and s.rtt_ms >= s.compute_ms > 0
+
+
+def test_fp16_transport_halves_bytes_and_stays_close(gen, link, easyvqa_test):
+    hidden, positions, _ = PromptHidden(gen, easyvqa_test.image_pngs[1], QUESTION)
+    mask = np.ones((1, hidden.shape[1]), np.int64)
+    edge = gen.stack(2)
+    edge.reset()
+    h2 = edge.run(hidden, positions, mask)
+    feeds = {"hidden_states": h2, "position_ids": positions, "attention_mask": mask}
+    r32 = RemoteRunner(link, gen.bundle.manifest, 2, options=RemoteOptions(transport_dtype="float32", keep_session=False))
+    r16 = RemoteRunner(link, gen.bundle.manifest, 2, options=RemoteOptions(transport_dtype="float16", keep_session=False))
+    l32, l16 = r32.infer(feeds)["logits"], r16.infer(feeds)["logits"]
+    assert r16.last_stats.body_bytes_up < 0.6 * r32.last_stats.body_bytes_up
+    assert np.abs(l16 - l32).max() < 0.05 and l16.argmax() == l32.argmax()
+    # and exactly what the local segments give for the same fp16-rounded input
+    tail = DecoderStack([gen.runners["decoder[2:3]"], gen.runners["decoder[3:4]"]], gen.info.num_kv_heads, gen.info.head_dim)
+    tail.reset()
+    want = _local_logits(gen, h2.astype(np.float16).astype(np.float32), positions, mask, tail)
+    assert np.abs(l16 - want).max() <= ATOL
+
+
+def test_decode_steps_reuse_the_cloud_kv_and_match_local_segments(gen, link, easyvqa_test):
+    k, steps = 2, 5
+    hidden, positions, next_pos = PromptHidden(gen, easyvqa_test.image_pngs[2], QUESTION)
+    mask = np.ones((1, hidden.shape[1]), np.int64)
+    edge, full = gen.stack(k), gen.stack(gen.info.num_layers)
+    edge.reset()
+    full.reset()
+    remote = RemoteRunner(link, gen.bundle.manifest, k, options=RemoteOptions(transport_dtype="float32"))
+    got = remote.infer({"hidden_states": edge.run(hidden, positions, mask), "position_ids": positions, "attention_mask": mask})["logits"]
+    want = _local_logits(gen, hidden, positions, mask, full)
+    assert np.abs(got - want).max() <= ATOL
+    prefill_bytes = remote.last_stats.bytes_up
+    for step, tok in enumerate([26, 5, 17, 3, 9][:steps]):  # teacher-forced tokens: any ids exercise the KV path
+        e = gen.runners["text_embed"].infer({"input_ids": np.asarray([[tok]], np.int64)})["embeddings"]
+        pos = np.asarray([[next_pos + step]], np.int64)
+        mask = np.ones((1, full.past_length + 1), np.int64)
+        got = remote.infer({"hidden_states": edge.run(e, pos, mask), "position_ids": pos, "attention_mask": mask})["logits"]
+        want = _local_logits(gen, e, pos, mask, full)
+        assert np.abs(got - want).max() <= ATOL, f"step {step}: max {np.abs(got - want).max():.2e}"
+        assert remote.past_length == full.past_length  # the worker's KV grew by one token per step
+        assert remote.last_stats.bytes_up < 2048 < prefill_bytes  # one hidden vector crosses, never the KV
+        assert remote.last_stats.worker_id == remote.worker_id
+    status = _status(link, remote.worker_id)
+    assert status.sessions >= 1
+
+
+def test_split_generation_gives_the_local_answer(gen, link, easyvqa_test):
+    png = easyvqa_test.image_pngs[3]
+    remote = RemoteRunner(link, gen.bundle.manifest, 1)  # fp16 transport, the default
+    ids, probs, stats = SplitGenerate(gen, remote, 1, png, QUESTION)
+    local = gen.answer(png, QUESTION)
+    assert tuple(ids) == local.token_ids
+    assert np.allclose(probs, local.token_probs, atol=0.02)
+    assert len(stats) == len(ids) and all(s.outcome == "ok" for s in stats)
+
+
+def test_decode_step_out_of_sequence_is_refused_locally(gen, link):
+    remote = RemoteRunner(link, gen.bundle.manifest, 2)
+    h = np.zeros((1, 1, gen.info.hidden_size), np.float32)
+    with pytest.raises(FeedError, match="call reset"):
+        remote.infer({"hidden_states": h, "position_ids": np.zeros((1, 1), np.int64), "attention_mask": np.ones((1, 5), np.int64)})
+
+
+def test_answer_job_equals_the_local_answer_for_image_bytes_and_pruned_tokens(gen, link, easyvqa_test):
+    png = easyvqa_test.image_pngs[4]
+    for q in ("what shape is in the image?", "is there a blue shape?"):
+        got = link.answer(gen.bundle.manifest.model_hash, q, image=png)
+        want = gen.answer(png, q)
+        assert (got.text, got.token_ids) == (want.text, want.token_ids)
+        assert abs(got.confidence - want.confidence) < 1e-4 and got.stats.compute_ms > 0
+    keep = np.arange(0, gen.info.image_tokens, 2)
+    enc = gen.encode_image(gen.pixels_from_bytes(png))
+    got = link.answer(gen.bundle.manifest.model_hash, QUESTION, image_tokens=enc.tokens[keep], keep=keep)
+    want = gen.generate(enc, QUESTION, keep=keep)
+    assert (got.text, got.token_ids) == (want.text, want.token_ids)
+    assert got.stats.bytes_up < enc.tokens.nbytes  # only the kept half crossed
+
+
+def test_resent_job_gets_the_stored_result_and_does_not_run_twice(gen, link):
+    """paho may re-send a job after a reconnect: a decode step must not grow the KV twice."""
+    d = gen.info.hidden_size
+    header = JobHeader(NewJobId(), gen.bundle.manifest.model_hash, "split", time.time() + 10, segment="decoder[3:4]", session_id=NewJobId())
+    feeds = {
+        "hidden_states": np.ones((1, 3, d), np.float32),
+        "position_ids": np.arange(3)[None],
+        "attention_mask": np.ones((1, 3), np.int64),
+    }
+    first = link.submit(header, feeds)
+    again = link.submit(header, feeds)
+    assert again.header == first.header and np.array_equal(again.tensors["logits"], first.tensors["logits"])
+    step = JobHeader(
+        NewJobId(), header.model_hash, "split", time.time() + 10, segment="decoder[3:4]", session_id=header.session_id, past_length=3
+    )
+    feeds = {"hidden_states": np.ones((1, 1, d), np.float32), "position_ids": np.array([[3]]), "attention_mask": np.ones((1, 4), np.int64)}
+    assert link.submit(step, feeds, worker_id=first.header.worker_id).header.past_length == 4  # KV grew once, not twice
+
+
+def test_full_queue_answers_busy_at_once_so_the_edge_can_fall_back(gen, link):
+    """Worker: 1 thread, queue 2. Eight 0.2-s jobs at once: some run, the rest get `busy` fast."""
+    d = gen.info.hidden_size
+    b, t = 8, 200
+    feeds = {
+        "hidden_states": np.ones((b, t, d), np.float16),
+        "position_ids": np.tile(np.arange(t), (b, 1)),
+        "attention_mask": np.ones((b, t), np.int64),
+    }
+
+    def one(_):
+        header = JobHeader(NewJobId(), gen.bundle.manifest.model_hash, "split", time.time() + 20, segment="decoder[0:4]")
+        t0 = time.perf_counter()
+        try:
+            link.submit(header, feeds)
+            return "ok", time.perf_counter() - t0
+        except CloudBusy:
+            return "busy", time.perf_counter() - t0
+
+    barrier = threading.Barrier(8)
+
+    def synced(i):
+        barrier.wait()
+        return one(i)
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(synced, range(8)))
+    kinds = [o for o, _ in outcomes]
+    assert kinds.count("ok") >= 1 and kinds.count("busy") >= 1, outcomes
+    fastest_busy = min(dt for o, dt in outcomes if o == "busy")
+    slowest_ok = max(dt for o, dt in outcomes if o == "ok")
+    assert fastest_busy < slowest_ok  # busy is answered without waiting for the queue
+    assert any(s.outcome == "busy" and s.attempts == 2 for s in link.transfers.recent())  # re-dispatched once, then gave up
+    assert _status(link, link.workers()[0].worker_id).busy_total >= kinds.count("busy")
+
+
+def test_unknown_model_hash_gets_an_error_result(gen, link):
+    h = JobHeader(NewJobId(), "0" * 64, "answer", time.time() + 5, question="what?")
+    with pytest.raises(CloudJobFailed, match=r"unknown_model.*has no model 000000000000") as exc:
+        link.submit(h, {"image": np.zeros(3, np.uint8)}, worker_id=link.workers()[0].worker_id)
+    assert exc.value.code == "unknown_model"
+
+
+def test_retained_status_lists_models_providers_queue_and_counters(gen, link, broker):
+    late = OpenLink(broker)  # a newcomer learns the fleet from retained messages alone
+    try:
+        end = time.monotonic() + 5
+        while not late.workers() and time.monotonic() < end:
+            time.sleep(0.02)
+        (status,) = late.workers()
+    finally:
+        late.close()
+    assert status.state == "online" and status.queue_capacity == 2 and status.threads == 1 and status.jobs_total > 0
+    (model,) = status.models
+    assert model.model_hash == gen.bundle.manifest.model_hash and model.split_points == (1, 2, 3)
+    assert model.providers == ("CPUExecutionProvider",)
+    json.dumps(status.to_dict())
+
+
+def _status(link, worker_id: str) -> WorkerStatus:
+    time.sleep(0.5)  # statuses are rate-limited to one per 0.2 s
+    return next(w for w in link.workers() if w.worker_id == worker_id)
+
+
+def test_probe_measures_the_link_without_compute(gen, link):
+    s = link.probe(gen.bundle.manifest.model_hash, 200_000, reply_bytes=50_000)
+    assert s.kind == "probe" and s.outcome == "ok" and s.compute_ms == 0.0
+    assert 200_000 < s.bytes_up < 201_000 and 50_000 < s.bytes_down < 51_000  # uncompressed, exact sizes
+    assert 0 < s.network_ms <= s.rtt_ms
