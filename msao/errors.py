@@ -12,6 +12,7 @@
     ├── MasInputError          tensors given to MAS disagree in shape, are not finite, or the question is empty
     ├── StreamError            a frame or token delta does not fit its stream (size changed, stale version)
     ├── ConfigError            a configuration value or key is invalid
+    ├── RequestError           a request to the edge daemon is malformed or cannot be served (``code`` says which)
     ├── CodecError             bytes from the wire are not a valid msao payload (never trusted)
     │   └── PayloadTooLarge    a payload, decompressed size or chunked message exceeds a limit
     └── CloudError             the cloud path did not deliver; the edge should fall back
@@ -42,6 +43,7 @@ __all__ = [
     "ModelFolderError",
     "MsaoError",
     "PayloadTooLarge",
+    "RequestError",
     "StreamError",
 ]
 
@@ -92,6 +94,19 @@ class StreamError(MsaoError):
 
 class ConfigError(MsaoError):
     """A configuration value is invalid or unknown."""
+
+
+class RequestError(MsaoError):
+    """A request to the edge daemon is refused; the client gets an error response with ``code``.
+
+    Attributes:
+        code: one of ``msao.edge_runtime.requests.ERROR_CODES`` (``bad_request``, ``bad_image``,
+            ``too_large``, ``deadline``, ``busy``, ``unavailable``, ``internal``).
+    """
+
+    def __init__(self, message: str, code: str = "bad_request"):
+        super().__init__(message)
+        self.code = code
 
 
 class CodecError(MsaoError):

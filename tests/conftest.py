@@ -40,6 +40,16 @@ def edge_bundle_copy(edge_bundle_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """A Mosquitto of this test module's own, so workers of one module never take another's jobs."""
+    from tests.mqtt_parts import StartBroker
+
+    b = StartBroker(tmp_path_factory.mktemp("broker"))
+    yield b
+    b.stop()
+
+
 @pytest.fixture(scope="session")
 def easyvqa_test():
     from msao.datasets.easyvqa import LoadEasyVqa

@@ -21,9 +21,11 @@ SUBCOMMANDS = {
     "train": ("train_cmd", "train the built-in easy-VQA models (workstation; needs msao[export])"),
     "export": ("export_cmd", "export a LLaVA checkpoint to a verified ONNX bundle (needs msao[export])"),
     "eval": ("eval_cmd", "easy-VQA test accuracy and latency of a bundle on ONNX Runtime"),
-    "ask": ("ask_cmd", "answer one question about one image with a local bundle"),
+    "ask": ("ask_cmd", "answer one question about one image, through a running edge daemon (--broker) or a local bundle (--bundle)"),
     "explain": ("explain_cmd", "MAS heat-map of an image for a question, as a PNG (which image tokens a question needs)"),
     "cloud": ("cloud_cmd", "serve bundles to edges over MQTT 5: a cloud worker (ONNX Runtime; needs msao[cloud])"),
+    "calibrate": ("calibrate_cmd", "accuracy/confidence tables of the edge and large models on easy-VQA train data, for the scheduler"),
+    "edge": ("edge_cmd", "the edge daemon: MQTT/HTTP intake, MAS, adaptive placement, cloud offload (needs msao[edge])"),
 }
 
 

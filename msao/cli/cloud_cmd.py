@@ -11,6 +11,8 @@ import os
 import socket
 from pathlib import Path
 
+from msao.cli.common import add_broker_options
+
 DEFAULT_BUNDLE = "bundles/msao-tiny-cloud"
 
 
@@ -18,10 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bundle", action="append", metavar="DIR",
         help=f"bundle folder to serve (repeat for several models; jobs are routed by model hash). Default: {DEFAULT_BUNDLE} (`make export`)",
-    )  # fmt: skip
-    p.add_argument(
-        "--broker", default=os.environ.get("MSAO_BROKER", "mqtt://127.0.0.1:1883"), metavar="URL",
-        help="mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS (default $MSAO_BROKER or mqtt://127.0.0.1:1883)",
     )  # fmt: skip
     p.add_argument(
         "--worker-id", metavar="ID",
@@ -62,19 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ONNX Runtime execution providers in priority order, comma-separated (e.g. CUDAExecutionProvider,"
         "CPUExecutionProvider; needs msao[cloud-gpu] for CUDA). Default: the best available. The log says which each segment uses",
     )  # fmt: skip
-    p.add_argument(
-        "--keepalive-s", type=int, default=30, metavar="S", help="MQTT keepalive (default 30 s); a dead link is noticed after ~1.5x this"
-    )
-    p.add_argument("--ca-file", metavar="PATH", help="mqtts: CA bundle that signed the broker's certificate (default: system CAs)")
-    p.add_argument("--cert-file", metavar="PATH", help="mqtts: client certificate, for brokers that require one")
-    p.add_argument("--key-file", metavar="PATH", help="mqtts: private key of --cert-file")
-    p.add_argument(
-        "--tls-insecure", action="store_true",
-        help="mqtts: do not check the broker's host name against its certificate (tests only: allows man-in-the-middle)",
-    )  # fmt: skip
-    p.add_argument(
-        "--username", metavar="NAME", help="broker user name; the password is read from $MSAO_MQTT_PASSWORD, never from the command line"
-    )
+    add_broker_options(p, broker_default=os.environ.get("MSAO_BROKER_URL", "mqtt://127.0.0.1:1883"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,12 +86,12 @@ def run(args: argparse.Namespace) -> int:
     )
     max_bytes = int(args.max_payload_mb * 1024 * 1024)
     tls = (
-        TlsOptions(args.ca_file, args.cert_file, args.key_file, args.tls_insecure)
+        TlsOptions(args.ca_file, args.cert_file, args.key_file, bool(args.tls_insecure))
         if (args.ca_file or args.cert_file or args.tls_insecure)
         else None
     )
     client = ClientOptions(
-        broker=args.broker, client_id=f"msao-{worker_id}", session_expiry_s=0, keepalive_s=args.keepalive_s, tls=tls,
+        broker=args.broker, client_id=f"msao-{worker_id}", session_expiry_s=0, keepalive_s=args.keepalive_s or 30, tls=tls,
         username=args.username, password=os.environ.get("MSAO_MQTT_PASSWORD"), max_message_bytes=max_bytes,
     )  # fmt: skip
     options = WorkerOptions(

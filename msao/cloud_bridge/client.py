@@ -11,7 +11,10 @@ elsewhere. What it adds to paho, each for a fact that bites (docs/cloud_bridge.m
 - the broker's Maximum Packet Size read from CONNACK: bigger payloads are chunked, never
   published whole; chunks in flight are bounded by a window;
 - a bounded outgoing queue (paho queues without limit by default), reconnect with backoff,
-  re-subscription on every connect, session expiry set on purpose, a Last Will.
+  re-subscription on every connect, session expiry set on purpose, a Last Will;
+- optional manual acknowledgement (``ClientOptions.manual_ack``): ``ack(message)`` sends the
+  PUBACK when the owner is done, from any thread, and never on a connection newer than the
+  one the message came on (packet ids are per connection; the broker redelivers instead).
 
 Callbacks given to this client run on the network thread and must be quick: no inference.
 """
@@ -68,6 +71,9 @@ class BridgeClient:
         self._handler = on_message
         self._on_connect_hook = on_connect
         self._subscriptions: dict[str, int] = {}
+        self._suback_pending: set[int] = set()
+        self._subscribed = threading.Event()
+        self._connection = 0  # bumped on every connect and disconnect (under _lock)
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -79,7 +85,13 @@ class BridgeClient:
         self._watchdog: threading.Thread | None = None
         self._Properties = Properties
 
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=options.client_id, protocol=mqtt.MQTTv5, reconnect_on_failure=True)
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=options.client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=True,
+            manual_ack=options.manual_ack,
+        )
         c.suppress_exceptions = True  # second line of defence; our callbacks are guarded anyway
         c.max_queued_messages_set(options.max_queued_messages)
         c.max_inflight_messages_set(options.max_inflight)
@@ -99,6 +111,7 @@ class BridgeClient:
         c.on_connect_fail = self._guard("on_connect_fail", self._on_connect_fail)
         c.on_disconnect = self._guard("on_disconnect", self._on_disconnect)
         c.on_message = self._guard("on_message", self._on_message)
+        c.on_subscribe = self._guard("on_subscribe", self._on_subscribe)
         self._mqtt = c
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -112,6 +125,11 @@ class BridgeClient:
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Connected, and the broker has answered (SUBACK) every subscription made so far."""
+        end = time.monotonic() + timeout_s
+        return self._connected.wait(timeout_s) and self._subscribed.wait(max(0.0, end - time.monotonic()))
 
     @property
     def connected(self) -> bool:
@@ -145,10 +163,13 @@ class BridgeClient:
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again after every reconnect."""
-        with self._lock:
+        with self._lock:  # held across the call so a quick SUBACK finds its mid recorded
             self._subscriptions[topic_filter] = qos
-        if self.connected:
-            self._mqtt.subscribe(topic_filter, qos)
+            if self.connected:
+                rc, mid = self._mqtt.subscribe(topic_filter, qos)
+                if rc == _paho().MQTT_ERR_SUCCESS and mid is not None:
+                    self._suback_pending.add(mid)
+                    self._subscribed.clear()
 
     @property
     def max_packet_bytes(self) -> int:
@@ -166,6 +187,7 @@ class BridgeClient:
         correlation_data: bytes | None = None,
         expiry_s: float | None = None,
         user_properties: tuple[tuple[str, str], ...] = (),
+        content_type: str | None = None,
         timeout_s: float = 10.0,
     ) -> PublishReport:
         """Publish ``payload``, in chunks when it does not fit one packet; never whole above the limit.
@@ -178,13 +200,13 @@ class BridgeClient:
                 chunks were not acknowledged within ``timeout_s``.
             PayloadTooLarge: the payload cannot be chunked under the broker's limit.
         """
-        base = (response_topic, correlation_data, expiry_s)
+        base = (response_topic, correlation_data, expiry_s, content_type)
         props = self._props(*base, user_properties)
         limit = self.max_packet_bytes
         if _PacketBytes(topic, props, len(payload)) <= limit:
-            self._publish_one(topic, payload, qos, retain, props)
+            info = self._publish_one(topic, payload, qos, retain, props)
             self.counters.messages_out += 1
-            return PublishReport(len(payload), 1)
+            return PublishReport(len(payload), 1, info)
         message_id = uuid.uuid4().hex[:16]
         widest = f"{message_id}:{MAX_CHUNKS - 1}:{MAX_CHUNKS}:{10**12 - 1}:{10**10 - 1}"  # longest header the format allows
         chunk_bytes = limit - _PacketBytes(topic, self._props(*base, (*user_properties, (CHUNK_PROPERTY, widest))), 0)
@@ -192,22 +214,73 @@ class BridgeClient:
         window: deque = deque()
         deadline = time.monotonic() + timeout_s
         chunks = 0
+        last = None
         for header, part in SplitPayload(payload, chunk_bytes, message_id):
             p = self._props(*base, (*user_properties, (CHUNK_PROPERTY, header.to_property())))
             while not in_loop and len(window) >= self.options.chunk_window:
                 self._await(window.popleft(), deadline, topic)
-            window.append(self._publish_one(topic, part.tobytes(), 1, False, p))
+            last = self._publish_one(topic, part.tobytes(), 1, False, p)
+            window.append(last)
             chunks += 1
         while window and not in_loop:
             self._await(window.popleft(), deadline, topic)
         self.counters.messages_out += 1
         self.counters.chunks_out += chunks
-        return PublishReport(len(payload), chunks)
+        # the broker acknowledges QoS 1 in order, so the last chunk's PUBACK covers them all
+        return PublishReport(len(payload), chunks, last)
 
-    def _props(self, response_topic, correlation_data, expiry_s, user_properties):
+    def wait_delivered(self, report: PublishReport, timeout_s: float) -> bool:
+        """Wait until the broker acknowledged a QoS 1 publish (QoS 0: once written).
+
+        Returns False at ``timeout_s``, or as soon as the connection is down: paho would send
+        the message again after a reconnect, but nothing tied to the old connection (such as
+        a manual ack) can follow it. Safe to call from any thread except the network thread.
+        """
+        info = report.handle
+        if info is None:
+            return True
+        end = time.monotonic() + timeout_s
+        try:
+            while not info.is_published():
+                left = end - time.monotonic()
+                if left <= 0 or not self.connected:
+                    return False
+                info.wait_for_publish(min(0.05, left))
+        except (RuntimeError, ValueError):  # paho: the message was never queued
+            return False
+        return True
+
+    def ack(self, message: InboundMessage) -> bool:
+        """Send the PUBACK for ``message`` now (``manual_ack`` only); safe from any thread.
+
+        Nothing is sent for QoS 0, for reassembled chunked messages (their chunks were
+        acknowledged on arrival), without ``manual_ack`` (paho acknowledged on delivery), or
+        when the connection the message came on has gone: packet ids belong to a connection,
+        and the broker redelivers the message on the next one, which is what the owner wants.
+
+        Returns:
+            True if a PUBACK was queued for the socket.
+        """
+        if not self.options.manual_ack or message.qos == 0 or message.mid is None:
+            return False
+        with self._lock:  # the connection number cannot change while the PUBACK is queued
+            if message.connection != self._connection or not self._connected.is_set():
+                self.counters.acks_skipped += 1
+                log.debug("not acknowledging mid %s on %s: its connection is gone; the broker redelivers", message.mid, message.topic)
+                return False
+            rc = self._mqtt.ack(message.mid, message.qos)
+        if rc != _paho().MQTT_ERR_SUCCESS:
+            self.counters.acks_skipped += 1
+            return False
+        self.counters.acks += 1
+        return True
+
+    def _props(self, response_topic, correlation_data, expiry_s, content_type, user_properties):
         props = self._Properties(_PacketType("PUBLISH"))
         if response_topic:
             props.ResponseTopic = response_topic
+        if content_type:
+            props.ContentType = content_type
         if correlation_data is not None:
             props.CorrelationData = correlation_data
         if expiry_s is not None:
@@ -282,9 +355,17 @@ class BridgeClient:
             subs = list(self._subscriptions.items())
             self._disconnected_since = None
             self._warned_down = False
-        for topic_filter, qos in subs:
-            client.subscribe(topic_filter, qos)
-        self._connected.set()
+            self._connection += 1
+            self._suback_pending.clear()
+            for topic_filter, qos in subs:
+                rc, mid = client.subscribe(topic_filter, qos)
+                if rc == _paho().MQTT_ERR_SUCCESS and mid is not None:
+                    self._suback_pending.add(mid)
+            if self._suback_pending:
+                self._subscribed.clear()
+            else:
+                self._subscribed.set()
+            self._connected.set()
         log.info(
             "connected to %s as %s (max packet %s, session present %s, TCP_NODELAY %s)",
             self.url, self.options.client_id, stated or f"not stated, using {self.options.default_max_packet_bytes}",
@@ -301,21 +382,37 @@ class BridgeClient:
             log.warning("cannot connect to %s yet; retrying with backoff up to %.0f s", self.url, self.options.reconnect_max_s)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._connected.clear()
-        self.counters.disconnects += 1
         with self._lock:
+            self._connected.clear()
+            self._connection += 1
             self._disconnected_since = time.monotonic()
+        self.counters.disconnects += 1
         if not self._stopping.is_set():
             log.warning("disconnected from %s (%s); reconnecting", self.url, reason_code)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("broker %s refused a subscription of %s: %s (check the broker's ACL)", self.url, self.options.client_id, refused)
+        with self._lock:
+            self._suback_pending.discard(mid)
+            if not self._suback_pending:
+                self._subscribed.set()
+
     def _on_message(self, client, userdata, msg) -> None:
         now = time.monotonic()
+        with self._lock:
+            connection = self._connection
         props = msg.properties
         user = tuple((str(k), str(v)) for k, v in (getattr(props, "UserProperty", None) or ()))
         chunk = next((v for k, v in user if k == CHUNK_PROPERTY), None)
         payload, chunks = msg.payload, 1
         self.counters.chunks_in += 1
+        mid = msg.mid if msg.qos > 0 else None
         if chunk is not None:
+            if self.options.manual_ack and msg.qos > 0:  # a chunk is acknowledged on arrival, whatever becomes of it
+                self._ack_now(msg.mid, msg.qos)
+            mid = None
             try:
                 header = ChunkHeader.from_property(chunk)
                 with self._lock:
@@ -330,20 +427,31 @@ class BridgeClient:
             user = tuple(kv for kv in user if kv[0] != CHUNK_PROPERTY)
         self.counters.messages_in += 1
         corr = getattr(props, "CorrelationData", None)
-        self._handler(
-            InboundMessage(
-                topic=msg.topic,
-                payload=payload,
-                response_topic=getattr(props, "ResponseTopic", None),
-                correlation_data=bytes(corr) if corr is not None else None,
-                expiry_s=getattr(props, "MessageExpiryInterval", None),
-                user_properties=user,
-                retained=bool(msg.retain),
-                received_monotonic=now,
-                wire_bytes=len(payload),
-                chunks=chunks,
-            )
+        inbound = InboundMessage(
+            topic=msg.topic,
+            payload=payload,
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=bytes(corr) if corr is not None else None,
+            expiry_s=getattr(props, "MessageExpiryInterval", None),
+            user_properties=user,
+            retained=bool(msg.retain),
+            received_monotonic=now,
+            wire_bytes=len(payload),
+            chunks=chunks,
+            mid=mid,
+            qos=int(msg.qos),
+            connection=connection,
         )
+        try:
+            self._handler(inbound)
+        except Exception:
+            # a message whose handler raises would come back at every reconnect and raise again
+            self.ack(inbound)
+            raise
+
+    def _ack_now(self, mid: int, qos: int) -> None:
+        if self._mqtt.ack(mid, qos) == _paho().MQTT_ERR_SUCCESS:
+            self.counters.acks += 1
 
     # -- network thread and watchdog ----------------------------------------------------------
 
@@ -354,7 +462,10 @@ class BridgeClient:
         connect.SessionExpiryInterval = self.options.session_expiry_s
         # tells the broker not to forward anything we would refuse anyway
         connect.MaximumPacketSize = min(MQTT_MAX_PACKET, self.options.max_message_bytes + 65536)
-        clean = True if self.options.session_expiry_s == 0 else _paho().MQTT_CLEAN_START_FIRST_ONLY
+        if self.options.session_expiry_s == 0:
+            clean = True
+        else:
+            clean = False if self.options.resume_session else _paho().MQTT_CLEAN_START_FIRST_ONLY
         self._mqtt.connect_async(self.url.host, self.url.port, self.options.keepalive_s, clean_start=clean, properties=connect)
         self._mqtt.loop_start()
         # paho 2.x keeps its network thread in Client._thread; watched so a dead one is noticed

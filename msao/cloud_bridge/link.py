@@ -110,6 +110,8 @@ class _Pending:
         self.message: InboundMessage | None = None
         self.target: str | None = None
         self.target_offline = False
+        self.cancelled = False
+        self.model_hash = ""
 
 
 class CloudLink:
@@ -199,6 +201,7 @@ class CloudLink:
         encode_ms = (time.perf_counter() - t0) * 1e3
         end = time.monotonic() + header.deadline_unix_s - time.time()
         pending = _Pending()
+        pending.model_hash = header.model_hash
         with self._lock:
             self._pending[header.job_id] = pending
         sent = dict(attempts=0, bytes_up=0, chunks_up=0)
@@ -214,6 +217,11 @@ class CloudLink:
                         header, sent, len(body), t_sent, encode_ms, "timeout", CloudUnavailable, "the deadline passed before dispatch"
                     )
                 wait = remaining
+                if pending.message is None and worker_id is None and self._known_unserved(header.model_hash):
+                    raise self._fail(
+                        header, sent, len(body), t_sent, encode_ms, "timeout", CloudUnavailable,
+                        f"no online worker serves model {header.model_hash[:12]}… (their retained statuses say offline)",
+                    )  # fmt: skip
                 if pending.message is None:  # else a late answer to the previous attempt is already here
                     topic, target_used = self._route(header, len(payload), target, excluded)
                     pending.event.clear()
@@ -234,6 +242,8 @@ class CloudLink:
                     first_wait = self.options.redispatch_after_s or remaining / 2
                     wait = min(remaining, first_wait) if sent["attempts"] == 1 else remaining
                     pending.event.wait(max(0.0, wait))
+                if pending.cancelled:
+                    raise self._fail(header, sent, len(body), t_sent, encode_ms, "cancelled", CloudUnavailable, "cancelled by the edge")
                 msg = pending.message
                 if msg is not None:
                     result, busy_worker = self._decode(header, msg, sent, len(body), t_sent, encode_ms)
@@ -256,11 +266,26 @@ class CloudLink:
             with self._lock:
                 self._pending.pop(header.job_id, None)
 
+    def cancel(self, job_id: str) -> bool:
+        """Stop waiting for ``job_id`` (its ``submit`` raises ``CloudUnavailable`` at once); False if not pending.
+
+        The worker may still run it; its result is then dropped as late. Speculation uses this
+        when the edge's own answer was committed first.
+        """
+        with self._lock:
+            p = self._pending.get(job_id)
+        if p is None:
+            return False
+        p.cancelled = True
+        p.event.set()
+        return True
+
     def answer(
         self,
         model_hash: str,
         question: str,
         *,
+        job_id: str | None = None,
         image: bytes | None = None,
         image_tokens: np.ndarray | None = None,
         keep: np.ndarray | None = None,
@@ -268,7 +293,11 @@ class CloudLink:
         max_new_tokens: int = 16,
         deadline_s: float = 5.0,
     ) -> RemoteAnswer:
-        """A whole-model answer: image bytes (PNG/JPEG), or kept image tokens + their indices."""
+        """A whole-model answer: image bytes (PNG/JPEG), or kept image tokens + their indices.
+
+        Args:
+            job_id: the job's id (to ``cancel`` it from another thread); None = a fresh one.
+        """
         if (image is None) == (image_tokens is None):
             raise ConfigError("answer needs exactly one of image (file bytes) or image_tokens (+ keep)")
         tensors: dict[str, np.ndarray] = {}
@@ -281,7 +310,7 @@ class CloudLink:
         if keep is not None:
             tensors["keep"] = np.asarray(keep, np.int64)
         header = JobHeader(
-            job_id=NewJobId(), model_hash=model_hash, kind="answer", deadline_unix_s=time.time() + deadline_s, question=question,
+            job_id=job_id or NewJobId(), model_hash=model_hash, kind="answer", deadline_unix_s=time.time() + deadline_s, question=question,
             max_new_tokens=max_new_tokens, exit_layer=-1 if exit_layer is None else exit_layer,
         )  # fmt: skip
         res = self.submit(header, tensors)
@@ -311,6 +340,12 @@ class CloudLink:
                 f"in chunks to one worker, but no worker status for model {header.model_hash[:12]}… has been seen; is `msao cloud` running?"
             )
         return WorkerJobTopic(pick, header.model_hash), pick
+
+    def _known_unserved(self, model_hash: str) -> bool:
+        """Statuses have been seen and none of the online workers serves ``model_hash``: waiting is pointless."""
+        with self._lock:
+            seen = bool(self._workers)
+        return seen and not self.workers(model_hash)
 
     def _pick(self, model_hash: str, excluded: set[str]) -> str | None:
         candidates = [w for w in self.workers(model_hash) if w.worker_id not in excluded]
@@ -390,6 +425,10 @@ class CloudLink:
         with self._lock:
             self._workers[status.worker_id] = status
             waiting = [p for p in self._pending.values() if p.target == status.worker_id] if status.state == "offline" else []
+        if status.state == "offline":  # jobs on the shared topic whose model no online worker serves any more
+            with self._lock:
+                shared = [p for p in self._pending.values() if p.target is None and p not in waiting]
+            waiting += [p for p in shared if self._known_unserved(p.model_hash)]
         for p in waiting:
             p.target_offline = True
             p.event.set()

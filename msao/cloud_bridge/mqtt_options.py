@@ -84,6 +84,16 @@ class ClientOptions:
         tls / username / password: broker credentials (password never logged).
         will_topic / will_payload: retained Last Will the broker publishes if this client dies.
         watchdog_interval_s: how often the watchdog checks the network thread.
+        manual_ack: QoS 1 messages are acknowledged only when the owner calls
+            ``BridgeClient.ack(message)`` (e.g. after answering), so the broker redelivers what
+            was not finished when the connection or the process died. Chunks of a chunked
+            message are acknowledged one by one as they arrive (the whole message has no
+            single PUBACK). Unacknowledged messages count against the broker's in-flight
+            window for this client (Mosquitto ``max_inflight_messages``, default 20).
+        resume_session: connect with Clean Start 0 even the first time, so a restarted process
+            with the same ``client_id`` picks up the session (subscriptions, unacknowledged and
+            queued messages) its predecessor left; needs ``session_expiry_s > 0``. False: the
+            first connect of this object starts a clean session, reconnects resume it.
     """
 
     broker: str
@@ -104,6 +114,8 @@ class ClientOptions:
     will_topic: str | None = None
     will_payload: bytes = b""
     watchdog_interval_s: float = 1.0
+    manual_ack: bool = False
+    resume_session: bool = False
 
     def __post_init__(self) -> None:
         BrokerUrl.parse(self.broker)
@@ -115,6 +127,8 @@ class ClientOptions:
             raise ConfigError(f"reconnect backoff needs 0 < min <= max, got {self.reconnect_min_s}, {self.reconnect_max_s}")
         if self.default_max_packet_bytes < 1024 or self.chunk_window < 1:
             raise ConfigError("default_max_packet_bytes must be >= 1024 and chunk_window >= 1")
+        if self.resume_session and self.session_expiry_s == 0:
+            raise ConfigError("resume_session needs session_expiry_s > 0: a session that expires at once cannot be resumed")
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,11 @@ class InboundMessage:
         expiry_s: remaining MessageExpiryInterval as forwarded by the broker (None = never expires).
         received_monotonic: ``time.monotonic()`` when the last chunk arrived.
         wire_bytes / chunks: payload bytes received and MQTT messages they came in.
+        mid / qos: packet id and QoS of the PUBLISH, for ``BridgeClient.ack`` under
+            ``manual_ack`` (mid None: nothing left to acknowledge, e.g. a reassembled chunked
+            message whose chunks were acknowledged as they arrived).
+        connection: the client's connection number when the message arrived; an ack for an
+            earlier connection is not sent (the broker redelivers the message instead).
     """
 
     topic: str
@@ -137,14 +156,23 @@ class InboundMessage:
     received_monotonic: float
     wire_bytes: int
     chunks: int
+    mid: int | None = None
+    qos: int = 0
+    connection: int = 0
 
 
 @dataclass(frozen=True)
 class PublishReport:
-    """What one ``publish`` put on the wire: payload bytes and MQTT messages (chunks)."""
+    """What one ``publish`` put on the wire: payload bytes and MQTT messages (chunks).
+
+    Attributes:
+        handle: paho's record of the last packet published (opaque here); give the report to
+            ``BridgeClient.wait_delivered`` to learn when the broker has acknowledged it.
+    """
 
     wire_bytes: int
     chunks: int
+    handle: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -161,3 +189,5 @@ class ClientCounters:
     dropped_in: int = 0
     messages_out: int = 0
     chunks_out: int = 0
+    acks: int = 0
+    acks_skipped: int = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["TransferLog", "TransferStats"]
@@ -20,7 +21,7 @@ class TransferStats:
 
     Attributes:
         job_id / kind / worker_id: which job went where ("" when no worker answered).
-        outcome: ``ok``, ``busy``, ``timeout`` or ``error``.
+        outcome: ``ok``, ``busy``, ``timeout``, ``error`` or ``cancelled`` (the edge stopped waiting).
         attempts: dispatches made (1, or 2 after one re-dispatch).
         bytes_up: payload bytes published, over all chunks and attempts.
         bytes_down: payload bytes of the result as received.
@@ -49,8 +50,8 @@ class TransferStats:
     decode_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.outcome not in ("ok", "busy", "timeout", "error"):
-            raise ValueError(f"outcome {self.outcome!r} not ok/busy/timeout/error")
+        if self.outcome not in ("ok", "busy", "timeout", "error", "cancelled"):
+            raise ValueError(f"outcome {self.outcome!r} not ok/busy/timeout/error/cancelled")
         if min(self.attempts, self.bytes_up, self.bytes_down, self.chunks_up) < 0:
             raise ValueError(f"negative count in {self}")
 
@@ -68,10 +69,19 @@ class TransferLog:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self._items: deque[TransferStats] = deque(maxlen=capacity)
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[TransferStats], None]] = []
+
+    def subscribe(self, listener: Callable[[TransferStats], None]) -> None:
+        """Call ``listener`` with every transfer added from now on (on the adding thread; keep it quick)."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def add(self, stats: TransferStats) -> None:
         with self._lock:
             self._items.append(stats)
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn(stats)
 
     def recent(self) -> tuple[TransferStats, ...]:
         with self._lock:

@@ -7,6 +7,8 @@
     msao/v1/cloud/status/<worker_id>                       retained worker status (Last Will: offline)
     msao/v1/edge/<edge_id>/cloud/results                   results (each job's ResponseTopic)
     msao/v1/edge/<edge_id>/status                          retained edge status (Last Will: offline)
+    msao/v1/edge/<edge_id>/request                         questions to the edge daemon (docs/mqtt-api.md)
+    msao/v1/edge/<edge_id>/response                        its answers, unless a request names its own ResponseTopic
 
 Ids are ``[A-Za-z0-9_-]{1,64}`` so they never contain MQTT wildcards or separators.
 """
@@ -21,6 +23,8 @@ __all__ = [
     "PREFIX",
     "SHARE_GROUP",
     "CheckId",
+    "EdgeRequestTopic",
+    "EdgeResponseTopic",
     "EdgeResultsTopic",
     "EdgeStatusTopic",
     "JobTopic",
@@ -81,3 +85,13 @@ def EdgeResultsTopic(edge_id: str) -> str:  # noqa: N802
 
 def EdgeStatusTopic(edge_id: str) -> str:  # noqa: N802
     return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/status"
+
+
+def EdgeRequestTopic(edge_id: str) -> str:  # noqa: N802
+    """Where users send questions to one edge daemon (JSON or a raw image; docs/mqtt-api.md)."""
+    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/request"
+
+
+def EdgeResponseTopic(edge_id: str) -> str:  # noqa: N802
+    """Where the edge daemon answers requests that carry no ResponseTopic of their own."""
+    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/response"

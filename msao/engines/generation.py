@@ -184,6 +184,7 @@ class Generator:
         keep: np.ndarray | None = None,
         exit_layer: int | None = None,
         max_new_tokens: int = 16,
+        tail: tuple[int, Runner] | None = None,
     ) -> Answer:
         """Greedy answer to ``question`` about ``image``.
 
@@ -192,12 +193,27 @@ class Generator:
                 Kept tokens keep their original position ids.
             exit_layer: answer from the exit head after this layer (fewer layers run); None = full.
             max_new_tokens: upper bound on generated tokens (EOS usually stops sooner).
+            tail: ``(k, runner)``: run layers [0, k) here and hand their hidden states to
+                ``runner`` (e.g. a remote ``decoder[k:L]`` + head), which takes hidden states,
+                position ids and the attention mask and returns logits. It keeps its own KV.
         """
         t_start = time.perf_counter()
         n = image.tokens.shape[0]
         keep_idx = np.arange(n) if keep is None else _check_keep(keep, n)
-        end = self.info.num_layers if exit_layer is None else exit_layer
-        head = self.runners["lm_head" if exit_layer is None else exit_segment_name(exit_layer)]
+        if tail is not None:
+            if exit_layer is not None:
+                raise FeedError("a split (tail) and an exit head exclude each other: the tail answers from its own head")
+            end, tail_runner = tail
+
+            def head_logits(h: np.ndarray, pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                return tail_runner.infer({"hidden_states": h, "position_ids": pos, "attention_mask": mask})["logits"]
+        else:
+            end = self.info.num_layers if exit_layer is None else exit_layer
+            head = self.runners["lm_head" if exit_layer is None else exit_segment_name(exit_layer)]
+
+            def head_logits(h: np.ndarray, pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                return head.infer({"hidden_states": h[:, -1:]})["logits"]
+
         stack = self.stack(end)
         stack.reset()
 
@@ -211,8 +227,9 @@ class Generator:
         next_pos = lp + n + len(suffix)
 
         t0 = time.perf_counter()
-        h = stack.run(hidden, positions, np.ones((1, hidden.shape[1]), np.int64))
-        probs = Softmax(head.infer({"hidden_states": h[:, -1:]})["logits"][0, -1])
+        mask = np.ones((1, hidden.shape[1]), np.int64)
+        h = stack.run(hidden, positions, mask)
+        probs = Softmax(head_logits(h, positions, mask)[0, -1])
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
         ids: list[int] = []
@@ -226,9 +243,10 @@ class Generator:
                 break
             e = self.runners["text_embed"].infer({"input_ids": np.asarray([[tok]], np.int64)})["embeddings"]
             mask = np.ones((1, stack.past_length + 1), np.int64)
-            h = stack.run(e, np.asarray([[next_pos]], np.int64), mask)
+            pos = np.asarray([[next_pos]], np.int64)
+            h = stack.run(e, pos, mask)
             next_pos += 1
-            probs = Softmax(head.infer({"hidden_states": h})["logits"][0, -1])
+            probs = Softmax(head_logits(h, pos, mask)[0, -1])
         decode_ms = (time.perf_counter() - t0) * 1e3
         text_ids = [t for t in ids if t not in self.eos]
         total_ms = (time.perf_counter() - t_start) * 1e3 + image.vision_ms

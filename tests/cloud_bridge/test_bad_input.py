@@ -23,7 +23,7 @@ from msao.cloud_bridge.messages import JobHeader, ResultHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.cloud_bridge.topics import WorkerJobTopic
 from msao.engines.bundle import LoadBundle
-from tests.cloud_bridge.conftest import OpenLink, StartWorkers, StopAll, WaitOnline
+from tests.mqtt_parts import OpenLink, StartWorkers, StopAll, WaitOnline
 
 REPLY = "msao/v1/edge/bad-input-test/cloud/results"
 

@@ -20,7 +20,7 @@ from msao.engines.bundle import LoadBundle
 from msao.engines.generation import DecoderStack, Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import CodecError, PayloadTooLarge
-from tests.cloud_bridge.conftest import SMALL_MAX_PACKET, OpenLink, StartWorkers, StopAll, WaitOnline
+from tests.mqtt_parts import SMALL_MAX_PACKET, OpenLink, StartWorkers, StopAll, WaitOnline
 
 
 @settings(max_examples=200, deadline=None)

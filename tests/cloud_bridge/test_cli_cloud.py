@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from msao.cli import cloud_cmd
-from tests.cloud_bridge.conftest import OpenLink, StartWorkers, WaitOnline
+from tests.mqtt_parts import OpenLink, StartWorkers, WaitOnline
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from msao.cloud_bridge.link import CloudLink, LinkOptions, NewJobId
 from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.mqtt_options import BrokerUrl, ClientOptions, TlsOptions
 from msao.errors import CloudUnavailable, ConfigError
-from tests.cloud_bridge.conftest import StartBroker, _free_port
+from tests.mqtt_parts import FreePort, StartBroker
 
 
 def _client(url: str, handler, **kw) -> BridgeClient:
@@ -125,7 +125,7 @@ def test_outgoing_queue_is_bounded_while_the_broker_is_down(tmp_path):
 
 
 def test_a_job_with_no_broker_fails_within_its_deadline_instead_of_hanging():
-    url = f"mqtt://127.0.0.1:{_free_port()}"  # nothing listens here
+    url = f"mqtt://127.0.0.1:{FreePort()}"  # nothing listens here
     link = CloudLink(LinkOptions("edge-nobroker", ClientOptions(url, "msao-edge-nobroker"))).start(timeout_s=0.2)
     try:
         header = JobHeader(NewJobId(), "ab" * 32, "split", time.time() + 1.0, segment="decoder[1:2]")

@@ -16,7 +16,7 @@ from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.engines.bundle import LoadBundle
 from msao.errors import CloudError, CloudUnavailable
-from tests.cloud_bridge.conftest import OpenLink, StartWorkers, StopAll, WaitOnline
+from tests.mqtt_parts import OpenLink, StartWorkers, StopAll, WaitOnline
 
 
 @pytest.fixture(scope="module")

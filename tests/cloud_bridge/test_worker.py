@@ -17,8 +17,8 @@ from msao.engines.bundle import LoadBundle
 from msao.engines.generation import DecoderStack, Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import CloudBusy, CloudJobFailed, FeedError
-from tests.cloud_bridge.conftest import OpenLink, StartWorkers, StopAll, WaitOnline
 from tests.cloud_bridge.split_reference import PromptHidden, SplitGenerate
+from tests.mqtt_parts import OpenLink, StartWorkers, StopAll, WaitOnline
 
 ATOL = 1e-5  # same ONNX files, same inputs, same ONNX Runtime: differences are float re-association only
 QUESTION = "what color is the shape?"

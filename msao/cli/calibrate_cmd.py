@@ -1,0 +1,63 @@
+"""``msao calibrate``: accuracy and confidence tables of an edge/large model pair on easy-VQA *train* data.
+
+The edge daemon's scheduler plans with them (which keep ratio, which plan, when to commit the
+edge's draft). Train data only: thresholds tuned on the test set would flatter every number
+the benchmark reports. Needs the eval extra (the easy-VQA data).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from msao.cli.common import Progress, add_threads_option
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--edge", default="bundles/msao-tiny-edge", metavar="DIR", help="the edge (draft) model's bundle (default bundles/msao-tiny-edge)"
+    )
+    p.add_argument(
+        "--large",
+        default="bundles/msao-tiny-cloud",
+        metavar="DIR",
+        help="the large (cloud) model's bundle (default bundles/msao-tiny-cloud)",
+    )
+    p.add_argument(
+        "--out", default="bundles/calibration.json", metavar="PATH", help="where to write the tables (default bundles/calibration.json)"
+    )
+    p.add_argument(
+        "--questions", type=int, default=2000, metavar="N",
+        help="train questions answered by both models at every keep ratio (default 2000, about 2 minutes on 2 cores); fewer = noisier thresholds",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="which train questions (default 0)")
+    add_threads_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from msao.edge_runtime.calibration import CalibrateModels, SaveCalibration
+    from msao.edge_runtime.local_model import LocalModel
+    from msao.engines.bundle import LoadBundle
+    from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+    from msao.errors import ConfigError
+
+    if args.questions < 1:
+        raise ConfigError(f"--questions must be >= 1, got {args.questions}")
+    backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads))
+    edge = LocalModel(LoadBundle(Path(args.edge)), backend)
+    large = LocalModel(LoadBundle(Path(args.large)), backend)
+    Progress(f"calibrating {edge.name} (draft) with {large.name} (verifier) on {args.questions} easy-VQA train questions")
+    cal = CalibrateModels(edge, large, questions=args.questions, seed=args.seed, progress=Progress)
+    SaveCalibration(cal, Path(args.out))
+    for m in cal.models:
+        accs = ", ".join(f"{r:g}: {a:.4f}" for r, a in zip(m.keep_ratios, m.accuracy))
+        Progress(f"  {m.name}: train accuracy by keep ratio {accs}")
+    pair = cal.pairs[0]
+    row = pair.row(1.0) if 1.0 in pair.keep_ratios else 0
+    best = max(range(len(pair.thresholds)), key=lambda j: (pair.accuracy[row][j], pair.commit_share[row][j]))
+    Progress(
+        f"  draft/verify at keep 1: best accuracy {pair.accuracy[row][best]:.4f} committing {pair.commit_share[row][best]:.1%} of drafts "
+        f"at confidence >= {pair.thresholds[best]:g} (large model alone: {pair.large_accuracy[row]:.4f})"
+    )
+    Progress(f"wrote {args.out}")
+    return 0

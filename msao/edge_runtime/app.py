@@ -1,0 +1,148 @@
+"""The edge daemon assembled from its configuration: models, cloud link, runtime and intakes.
+
+``msao edge`` is ``EdgeApp(config).run_forever()``; the Python API is the same object:
+
+    from msao.edge_runtime.app import EdgeApp
+    from msao.edge_runtime.config import LoadEdgeConfig
+
+    with EdgeApp(LoadEdgeConfig(flags={"broker.url": "mqtt://127.0.0.1:1883"})) as app:
+        response = app.ask(open("shape.png", "rb").read(), "what color is the shape?")
+        print(response.answer, response.plan, response.answered_by)
+
+Start order: verified bundles, then the cloud link (a missing broker is not fatal: the edge
+serves edge-only and reconnects in the background), then the runtime, then the intakes. Stop
+order is the reverse, so no intake accepts a request the runtime can no longer serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from msao.edge_runtime.calibration import Calibration, LoadCalibration
+from msao.edge_runtime.config import EdgeConfig
+from msao.edge_runtime.local_model import LocalModel
+from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, NewRequestId
+from msao.edge_runtime.runtime import EdgeRuntime
+from msao.errors import ConfigError
+
+__all__ = ["EdgeApp"]
+
+log = logging.getLogger(__name__)
+
+
+class EdgeApp:
+    """One edge daemon. ``start``/``stop`` or use as a context manager."""
+
+    def __init__(self, config: EdgeConfig):
+        self.config = config
+        self.runtime: EdgeRuntime | None = None
+        self.link = None
+        self.mqtt = None
+        self.http = None
+        self._models: list[LocalModel] = []
+
+    # -- assembly ---------------------------------------------------------------------------
+
+    def _load_models(self) -> tuple[LocalModel, LocalModel | None]:
+        from msao.engines.bundle import LoadBundle
+        from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+
+        e = self.config.edge
+        backend = OnnxRuntimeBackend(OrtOptions(threads=e.threads))
+        edge = LocalModel(LoadBundle(Path(e.bundle)), backend)
+        large = None
+        if e.large_bundle:
+            path = Path(e.large_bundle)
+            if not (path / "manifest.json").exists() and e.large_bundle == type(e)().large_bundle:
+                log.warning("no large-model bundle at %s (`make export` writes it): serving edge-only plans", path)
+            else:
+                large = LocalModel(LoadBundle(path), backend)
+        self._models = [m for m in (edge, large) if m is not None]
+        return edge, large
+
+    def _calibration(self) -> Calibration | None:
+        path = self.config.edge.calibration
+        if not path:
+            return None
+        if not Path(path).exists() and path == type(self.config.edge)().calibration:
+            log.warning("no calibration at %s (`msao calibrate` or `make export` writes it): drafts are never committed", path)
+            return None
+        return LoadCalibration(Path(path))
+
+    def _client_options(self, client_id: str, **kw):
+        from msao.cloud_bridge.mqtt_options import ClientOptions, TlsOptions
+
+        b = self.config.broker
+        tls = (
+            TlsOptions(b.ca_file or None, b.cert_file or None, b.key_file or None, b.tls_insecure)
+            if (b.ca_file or b.cert_file or b.tls_insecure)
+            else None
+        )
+        return ClientOptions(
+            broker=b.url, client_id=client_id, keepalive_s=b.keepalive_s, tls=tls, username=b.username or None,
+            password=os.environ.get("MSAO_MQTT_PASSWORD"), **kw,
+        )  # fmt: skip
+
+    def start(self) -> EdgeApp:
+        cfg = self.config
+        edge, large = self._load_models()
+        calibration = self._calibration()
+        if cfg.broker.url and large is not None:
+            from msao.cloud_bridge.link import CloudLink, LinkOptions
+
+            self.link = CloudLink(LinkOptions(cfg.edge.edge_id, self._client_options(f"msao-edge-{cfg.edge.edge_id}-link"))).start(
+                timeout_s=3.0
+            )
+        self.runtime = EdgeRuntime(edge, large, self.link, calibration, cfg.runtime).start()
+        if cfg.broker.url and cfg.edge.mqtt_intake:
+            from msao.edge_runtime.mqtt_intake import MqttIntake
+
+            self.mqtt = MqttIntake(
+                self.runtime, self._client_options(f"msao-edge-{cfg.edge.edge_id}-intake"), cfg.edge.edge_id, cfg.runtime.limits
+            )
+            self.mqtt.start()
+        if cfg.edge.http:
+            from msao.edge_runtime.http_api import HttpIntake
+
+            host, port = cfg.edge.http.rsplit(":", 1)
+            self.http = HttpIntake(self.runtime, host, int(port))
+            self.http.start()
+        return self
+
+    def stop(self) -> None:
+        for intake in (self.http, self.mqtt):
+            if intake is not None:
+                intake.stop()
+        if self.runtime is not None:
+            self.runtime.stop()
+        if self.link is not None:
+            self.link.close()
+        for m in self._models:
+            m.close()
+
+    def __enter__(self) -> EdgeApp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set (by SIGTERM/SIGINT in ``msao edge``)."""
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- the Python API ---------------------------------------------------------------------
+
+    def ask(self, image: bytes, question: str, **fields) -> EdgeResponse:
+        """Answer one question about one image (the file's bytes); ``fields`` as in ``EdgeRequest``."""
+        if self.runtime is None:
+            raise ConfigError("EdgeApp is not started; use `with EdgeApp(config) as app:`")
+        request = EdgeRequest(fields.pop("request_id", None) or NewRequestId(), question, image, **fields)
+        return self.runtime.answer(request)

@@ -1,0 +1,254 @@
+"""Runs one plan for one request: local segments, remote segments, speculation, fallback.
+
+Local work runs on this worker thread (``LocalModel``); cloud work goes through the cloud
+bridge (``CloudLink``, ``RemoteRunner``). Speculation is real: in a speculative draft/verify
+plan the cloud job is published as soon as the edge's keep-set is known, on a helper thread,
+while this thread keeps computing the edge answer; whichever answer is committed first wins
+and the other path is cancelled (the link stops waiting; a late cloud result is dropped).
+
+Any cloud failure (``CloudError``: no broker, no worker, busy, a deadline missed, an error
+result) turns into an edge-only answer with the reason in ``fallback``; the request is never
+dropped. Decides no placement: the plan comes from the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from msao.cloud_bridge.link import CloudLink, NewJobId, RemoteAnswer
+from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
+from msao.edge_runtime.local_model import LocalModel, Prepared
+from msao.edge_runtime.requests import EdgeRequest
+from msao.edge_runtime.scheduler import Plan
+from msao.engines.generation import Answer
+from msao.errors import CloudError, CloudUnavailable
+
+__all__ = ["Executor", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What running a plan produced (the runtime turns it into an ``EdgeResponse``)."""
+
+    answer: str
+    confidence: float
+    answered_by: str  # edge | cloud
+    model: str
+    fallback: str = ""
+    mas: dict[str, float] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    local_predicted_ms: float = 0.0  # for the live scale of the local clock
+    local_observed_ms: float = 0.0
+    speculation: str = ""  # draft_verify: committed-edge-first | cloud-committed | cloud-started-late
+
+
+def _mas_fields(p: Prepared) -> dict[str, float]:
+    out: dict[str, float] = {"kept_tokens": float(p.kept_tokens), "image_tokens": float(p.encoding.tokens.shape[0])}
+    if p.mas is not None:
+        v = p.mas.values
+        out.update(image=round(v.image, 4), text=round(v.text, 4), image_necessity=round(v.image_necessity, 4))
+    if p.skipped_encoder:
+        out["encoder_skipped"] = 1.0
+    return out
+
+
+class _CountingTail(RemoteRunner):
+    """A remote ``decoder[k:L]`` + head that adds up the bytes of every job it sends."""
+
+    bytes_up = 0
+    bytes_down = 0
+    cloud_ms = 0.0
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        try:
+            return super()._infer(feeds)
+        finally:
+            self.cloud_ms += (time.perf_counter() - t0) * 1e3
+            if self.last_stats is not None:
+                self.bytes_up += self.last_stats.bytes_up
+                self.bytes_down += self.last_stats.bytes_down
+
+
+class Executor:
+    """Executes plans; one instance shared by the daemon's worker threads (thread-safe).
+
+    Args:
+        edge: the edge model. large: the large model held on the edge (split, local_large).
+        link: the cloud link (None: edge-only deployment; cloud plans fall back).
+        speculation_threads: helper threads that wait for speculative cloud answers.
+    """
+
+    def __init__(
+        self, edge: LocalModel, large: LocalModel | None, link: CloudLink | None, speculation_threads: int = 4, mas_always: bool = False
+    ):
+        self.edge, self.large, self.link = edge, large, link
+        self.mas_always = mas_always  # run MAS for its values even when every token is kept
+        self._pool = ThreadPoolExecutor(max_workers=speculation_threads, thread_name_prefix="msao-speculate")
+
+    def _prepare(self, model: LocalModel, rgb: np.ndarray, request: EdgeRequest, keep_ratio: float, decode_ms: float) -> Prepared:
+        return model.prepare(rgb, request.question, keep_ratio, stream_id=request.stream_id, analyse=self.mas_always, decode_ms=decode_ms)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def run(
+        self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float, fallback_reserve_s: float = 0.0
+    ) -> Outcome:
+        """Run ``plan``; ``deadline`` is ``time.monotonic()`` by which the answer must be committed.
+
+        Args:
+            fallback_reserve_s: time kept back from cloud and split plans for an edge-only answer
+                if the cloud fails; their cloud jobs get ``deadline - fallback_reserve_s``.
+                (A draft/verify plan needs none: its fallback, the draft, is already there.)
+        """
+        if plan.kind == "edge":
+            return self._local(self.edge, plan, request, rgb, decode_ms)
+        if plan.kind == "local_large":
+            return self._local(self._large(), plan, request, rgb, decode_ms)
+        if plan.kind == "cloud":
+            return self._cloud(plan, request, rgb, decode_ms, deadline - fallback_reserve_s)
+        if plan.kind == "split":
+            return self._split(plan, request, rgb, decode_ms, deadline - fallback_reserve_s)
+        return self._draft_verify(plan, request, rgb, decode_ms, deadline)
+
+    # -- plans ------------------------------------------------------------------------------
+
+    def _large(self) -> LocalModel:
+        if self.large is None:
+            raise CloudUnavailable("this plan needs the large model's bundle on the edge (--large-bundle)")
+        return self.large
+
+    def _local(self, model: LocalModel, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, fallback: str = "") -> Outcome:
+        p = self._prepare(model, rgb, request, plan.keep_ratio, decode_ms)
+        return self._local_answer(model, p, request, fallback)
+
+    def _local_answer(self, model: LocalModel, p: Prepared, request: EdgeRequest, fallback: str = "", **extra_timings: float) -> Outcome:
+        a = model.answer(p, request.question)
+        local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms
+        return Outcome(
+            a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p),
+            self._timings(p, local=local_ms, **extra_timings), local_observed_ms=p.vision_ms + local_ms,
+        )  # fmt: skip
+
+    @staticmethod
+    def _timings(p: Prepared, **more: float) -> dict[str, float]:
+        t = {"decode_image": p.decode_ms, "vision": p.vision_ms, "mas": p.mas_ms}
+        t.update(more)
+        return {k: round(v, 3) for k, v in t.items()}
+
+    def _remaining_s(self, deadline: float) -> float:
+        return deadline - time.monotonic()
+
+    def _cloud_answer(self, request: EdgeRequest, keep: np.ndarray | None, deadline: float, job_id: str) -> RemoteAnswer:
+        if self.link is None:
+            raise CloudUnavailable("no cloud link configured (--broker)")
+        large = self._large()
+        remaining = self._remaining_s(deadline)
+        if remaining <= 0.005:
+            raise CloudUnavailable("no time left in the request's deadline for a cloud job")
+        return self.link.answer(
+            large.manifest.model_hash, request.question, job_id=job_id, image=request.image, keep=keep, deadline_s=remaining
+        )
+
+    def _cloud_outcome(self, r: RemoteAnswer, p: Prepared | None, cloud_ms: float, **timings: float) -> Outcome:
+        return Outcome(
+            r.text, r.confidence, "cloud", self._large().name, "", _mas_fields(p) if p else {},
+            {**(self._timings(p) if p else {}), "cloud": round(cloud_ms, 3), **{k: round(v, 3) for k, v in timings.items()}},
+            r.stats.bytes_up, r.stats.bytes_down,
+        )  # fmt: skip
+
+    def _cloud(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
+        p = None
+        if plan.send_keep:  # the edge model's encoder + MAS pick the tokens the cloud prefills
+            p = self._prepare(self.edge, rgb, request, plan.keep_ratio, decode_ms)
+        t0 = time.perf_counter()
+        try:
+            r = self._cloud_answer(request, p.keep if p else None, deadline, NewJobId())
+        except CloudError as exc:
+            return self._fallback(exc, request, rgb, decode_ms, p)
+        return self._cloud_outcome(r, p, (time.perf_counter() - t0) * 1e3, decode_image=decode_ms)
+
+    def _split(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
+        large = self._large()
+        if self.link is None:
+            return self._fallback(CloudUnavailable("no cloud link configured"), request, rgb, decode_ms)
+        p = self._prepare(large, rgb, request, plan.keep_ratio, decode_ms)
+        remaining = self._remaining_s(deadline)
+        if remaining <= 0.005:
+            return self._fallback(CloudUnavailable("no time left for the split"), request, rgb, decode_ms)
+        tail = _CountingTail(self.link, large.manifest, plan.split_layer, options=RemoteOptions(deadline_s=remaining))
+        try:
+            a: Answer = large.answer(p, request.question, tail=(plan.split_layer, tail))
+        except CloudError as exc:
+            return self._fallback(exc, request, rgb, decode_ms, bytes_up=tail.bytes_up, bytes_down=tail.bytes_down)
+        local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms - tail.cloud_ms
+        return Outcome(
+            a.text, a.confidence, "cloud", large.name, "", _mas_fields(p),
+            self._timings(p, local=local_ms, cloud=tail.cloud_ms), tail.bytes_up, tail.bytes_down,
+        )  # fmt: skip
+
+    def _draft_verify(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
+        p = self._prepare(self.edge, rgb, request, plan.keep_ratio, decode_ms)
+        keep = p.keep if plan.send_keep and self._large().n_tokens == self.edge.n_tokens else None
+        job_id = NewJobId()
+        started = time.perf_counter()
+        future: Future | None = None
+        if plan.speculate:  # publish now; the edge answer is computed meanwhile
+            future = self._pool.submit(self._cloud_answer, request, keep, deadline, job_id)
+        draft = self.edge.answer(p, request.question)
+        local_ms = draft.timings.embed_ms + draft.timings.prefill_ms + draft.timings.decode_ms
+        if draft.confidence >= plan.commit_threshold:
+            if future is not None and not future.done() and self.link is not None:
+                self.link.cancel(job_id)
+            spec = "edge committed; speculative cloud job cancelled" if future is not None else "edge committed"
+            return Outcome(
+                draft.text, draft.confidence, "edge", self.edge.name, "", _mas_fields(p), self._timings(p, local=local_ms),
+                local_observed_ms=p.vision_ms + local_ms, speculation=spec,
+            )  # fmt: skip
+        if future is None:
+            future = self._pool.submit(self._cloud_answer, request, keep, deadline, job_id)
+        try:
+            r: RemoteAnswer = future.result(timeout=max(0.0, self._remaining_s(deadline)) + 0.05)
+        except (CloudError, FutureTimeout) as exc:
+            if self.link is not None:
+                self.link.cancel(job_id)
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else "the cloud gave no answer within the deadline"
+            log.info("request %s: draft/verify falls back to the edge draft (%s)", request.request_id, reason)
+            return Outcome(
+                draft.text, draft.confidence, "edge", self.edge.name, reason, _mas_fields(p), self._timings(p, local=local_ms),
+                local_observed_ms=p.vision_ms + local_ms, speculation="cloud failed",
+            )  # fmt: skip
+        cloud_ms = (time.perf_counter() - started) * 1e3
+        out = self._cloud_outcome(r, p, cloud_ms, local=local_ms)
+        return Outcome(**{**out.__dict__, "local_observed_ms": p.vision_ms + local_ms, "speculation": "cloud committed"})
+
+    # -- fallback ---------------------------------------------------------------------------
+
+    def _fallback(
+        self,
+        exc: Exception,
+        request: EdgeRequest,
+        rgb: np.ndarray,
+        decode_ms: float,
+        prepared: Prepared | None = None,
+        bytes_up: int = 0,
+        bytes_down: int = 0,
+    ) -> Outcome:
+        """The edge model answers; ``prepared``: the edge model's tokens when the plan already made them."""
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning("request %s: cloud path failed, answering on the edge (%s)", request.request_id, reason)
+        if prepared is None:
+            prepared = self._prepare(self.edge, rgb, request, 1.0, decode_ms)
+        out = self._local_answer(self.edge, prepared, request, reason)
+        return Outcome(**{**out.__dict__, "bytes_up": bytes_up, "bytes_down": bytes_down})

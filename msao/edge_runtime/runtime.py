@@ -1,0 +1,377 @@
+"""The edge runtime: admission, worker threads, scheduling, execution, live estimates, metrics.
+
+Every intake (MQTT, HTTP, ``msao ask``, Python) calls ``EdgeRuntime.submit`` (or the blocking
+``answer``); nothing else touches models. The life of one request:
+
+    submit ─► bounded queue (full: RequestError "busy" at once, nothing accepted)
+    worker thread ─► decode image ─► cost inputs (link, cloud queue, edge load, deadline)
+                  ─► Scheduler.choose ─► Executor.run (fallback to edge inside)
+                  ─► EdgeResponse ─► on_done callback ─► estimates and metrics updated
+
+A request once accepted is answered: by its plan, by the edge after a cloud failure, or with an
+explicit error (bad image, deadline). ``stop`` drains the queue first; a request still queued
+when the drain time runs out is handed back with ``None`` (the MQTT intake then leaves it
+unacknowledged so the broker redelivers it to the next daemon).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from msao.cloud_bridge.link import CloudLink
+from msao.cloud_bridge.stats import TransferStats
+from msao.edge_runtime.calibration import Calibration
+from msao.edge_runtime.estimates import EwmaOptions, LinkEstimate, LoadEstimate, SegmentClock
+from msao.edge_runtime.executor import Executor, Outcome
+from msao.edge_runtime.local_model import LocalModel
+from msao.edge_runtime.metrics import EdgeMetrics
+from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits
+from msao.edge_runtime.scheduler import CostInputs, Plan, Scheduler, SchedulerOptions
+from msao.engines.images import MAX_IMAGE_PIXELS
+from msao.errors import ConfigError, ImageError, MsaoError, RequestError
+
+__all__ = ["EdgeRuntime", "RuntimeOptions"]
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[EdgeResponse | None], None]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the daemon admits and serves requests (``msao edge --help`` explains each).
+
+    Attributes:
+        workers: requests served at once (each on its own thread; local segments share cores).
+        queue_size: accepted requests that may wait; one more gets ``busy`` at once.
+        max_image_pixels: decoded image size limit (checked from the header before decoding).
+        probe_interval_s: with no real transfer for this long, probe the link (1 KB and 64 KB)
+            so the estimates stay fresh; 0 = never probe.
+        drain_s: on stop, how long queued requests may still be served.
+        mas_always: run MAS (and report its values) even when a plan keeps every token; costs
+            the MAS time on every request.
+        profile_at_start: time every local segment on this device at start (about a second
+            per model) instead of trusting the bundle's profile from the export machine.
+    """
+
+    workers: int = 2
+    queue_size: int = 16
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    probe_interval_s: float = 10.0
+    drain_s: float = 10.0
+    mas_always: bool = False
+    profile_at_start: bool = True
+    limits: RequestLimits = RequestLimits()
+    scheduler: SchedulerOptions = SchedulerOptions()
+    ewma: EwmaOptions = EwmaOptions()
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.queue_size < 1 or self.max_image_pixels < 1:
+            raise ConfigError(
+                f"workers, queue_size and max_image_pixels must be >= 1, got {self.workers}, {self.queue_size}, {self.max_image_pixels}"
+            )
+        if self.probe_interval_s < 0 or self.drain_s < 0:
+            raise ConfigError("probe_interval_s and drain_s must be >= 0")
+
+
+@dataclass
+class _Item:
+    request: EdgeRequest
+    accepted: float  # time.monotonic()
+    on_done: Done
+    deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deadline = self.accepted + self.request.deadline_ms / 1e3
+
+
+class EdgeRuntime:
+    """The daemon's core, intake-agnostic. Start it, submit requests, stop it.
+
+    Args:
+        edge: the edge (draft) model.
+        large: the large model's bundle held on the edge (split and local-large plans, and
+            the cloud model's identity for cloud jobs); None = edge-only.
+        link: the cloud link (None = no cloud: every plan is local).
+        calibration: accuracy tables from ``msao calibrate`` (None: see ``Scheduler``).
+    """
+
+    def __init__(
+        self,
+        edge: LocalModel,
+        large: LocalModel | None = None,
+        link: CloudLink | None = None,
+        calibration: Calibration | None = None,
+        options: RuntimeOptions = RuntimeOptions(),
+    ):
+        self.options = options
+        self.edge, self.large, self.link = edge, large, link
+        self.edge_clock = SegmentClock(edge.manifest, options.ewma.alpha)
+        self.large_clock = SegmentClock(large.manifest, options.ewma.alpha) if large else None
+        self.cloud_clock = SegmentClock(large.manifest, options.ewma.alpha) if large else None
+        self.scheduler = Scheduler(options.scheduler, edge.manifest, self.edge_clock, large.manifest if large else None,
+                                   self.large_clock, self.cloud_clock, calibration)  # fmt: skip
+        self.executor = Executor(edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always)
+        self.link_estimate = LinkEstimate(options.ewma)
+        self.load = LoadEstimate(options.workers)
+        self._mas_ms = float("nan")
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=options.queue_size)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_transfer = 0.0
+        self.metrics = EdgeMetrics(queue_depth=lambda: float(self._queue.qsize()), cloud_available=lambda: float(self.cloud_ok()))
+        if link is not None:
+            link.transfers.subscribe(self._on_transfer)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> EdgeRuntime:
+        if self.options.profile_at_start:
+            for kind, model, clock in (("edge", self.edge, self.edge_clock), ("local_large", self.large, self.large_clock)):
+                if model is not None and clock is not None:
+                    self._profile(kind, model, clock)
+        for i in range(self.options.workers):
+            t = threading.Thread(target=self._work, name=f"msao-edge-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.link is not None and self.large is not None and self.options.probe_interval_s > 0:
+            t = threading.Thread(target=self._probe_loop, name="msao-edge-link-probe", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info(
+            "edge runtime up: %d workers, queue %d, policy %s, models %s%s, cloud %s",
+            self.options.workers, self.options.queue_size, self.options.scheduler.policy, self.edge.name,
+            f" + {self.large.name}" if self.large else "", "link configured" if self.link else "none (edge-only)",
+        )  # fmt: skip
+        return self
+
+    def _profile(self, kind: str, model: LocalModel, clock: SegmentClock) -> None:
+        """This device's segment times, then its whole-request speed against them.
+
+        Per-segment medians miss what a CPU quota (or a busy GPU) does to a whole request: calls
+        shorter than the quota period run at full speed and the stall lands between them. So a
+        few whole synthetic requests set the clock's starting scale as well.
+        """
+        t0 = time.perf_counter()
+        clock.use_profile(model.profile())
+        observed = [model.timed_request() for _ in range(4)][1:]  # the first pays first-call costs
+        predicted = self.scheduler.profiled_local_ms(kind, 1.0)
+        clock.seed_scale(float(np.median(observed)) / predicted if predicted > 0 else 1.0)
+        log.info(
+            "profiled %s on this device in %.1f s: a request takes %.1f ms, %.2fx its segments' sum",
+            model.name, time.perf_counter() - t0, float(np.median(observed)), clock.scale,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Serve what is queued for up to ``drain_s``, then hand back the rest with ``None``."""
+        end = time.monotonic() + self.options.drain_s
+        while not self._queue.empty() and time.monotonic() < end:
+            time.sleep(0.02)
+        self._stopping.set()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            _deliver(item, None)
+        for t in self._threads:
+            t.join(timeout=5.0)
+        self.executor.close()
+
+    @property
+    def ready(self) -> bool:
+        return not self._stopping.is_set() and any(t.is_alive() for t in self._threads)
+
+    def cloud_ok(self) -> bool:
+        if self.link is None or self.large is None or not self.link.client.connected:
+            return False
+        return bool(self.link.workers(self.large.manifest.model_hash))
+
+    def health(self) -> dict:
+        """What ``/readyz`` and ``msao edge`` status show: degraded = edge-only, still ready."""
+        cloud = self.cloud_ok()
+        link = self.link_estimate.snapshot()
+        return {
+            "ready": self.ready,
+            "mode": "collaborative" if cloud else "edge-only",
+            "degraded": not cloud,
+            "models": {"edge": self.edge.name, "large": self.large.name if self.large else None},
+            "policy": self.options.scheduler.policy,
+            "queue_depth": self._queue.qsize(),
+            "running": self.load.running,
+            "link": {"rtt_ms": round(link.rtt_ms, 3), "bandwidth_mbps": round(link.bandwidth_bps / 1e6, 3), "measured": link.measured},
+            "edge_scale": round(self.edge_clock.scale, 3),
+            "cloud_scale": round(self.cloud_clock.scale, 3) if self.cloud_clock else None,
+        }
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def submit(self, request: EdgeRequest, on_done: Done) -> None:
+        """Accept ``request`` or refuse it at once.
+
+        Raises:
+            RequestError: ``busy`` (queue full) or ``unavailable`` (stopping); nothing was accepted.
+        """
+        if self._stopping.is_set():
+            self.metrics.rejected.inc(code="unavailable")
+            raise RequestError("the edge daemon is shutting down; send the request again in a moment", "unavailable")
+        try:
+            self._queue.put_nowait(_Item(request, time.monotonic(), on_done))
+        except queue.Full:
+            self.metrics.rejected.inc(code="busy")
+            raise RequestError(
+                f"the edge is busy: {self.options.queue_size} requests already wait; retry later or raise --queue-size", "busy"
+            ) from None
+        self.load.enqueue()
+
+    def answer(self, request: EdgeRequest, timeout_s: float | None = None) -> EdgeResponse:
+        """Submit and wait (the Python API); a refusal comes back as a ``busy``/``error`` response."""
+        fut: Future[EdgeResponse | None] = Future()
+        try:
+            self.submit(request, fut.set_result)
+        except RequestError as exc:
+            return EdgeResponse.failure(request.request_id, exc.code, str(exc))
+        wait = timeout_s if timeout_s is not None else request.deadline_ms / 1e3 + 30.0
+        result = fut.result(timeout=wait)
+        return result or EdgeResponse.failure(request.request_id, "unavailable", "the daemon stopped before serving this request")
+
+    # -- serving --------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        for model in (self.edge, self.large):
+            if model is not None:
+                model.warm_up()  # this thread's generator, sessions and question cache
+        while not self._stopping.is_set():
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.load.start()
+            try:
+                response = self._serve(item)
+            except Exception as exc:  # a bug: answer anyway, keep the worker alive
+                log.exception("request %s: internal error", item.request.request_id)
+                response = EdgeResponse.failure(
+                    item.request.request_id, "internal", f"internal error ({type(exc).__name__}); see the daemon log"
+                )
+            finally:
+                self.load.finish()
+            self.metrics.requests.inc(plan=response.plan.split(" ")[0] or "none", outcome=response.error_code or "ok")
+            _deliver(item, response)
+
+    def _serve(self, item: _Item) -> EdgeResponse:
+        req = item.request
+        queue_ms = (time.monotonic() - item.accepted) * 1e3
+        if time.monotonic() >= item.deadline:
+            return EdgeResponse.failure(
+                req.request_id, "deadline", f"the deadline of {req.deadline_ms:.0f} ms passed while queued ({queue_ms:.0f} ms)"
+            )
+        try:
+            rgb, decode_ms = self.edge.decode(req.image, self.options.max_image_pixels)
+        except ImageError as exc:
+            return EdgeResponse.failure(req.request_id, "bad_image", str(exc))
+        inputs = self._cost_inputs(req, item.deadline)
+        try:
+            plan = self.scheduler.choose(inputs, req.policy, req.split_layer, req.keep_ratio)
+        except ConfigError as exc:
+            return EdgeResponse.failure(req.request_id, "bad_request", str(exc))
+        log.debug("request %s: plan %s (%s)", req.request_id, plan.describe(), plan.reason)
+        try:
+            # kept back from cloud waits for an edge answer if the cloud fails: three times its estimate
+            # (estimates err under load), at least a tenth of the budget, never more than half of it
+            budget_s = req.deadline_ms / 1e3
+            reserve_s = min(0.5 * budget_s, max(3.0 * self.scheduler.edge_fallback_ms(inputs) / 1e3, 0.1 * budget_s))
+            out = self.executor.run(plan, req, rgb, decode_ms, item.deadline, reserve_s)
+        except MsaoError as exc:  # bad input found while running (e.g. MAS refused the question)
+            return EdgeResponse.failure(req.request_id, "bad_request", str(exc))
+        total_ms = (time.monotonic() - item.accepted) * 1e3
+        self._learn(plan, out, inputs)
+        timings = {"queue": round(queue_ms, 3), **out.timings_ms, "total": round(total_ms, 3)}
+        self._record(plan, out, timings)
+        late = total_ms > req.deadline_ms
+        return EdgeResponse(
+            request_id=req.request_id, status="error" if late else "ok", answer=out.answer, confidence=round(out.confidence, 5),
+            answered_by=out.answered_by, model=out.model, plan=plan.describe(), reason=plan.reason + (f"; {out.speculation}" if out.speculation else ""),
+            fallback=out.fallback, mas=out.mas, timings_ms=timings, bytes_up=out.bytes_up, bytes_down=out.bytes_down,
+            error_code="deadline" if late else "", error=f"answered after {total_ms:.0f} ms, past the {req.deadline_ms:.0f} ms deadline" if late else "",
+        )  # fmt: skip
+
+    # -- live estimates -------------------------------------------------------------------------
+
+    def _cost_inputs(self, req: EdgeRequest, deadline: float) -> CostInputs:
+        cloud = self.cloud_ok()
+        return CostInputs(
+            link=self.link_estimate.snapshot(),
+            cloud_ok=cloud,
+            cloud_queue_ms=self._cloud_queue_ms() if cloud else 0.0,
+            edge_load=self.load.local_wait_factor(),
+            mas_ms=0.3 if math.isnan(self._mas_ms) else self._mas_ms,
+            image_bytes=len(req.image),
+            deadline_ms=max(0.0, (deadline - time.monotonic()) * 1e3),
+        )
+
+    def _cloud_queue_ms(self) -> float:
+        assert self.link is not None and self.large is not None
+        workers = self.link.workers(self.large.manifest.model_hash)
+        if not workers:
+            return 0.0
+        job_ms = self.scheduler.cloud_compute_ms(1.0)
+        return min(w.queue_depth / max(1, w.threads) for w in workers) * job_ms
+
+    def _learn(self, plan: Plan, out: Outcome, inputs: CostInputs) -> None:
+        a = self.options.ewma.alpha
+        if "mas" in out.timings_ms and out.timings_ms["mas"] > 0:
+            m = out.timings_ms["mas"]
+            self._mas_ms = m if math.isnan(self._mas_ms) else (1 - a) * self._mas_ms + a * m
+        if out.local_observed_ms <= 0 or out.fallback or out.answered_by != "edge":
+            return
+        kind = "local_large" if plan.kind == "local_large" else "edge"  # edge and committed drafts ran the edge model
+        clock = self.large_clock if kind == "local_large" else self.edge_clock
+        if clock is not None:
+            clock.observe(self.scheduler.profiled_local_ms(kind, plan.keep_ratio) * inputs.edge_load, out.local_observed_ms)
+
+    def _on_transfer(self, t: TransferStats) -> None:
+        self._last_transfer = time.monotonic()
+        self.link_estimate.observe(t)
+        if t.outcome == "ok" and t.kind == "answer" and t.compute_ms > 0 and self.cloud_clock is not None:
+            self.cloud_clock.observe(self.scheduler.cloud_compute_ms(1.0) / self.cloud_clock.scale, t.compute_ms)
+
+    def _record(self, plan: Plan, out: Outcome, timings: dict[str, float]) -> None:
+        m = self.metrics
+        m.answered_by.inc(side=out.answered_by)
+        m.latency.observe(timings["total"] / 1e3, plan=plan.kind)
+        for stage, ms in timings.items():
+            if stage != "total":
+                m.stages.observe(ms / 1e3, stage=stage)
+        m.bytes.inc(out.bytes_up, direction="up")
+        m.bytes.inc(out.bytes_down, direction="down")
+        if out.fallback:
+            m.fallbacks.inc(plan=plan.kind)
+
+    def _probe_loop(self) -> None:
+        assert self.link is not None and self.large is not None
+        h = self.large.manifest.model_hash
+        while not self._stopping.wait(self.options.probe_interval_s / 2):
+            if time.monotonic() - self._last_transfer < self.options.probe_interval_s or not self.cloud_ok():
+                continue
+            try:
+                self.link.probe(h, 1024, deadline_s=2.0)
+                self.link.probe(h, 64 * 1024, deadline_s=5.0)
+            except MsaoError as exc:
+                log.debug("link probe failed: %s", exc)
+
+
+def _deliver(item: _Item, response: EdgeResponse | None) -> None:
+    try:
+        item.on_done(response)
+    except Exception:
+        log.exception("request %s: the intake's completion callback failed", item.request.request_id)

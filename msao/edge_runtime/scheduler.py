@@ -1,0 +1,383 @@
+"""The scheduler: per request, a cost model over candidate plans, and the plan with the lowest expected latency.
+
+Plans (``Plan.kind``), each with a MAS keep ratio r (share of image tokens that enter prefill):
+
+    edge          the edge model answers alone
+    local_large   the large model answers alone, on the edge (no link needed)
+    cloud         the large model answers in the cloud from the image (+ the edge's keep-set)
+    split@k       the edge runs the large model's encoder and layers [0, k); the cloud runs [k, L)
+                  and the head, keeping its half of the KV cache for decode steps
+    draft_verify  the edge model answers; its answer is committed when its confidence >= θ,
+                  otherwise the cloud's; with speculation the cloud job starts as soon as the
+                  edge's keep-set is known, before the edge answer
+
+Expected latency (ms), from ``CostInputs``; E = edge model, C = large model, T = prompt tokens
+(text + kept image tokens), n = answer tokens (calibrated), f = edge load factor:
+
+    edge         f·[vision_E + mas + prefill_E(T) + (n-1)·step_E]
+    local_large  f·[vision_C + mas + prefill_C(T) + (n-1)·step_C]
+    cloud        f·[vision_E + mas] + link(image + keep, answer) + queue + σ·[vision_C + prefill_C(T) + (n-1)·step_C]
+    split@k      f·[vision_C + mas + prefill_C[0:k](T)] + link(T·D·2 B) + queue + σ·prefill_C[k:L](T)
+                 + (n-1)·(f·step_C[0:k] + link(D·2 B) + σ·step_C[k:L])
+    draft_verify p·edge + (1-p)·(speculate ? max(edge, pre_E + cloud') : edge + cloud')
+                 (p = calibrated commit share at θ; cloud' = cloud without the edge encoder it shares)
+
+σ is the cloud's live scale (its reported compute time / its profile). Expected accuracy comes
+from the calibration tables (train data). The scheduler keeps plans whose accuracy is within
+``accuracy_slack`` of the most accurate available plan, then takes the lowest latency; when no
+plan meets the deadline, the fastest plan within the slack. Every choice carries its reason.
+
+Fixed policies (the benchmark's baselines) go through the same ``choose`` and the same cost
+model, so their estimates and logs are comparable: ``edge_only``, ``cloud_only`` (raw image,
+no keep-set), ``static_split`` (one k), ``prune_only`` (edge model at a fixed ratio),
+``draft_verify_static`` (always verify, speculative).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from msao.edge_runtime.calibration import Calibration
+from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
+from msao.engines.manifest import Manifest
+from msao.errors import ConfigError
+
+__all__ = ["CostInputs", "PLAN_KINDS", "POLICIES", "Plan", "Scheduler", "SchedulerOptions"]
+
+log = logging.getLogger(__name__)
+
+PLAN_KINDS = ("edge", "local_large", "cloud", "split", "draft_verify")
+POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
+ALWAYS_VERIFY = 1.01  # a threshold no confidence reaches
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one request will do. ``describe()`` is what responses, logs and metrics show."""
+
+    kind: str
+    keep_ratio: float = 1.0
+    split_layer: int = 0
+    commit_threshold: float = ALWAYS_VERIFY
+    speculate: bool = False
+    send_keep: bool = True  # cloud/draft_verify: prune the cloud's prefill with the edge's keep-set
+    est_latency_ms: float = 0.0
+    est_accuracy: float = 0.0
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in PLAN_KINDS:
+            raise ConfigError(f"plan kind {self.kind!r} not in {PLAN_KINDS}")
+        if not 0 < self.keep_ratio <= 1:
+            raise ConfigError(f"keep ratio {self.keep_ratio} not in (0, 1]")
+
+    @property
+    def uses_cloud(self) -> bool:
+        return self.kind in ("cloud", "split", "draft_verify")
+
+    def describe(self) -> str:
+        base = f"split@{self.split_layer}" if self.kind == "split" else self.kind
+        parts = [base, f"keep={self.keep_ratio:g}"]
+        if self.kind == "draft_verify":
+            parts.append("verify=always" if self.commit_threshold > 1 else f"commit>={self.commit_threshold:g}")
+            parts.append("speculative" if self.speculate else "sequential")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """How the scheduler trades accuracy for latency.
+
+    Attributes:
+        policy: ``msao`` (adaptive) or one of the fixed baselines in ``POLICIES``.
+        accuracy_slack: keep plans whose expected accuracy is at most this far below the best
+            available plan's (0.01 = one point).
+        keep_ratios: ratios the adaptive policy considers (must be calibrated).
+        split_layer: ``static_split``'s k. prune_ratio: ``prune_only``'s keep ratio.
+        allow_local_large: let the adaptive policy run the large model on the edge.
+        speculate: let draft/verify start the cloud job before the edge answer is known.
+    """
+
+    policy: str = "msao"
+    accuracy_slack: float = 0.01
+    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
+    split_layer: int = 1
+    prune_ratio: float = 0.25
+    allow_local_large: bool = True
+    speculate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy {self.policy!r} is not one of {list(POLICIES)}")
+        if not 0 <= self.accuracy_slack <= 1:
+            raise ConfigError(f"accuracy_slack must be in [0, 1], got {self.accuracy_slack}")
+        if not self.keep_ratios or not all(0 < r <= 1 for r in self.keep_ratios):
+            raise ConfigError(f"keep_ratios must be values in (0, 1], got {self.keep_ratios}")
+        if not 0 < self.prune_ratio <= 1:
+            raise ConfigError(f"prune_ratio must be in (0, 1], got {self.prune_ratio}")
+
+
+@dataclass(frozen=True)
+class CostInputs:
+    """The live state one decision reads (a snapshot: the scheduler itself keeps no state).
+
+    Attributes:
+        cloud_ok: a broker connection and at least one online worker serving the large model.
+        cloud_queue_ms: expected wait in the cloud worker's queue (from its retained status).
+        edge_load: multiplier on local compute (``LoadEstimate.local_wait_factor``).
+        mas_ms: live MAS time per request.
+        image_bytes: size of this request's image file.
+        deadline_ms: this request's remaining budget.
+    """
+
+    link: LinkSnapshot
+    cloud_ok: bool
+    cloud_queue_ms: float
+    edge_load: float
+    mas_ms: float
+    image_bytes: int
+    deadline_ms: float
+
+
+class Scheduler:
+    """Chooses a ``Plan`` per request. Stateless apart from its models; thread-safe.
+
+    Args:
+        edge / large: manifests of the edge model and the large model (the latter may be
+            None: then only edge plans exist).
+        edge_clock / large_clock: local segment times of each model on this device.
+        cloud_clock: the large model's segment times on the cloud worker.
+        calibration: accuracy tables (None: accuracies from each manifest's export check, and
+            draft/verify always verifies, since no threshold was calibrated).
+    """
+
+    def __init__(
+        self,
+        options: SchedulerOptions,
+        edge: Manifest,
+        edge_clock: SegmentClock,
+        large: Manifest | None = None,
+        large_clock: SegmentClock | None = None,
+        cloud_clock: SegmentClock | None = None,
+        calibration: Calibration | None = None,
+    ):
+        self.options = options
+        self.edge, self.large = edge, large
+        self.edge_clock, self.large_clock, self.cloud_clock = edge_clock, large_clock, cloud_clock
+        self.calibration = calibration
+        self.edge_cal = calibration.model(edge.model_hash) if calibration else None
+        self.large_cal = calibration.model(large.model_hash) if calibration and large else None
+        self.pair = calibration.pair(edge.model_hash, large.model_hash) if calibration and large else None
+        if calibration is not None and (self.edge_cal is None or (large is not None and (self.large_cal is None or self.pair is None))):
+            log.warning("the calibration file does not cover these bundles (model hashes differ); re-run `msao calibrate`")
+        if options.policy == "static_split" and large is not None and options.split_layer not in large.split_points:
+            raise ConfigError(f"static split at layer {options.split_layer}: {large.name} splits at {list(large.split_points)}")
+
+    # -- accuracy (calibrated on train) -----------------------------------------------------
+
+    def _accuracy(self, model: Manifest, r: float) -> float:
+        cal = self.edge_cal if model is self.edge else self.large_cal
+        if cal is not None:
+            return cal.accuracy_at(r)
+        return model.checks.accuracy_onnx if model.checks else 0.0
+
+    def _answer_tokens(self, model: Manifest) -> float:
+        cal = self.edge_cal if model is self.edge else self.large_cal
+        return cal.answer_tokens if cal else 2.0
+
+    # -- latency ----------------------------------------------------------------------------
+
+    def _prompt_tokens(self, m: Manifest, r: float) -> int:
+        from msao.engines.profile import TEXT_TOKENS
+
+        return TEXT_TOKENS + max(1, round(r * m.model.image_tokens))
+
+    def _answer_ms(self, m: Manifest, ms: Callable[[str, int, int], float], r: float) -> float:
+        """One whole answer of model ``m``: vision, prompt embedding, prefill, head, then (n-1) decode steps.
+
+        ``ms(segment, new_tokens, past)`` gives segment times (a clock, scaled or profiled).
+        """
+        t = self._prompt_tokens(m, r)
+        n = self._answer_tokens(m)
+        chunks = m.decoder_chunks()
+        head = ms("lm_head", 1, 0)
+        prefill = ms("text_embed", t, 0) + sum(ms(c.name, t, 0) for c in chunks) + head
+        step = ms("text_embed", 1, 0) + sum(ms(c.name, 1, t) for c in chunks) + head
+        return ms("vision_encoder", 0, 0) + prefill + (n - 1) * step
+
+    def _local_ms(self, m: Manifest, clock: SegmentClock, r: float, x: CostInputs, with_mas: bool) -> float:
+        return x.edge_load * (self._answer_ms(m, clock.ms, r) + (x.mas_ms if with_mas else 0.0))
+
+    def edge_fallback_ms(self, x: CostInputs) -> float:
+        """Expected time of the edge-only answer that replaces a failed cloud path."""
+        return self._local_ms(self.edge, self.edge_clock, 1.0, x, False)
+
+    def profiled_local_ms(self, kind: str, r: float) -> float:
+        """A local plan's compute at keep ratio ``r`` from the profile alone (no live scale, no load, no MAS).
+
+        ``kind`` is ``edge`` (the edge model) or ``local_large``: what a live observation of that
+        plan is compared with.
+        """
+        if kind == "local_large":
+            assert self.large is not None and self.large_clock is not None
+            return self._answer_ms(self.large, self.large_clock.profiled_ms, r)
+        return self._answer_ms(self.edge, self.edge_clock.profiled_ms, r)
+
+    def cloud_compute_ms(self, r: float) -> float:
+        """The large model's compute for one answer at keep ratio ``r`` on the cloud worker (live scale included)."""
+        assert self.large is not None and self.cloud_clock is not None
+        return self._answer_ms(self.large, self.cloud_clock.ms, r)
+
+    def _cloud_ms(self, r: float, x: CostInputs, send_keep: bool) -> float:
+        """Cloud answer after the edge has what it sends: upload, queue, compute, result."""
+        keep_bytes = 8 * round(r * self.large.model.image_tokens) if send_keep else 0  # type: ignore[union-attr]
+        return x.link.transfer_ms(x.image_bytes + keep_bytes + 600, 600) + x.cloud_queue_ms + self.cloud_compute_ms(r)
+
+    def _split_ms(self, k: int, r: float, x: CostInputs) -> float:
+        m, lc, cc = self.large, self.large_clock, self.cloud_clock
+        assert m is not None and lc is not None and cc is not None
+        t = self._prompt_tokens(m, r)
+        n = self._answer_tokens(m)
+        d, layers = m.model.hidden_size, m.model.num_layers
+        edge_prefill = lc.ms("vision_encoder") + x.mas_ms + lc.ms("text_embed", t) + lc.decoder_ms(0, k, t)
+        cloud_prefill = cc.decoder_ms(k, layers, t) + cc.ms("lm_head", 1)
+        step = x.edge_load * (lc.ms("text_embed", 1) + lc.decoder_ms(0, k, 1, t)) + x.link.transfer_ms(
+            2 * d + 600, 4 * m.model.vocab_size + 300
+        )
+        step += cc.decoder_ms(k, layers, 1, t) + cc.ms("lm_head", 1)
+        up = t * d * 2 + 16 * t + 600  # fp16 hidden states + position ids and mask
+        return (
+            x.edge_load * edge_prefill
+            + x.link.transfer_ms(up, 4 * m.model.vocab_size + 300)
+            + x.cloud_queue_ms
+            + cloud_prefill
+            + (n - 1) * step
+        )
+
+    # -- candidates -------------------------------------------------------------------------
+
+    def _edge_plan(self, r: float, x: CostInputs, reason: str = "") -> Plan:
+        return Plan(
+            "edge", r, est_latency_ms=self._local_ms(self.edge, self.edge_clock, r, x, r < 1), est_accuracy=self._accuracy(self.edge, r),
+            reason=reason,
+        )  # fmt: skip
+
+    def _cloud_plan(self, r: float, x: CostInputs, send_keep: bool) -> Plan:
+        """The large model in the cloud; with ``send_keep`` the edge first encodes + runs MAS for the keep-set."""
+        assert self.large is not None
+        pre = self._edge_pre_ms(x) if send_keep else 0.0
+        if send_keep and self.pair is not None and r in self.pair.keep_ratios:
+            acc = self.pair.large_accuracy[self.pair.row(r)]  # the large model fed the edge's keep-set
+        else:
+            acc = self._accuracy(self.large, r if send_keep else 1.0)
+        return Plan("cloud", r, send_keep=send_keep, est_latency_ms=pre + self._cloud_ms(r, x, send_keep), est_accuracy=acc)
+
+    def _edge_pre_ms(self, x: CostInputs) -> float:
+        """What the edge does before a cloud job can carry its keep-set: encode + MAS with the edge model."""
+        return x.edge_load * (self.edge_clock.ms("vision_encoder") + x.mas_ms)
+
+    def _draft_verify_plans(self, r: float, x: CostInputs, speculate: bool, always_verify: bool = False) -> list[Plan]:
+        """One plan per calibrated threshold (only "always verify" without a calibration)."""
+        assert self.large is not None
+        edge = self._edge_plan(r, x)
+        cloud = self._cloud_ms(r, x, True)
+        pre = self._edge_pre_ms(x)
+        plans = []
+        pair = self.pair if (self.pair is not None and r in self.pair.keep_ratios) else None
+        grid = pair.thresholds if pair and not always_verify else (ALWAYS_VERIFY,)
+        for th in grid:
+            if pair is not None and th in pair.thresholds:
+                j = pair.thresholds.index(th)
+                p, acc = pair.commit_share[pair.row(r)][j], pair.accuracy[pair.row(r)][j]
+            else:  # never commits the draft: the large model's accuracy with the edge's keep-set
+                p = 0.0
+                acc = pair.large_accuracy[pair.row(r)] if pair else self._accuracy(self.large, r)
+            slow = max(edge.est_latency_ms, pre + cloud) if speculate else edge.est_latency_ms + cloud
+            plans.append(
+                Plan(
+                    "draft_verify",
+                    r,
+                    commit_threshold=th,
+                    speculate=speculate,
+                    est_latency_ms=p * edge.est_latency_ms + (1 - p) * slow,
+                    est_accuracy=acc,
+                )  # fmt: skip
+            )
+        return plans
+
+    def candidates(self, x: CostInputs) -> list[Plan]:
+        """Every plan the adaptive policy may take now, with its estimates."""
+        o = self.options
+        plans = [self._edge_plan(r, x) for r in o.keep_ratios]
+        if self.large is not None and self.large_clock is not None and o.allow_local_large:
+            plans += [
+                Plan("local_large", r, est_latency_ms=self._local_ms(self.large, self.large_clock, r, x, r < 1), est_accuracy=self._accuracy(self.large, r))
+                for r in o.keep_ratios
+            ]  # fmt: skip
+        if x.cloud_ok and self.large is not None and self.cloud_clock is not None:
+            same_grid = self.large.model.image_tokens == self.edge.model.image_tokens
+            for r in o.keep_ratios:
+                if r < 1 and not same_grid:
+                    continue
+                plans.append(self._cloud_plan(r, x, send_keep=r < 1))
+                plans += self._draft_verify_plans(r, x, o.speculate)
+            if self.large_clock is not None:
+                plans += [
+                    Plan("split", r, split_layer=k, est_latency_ms=self._split_ms(k, r, x), est_accuracy=self._accuracy(self.large, r))
+                    for k in self.large.split_points
+                    for r in o.keep_ratios
+                ]  # fmt: skip
+        return plans
+
+    # -- the decision -----------------------------------------------------------------------
+
+    def choose(self, x: CostInputs, policy: str | None = None, split_layer: int | None = None, keep_ratio: float | None = None) -> Plan:
+        """The plan for one request. ``policy`` overrides the configured one (per request)."""
+        policy = policy or self.options.policy
+        if policy != "msao":
+            return self._fixed(policy, x, split_layer, keep_ratio)
+        plans = self.candidates(x)
+        best_acc = max(p.est_accuracy for p in plans)
+        floor = best_acc - self.options.accuracy_slack
+        eligible = [p for p in plans if p.est_accuracy >= floor - 1e-9]
+        in_time = [p for p in eligible if p.est_latency_ms <= x.deadline_ms]
+        pool = in_time or eligible
+        pick = min(pool, key=lambda p: (round(p.est_latency_ms, 6), -p.est_accuracy))
+        runner_up = min((p for p in pool if p is not pick), key=lambda p: p.est_latency_ms, default=None)
+        why = [
+            f"lowest expected latency {pick.est_latency_ms:.1f} ms among {len(pool)} plans with expected accuracy >= {floor:.3f}"
+            + ("" if in_time else f" (none fits the {x.deadline_ms:.0f} ms deadline)"),
+            f"accuracy {pick.est_accuracy:.3f}",
+        ]
+        if runner_up is not None:
+            why.append(f"next: {runner_up.describe()} {runner_up.est_latency_ms:.1f} ms")
+        why.append(
+            f"link rtt {x.link.rtt_ms:.1f} ms, {x.link.bandwidth_bps / 1e6:.0f} Mbit/s{'' if x.link.measured else ' (prior)'}"
+            if x.cloud_ok
+            else "cloud unavailable"
+        )
+        if x.cloud_ok:
+            why.append(f"cloud queue {x.cloud_queue_ms:.0f} ms")
+        why.append(f"edge load x{x.edge_load:.2f}")
+        return replace(pick, reason="; ".join(why))
+
+    def _fixed(self, policy: str, x: CostInputs, split_layer: int | None, keep_ratio: float | None) -> Plan:
+        o = self.options
+        if policy == "edge_only":
+            return self._edge_plan(1.0, x, "policy edge_only")
+        if policy == "prune_only":
+            return self._edge_plan(keep_ratio or o.prune_ratio, x, f"policy prune_only at keep ratio {keep_ratio or o.prune_ratio:g}")
+        if self.large is None or self.cloud_clock is None:
+            raise ConfigError(f"policy {policy} needs the large model's bundle on the edge and a cloud; start with --large-bundle")
+        if policy == "cloud_only":
+            return replace(self._cloud_plan(1.0, x, send_keep=False), reason="policy cloud_only: raw image uploaded")
+        if policy == "static_split":
+            k = o.split_layer if split_layer is None else split_layer
+            if k not in self.large.split_points:
+                raise ConfigError(f"split layer {k} is not one of {self.large.name}'s split points {list(self.large.split_points)}")
+            return Plan("split", 1.0, split_layer=k, est_latency_ms=self._split_ms(k, 1.0, x), est_accuracy=self._accuracy(self.large, 1.0), reason=f"policy static_split at layer {k}")  # fmt: skip
+        # draft_verify_static: the edge always drafts, the cloud always verifies (its answer wins)
+        plan = self._draft_verify_plans(1.0, x, speculate=True, always_verify=True)[0]
+        return replace(plan, reason="policy draft_verify_static: the edge drafts, the cloud always verifies")

@@ -1,0 +1,244 @@
+"""`msao edge` as a process, with a real broker, a real `msao cloud` worker and a shaped, cuttable link.
+
+The daemon's CPU is throttled with a cgroup (a Jetson is several times slower than the cloud),
+so the scheduler has a real reason to offload when the link is fast and to stay local when
+it is slow. Requests come over MQTT (``EdgeClient``, ``msao ask``) and HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bench.shaping_proxy import LinkShape, ShapingProxy
+from bench.throttle import CpuThrottle, ThrottleUnavailableReason
+from msao.cloud_bridge.mqtt_options import ClientOptions
+from msao.edge_runtime.edge_client import EdgeClient
+from tests.mqtt_parts import FreePort, StartBroker, StartWorkers, StopAll
+
+ROOT = Path(__file__).resolve().parents[2]
+EDGE_SHARE = 0.2  # the daemon gets a fifth of a core: about 5x slower than the unthrottled worker
+
+
+class Daemon:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str], http_port: int, throttle: CpuThrottle | None):
+        self.log_path = log_path
+        self.http_port = http_port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "msao", "-v", "edge", *args], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
+        if throttle is not None:
+            throttle.add(self.process.pid)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, dict]:
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            body = r.read()
+            return r.status, json.loads(body) if path != "/metrics" else {"text": body.decode()}
+        finally:
+            c.close()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                pytest.fail(f"msao edge exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                status, body = self.get("/readyz")
+                if status == 200:
+                    return body
+            except OSError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"msao edge not ready after {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cloud_bundle_dir: Path):
+    reason = ThrottleUnavailableReason()
+    if reason:
+        pytest.skip(f"the daemon tests throttle the edge with a cgroup: {reason}")
+    root = tmp_path_factory.mktemp("daemon")
+    broker = StartBroker(root / "broker")
+    workers = StartWorkers(broker, cloud_bundle_dir, root, count=1)
+    proxy = ShapingProxy("127.0.0.1", broker.port).start()
+    edge_id = "jetson-" + uuid.uuid4().hex[:6]
+    http_port = FreePort()
+    env = {**os.environ, "MSAO_RUNTIME_PROBE_INTERVAL_S": "1", "MSAO_RUNTIME_WORKERS": "1"}
+    # The large model on both sides: every plan is equally accurate, so placement is decided by
+    # latency alone, which is what this module tests (docs/scheduler.md).
+    args = [
+        "--broker", f"mqtt://127.0.0.1:{proxy.port}", "--edge-id", edge_id, "--http", f"127.0.0.1:{http_port}",
+        "--bundle", str(cloud_bundle_dir), "--large-bundle", str(cloud_bundle_dir), "--calibration", "", "--keepalive-s", "5",
+    ]  # fmt: skip
+    with CpuThrottle(EDGE_SHARE) as throttle:
+        daemon = Daemon(args, root / "edge.log", env, http_port, throttle)
+        client = EdgeClient(ClientOptions(broker.url, EdgeClient.new_client_id()), edge_id).start()
+        try:
+            daemon.wait_ready()
+            yield broker, workers, proxy, daemon, client, edge_id
+        finally:
+            client.close()
+            daemon.stop()
+            StopAll(workers)
+            proxy.stop()
+            broker.stop()
+
+
+def _png(data, i):
+    return data.image_pngs[data.image_ids[i]]
+
+
+def test_ready_and_collaborative_once_the_worker_is_online(setup):
+    *_, daemon, _, _ = setup
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        _, body = daemon.get("/readyz")
+        if body["mode"] == "collaborative":
+            break
+        time.sleep(0.2)
+    assert body["mode"] == "collaborative" and not body["degraded"], body
+    assert body["edge_scale"] >= 1.0
+
+
+def test_a_fast_link_offloads_and_a_slow_one_keeps_work_on_the_slow_edge(setup, easyvqa_test):
+    _, _, proxy, daemon, client, _ = setup
+    proxy.set_shape(LinkShape())
+    fast = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(6)]
+    assert all(r.status == "ok" for r in fast), fast
+    assert fast[-1].answered_by == "cloud" and fast[-1].plan.split(" ")[0] in ("cloud", "split", "draft_verify"), fast[-1]
+    proxy.set_shape(LinkShape(delay_ms=150))  # 300 ms RTT: every cloud plan now costs more than the throttled edge
+    slow = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(6, 14)]
+    assert all(r.status == "ok" for r in slow), slow
+    kinds = [r.plan.split(" ")[0] for r in slow]
+    assert all(k in ("edge", "local_large") for k in kinds[-3:]), kinds  # once the estimate has seen the new RTT, work stays local
+    assert all(r.bytes_up == 0 for r in slow[-3:])
+    rtt = float(slow[-1].reason.split("link rtt ")[1].split(" ms")[0])
+    assert rtt > 100, slow[-1].reason  # the choice follows the measured link, as its reason says
+    proxy.set_shape(LinkShape())
+
+
+def test_answers_over_mqtt_and_http_agree_and_are_right(setup, easyvqa_test):
+    *_, daemon, client, _ = setup
+    colour = [i for i in range(200) if easyvqa_test.questions[i] == "what color is the shape?"][:3]
+    for i in colour:
+        m = client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000, policy="edge_only").response
+        body = {
+            "model": "msao",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": easyvqa_test.questions[i]},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_png(easyvqa_test, i)).decode()}},
+            ]}],
+            "msao": {"policy": "edge_only", "deadline_ms": 20_000},
+        }  # fmt: skip
+        c = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=30)
+        c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        h = json.loads(c.getresponse().read())
+        c.close()
+        assert m.answer == h["choices"][0]["message"]["content"] == easyvqa_test.answers[i]
+
+
+def test_msao_ask_through_the_daemon_prints_the_answer_and_its_plan(setup, easyvqa_test, tmp_path):
+    broker, *_, edge_id = setup
+    img = tmp_path / "q.png"
+    img.write_bytes(_png(easyvqa_test, 0))
+    r = subprocess.run(
+        [sys.executable, "-m", "msao", "ask", "--broker", broker.url, "--edge-id", edge_id, "--image", str(img),
+         "--question", easyvqa_test.questions[0], "--deadline-ms", "20000", "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["status"] == "ok" and out["plan"] and out["reason"] and out["answer"]
+
+
+def test_the_cloud_worker_killed_mid_request_leaves_an_edge_answer_within_the_deadline(setup, easyvqa_test, cloud_bundle_dir):
+    broker, workers, proxy, daemon, client, _ = setup
+    proxy.set_shape(LinkShape(delay_ms=100))  # jobs spend 100 ms on the way: the kill lands while they are in flight
+    results = []
+
+    def ask(i):
+        results.append(client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=5000, policy="cloud_only").response)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.15)
+    for w in workers:
+        w.kill()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 3 and all(r.status == "ok" for r in results), results
+    assert any(r.answered_by == "edge" and r.fallback for r in results), results
+    assert all(r.timings_ms["total"] < 5000 for r in results)
+    workers[:] = StartWorkers(broker, cloud_bundle_dir, daemon.log_path.parent, count=1)  # for the tests after this one
+    proxy.set_shape(LinkShape())
+
+
+def test_a_broker_restart_mid_stream_loses_no_request(setup, easyvqa_test):
+    """Requests in flight while the broker restarts are answered once it is back (re-asked under the same id
+    if the broker itself dropped them: the daemon answers a repeated id from memory, it never computes twice)."""
+    broker, _, _, daemon, client, _ = setup
+    results: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def ask(i):
+        rid = f"restart-{uuid.uuid4().hex[:8]}-{i}"
+        for wait in (15, 30):
+            try:
+                r = client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=30_000, wait_s=wait, request_id=rid)
+                with lock:
+                    results[rid] = r.response
+                return
+            except Exception as exc:  # recorded, asserted below
+                with lock:
+                    results[rid] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    broker.restart()
+    for t in threads:
+        t.join(90)
+    assert len(results) == 8 and all(not isinstance(r, Exception) and r.status == "ok" for r in results.values()), results
+    after = client.ask(_png(easyvqa_test, 9), easyvqa_test.questions[9], deadline_ms=20_000, wait_s=30).response
+    assert after.status == "ok"
+
+
+def test_metrics_count_what_was_served(setup):
+    *_, daemon, _, _ = setup
+    status, metrics = daemon.get("/metrics")
+    assert status == 200 and 'msao_requests_total{plan="cloud",outcome="ok"}' in metrics["text"]
+    assert "msao_fallbacks_total" in metrics["text"] and "msao_request_seconds_bucket" in metrics["text"]
+
+
+def test_sigterm_stops_the_daemon_cleanly(setup):
+    *_, daemon, _, _ = setup
+    assert daemon.stop() == 0
+    assert "edge runtime up" in daemon.log()

@@ -1,0 +1,325 @@
+"""The HTTP intake against a real edge-only runtime (real ONNX bundles, real easy-VQA images, real sockets)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from msao.edge_runtime.http_api import HttpIntake, HttpOptions
+from msao.edge_runtime.requests import EdgeRequest
+from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
+
+CHAT = "/v1/chat/completions"
+MAX_BODY_BYTES = 64 * 1024  # easy-VQA PNGs are ~1 KB; a small limit makes the 413 test cheap
+COLOUR_QUESTIONS = ("what color is the shape?", "what is the color of the shape?")  # the models answer these ~100% right
+
+
+@pytest.fixture(scope="module")
+def runtime(models):
+    rt = EdgeRuntime(*models, link=None, calibration=None, options=RuntimeOptions(workers=2, probe_interval_s=0, drain_s=1)).start()
+    yield rt
+    rt.stop()
+
+
+@pytest.fixture(scope="module")
+def intake(runtime):
+    with HttpIntake(runtime, "127.0.0.1", 0, HttpOptions(max_body_bytes=MAX_BODY_BYTES, socket_timeout_s=10)) as h:
+        yield h
+
+
+def DataUri(png: bytes) -> str:  # noqa: N802
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def ChatBody(question: str, image_url, **extra) -> dict:  # noqa: N802
+    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": image_url}]
+    return {
+        "model": "msao",
+        "messages": [{"role": "system", "content": "answer in one word"}, {"role": "user", "content": content}],
+        **extra,
+    }
+
+
+def Call(h: HttpIntake, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):  # noqa: N802
+    """(status, headers, parsed JSON or text) from one real HTTP exchange."""
+    conn = http.client.HTTPConnection("127.0.0.1", h.port, timeout=15)
+    try:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        kind = resp.getheader("Content-Type", "")
+        return resp.status, resp, json.loads(raw) if kind == "application/json" else raw.decode()
+    finally:
+        conn.close()
+
+
+def RawExchange(h: HttpIntake, head: bytes, timeout_s: float = 5.0) -> tuple[int, dict, float]:  # noqa: N802
+    """Send ``head`` on a bare socket (no body follows) and read the answer: (status, JSON, seconds)."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", h.port), timeout=timeout_s) as s:
+        s.sendall(head)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head_text, _, payload = data.partition(b"\r\n\r\n")
+    return int(head_text.split()[1]), json.loads(payload), time.monotonic() - t0
+
+
+def ColourQuestions(ds, n: int) -> list[int]:  # noqa: N802
+    return [i for i, q in enumerate(ds.questions) if q in COLOUR_QUESTIONS][:n]
+
+
+def assert_error(status: int, body: dict, want_status: int, want_code: str, match: str = "") -> None:
+    assert status == want_status, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "code", "param"}
+    assert err["code"] == want_code and err["param"] is None
+    assert match.lower() in err["message"].lower()
+    assert "Traceback" not in err["message"]
+
+
+# -- answers -----------------------------------------------------------------------------------------
+
+
+def test_answers_easyvqa_colour_questions_with_the_dataset_answer(intake, easyvqa_test):
+    ds = easyvqa_test
+    for i in ColourQuestions(ds, 4):
+        status, _, body = Call(intake, "POST", CHAT, ChatBody(ds.questions[i], {"url": DataUri(ds.image_pngs[ds.image_ids[i]])}))
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == ds.answers[i], (ds.questions[i], body["msao"])
+
+
+def test_http_answer_equals_the_runtime_answer_for_the_same_request(intake, runtime, easyvqa_test):
+    ds = easyvqa_test
+    for i in range(8):
+        png, q = ds.image_pngs[ds.image_ids[i]], ds.questions[i]
+        reference = runtime.answer(EdgeRequest(f"ref{i}", q, png, policy="edge_only"))
+        status, _, body = Call(intake, "POST", CHAT, ChatBody(q, DataUri(png), msao={"policy": "edge_only"}))  # image_url as a plain string
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == reference.answer
+        assert body["msao"]["confidence"] == pytest.approx(reference.confidence, abs=1e-4)
+
+
+def test_response_has_the_openai_shape_and_the_msao_extension(intake, easyvqa_test):
+    ds = easyvqa_test
+    i = ColourQuestions(ds, 1)[0]
+    body = ChatBody(ds.questions[i], {"url": DataUri(ds.image_pngs[ds.image_ids[i]]), "detail": "low"}, max_tokens=8, temperature=0)
+    body["msao"] = {"request_id": "cam7-frame-42", "deadline_ms": 20000, "stream": "cam7"}
+    t0 = int(time.time())
+    status, resp, out = Call(intake, "POST", CHAT, body)
+    assert status == 200, out
+    assert resp.getheader("Content-Type") == "application/json"
+    assert resp.getheader("X-Request-Id") == "cam7-frame-42"
+    assert out["id"] == "chatcmpl-cam7-frame-42" and out["object"] == "chat.completion"
+    assert isinstance(out["created"], int) and abs(out["created"] - t0) <= 5
+    assert out["choices"] == [{"index": 0, "message": {"role": "assistant", "content": ds.answers[i]}, "finish_reason": "stop"}]
+    assert set(out["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    ext = out["msao"]
+    assert ext["request_id"] == "cam7-frame-42" and ext["status"] == "ok" and ext["answer"] == ds.answers[i]
+    assert out["model"] == ext["model"] and ext["model"] in ("msao-tiny-edge", "msao-tiny-cloud")
+    assert ext["answered_by"] == "edge" and ext["plan"] and ext["reason"] and 0 < ext["confidence"] <= 1
+    assert ext["timings_ms"]["total"] > 0 and "image_tokens" in ext["mas"]
+    assert ext["bytes_up"] == 0 and ext["bytes_down"] == 0  # no cloud
+
+
+# -- refused at intake ---------------------------------------------------------------------------------
+
+
+def test_string_content_without_an_image_is_refused_with_400(intake, runtime):
+    before = runtime.metrics.rejected.value(code="bad_image")
+    status, _, body = Call(intake, "POST", CHAT, {"messages": [{"role": "user", "content": "what color is the shape?"}]})
+    assert_error(status, body, 400, "bad_image", "image_url content part")
+    assert runtime.metrics.rejected.value(code="bad_image") == before + 1
+
+
+def test_http_image_url_is_refused_because_msao_never_fetches(intake):
+    status, _, body = Call(intake, "POST", CHAT, ChatBody("what color is the shape?", {"url": "https://example.com/cat.png"}))
+    assert_error(status, body, 400, "bad_image", "never fetches URLs")
+
+
+def test_two_images_are_refused(intake, easyvqa_test):
+    uri = DataUri(easyvqa_test.image_pngs[0])
+    body = ChatBody("what color is the shape?", uri)
+    body["messages"][-1]["content"].append({"type": "image_url", "image_url": uri})
+    assert_error(*Call(intake, "POST", CHAT, body)[::2], 400, "bad_image", "one image")
+
+
+def test_body_that_is_not_json_is_refused(intake):
+    status, _, body = Call(intake, "POST", CHAT, b"question=what+color", {"Content-Type": "application/json"})
+    assert_error(status, body, 400, "bad_request", "not JSON")
+
+
+def test_body_that_is_not_utf8_is_refused(intake):
+    status, _, body = Call(intake, "POST", CHAT, b'{"messages": "\xff\xfe"}')
+    assert_error(status, body, 400, "bad_request", "UTF-8")
+
+
+def test_stream_true_is_refused(intake, easyvqa_test):
+    status, _, body = Call(intake, "POST", CHAT, ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0]), stream=True))
+    assert_error(status, body, 400, "bad_request", "streaming is not supported; send stream=false")
+
+
+def test_unknown_msao_keys_are_refused(intake, easyvqa_test):
+    body = ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0]), msao={"deadline": 5})
+    assert_error(*Call(intake, "POST", CHAT, body)[::2], 400, "bad_request", "unknown 'msao' keys")
+
+
+def test_deeply_nested_json_is_refused(intake):
+    status, _, body = Call(intake, "POST", CHAT, b'{"messages": ' + b"[" * 50 + b"]" * 50 + b"}")
+    assert_error(status, body, 400, "bad_request", "nested deeper")
+
+
+def test_corrupt_image_gets_bad_image_with_the_runtime_response(intake):
+    status, _, body = Call(intake, "POST", CHAT, ChatBody("what color is the shape?", DataUri(os.urandom(600))))
+    assert_error(status, body, 400, "bad_image")
+    assert body["msao"]["status"] == "error" and body["msao"]["error_code"] == "bad_image"
+
+
+def test_body_over_the_limit_gets_413_before_any_byte_of_it_is_read(intake, runtime):
+    before = runtime.metrics.rejected.value(code="too_large")
+    # No body follows the headers: a server that tried to read it would wait for the 10 s socket timeout.
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n"
+    status, body, seconds = RawExchange(intake, head.encode())
+    assert_error(status, body, 413, "too_large", "over the limit")
+    assert seconds < 2.0
+    assert runtime.metrics.rejected.value(code="too_large") == before + 1
+
+
+def test_body_over_the_limit_sent_in_full_still_gets_413(intake):
+    status, _, body = Call(intake, "POST", CHAT, b"x" * (MAX_BODY_BYTES + 1000))
+    assert_error(status, body, 413, "too_large")
+
+
+def test_missing_content_length_gets_411(intake):
+    status, body, _ = RawExchange(intake, f"POST {CHAT} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert_error(status, body, 411, "length_required", "Content-Length")
+
+
+def test_chunked_body_gets_411(intake):
+    conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=15)
+    try:
+        conn.request("POST", CHAT, body=iter([b'{"messages": []}']), encode_chunked=True)
+        resp = conn.getresponse()
+        assert_error(resp.status, json.loads(resp.read()), 411, "length_required", "chunked")
+    finally:
+        conn.close()
+
+
+# -- admission ---------------------------------------------------------------------------------------
+
+
+def test_full_admission_queue_gets_429_and_every_other_request_is_answered(models, easyvqa_test):
+    ds = easyvqa_test
+    i = ColourQuestions(ds, 1)[0]
+    payload = json.dumps(ChatBody(ds.questions[i], DataUri(ds.image_pngs[ds.image_ids[i]]))).encode()
+    small = EdgeRuntime(*models, options=RuntimeOptions(workers=1, queue_size=1, probe_interval_s=0, drain_s=1)).start()
+    results: list[tuple[int, str | None, dict]] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    try:
+        with HttpIntake(small, "127.0.0.1", 0) as h:
+
+            def client(barrier: threading.Barrier) -> None:
+                barrier.wait()
+                try:
+                    status, resp, body = Call(h, "POST", CHAT, payload)
+                except Exception as exc:  # a reset connection would be a bug too
+                    with lock:
+                        failures.append(exc)
+                    return
+                with lock:
+                    results.append((status, resp.getheader("Retry-After"), body))
+
+            sent = 0
+            for _ in range(5):  # a round is 16 requests at once; one worker and one queue slot cannot take them all
+                barrier = threading.Barrier(16)
+                threads = [threading.Thread(target=client, args=(barrier,)) for _ in range(16)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(30)
+                sent += len(threads)
+                if any(r[0] == 429 for r in results):
+                    break
+        assert not failures and len(results) == sent, failures[:3]
+        busy = [r for r in results if r[0] == 429]
+        assert busy, f"no 429 in {len(results)} requests"
+        for status, retry_after, body in busy:
+            assert_error(status, body, 429, "busy", "busy")
+            assert retry_after == "1"
+        others = [r for r in results if r[0] != 429]
+        assert others and all(s == 200 and b["choices"][0]["message"]["content"] == ds.answers[i] for s, _, b in others)
+        assert small.metrics.rejected.value(code="busy") == len(busy)
+    finally:
+        small.stop()
+
+
+def test_connections_over_max_concurrent_get_503_but_probes_are_answered(runtime, easyvqa_test):
+    with HttpIntake(runtime, "127.0.0.1", 0, HttpOptions(max_concurrent=1, socket_timeout_s=10)) as h:
+        with socket.create_connection(("127.0.0.1", h.port)):  # silent: holds the only slot
+            time.sleep(0.1)
+            status, resp, body = Call(h, "POST", CHAT, ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0])))
+            assert_error(status, body, 503, "unavailable", "retry")
+            assert resp.getheader("Retry-After") == "1"
+            assert Call(h, "GET", "/healthz")[0] == 200
+        # the slot comes back once the silent connection closes (a handler frees it just after its
+        # client has read the answer, so a call right behind another may still see 503 for a moment)
+        deadline = time.monotonic() + 5
+        good = ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0]))
+        while (status := Call(h, "POST", CHAT, good)[0]) == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status == 200
+
+
+# -- probes, routing ---------------------------------------------------------------------------------
+
+
+def test_healthz_says_live(intake):
+    status, _, body = Call(intake, "GET", "/healthz")
+    assert (status, body) == (200, {"live": True})
+
+
+def test_readyz_is_200_and_degraded_without_a_cloud(intake):
+    status, _, body = Call(intake, "GET", "/readyz")
+    assert status == 200
+    assert body["ready"] is True and body["degraded"] is True and body["mode"] == "edge-only"
+
+
+def test_readyz_is_503_once_the_runtime_stops(models):
+    rt = EdgeRuntime(*models, options=RuntimeOptions(workers=1, probe_interval_s=0, drain_s=0)).start()
+    with HttpIntake(rt, "127.0.0.1", 0) as h:
+        assert Call(h, "GET", "/readyz")[0] == 200
+        rt.stop()
+        status, _, body = Call(h, "GET", "/readyz")
+        assert status == 503 and body["ready"] is False
+        assert Call(h, "GET", "/healthz")[0] == 200
+
+
+def test_metrics_are_prometheus_text(intake, easyvqa_test):
+    Call(intake, "POST", CHAT, ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0])))
+    status, resp, text = Call(intake, "GET", "/metrics")
+    assert status == 200
+    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    assert "msao_requests_total{" in text and "# TYPE msao_requests_total counter" in text
+
+
+def test_unknown_path_gets_404_and_wrong_method_gets_405(intake):
+    status, _, body = Call(intake, "GET", "/v1/models")
+    assert_error(status, body, 404, "not_found", "no such endpoint")
+    status, resp, body = Call(intake, "GET", CHAT)
+    assert_error(status, body, 405, "method_not_allowed", "takes POST")
+    assert resp.getheader("Allow") == "POST"
+    assert Call(intake, "DELETE", "/healthz")[0] == 405
+
+
+def test_server_header_does_not_reveal_python(intake):
+    _, resp, _ = Call(intake, "GET", "/healthz")
+    assert resp.getheader("Server") == "msao-edge"
