@@ -36,23 +36,23 @@ test: setup
 models: $(STAMP)
 	$(BIN)/msao train
 
-## export: bundles/msao-tiny-edge and bundles/msao-tiny-cloud, each checked and profiled
-export: $(foreach m,$(BUILTINS),bundles/$(m)/manifest.json)
+## export: bundles/msao-tiny-edge and bundles/msao-tiny-cloud, each checked and profiled, and their calibration
+export: $(foreach m,$(BUILTINS),bundles/$(m)/manifest.json) bundles/calibration.json
 
 bundles/%/manifest.json: $(STAMP) $(CHECKPOINTS)
 	$(BIN)/msao export --model $* --out bundles/$*
+
+# accuracy/confidence tables the edge scheduler plans with (easy-VQA train data; ~2 min)
+bundles/calibration.json: $(foreach m,$(BUILTINS),bundles/$(m)/manifest.json)
+	$(BIN)/msao calibrate --edge bundles/msao-tiny-edge --large bundles/msao-tiny-cloud --out $@
 
 ## eval: full easy-VQA test accuracy of both built-in bundles (the numbers in docs/models.md)
 eval: export
 	@for m in $(BUILTINS); do $(BIN)/msao eval --bundle bundles/$$m; done
 
-## demo: export both built-ins, then answer real easy-VQA questions with each
+## demo: a local broker, a cloud worker and the edge daemon on the built-in bundles, asked real easy-VQA questions over MQTT and HTTP
 demo: setup export
-	@echo "==> accuracy on the first 1,000 easy-VQA test questions (run 'make eval' for all 9,673)"
-	@for m in $(BUILTINS); do $(BIN)/msao eval --bundle bundles/$$m --limit 1000; done
-	@img=$$($(BIN)/python -c "import easy_vqa; print(easy_vqa.get_test_image_paths()[0])"); \
-	for q in "what color is the shape?" "what shape is in the image?" "is there a circle?"; do \
-	  for m in $(BUILTINS); do printf '%-16s %-30s -> ' "$$m" "$$q"; $(BIN)/msao ask --bundle bundles/$$m --image $$img --question "$$q"; done; done
+	$(BIN)/python examples/demo.py
 
 ## bench-bridge: cloud bridge numbers (codec vs memcpy, zstd on real hidden states, loopback job round trips vs floors)
 .PHONY: bench-bridge
@@ -69,7 +69,7 @@ bench-mas: $(STAMP) bundles/msao-tiny-cloud/manifest.json
 	  --skip cost,saliency,alignment,stream --out bench/results/mas_low_ratios.json
 
 lint: $(STAMP)
-	$(BIN)/ruff check msao tests bench
+	$(BIN)/ruff check msao tests bench examples
 	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations msao
 
 clean:

@@ -159,7 +159,9 @@ class MqttIntake:
             manual_ack=True,
             resume_session=True,
             # a request over the limit must reach us to be answered `too_large`, not be dropped by the broker
-            max_message_bytes=max(client_options.max_message_bytes, limits.max_payload_bytes),
+            # (8x the request limit: a 100 MB upload to a 16 MB limit is refused with an answer; beyond
+            # that the broker drops it unanswered, as MQTT 5 requires, and the sender's client is told)
+            max_message_bytes=max(client_options.max_message_bytes, 8 * limits.max_payload_bytes),
         )
         self.client = BridgeClient(self.client_options, self._on_message)
         self._lock = threading.Lock()

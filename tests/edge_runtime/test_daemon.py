@@ -231,6 +231,75 @@ def test_a_broker_restart_mid_stream_loses_no_request(setup, easyvqa_test):
     assert after.status == "ok"
 
 
+class RawAsker:
+    """Publishes arbitrary payloads to the daemon's request topic and waits for the answer by correlation id."""
+
+    def __init__(self, broker_url: str, edge_id: str):
+        from msao.cloud_bridge.client import BridgeClient
+
+        self.topic = f"msao/v1/edge/{edge_id}/request"
+        self.reply = f"msao/v1/edge/{edge_id}/response/raw-{uuid.uuid4().hex[:6]}"
+        self.got: dict[str, bytes] = {}
+        self.client = BridgeClient(ClientOptions(broker_url, "raw-" + uuid.uuid4().hex[:8]), self._on)
+        self.client.subscribe(self.reply)
+        self.client.start()
+        assert self.client.wait_connected(10)
+
+    def _on(self, msg) -> None:
+        self.got[(msg.correlation_data or b"").decode()] = bytes(msg.payload)
+
+    def ask(self, payload: bytes, props: tuple[tuple[str, str], ...] = (), wait_s: float = 30.0) -> dict:
+        cid = uuid.uuid4().hex[:12]
+        self.client.publish(
+            self.topic, payload, response_topic=self.reply, correlation_data=cid.encode(), user_properties=props, timeout_s=60
+        )
+        end = time.monotonic() + wait_s
+        while cid not in self.got and time.monotonic() < end:
+            time.sleep(0.01)
+        assert cid in self.got, f"no answer to a {len(payload)}-byte request"
+        return json.loads(self.got.pop(cid))
+
+
+def _json(question="what color is the shape?", image: bytes | None = None, **kw) -> bytes:
+    doc = {"question": question, "image": base64.b64encode(image or b"").decode(), **kw}
+    return json.dumps(doc).encode()
+
+
+def test_bad_requests_each_get_an_error_naming_the_problem_and_the_daemon_keeps_serving(setup, easyvqa_test):
+    import io
+
+    from PIL import Image
+
+    broker, *_, edge_id = setup
+    good = _png(easyvqa_test, 0)
+    big = io.BytesIO()
+    Image.new("L", (8000, 6250), 0).save(big, format="PNG")  # 50 megapixels in a 50 KB file
+    asker = RawAsker(broker.url, edge_id)
+    try:
+        cases = [
+            (b"{not json", (), "bad_request", "not JSON"),
+            (json.dumps({"image": base64.b64encode(good).decode()}).encode(), (), "bad_request", "question"),
+            (_json(image=b"\x89PNG but not really"), (), "bad_image", "image"),
+            (_json(image=big.getvalue()), (), "bad_image", "pixels"),
+            (b"\xff" * (100 * 1024 * 1024), (("question", "what?"),), "too_large", "over the limit"),
+            (_json(image=good, deadline_ms=0), (), "deadline", "deadline"),
+            (_json(image=good, deadline_ms=-5), (), "deadline", "deadline"),
+            ('{"question": "caf\u00e9", "image": "'.encode() + b"\xc3\x28" + b'"}', (), "bad_request", "UTF-8"),
+            (good, (), "bad_request", "question"),  # raw image without a question property
+        ]
+        for payload, props, code, words in cases:
+            r = asker.ask(payload, props)
+            assert r["status"] == "error" and r["error_code"] == code and words in r["error"], (payload[:40], r)
+        stream = asker.ask(_json(image=good, stream="never-seen-before"))  # an unknown stream is a new one
+        assert stream["status"] == "ok" and stream["answer"]
+        again = asker.ask(_json(image=good, stream="never-seen-before"))  # same frame again: the encoder is skipped
+        assert again["status"] == "ok" and again["answer"] == stream["answer"]
+    finally:
+        asker.client.stop()
+    ok = setup[4].ask(good, easyvqa_test.questions[0], deadline_ms=20_000).response
+    assert ok.status == "ok"
+
+
 def test_metrics_count_what_was_served(setup):
     *_, daemon, _, _ = setup
     status, metrics = daemon.get("/metrics")
