@@ -87,6 +87,11 @@ class TransferLog:
         with self._lock:
             return tuple(self._items)
 
+    def find(self, job_id: str) -> TransferStats | None:
+        """The most recent transfer of ``job_id`` still in the log, or None."""
+        with self._lock:
+            return next((t for t in reversed(self._items) if t.job_id == job_id), None)
+
     @property
     def last(self) -> TransferStats | None:
         with self._lock:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
@@ -173,10 +173,11 @@ class Executor:
         if plan.send_keep:  # the edge model's encoder + MAS pick the tokens the cloud prefills
             p = self._prepare(self.edge, rgb, request, plan.keep_ratio, decode_ms)
         t0 = time.perf_counter()
+        job_id = NewJobId()
         try:
-            r = self._cloud_answer(request, p.keep if p else None, deadline, NewJobId())
+            r = self._cloud_answer(request, p.keep if p else None, deadline, job_id)
         except CloudError as exc:
-            return self._fallback(exc, request, rgb, decode_ms, p)
+            return self._fallback(exc, request, rgb, decode_ms, p, *self._sent(job_id))
         return self._cloud_outcome(r, p, (time.perf_counter() - t0) * 1e3, decode_image=decode_ms)
 
     def _split(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
@@ -209,12 +210,17 @@ class Executor:
         draft = self.edge.answer(p, request.question)
         local_ms = draft.timings.embed_ms + draft.timings.prefill_ms + draft.timings.decode_ms
         if draft.confidence >= plan.commit_threshold:
-            if future is not None and not future.done() and self.link is not None:
-                self.link.cancel(job_id)
-            spec = "edge committed; speculative cloud job cancelled" if future is not None else "edge committed"
+            up = down = 0
+            spec = "edge committed"
+            if future is not None and self.link is not None:
+                spec += "; speculative cloud answer unused" if future.done() else "; speculative cloud job cancelled"
+                if not future.done():
+                    self.link.cancel(job_id)
+                    wait([future], timeout=0.5)  # the link lets go at once; its bytes are then logged
+                up, down = self._sent(job_id)  # the speculation's cost is counted even when it lost
             return Outcome(
                 draft.text, draft.confidence, "edge", self.edge.name, "", _mas_fields(p), self._timings(p, local=local_ms),
-                local_observed_ms=p.vision_ms + local_ms, speculation=spec,
+                up, down, local_observed_ms=p.vision_ms + local_ms, speculation=spec,
             )  # fmt: skip
         if future is None:
             future = self._pool.submit(self._cloud_answer, request, keep, deadline, job_id)
@@ -223,15 +229,21 @@ class Executor:
         except (CloudError, FutureTimeout) as exc:
             if self.link is not None:
                 self.link.cancel(job_id)
+                wait([future], timeout=0.5)
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else "the cloud gave no answer within the deadline"
             log.info("request %s: draft/verify falls back to the edge draft (%s)", request.request_id, reason)
             return Outcome(
                 draft.text, draft.confidence, "edge", self.edge.name, reason, _mas_fields(p), self._timings(p, local=local_ms),
-                local_observed_ms=p.vision_ms + local_ms, speculation="cloud failed",
+                *self._sent(job_id), local_observed_ms=p.vision_ms + local_ms, speculation="cloud failed",
             )  # fmt: skip
         cloud_ms = (time.perf_counter() - started) * 1e3
         out = self._cloud_outcome(r, p, cloud_ms, local=local_ms)
         return Outcome(**{**out.__dict__, "local_observed_ms": p.vision_ms + local_ms, "speculation": "cloud committed"})
+
+    def _sent(self, job_id: str) -> tuple[int, int]:
+        """Bytes up and down of a cloud job that did not deliver (cancelled, failed), from the link's log."""
+        t = self.link.transfers.find(job_id) if self.link is not None else None
+        return (t.bytes_up, t.bytes_down) if t is not None else (0, 0)
 
     # -- fallback ---------------------------------------------------------------------------
 

@@ -171,3 +171,17 @@ def test_a_slow_link_is_measured_and_with_accuracy_no_object_work_stays_local(mo
         rt.stop()
         lk.close()
         proxy.stop()
+
+
+def test_a_speculative_job_lost_to_a_committed_draft_is_cancelled_and_its_bytes_still_counted(runtime, models, easyvqa_test):
+    import time as _time
+
+    from msao.edge_runtime.scheduler import Plan
+
+    edge, _ = models
+    req = _request(easyvqa_test, 0, deadline_ms=10_000)
+    rgb, decode_ms = edge.decode(req.image, 10**6)
+    plan = Plan("draft_verify", 1.0, commit_threshold=0.0, speculate=True)  # threshold 0: every draft is committed
+    out = runtime.executor.run(plan, req, rgb, decode_ms, _time.monotonic() + 10)
+    assert out.answered_by == "edge" and ("cancelled" in out.speculation or "unused" in out.speculation)
+    assert out.bytes_up >= len(req.image)  # the image went up before the draft won: that cost is reported
