@@ -54,3 +54,18 @@ def test_eval_on_a_damaged_bundle_fails_before_running(edge_bundle_copy: Path):
     (edge_bundle_copy / "vision_encoder.onnx").write_bytes(b"oops")
     r = msao("eval", "--bundle", str(edge_bundle_copy), "--limit", "5")
     assert r.returncode == 1 and "vision_encoder.onnx" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_json_logs_are_one_object_per_line_with_their_fields():
+    import json as _json
+    import logging
+
+    from msao.cli import JsonLogFormatter
+
+    record = logging.LogRecord("msao.edge_runtime.runtime", logging.INFO, __file__, 1, "request %s: done", ("r1",), None)
+    record.request_id = "r1"
+    record.plan = "edge keep=1"
+    line = JsonLogFormatter().format(record)
+    out = _json.loads(line)
+    assert out["message"] == "request r1: done" and out["request_id"] == "r1" and out["plan"] == "edge keep=1"
+    assert out["level"] == "INFO" and "\n" not in line

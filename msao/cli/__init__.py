@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msao", description="Modality Sparsity-Aware Offloading of multimodal LLMs (edge + cloud).")
     p.add_argument("--version", action="version", version=f"msao {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="json: one JSON object per line (time, level, logger, message, request_id, plan, ...) for log shippers",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -43,13 +47,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record; fields passed as ``extra`` (request_id, plan, ...) become keys."""
+
+    FIELDS = ("request_id", "plan", "answered_by", "latency_ms")
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import importlib
 
     parser = _parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.command:
         parser.print_help()
         return 2

@@ -231,7 +231,12 @@ class Executor:
                 self.link.cancel(job_id)
                 wait([future], timeout=0.5)
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else "the cloud gave no answer within the deadline"
-            log.info("request %s: draft/verify falls back to the edge draft (%s)", request.request_id, reason)
+            log.info(
+                "request %s: draft/verify falls back to the edge draft (%s)",
+                request.request_id,
+                reason,
+                extra={"request_id": request.request_id},
+            )
             return Outcome(
                 draft.text, draft.confidence, "edge", self.edge.name, reason, _mas_fields(p), self._timings(p, local=local_ms),
                 *self._sent(job_id), local_observed_ms=p.vision_ms + local_ms, speculation="cloud failed",
@@ -259,7 +264,12 @@ class Executor:
     ) -> Outcome:
         """The edge model answers; ``prepared``: the edge model's tokens when the plan already made them."""
         reason = f"{type(exc).__name__}: {exc}"
-        log.warning("request %s: cloud path failed, answering on the edge (%s)", request.request_id, reason)
+        log.warning(
+            "request %s: cloud path failed, answering on the edge (%s)",
+            request.request_id,
+            reason,
+            extra={"request_id": request.request_id},
+        )
         if prepared is None:
             prepared = self._prepare(self.edge, rgb, request, 1.0, decode_ms)
         out = self._local_answer(self.edge, prepared, request, reason)

@@ -259,7 +259,7 @@ class EdgeRuntime:
             try:
                 response = self._serve(item)
             except Exception as exc:  # a bug: answer anyway, keep the worker alive
-                log.exception("request %s: internal error", item.request.request_id)
+                log.exception("request %s: internal error", item.request.request_id, extra={"request_id": item.request.request_id})
                 response = EdgeResponse.failure(
                     item.request.request_id, "internal", f"internal error ({type(exc).__name__}); see the daemon log"
                 )
@@ -284,7 +284,7 @@ class EdgeRuntime:
             plan = self.scheduler.choose(inputs, req.policy, req.split_layer, req.keep_ratio)
         except ConfigError as exc:
             return EdgeResponse.failure(req.request_id, "bad_request", str(exc))
-        log.debug("request %s: plan %s (%s)", req.request_id, plan.describe(), plan.reason)
+        log.debug("request %s: plan %s (%s)", req.request_id, plan.describe(), plan.reason, extra={"request_id": req.request_id})
         try:
             # kept back from cloud waits for an edge answer if the cloud fails: three times its estimate
             # (estimates err under load), at least a tenth of the budget, never more than half of it
@@ -294,6 +294,11 @@ class EdgeRuntime:
         except MsaoError as exc:  # bad input found while running (e.g. MAS refused the question)
             return EdgeResponse.failure(req.request_id, "bad_request", str(exc))
         total_ms = (time.monotonic() - item.accepted) * 1e3
+        log.info(
+            "request %s: %s by the %s in %.1f ms (%s)%s", req.request_id, plan.describe(), out.answered_by, total_ms,
+            "ok" if total_ms <= req.deadline_ms else "late", f"; fallback: {out.fallback}" if out.fallback else "",
+            extra={"request_id": req.request_id, "plan": plan.describe(), "answered_by": out.answered_by, "latency_ms": round(total_ms, 3)},
+        )  # fmt: skip
         self._learn(plan, out, inputs)
         timings = {"queue": round(queue_ms, 3), **out.timings_ms, "total": round(total_ms, 3)}
         self._record(plan, out, timings)
@@ -374,4 +379,6 @@ def _deliver(item: _Item, response: EdgeResponse | None) -> None:
     try:
         item.on_done(response)
     except Exception:
-        log.exception("request %s: the intake's completion callback failed", item.request.request_id)
+        log.exception(
+            "request %s: the intake's completion callback failed", item.request.request_id, extra={"request_id": item.request.request_id}
+        )
