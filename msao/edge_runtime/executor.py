@@ -17,7 +17,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
 from msao.edge_runtime.local_model import LocalModel, Prepared
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.scheduler import Plan
+from msao.engines.flops import RequestFlops
 from msao.engines.generation import Answer
 from msao.errors import CloudError, CloudUnavailable
 
@@ -47,9 +48,25 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
-    local_predicted_ms: float = 0.0  # for the live scale of the local clock
-    local_observed_ms: float = 0.0
-    speculation: str = ""  # draft_verify: committed-edge-first | cloud-committed | cloud-started-late
+    flops_edge: int = 0  # FLOPs this request cost on each side (segment FLOPs models x tokens processed)
+    flops_cloud: int = 0
+    local_observed_ms: float = 0.0  # local compute, for the live scale of the local clock
+    speculation: str = ""  # draft_verify: what became of the draft and the cloud job
+
+
+def _VisionFlops(model: LocalModel, p: Prepared) -> int:  # noqa: N802
+    """The encoder run that prepared ``p`` (0 when a stream frame reused its tokens)."""
+    if p.skipped_encoder:
+        return 0
+    return RequestFlops(model.manifest, image_tokens=0, text_tokens=0, new_tokens=0, layers=(0, 0), include_head=False)
+
+
+def _LocalFlops(model: LocalModel, p: Prepared, a: Answer) -> int:  # noqa: N802
+    """A whole local answer: encoder (unless reused), prefill of the kept tokens, decode steps."""
+    return RequestFlops(
+        model.manifest, image_tokens=a.kept_tokens, text_tokens=a.text_tokens, new_tokens=len(a.token_ids),
+        include_vision=not p.skipped_encoder,
+    )  # fmt: skip
 
 
 def _mas_fields(p: Prepared) -> dict[str, float]:
@@ -135,11 +152,21 @@ class Executor:
 
     def _local_answer(self, model: LocalModel, p: Prepared, request: EdgeRequest, fallback: str = "", **extra_timings: float) -> Outcome:
         a = model.answer(p, request.question)
+        return self._draft_outcome(model, p, a, fallback, **extra_timings)
+
+    def _draft_outcome(self, model: LocalModel, p: Prepared, a: Answer, fallback: str = "", **extra_timings: float) -> Outcome:
+        """An answer computed here (by ``model`` from ``p``), committed."""
         local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms
         return Outcome(
-            a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p),
-            self._timings(p, local=local_ms, **extra_timings), local_observed_ms=p.vision_ms + local_ms,
+            a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p), self._timings(p, local=local_ms, **extra_timings),
+            flops_edge=_LocalFlops(model, p, a), local_observed_ms=p.vision_ms + local_ms,
         )  # fmt: skip
+
+    def _cloud_flops(self, question: str, kept: int, new_tokens: int) -> int:
+        """The large model answering in the cloud from ``kept`` image tokens."""
+        large = self._large()
+        prefix, suffix = large.generator().prompt_ids(question)
+        return RequestFlops(large.manifest, image_tokens=kept, text_tokens=len(prefix) + len(suffix), new_tokens=new_tokens)
 
     @staticmethod
     def _timings(p: Prepared, **more: float) -> dict[str, float]:
@@ -161,11 +188,13 @@ class Executor:
             large.manifest.model_hash, request.question, job_id=job_id, image=request.image, keep=keep, deadline_s=remaining
         )
 
-    def _cloud_outcome(self, r: RemoteAnswer, p: Prepared | None, cloud_ms: float, **timings: float) -> Outcome:
+    def _cloud_outcome(self, request: EdgeRequest, r: RemoteAnswer, p: Prepared | None, cloud_ms: float, **timings: float) -> Outcome:
+        kept = p.kept_tokens if p is not None else self._large().n_tokens
         return Outcome(
             r.text, r.confidence, "cloud", self._large().name, "", _mas_fields(p) if p else {},
             {**(self._timings(p) if p else {}), "cloud": round(cloud_ms, 3), **{k: round(v, 3) for k, v in timings.items()}},
-            r.stats.bytes_up, r.stats.bytes_down,
+            r.stats.bytes_up, r.stats.bytes_down, flops_edge=_VisionFlops(self.edge, p) if p else 0,
+            flops_cloud=self._cloud_flops(request.question, kept, len(r.token_ids)),
         )  # fmt: skip
 
     def _cloud(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
@@ -178,7 +207,7 @@ class Executor:
             r = self._cloud_answer(request, p.keep if p else None, deadline, job_id)
         except CloudError as exc:
             return self._fallback(exc, request, rgb, decode_ms, p, *self._sent(job_id))
-        return self._cloud_outcome(r, p, (time.perf_counter() - t0) * 1e3, decode_image=decode_ms)
+        return self._cloud_outcome(request, r, p, (time.perf_counter() - t0) * 1e3, decode_image=decode_ms)
 
     def _split(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
         large = self._large()
@@ -194,9 +223,13 @@ class Executor:
         except CloudError as exc:
             return self._fallback(exc, request, rgb, decode_ms, bytes_up=tail.bytes_up, bytes_down=tail.bytes_down)
         local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms - tail.cloud_ms
+        k, n = plan.split_layer, large.manifest.model.num_layers
+        tokens = dict(image_tokens=a.kept_tokens, text_tokens=a.text_tokens, new_tokens=len(a.token_ids))
         return Outcome(
             a.text, a.confidence, "cloud", large.name, "", _mas_fields(p),
             self._timings(p, local=local_ms, cloud=tail.cloud_ms), tail.bytes_up, tail.bytes_down,
+            flops_edge=RequestFlops(large.manifest, **tokens, layers=(0, k), include_head=False, include_vision=not p.skipped_encoder),
+            flops_cloud=RequestFlops(large.manifest, **tokens, layers=(k, n), include_vision=False),
         )  # fmt: skip
 
     def _draft_verify(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
@@ -208,20 +241,19 @@ class Executor:
         if plan.speculate:  # publish now; the edge answer is computed meanwhile
             future = self._pool.submit(self._cloud_answer, request, keep, deadline, job_id)
         draft = self.edge.answer(p, request.question)
-        local_ms = draft.timings.embed_ms + draft.timings.prefill_ms + draft.timings.decode_ms
+        committed = self._draft_outcome(self.edge, p, draft)
+        kept = p.kept_tokens if keep is not None else self._large().n_tokens
         if draft.confidence >= plan.commit_threshold:
-            up = down = 0
-            spec = "edge committed"
-            if future is not None and self.link is not None:
-                spec += "; speculative cloud answer unused" if future.done() else "; speculative cloud job cancelled"
-                if not future.done():
-                    self.link.cancel(job_id)
-                    wait([future], timeout=0.5)  # the link lets go at once; its bytes are then logged
-                up, down = self._sent(job_id)  # the speculation's cost is counted even when it lost
-            return Outcome(
-                draft.text, draft.confidence, "edge", self.edge.name, "", _mas_fields(p), self._timings(p, local=local_ms),
-                up, down, local_observed_ms=p.vision_ms + local_ms, speculation=spec,
-            )  # fmt: skip
+            if future is None or self.link is None:
+                return replace(committed, speculation="edge committed")
+            spec = "edge committed; " + ("speculative cloud answer unused" if future.done() else "speculative cloud job cancelled")
+            if not future.done():
+                self.link.cancel(job_id)
+                wait([future], timeout=0.5)  # the link lets go at once; its bytes are then logged
+            up, down = self._sent(job_id)  # the speculation's cost is counted even when it lost
+            # the worker likely ran the job it was sent (a cancel only stops the waiting): counted as its cost
+            cloud = self._cloud_flops(request.question, kept, len(draft.token_ids)) if up else 0
+            return replace(committed, bytes_up=up, bytes_down=down, flops_cloud=cloud, speculation=spec)
         if future is None:
             future = self._pool.submit(self._cloud_answer, request, keep, deadline, job_id)
         try:
@@ -232,18 +264,14 @@ class Executor:
                 wait([future], timeout=0.5)
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else "the cloud gave no answer within the deadline"
             log.info(
-                "request %s: draft/verify falls back to the edge draft (%s)",
-                request.request_id,
-                reason,
+                "request %s: draft/verify falls back to the edge draft (%s)", request.request_id, reason,
                 extra={"request_id": request.request_id},
-            )
-            return Outcome(
-                draft.text, draft.confidence, "edge", self.edge.name, reason, _mas_fields(p), self._timings(p, local=local_ms),
-                *self._sent(job_id), local_observed_ms=p.vision_ms + local_ms, speculation="cloud failed",
             )  # fmt: skip
+            up, down = self._sent(job_id)
+            return replace(committed, fallback=reason, bytes_up=up, bytes_down=down, speculation="cloud failed")
         cloud_ms = (time.perf_counter() - started) * 1e3
-        out = self._cloud_outcome(r, p, cloud_ms, local=local_ms)
-        return Outcome(**{**out.__dict__, "local_observed_ms": p.vision_ms + local_ms, "speculation": "cloud committed"})
+        out = self._cloud_outcome(request, r, p, cloud_ms, local=committed.timings_ms.get("local", 0.0))
+        return replace(out, flops_edge=committed.flops_edge, local_observed_ms=committed.local_observed_ms, speculation="cloud committed")
 
     def _sent(self, job_id: str) -> tuple[int, int]:
         """Bytes up and down of a cloud job that did not deliver (cancelled, failed), from the link's log."""
@@ -273,4 +301,4 @@ class Executor:
         if prepared is None:
             prepared = self._prepare(self.edge, rgb, request, 1.0, decode_ms)
         out = self._local_answer(self.edge, prepared, request, reason)
-        return Outcome(**{**out.__dict__, "bytes_up": bytes_up, "bytes_down": bytes_down})
+        return replace(out, bytes_up=bytes_up, bytes_down=bytes_down)

@@ -130,7 +130,10 @@ class EdgeResponse:
         fallback: why the plan was abandoned for an edge-only answer ("" = it was not).
         mas: MAS values (``image``, ``text``, ``image_necessity``) and ``kept_tokens`` / ``image_tokens``.
         timings_ms: wall time per stage (queue, decode_image, vision, mas, local, cloud, total).
-        bytes_up / bytes_down: payload bytes this request put on / took off the network.
+        bytes_up / bytes_down: payload bytes this request put on / took off the network
+            (speculative and failed cloud jobs included).
+        flops_edge / flops_cloud: FLOPs this request cost on each side, from the bundles' segment
+            FLOPs models and the tokens actually processed (speculative cloud jobs included).
     """
 
     request_id: str
@@ -146,6 +149,8 @@ class EdgeResponse:
     timings_ms: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    flops_edge: int = 0
+    flops_cloud: int = 0
     error_code: str = ""
     error: str = ""
 

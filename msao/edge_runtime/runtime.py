@@ -307,6 +307,7 @@ class EdgeRuntime:
             request_id=req.request_id, status="error" if late else "ok", answer=out.answer, confidence=round(out.confidence, 5),
             answered_by=out.answered_by, model=out.model, plan=plan.describe(), reason=plan.reason + (f"; {out.speculation}" if out.speculation else ""),
             fallback=out.fallback, mas=out.mas, timings_ms=timings, bytes_up=out.bytes_up, bytes_down=out.bytes_down,
+            flops_edge=out.flops_edge, flops_cloud=out.flops_cloud,
             error_code="deadline" if late else "", error=f"answered after {total_ms:.0f} ms, past the {req.deadline_ms:.0f} ms deadline" if late else "",
         )  # fmt: skip
 

@@ -65,6 +65,8 @@ class TrainOptions:
     min_keep_ratio: float = 0.1
     exit_weight: float = 0.5
     aux_weight: float = 0.5  # shape/colour classifier on image tokens + yes/no "match" probe
+    match_on_exits: bool = True  # the "match" probe also after each exit layer (else after the last layer only)
+    balance_yes_no: bool = True  # sample yes/no questions with as many attribute matches as mismatches
     seed: int = 0
     threads: int = 2
     eval_every: int = 500
@@ -72,8 +74,8 @@ class TrainOptions:
 
 
 RECIPES: dict[str, TrainOptions] = {
-    "msao-tiny-edge": TrainOptions(vision_steps=400, steps=3000),
-    "msao-tiny-cloud": TrainOptions(vision_steps=500, steps=3000),
+    "msao-tiny-edge": TrainOptions(vision_steps=400, steps=3000, exit_weight=0.1, match_on_exits=False),
+    "msao-tiny-cloud": TrainOptions(vision_steps=500, steps=4000, exit_weight=0.1, match_on_exits=False),
 }
 
 
@@ -180,9 +182,9 @@ class _Batcher:
         bounds = np.searchsorted(self.image_ids[order], np.arange(len(split.images) + 1))
         self.rows_of_image = [order[bounds[i] : bounds[i + 1]] for i in range(len(split.images))]
 
-    def sample_rows(self, rng: np.random.Generator, batch: int, per_image: int) -> np.ndarray:
+    def sample_rows(self, rng: np.random.Generator, batch: int, per_image: int, balanced: bool = True) -> np.ndarray:
         """``batch`` question rows: batch/per_image drawn by ``row_weights``, each with per_image - 1 more of its image's questions."""
-        first = rng.choice(len(self.row_weights), max(1, batch // per_image), p=self.row_weights)
+        first = rng.choice(len(self.row_weights), max(1, batch // per_image), p=self.row_weights if balanced else None)
         if per_image == 1:
             return first
         more = [rng.choice(self.rows_of_image[self.image_ids[r]], per_image - 1) for r in first]
@@ -397,7 +399,7 @@ def TrainBuiltin(  # noqa: N802
     loss_ema = first_loss = float("nan")
     acc: dict[str, float] = {}
     for step in range(options.steps):
-        b = train.batch(train.sample_rows(rng, options.batch_size, options.questions_per_image), rng)
+        b = train.batch(train.sample_rows(rng, options.batch_size, options.questions_per_image, options.balance_yes_no), rng)
         keep = n_tokens
         if rng.random() < options.token_dropout_share:
             keep = int(rng.integers(max(1, round(options.min_keep_ratio * n_tokens)), n_tokens + 1))
@@ -407,7 +409,9 @@ def TrainBuiltin(  # noqa: N802
         for k in spec.exit_layers:
             loss = loss + options.exit_weight * ce(logits[f"exit@{k}"].flatten(0, 1), target.flatten())
         is_yes_no = b["match"] >= 0
-        match_loss = sum(bce(m[is_yes_no], b["match"][is_yes_no]) for m in match.values())
+        match_loss = sum(
+            bce(m[is_yes_no], b["match"][is_yes_no]) for k, m in match.items() if options.match_on_exits or k == spec.text_layers
+        )
         loss = loss + options.aux_weight * (aux_loss(aux, b) + match_loss)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)

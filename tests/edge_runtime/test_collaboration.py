@@ -18,6 +18,7 @@ from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.edge_runtime.scheduler import SchedulerOptions
+from msao.engines.flops import RequestFlops
 from tests.mqtt_parts import StartBroker, StartWorkers, StopAll, WaitOnline
 
 
@@ -69,6 +70,8 @@ def test_cloud_only_answers_in_the_cloud_exactly_as_the_large_model_does_here(ru
         assert r.answer == here.text
         assert r.bytes_up >= len(easyvqa_test.image_pngs[easyvqa_test.image_ids[i]]) and r.bytes_down > 0
         assert r.timings_ms["cloud"] > 0
+        total = RequestFlops(large.manifest, image_tokens=64, text_tokens=here.text_tokens, new_tokens=len(here.token_ids))
+        assert (r.flops_edge, r.flops_cloud) == (0, total)  # cloud_only: the raw image goes up, nothing runs here
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -82,6 +85,9 @@ def test_static_split_ships_layer_k_hidden_states_and_agrees_with_the_large_mode
         agree += r.answer == large.answer(large.prepare(rgb, easyvqa_test.questions[i], analyse=False), easyvqa_test.questions[i]).text
         d, tokens = large.manifest.model.hidden_size, large.n_tokens
         assert r.bytes_up >= tokens * d * 2  # fp16 hidden states of every prompt token crossed the link
+        whole = large.answer(large.prepare(rgb, easyvqa_test.questions[i], analyse=False), easyvqa_test.questions[i])
+        total = RequestFlops(large.manifest, image_tokens=64, text_tokens=whole.text_tokens, new_tokens=len(whole.token_ids))
+        assert r.flops_edge + r.flops_cloud == total and r.flops_edge > 0 and r.flops_cloud > 0  # the split shares the work
     assert agree == 5  # fp16 transport of hidden states does not change these answers
 
 
