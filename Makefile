@@ -54,6 +54,15 @@ eval: export
 demo: setup export
 	$(BIN)/python examples/demo.py
 
+## bench: every policy against every link profile through the real daemon, throttled edge (quick: 100 requests per cell, ~10-15 min)
+.PHONY: bench bench-full
+bench: $(STAMP) export
+	$(BIN)/python -m bench.run --quick
+
+## bench-full: the same with 1,000 requests per cell and the full load test (about an hour on 2 cores)
+bench-full: $(STAMP) export
+	$(BIN)/python -m bench.run
+
 ## bench-bridge: cloud bridge numbers (codec vs memcpy, zstd on real hidden states, loopback job round trips vs floors)
 .PHONY: bench-bridge
 bench-bridge: $(STAMP) bundles/msao-tiny-cloud/manifest.json

@@ -1,0 +1,130 @@
+"""One benchmark cell: a policy under a link profile, driven over the edge daemon's HTTP API.
+
+Closed loop (one request at a time, the latency a camera sees) for latency, accuracy, bytes,
+FLOPs and CPU; open loop (Poisson arrivals at a rate) for throughput. Every request goes
+through the same daemon code and plan interface; only ``msao.policy`` differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.stack import CpuSeconds, EdgeDaemon, PeakRssBytes
+
+__all__ = ["Item", "ClosedLoop", "OpenLoop", "Ask"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request of a workload."""
+
+    index: int
+    question: str
+    truth: str
+    png: bytes
+    stream: str | None = None
+
+
+def Ask(daemon: EdgeDaemon, item: Item, fields: dict, timeout_s: float = 60.0) -> tuple[float, int, dict]:  # noqa: N802
+    """POST one chat completion; (client latency ms, HTTP status, the ``msao`` response or the error)."""
+    url = "data:image/png;base64," + base64.b64encode(item.png).decode("ascii")
+    msao = {"deadline_ms": 20_000, **fields}
+    if item.stream:
+        msao["stream"] = item.stream
+    body = json.dumps({"model": "msao", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": item.question}, {"type": "image_url", "image_url": {"url": url}}]}], "msao": msao})  # fmt: skip
+    c = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=timeout_s)
+    t0 = time.perf_counter()
+    try:
+        c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        out = json.loads(r.read())
+        ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        c.close()
+    return ms, r.status, out.get("msao") or {"status": "error", "error_code": str(r.status), "error": json.dumps(out)[:300]}
+
+
+def _record(item: Item, ms: float, status: int, m: dict) -> dict:
+    timings = m.get("timings_ms", {}) or {}
+    return {
+        "index": item.index, "truth": item.truth, "answer": m.get("answer", ""), "correct": m.get("answer") == item.truth,
+        "http_status": status, "status": m.get("status", "error"), "error_code": m.get("error_code", ""),
+        "latency_ms": round(ms, 3), "daemon_ms": timings.get("total", 0.0), "mas_ms": timings.get("mas", 0.0),
+        "plan": m.get("plan", ""), "answered_by": m.get("answered_by", ""), "fallback": bool(m.get("fallback")),
+        "bytes_up": m.get("bytes_up", 0), "bytes_down": m.get("bytes_down", 0),
+        "flops_edge": m.get("flops_edge", 0), "flops_cloud": m.get("flops_cloud", 0),
+        "kept_tokens": (m.get("mas") or {}).get("kept_tokens"), "encoder_skipped": bool((m.get("mas") or {}).get("encoder_skipped")),
+    }  # fmt: skip
+
+
+def ClosedLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, cloud_cpu, warmup: int = 5, progress=None) -> dict:  # noqa: N802
+    """Ask ``items`` one after another; per-request records and the cell's CPU and memory."""
+    for item in items[:warmup]:  # the daemon's first answers teach its estimates; not measured
+        Ask(daemon, item, fields)
+    edge0, cloud0 = CpuSeconds(daemon.process.pid), cloud_cpu()
+    records = []
+    t0 = time.perf_counter()
+    for n, item in enumerate(items):
+        ms, status, m = Ask(daemon, item, fields)
+        records.append(_record(item, ms, status, m))
+        if progress is not None:
+            progress(n + 1, len(items))
+    wall = time.perf_counter() - t0
+    return {
+        "records": records,
+        "wall_s": round(wall, 3),
+        "edge_cpu_s": round(CpuSeconds(daemon.process.pid) - edge0, 4),
+        "cloud_cpu_s": round(cloud_cpu() - cloud0, 4),
+        "edge_peak_rss_bytes": PeakRssBytes(daemon.process.pid),
+    }
+
+
+def OpenLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, rate_per_s: float, duration_s: float, seed: int = 0) -> dict:  # noqa: N802
+    """Poisson arrivals at ``rate_per_s`` for ``duration_s``; completed throughput and latency percentiles."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * duration_s * 2) + 10)
+    results: list[tuple[float, int, dict]] = []
+    lock = threading.Lock()
+    threads = []
+
+    def fire(item: Item) -> None:
+        try:
+            out = Ask(daemon, item, {**fields, "deadline_ms": 10_000})
+        except OSError as exc:
+            out = (0.0, 0, {"status": "error", "error_code": "connection", "error": str(exc)})
+        with lock:
+            results.append(out)
+
+    start = time.perf_counter()
+    t = 0.0
+    for n, gap in enumerate(gaps):
+        t += gap
+        if t > duration_s:
+            break
+        wait = start + t - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        th = threading.Thread(target=fire, args=(items[n % len(items)],), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join(60)
+    elapsed = max(duration_s, time.perf_counter() - start)
+    ok = [ms for ms, status, m in results if status == 200 and m.get("status") == "ok"]
+    return {
+        "rate_per_s": rate_per_s,
+        "offered": len(threads),
+        "completed_ok": len(ok),
+        "busy": sum(1 for _, _, m in results if m.get("error_code") == "busy"),
+        "throughput_per_s": round(len(ok) / elapsed, 3),
+        "latency_ms_p50": round(float(np.percentile(ok, 50)), 3) if ok else None,
+        "latency_ms_p95": round(float(np.percentile(ok, 95)), 3) if ok else None,
+    }

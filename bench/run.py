@@ -1,0 +1,268 @@
+"""The side-by-side benchmark: every policy under every link profile, through the real daemon.
+
+    python -m bench.run --quick            # `make bench`: fewer requests per cell (~10 min on 2 cores)
+    python -m bench.run                    # `make bench-full`: 1,000 requests per cell
+
+For each profile: shape the link, measure its real RTT and throughput through the emulation
+(probe jobs to the worker), then for each policy start a fresh throttled edge daemon, warm it,
+ask the same easy-VQA test requests (closed loop), read its CPU and memory; then an open-loop
+load test for the policies whose throughput the goals compare; then the oracle, the best
+baseline and the goals. Writes ``bench/results/<date>.json`` and plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.cells import Ask, ClosedLoop, Item, OpenLoop
+from bench.shaping_proxy import PROFILES
+from bench.stack import Stack
+from bench.summary import Goals, ProfileSummary
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ("edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static", "msao")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one run measures (the JSON records it whole).
+
+    Attributes:
+        profiles: link profiles (``bench.shaping_proxy.PROFILES``).
+        policies: placement policies; ``static_split`` runs once per split point of the large model.
+        requests: easy-VQA test requests per cell (closed loop), after ``warmup`` unmeasured ones.
+        edge_share: cores the edge daemon may use (cgroup quota): the edge/cloud speed ratio.
+        load_profiles / load_policies / load_rates / load_seconds: the open-loop throughput test.
+        stream_questions: questions of the stream workload (0 = skip), asked with stream ids.
+    """
+
+    profiles: tuple[str, ...] = tuple(PROFILES)
+    policies: tuple[str, ...] = POLICIES
+    requests: int = 1000
+    warmup: int = 10
+    edge_share: float = 0.25
+    prune_ratio: float = 0.25
+    load_profiles: tuple[str, ...] = ("lte", "congested")
+    load_policies: tuple[str, ...] = ("cloud_only", "msao")
+    load_rates: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 40.0)
+    load_seconds: float = 20.0
+    load_p95_bound_ms: float = 2000.0
+    stream_questions: int = 200
+    seed: int = 0
+    bundles: str = "bundles"
+    notes: dict = field(default_factory=dict)
+
+
+QUICK = dict(requests=100, warmup=5, load_rates=(5.0, 10.0, 20.0), load_seconds=8.0, stream_questions=60)
+
+
+def Workload(n: int, seed: int) -> list[Item]:  # noqa: N802
+    """``n`` easy-VQA test questions, seeded, spread over the whole set."""
+    from msao.datasets.easyvqa import LoadEasyVqa
+
+    data = LoadEasyVqa("test")
+    rows = np.random.default_rng(seed).permutation(len(data))[:n]
+    return [Item(int(i), data.questions[i], data.answers[i], data.image_pngs[data.image_ids[i]]) for i in rows]
+
+
+def StreamWorkload(n: int, seed: int) -> list[Item]:  # noqa: N802
+    """The first ``n`` questions of the MAS stream workload (frames with sensor noise and shifts), in order."""
+    import io
+
+    from PIL import Image
+
+    from msao.datasets.streams import StreamFromEasyVqa, StreamOptions
+
+    items = []
+    for frame in StreamFromEasyVqa(StreamOptions(seed=seed)).frames:
+        if frame.question is None:
+            continue
+        png = io.BytesIO()
+        Image.fromarray(frame.pixels).save(png, format="PNG")
+        items.append(Item(len(items), frame.question, frame.answer, png.getvalue(), stream=f"scene-{frame.scene}"))
+        if len(items) >= n:
+            break
+    return items
+
+
+def MeasureLink(stack: Stack, model_hash: str) -> dict:  # noqa: N802
+    """RTT (median of 1 KB probes) and uplink throughput (1 MB probes) through the shaping proxy, as the edge sees them."""
+    from msao.cloud_bridge.link import CloudLink, LinkOptions
+    from msao.cloud_bridge.mqtt_options import ClientOptions
+
+    assert stack.proxy is not None
+    edge_id = "probe-" + uuid.uuid4().hex[:6]
+    link = CloudLink(LinkOptions(edge_id, ClientOptions(f"mqtt://127.0.0.1:{stack.proxy.port}", f"msao-{edge_id}"))).start()
+    try:
+        link.wait_for_workers(model_hash, timeout_s=60)
+        rtts = [link.probe(model_hash, 1024, deadline_s=10).network_ms for _ in range(7)]
+        ups = []
+        for _ in range(3):
+            t = link.probe(model_hash, 1_000_000, deadline_s=60)
+            ups.append(8 * t.bytes_up / max(1e-6, (t.network_ms - float(np.median(rtts))) / 1e3))
+        return {"rtt_ms": round(float(np.median(rtts)), 3), "uplink_mbps": round(float(np.median(ups)) / 1e6, 3)}
+    finally:
+        link.close()
+
+
+def _progress(prefix: str):
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / total)
+        sys.stderr.write(f"\r  {prefix:<34} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def RunBench(config: BenchConfig, out: Path) -> dict:  # noqa: N802
+    from msao.engines.bundle import LoadBundle
+
+    bundles = ROOT / config.bundles
+    edge_b, cloud_b, cal = bundles / "msao-tiny-edge", bundles / "msao-tiny-cloud", bundles / "calibration.json"
+    large = LoadBundle(cloud_b).manifest
+    items = Workload(config.requests + config.warmup, config.seed)
+    warm, measured = items[: config.warmup], items[config.warmup :]
+    stream = StreamWorkload(config.stream_questions, config.seed) if config.stream_questions else []
+    result: dict = {
+        "config": asdict(config),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": len(__import__("os").sched_getaffinity(0)),
+            "python": platform.python_version(),
+        },
+        "models": {"edge": LoadBundle(edge_b).manifest.name, "large": large.name, "split_points": list(large.split_points)},
+        "profiles": {},
+    }
+    work = out.parent / (out.stem + "-work")
+    with Stack(work, edge_b, cloud_b, cal if cal.exists() else None, edge_share=config.edge_share) as stack:
+        for profile in config.profiles:
+            shape = PROFILES[profile]
+            stack.shape(shape)
+            print(
+                f"==> profile {profile}: one-way delay {shape.delay_ms} ms ± {shape.jitter_ms} ms, {shape.bandwidth_bps / 1e6:g} Mbit/s",
+                file=sys.stderr,
+            )
+            link = MeasureLink(stack, large.model_hash)
+            print(
+                f"    measured through the emulation: RTT {link['rtt_ms']:.1f} ms, uplink {link['uplink_mbps']:.1f} Mbit/s", file=sys.stderr
+            )
+            cells: dict[str, dict] = {}
+            runs: list[tuple[str, str, dict]] = []
+            for policy in config.policies:
+                if policy == "static_split":
+                    runs += [(f"static_split@{k}", policy, {"policy": policy, "split_layer": k}) for k in large.split_points]
+                elif policy == "prune_only":
+                    runs.append((policy, policy, {"policy": policy, "keep_ratio": config.prune_ratio}))
+                else:
+                    runs.append((policy, policy, {"policy": policy}))
+            for name, policy, fields in runs:
+                daemon = stack.start_edge(f"{profile}-{name}", policy)
+                try:
+                    if name == runs[0][0]:
+                        result["profiles"].setdefault(profile, {})["edge_profile"] = daemon.get("/readyz")
+                    for item in warm:  # the daemon's first answers teach its estimates; not measured
+                        Ask(daemon, item, fields)
+                    cells[name] = ClosedLoop(
+                        daemon, measured, fields, stack.cloud_cpu_seconds, warmup=0, progress=_progress(f"{profile} {name}")
+                    )
+                    if stream and name in ("msao", "edge_only"):
+                        cells[f"{name}+stream"] = ClosedLoop(daemon, stream, fields, stack.cloud_cpu_seconds, warmup=0,
+                                                             progress=_progress(f"{profile} {name} stream"))  # fmt: skip
+                finally:
+                    daemon.stop()
+            throughput: dict[str, float] = {}
+            load: dict[str, list] = {}
+            if profile in config.load_profiles:
+                for policy in config.load_policies:
+                    daemon = stack.start_edge(f"{profile}-{policy}-load", policy, extra=("--workers", "4", "--queue-size", "64"))
+                    try:
+                        points = []
+                        for rate in config.load_rates:
+                            points.append(OpenLoop(daemon, measured, {"policy": policy}, rate, config.load_seconds, config.seed))
+                            print(
+                                f"  {profile} {policy} load {rate:g}/s -> {points[-1]['throughput_per_s']:.1f}/s, p95 {points[-1]['latency_ms_p95']} ms",
+                                file=sys.stderr,
+                            )
+                        load[policy] = points
+                        within = [
+                            p["throughput_per_s"]
+                            for p in points
+                            if p["latency_ms_p95"] is not None and p["latency_ms_p95"] <= config.load_p95_bound_ms
+                        ]
+                        throughput[policy] = max(within) if within else 0.0
+                    finally:
+                        daemon.stop()
+            stream_cells = {k: v for k, v in cells.items() if k.endswith("+stream")}
+            main_cells = {k: v for k, v in cells.items() if not k.endswith("+stream")}
+            summary = ProfileSummary(main_cells, throughput)
+            summary["stream"] = {k: ProfileSummary({k: v}, {})["metrics"][k] for k, v in stream_cells.items()}
+            summary["goals"] = Goals(profile, summary)
+            result["profiles"][profile] = {**result["profiles"].get(profile, {}), "link": link, "shape": asdict(shape),
+                                           "summary": summary, "load": load, "cells": cells}  # fmt: skip
+            out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted run
+    result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="100 requests per cell and a short load test (`make bench`, ~10 min)")
+    p.add_argument("--profiles", help=f"comma-separated subset of {','.join(PROFILES)}")
+    p.add_argument("--policies", help=f"comma-separated subset of {','.join(POLICIES)}")
+    p.add_argument("--requests", type=int, help="requests per cell (closed loop)")
+    p.add_argument(
+        "--edge-share", type=float, help="cores the edge daemon may use (default 0.25: the edge is ~4x slower than a cloud core)"
+    )
+    p.add_argument("--no-load", action="store_true", help="skip the open-loop throughput test")
+    p.add_argument("--no-stream", action="store_true", help="skip the stream workload")
+    p.add_argument("--out", help="results JSON (default bench/results/<UTC date-time>.json)")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON only")
+    args = p.parse_args(argv)
+    kw: dict = dict(QUICK) if args.quick else {}
+    if args.profiles:
+        kw["profiles"] = tuple(x for x in args.profiles.split(",") if x)
+    if args.policies:
+        kw["policies"] = tuple(x for x in args.policies.split(",") if x)
+    if args.requests:
+        kw["requests"] = args.requests
+    if args.edge_share:
+        kw["edge_share"] = args.edge_share
+    if args.no_load:
+        kw["load_profiles"] = ()
+    if args.no_stream:
+        kw["stream_questions"] = 0
+    config = BenchConfig(**kw)
+    unknown = [x for x in config.profiles if x not in PROFILES] + [x for x in config.policies if x not in POLICIES]
+    if unknown:
+        p.error(f"unknown profiles/policies {unknown}")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = RunBench(config, out)
+    if not args.no_plots:
+        from bench.plots import Plots
+
+        for path in Plots(result, out.parent / (out.stem + "-plots")):
+            print(f"plot: {path}", file=sys.stderr)
+    from bench.report import Table
+
+    print(Table(result))
+    print(f"results: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
