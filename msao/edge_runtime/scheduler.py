@@ -65,6 +65,7 @@ class Plan:
     send_keep: bool = True  # cloud/draft_verify: prune the cloud's prefill with the edge's keep-set
     est_latency_ms: float = 0.0
     est_accuracy: float = 0.0
+    est_uplink_bytes: float = 0.0
     reason: str = ""
 
     def __post_init__(self) -> None:
@@ -98,6 +99,9 @@ class SchedulerOptions:
         split_layer: ``static_split``'s k. prune_ratio: ``prune_only``'s keep ratio.
         allow_local_large: let the adaptive policy run the large model on the edge.
         speculate: let draft/verify start the cloud job before the edge answer is known.
+        latency_tolerance: among eligible plans within this share of the fastest one's expected
+            latency (0.1 = 10 %), take the one that sends the fewest bytes: a little latency for
+            a lot of uplink (a speculative upload of every image saves little over a sequential one).
     """
 
     policy: str = "msao"
@@ -107,6 +111,7 @@ class SchedulerOptions:
     prune_ratio: float = 0.25
     allow_local_large: bool = True
     speculate: bool = True
+    latency_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -117,6 +122,8 @@ class SchedulerOptions:
             raise ConfigError(f"keep_ratios must be values in (0, 1], got {self.keep_ratios}")
         if not 0 < self.prune_ratio <= 1:
             raise ConfigError(f"prune_ratio must be in (0, 1], got {self.prune_ratio}")
+        if not 0 <= self.latency_tolerance <= 1:
+            raise ConfigError(f"latency_tolerance must be in [0, 1], got {self.latency_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -230,10 +237,20 @@ class Scheduler:
         assert self.large is not None and self.cloud_clock is not None
         return self._answer_ms(self.large, self.cloud_clock.ms, r)
 
+    def _cloud_up_bytes(self, r: float, x: CostInputs, send_keep: bool) -> int:
+        """What a cloud answer job uploads: the image file, the keep indices, the header."""
+        assert self.large is not None
+        return x.image_bytes + (8 * round(r * self.large.model.image_tokens) if send_keep else 0) + 600
+
     def _cloud_ms(self, r: float, x: CostInputs, send_keep: bool) -> float:
         """Cloud answer after the edge has what it sends: upload, queue, compute, result."""
-        keep_bytes = 8 * round(r * self.large.model.image_tokens) if send_keep else 0  # type: ignore[union-attr]
-        return x.link.transfer_ms(x.image_bytes + keep_bytes + 600, 600) + x.cloud_queue_ms + self.cloud_compute_ms(r)
+        return x.link.transfer_ms(self._cloud_up_bytes(r, x, send_keep), 600) + x.cloud_queue_ms + self.cloud_compute_ms(r)
+
+    def _split_up_bytes(self, k: int, r: float) -> float:
+        """fp16 hidden states of the prompt (+ position ids and mask), then one hidden vector per decode step."""
+        assert self.large is not None
+        t, d = self._prompt_tokens(self.large, r), self.large.model.hidden_size
+        return t * d * 2 + 16 * t + 600 + (self._answer_tokens(self.large) - 1) * (2 * d + 600)
 
     def _split_ms(self, k: int, r: float, x: CostInputs) -> float:
         m, lc, cc = self.large, self.large_clock, self.cloud_clock
@@ -272,7 +289,10 @@ class Scheduler:
             acc = self.pair.large_accuracy[self.pair.row(r)]  # the large model fed the edge's keep-set
         else:
             acc = self._accuracy(self.large, r if send_keep else 1.0)
-        return Plan("cloud", r, send_keep=send_keep, est_latency_ms=pre + self._cloud_ms(r, x, send_keep), est_accuracy=acc)
+        return Plan(
+            "cloud", r, send_keep=send_keep, est_latency_ms=pre + self._cloud_ms(r, x, send_keep), est_accuracy=acc,
+            est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep),
+        )  # fmt: skip
 
     def _edge_pre_ms(self, x: CostInputs) -> float:
         """What the edge does before a cloud job can carry its keep-set: encode + MAS with the edge model."""
@@ -294,17 +314,20 @@ class Scheduler:
             else:  # never commits the draft: the large model's accuracy with the edge's keep-set
                 p = 0.0
                 acc = pair.large_accuracy[pair.row(r)] if pair else self._accuracy(self.large, r)
-            slow = max(edge.est_latency_ms, pre + cloud) if speculate else edge.est_latency_ms + cloud
-            plans.append(
-                Plan(
-                    "draft_verify",
-                    r,
-                    commit_threshold=th,
-                    speculate=speculate,
-                    est_latency_ms=p * edge.est_latency_ms + (1 - p) * slow,
-                    est_accuracy=acc,
-                )  # fmt: skip
-            )
+            up = self._cloud_up_bytes(r, x, True)
+            for spec in (True, False) if speculate else (False,):
+                slow = max(edge.est_latency_ms, pre + cloud) if spec else edge.est_latency_ms + cloud
+                plans.append(
+                    Plan(
+                        "draft_verify",
+                        r,
+                        commit_threshold=th,
+                        speculate=spec,
+                        est_latency_ms=p * edge.est_latency_ms + (1 - p) * slow,
+                        est_accuracy=acc,
+                        est_uplink_bytes=up if spec else (1 - p) * up,
+                    )  # fmt: skip
+                )
         return plans
 
     def candidates(self, x: CostInputs) -> list[Plan]:
@@ -325,7 +348,10 @@ class Scheduler:
                 plans += self._draft_verify_plans(r, x, o.speculate)
             if self.large_clock is not None:
                 plans += [
-                    Plan("split", r, split_layer=k, est_latency_ms=self._split_ms(k, r, x), est_accuracy=self._accuracy(self.large, r))
+                    Plan(
+                        "split", r, split_layer=k, est_latency_ms=self._split_ms(k, r, x), est_accuracy=self._accuracy(self.large, r),
+                        est_uplink_bytes=self._split_up_bytes(k, r),
+                    )
                     for k in self.large.split_points
                     for r in o.keep_ratios
                 ]  # fmt: skip
@@ -344,10 +370,18 @@ class Scheduler:
         eligible = [p for p in plans if p.est_accuracy >= floor - 1e-9]
         in_time = [p for p in eligible if p.est_latency_ms <= x.deadline_ms]
         pool = in_time or eligible
-        pick = min(pool, key=lambda p: (round(p.est_latency_ms, 6), -p.est_accuracy))
+        fastest = min(pool, key=lambda p: (round(p.est_latency_ms, 6), -p.est_accuracy))
+        band = [p for p in pool if p.est_latency_ms <= fastest.est_latency_ms * (1 + self.options.latency_tolerance) + 1e-9]
+        pick = min(band, key=lambda p: (round(p.est_uplink_bytes), round(p.est_latency_ms, 6), -p.est_accuracy))
         runner_up = min((p for p in pool if p is not pick), key=lambda p: p.est_latency_ms, default=None)
+        lead = (
+            f"lowest expected latency {pick.est_latency_ms:.1f} ms"
+            if pick is fastest
+            else f"fewest uplink bytes ({pick.est_uplink_bytes:.0f}) within {100 * self.options.latency_tolerance:.0f} % of the fastest "
+            f"({fastest.describe()} {fastest.est_latency_ms:.1f} ms), {pick.est_latency_ms:.1f} ms"
+        )
         why = [
-            f"lowest expected latency {pick.est_latency_ms:.1f} ms among {len(pool)} plans with expected accuracy >= {floor:.3f}"
+            f"{lead} among {len(pool)} plans with expected accuracy >= {floor:.3f}"
             + ("" if in_time else f" (none fits the {x.deadline_ms:.0f} ms deadline)"),
             f"accuracy {pick.est_accuracy:.3f}",
         ]
@@ -377,7 +411,10 @@ class Scheduler:
             k = o.split_layer if split_layer is None else split_layer
             if k not in self.large.split_points:
                 raise ConfigError(f"split layer {k} is not one of {self.large.name}'s split points {list(self.large.split_points)}")
-            return Plan("split", 1.0, split_layer=k, est_latency_ms=self._split_ms(k, 1.0, x), est_accuracy=self._accuracy(self.large, 1.0), reason=f"policy static_split at layer {k}")  # fmt: skip
+            return Plan(
+                "split", 1.0, split_layer=k, est_latency_ms=self._split_ms(k, 1.0, x), est_accuracy=self._accuracy(self.large, 1.0),
+                est_uplink_bytes=self._split_up_bytes(k, 1.0), reason=f"policy static_split at layer {k}",
+            )  # fmt: skip
         # draft_verify_static: the edge always drafts, the cloud always verifies (its answer wins)
         plan = self._draft_verify_plans(1.0, x, speculate=True, always_verify=True)[0]
         return replace(plan, reason="policy draft_verify_static: the edge drafts, the cloud always verifies")

@@ -99,7 +99,7 @@ def test_draft_verify_static_starts_the_cloud_speculatively_and_commits_its_answ
 
 def test_msao_with_a_calibration_reports_its_plan_and_reason(runtime, easyvqa_test):
     r = runtime.answer(_request(easyvqa_test, 1, deadline_ms=10_000))
-    assert r.status == "ok" and r.plan and "lowest expected latency" in r.reason
+    assert r.status == "ok" and r.plan and "among" in r.reason and "accuracy" in r.reason
     assert r.mas.get("kept_tokens", 64) <= 64
 
 
