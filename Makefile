@@ -42,7 +42,7 @@ export: $(foreach m,$(BUILTINS),bundles/$(m)/manifest.json) bundles/calibration.
 bundles/%/manifest.json: $(STAMP) $(CHECKPOINTS)
 	$(BIN)/msao export --model $* --out bundles/$*
 
-# accuracy/confidence tables the edge scheduler plans with (easy-VQA train data; ~2 min)
+# accuracy/confidence tables the edge scheduler plans with (easy-VQA train data; ~6 min on 2 cores)
 bundles/calibration.json: $(foreach m,$(BUILTINS),bundles/$(m)/manifest.json)
 	$(BIN)/msao calibrate --edge bundles/msao-tiny-edge --large bundles/msao-tiny-cloud --out $@
 

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--questions", type=int, default=2000, metavar="N",
-        help="train questions answered by both models at every keep ratio (default 2000, about 2 minutes on 2 cores); fewer = noisier thresholds",
+        help="train questions answered by both models at every keep ratio (default 2000, about 6 minutes on 2 cores); fewer = noisier thresholds",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="which train questions (default 0)")
     add_threads_option(p)

@@ -81,8 +81,8 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     for spec in (
         BuiltinSpec(
             name="msao-tiny-edge",
-            vision_hidden=64, vision_layers=2, vision_heads=2,
-            text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1,
+            vision_hidden=32, vision_layers=2, vision_heads=2,
+            text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1,
             exit_layers=(1,), split_points=(1,),
         ),
         BuiltinSpec(

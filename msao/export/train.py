@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from msao.datasets.easyvqa import EasyVqaSplit, LoadEasyVqa
-from msao.engines.images import ImagePreprocess
+from msao.engines.images import ImagePreprocess, PixelsFromImage
 from msao.export.builtin import PROMPT_TEMPLATE, BuiltinSpec, TokenizerForEasyVqa
 from msao.export.checkpoint import ExitHeads, LlavaFromSpec, SaveCheckpoint
 from msao.export.segments import DecoderChunk, LmHead, TextEmbed, VisionEncoder
@@ -73,8 +73,11 @@ class TrainOptions:
     eval_questions: int = 2000
 
 
+# The edge recipe stops early on purpose: trained on, the same 2-layer model reaches ~99.5 % by
+# step 1,400 (docs/models.md), as does the cloud model; easy-VQA saturates, and a budget edge
+# model keeps the honest gap that draft/verify and the scheduler are there to exploit.
 RECIPES: dict[str, TrainOptions] = {
-    "msao-tiny-edge": TrainOptions(vision_steps=400, steps=3000, exit_weight=0.1, match_on_exits=False),
+    "msao-tiny-edge": TrainOptions(vision_steps=400, steps=500, exit_weight=0.1, match_on_exits=False, balance_yes_no=False),
     "msao-tiny-cloud": TrainOptions(vision_steps=500, steps=4000, exit_weight=0.1, match_on_exits=False),
 }
 
@@ -152,13 +155,14 @@ class _Batcher:
             "yes/no": [tokenizer.token_to_id(w) for w in ("yes", "no")],
         }
         self.image_ids = split.image_ids
-        mean = np.asarray(preprocess.mean, np.float32)[:, None, None]
-        std = np.asarray(preprocess.std, np.float32)[:, None, None]
-        self.pixels = ((split.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0) - mean) / std  # (N, 3, H, W)
+        # the model's own preprocessing (resize to its input size, normalise), as at inference
+        self.pixels = np.stack([PixelsFromImage(img, preprocess) for img in split.images])  # (N, 3, H, W)
         self.shape_ids, self.colour_ids = AuxLabelsFromImages(split.images)
         fg = ForegroundFromImages(split.images)
         n, h, w = fg.shape
-        share = fg.reshape(n, h // patch, patch, w // patch, patch).mean(axis=(2, 4))  # (N, gh, gw)
+        grid = preprocess.crop_height // patch  # tokens per side; each covers h // grid source pixels
+        cell = h // grid
+        share = fg.reshape(n, grid, cell, grid, cell).mean(axis=(2, 4))  # (N, gh, gw)
         self.token_fg = share > 0.1  # image tokens that show part of the shape
         # yes/no questions: does the named shape/colour match the image (before any negation)?
         negated = np.asarray([bool({"not", "no"} & set(q.replace("?", " ").split())) for q in split.questions])

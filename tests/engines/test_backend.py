@@ -17,7 +17,16 @@ def chunk(edge_bundle_dir):
     return bundle, bundle.segment("decoder[0:1]")
 
 
-def _feeds(batch=1, seq=4, past=2, d=64, hkv=1, hd=32):
+@pytest.fixture(scope="module")
+def geometry(chunk):
+    """(hidden width, kv heads, head dim) of the edge model, read from its manifest."""
+    info = chunk[0].manifest.model
+    assert info.num_kv_heads == 1  # the messages below spell the kv-head dim as 1
+    return info.hidden_size, info.num_kv_heads, info.head_dim
+
+
+def _feeds(batch=1, seq=4, past=2, geometry=(32, 1, 16)):
+    d, hkv, hd = geometry
     return {
         "hidden_states": np.zeros((batch, seq, d), np.float32),
         "position_ids": np.arange(past, past + seq, dtype=np.int64)[None].repeat(batch, 0),
@@ -27,30 +36,31 @@ def _feeds(batch=1, seq=4, past=2, d=64, hkv=1, hd=32):
     }
 
 
-def test_good_feeds_bind_symbolic_dims(chunk):
+def test_good_feeds_bind_symbolic_dims(chunk, geometry):
     _, spec = chunk
-    assert CheckFeeds(spec, _feeds(batch=3, seq=4, past=2)) == {"batch": 3, "seq": 4, "past": 2, "past+seq": 6}
+    assert CheckFeeds(spec, _feeds(batch=3, seq=4, past=2, geometry=geometry)) == {"batch": 3, "seq": 4, "past": 2, "past+seq": 6}
 
 
-def test_wrong_dtype_is_named_with_got_and_expected(chunk):
+def test_wrong_dtype_is_named_with_got_and_expected(chunk, geometry):
     _, spec = chunk
-    f = _feeds()
+    f = _feeds(geometry=geometry)
     f["position_ids"] = f["position_ids"].astype(np.int32)
     with pytest.raises(FeedError, match=r"input position_ids: got dtype int32, expected int64"):
         CheckFeeds(spec, f)
 
 
-def test_wrong_fixed_dim_is_reported_with_symbolic_shape(chunk):
+def test_wrong_fixed_dim_is_reported_with_symbolic_shape(chunk, geometry):
     _, spec = chunk
-    f = _feeds()
-    f["past_key_0"] = np.zeros((1, 1, 2, 16), np.float32)
-    with pytest.raises(FeedError, match=r"past_key_0: got shape \(1, 1, 2, 16\), expected \(batch, 1, past, 32\)"):
+    hd = geometry[2]
+    f = _feeds(geometry=geometry)
+    f["past_key_0"] = np.zeros((1, 1, 2, 2 * hd), np.float32)
+    with pytest.raises(FeedError, match=rf"past_key_0: got shape \(1, 1, 2, {2 * hd}\), expected \(batch, 1, past, {hd}\)"):
         CheckFeeds(spec, f)
 
 
-def test_inconsistent_batch_and_mask_length_are_all_reported_at_once(chunk):
+def test_inconsistent_batch_and_mask_length_are_all_reported_at_once(chunk, geometry):
     _, spec = chunk
-    f = _feeds()
+    f = _feeds(geometry=geometry)
     f["position_ids"] = np.zeros((2, 4), np.int64)
     f["attention_mask"] = np.ones((1, 5), np.int64)
     del f["past_key_0"]
@@ -63,14 +73,14 @@ def test_inconsistent_batch_and_mask_length_are_all_reported_at_once(chunk):
     assert "dim 'past+seq' is 5, expected past=2 + seq=4" in msg
 
 
-def test_runner_refuses_bad_feeds_before_running(chunk):
+def test_runner_refuses_bad_feeds_before_running(chunk, geometry):
     bundle, spec = chunk
     with OnnxRuntimeBackend(OrtOptions(threads=1)).open(bundle, spec) as runner:
-        out = runner.infer(_feeds())
-        assert out["present_key_0"].shape == (1, 1, 6, 32)
+        out = runner.infer(_feeds(geometry=geometry))
+        assert out["present_key_0"].shape == (1, 1, 6, geometry[2])
         assert runner.last_latency_ms > 0
         with pytest.raises(FeedError, match="hidden_states: got shape"):
-            runner.infer({**_feeds(), "hidden_states": np.zeros((1, 4), np.float32)})
+            runner.infer({**_feeds(geometry=geometry), "hidden_states": np.zeros((1, 4), np.float32)})
 
 
 def test_unknown_provider_request_fails_with_what_is_available():
