@@ -49,18 +49,32 @@ class CpuThrottle:
         reason = ThrottleUnavailableReason()
         if reason:
             raise ThrottleUnavailable(reason)
-        self.share = share
         self.path = CGROUP_CPU / f"msao-{name or uuid.uuid4().hex[:8]}"
+        self._set_limits(share)
+        self._created = False
+
+    def _set_limits(self, share: float) -> None:
+        self.share = share
         self.quota_us = MIN_QUOTA_US if share <= 1 else int(MIN_QUOTA_US * share)
         self.period_us = int(round(MIN_QUOTA_US / share)) if share <= 1 else MIN_QUOTA_US
-        self._created = False
 
     def __enter__(self) -> CpuThrottle:
         self.path.mkdir(exist_ok=True)
         self._created = True
+        self._write_limits()
+        return self
+
+    def _write_limits(self) -> None:
         (self.path / "cpu.cfs_period_us").write_text(str(self.period_us))
         (self.path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
-        return self
+
+    def set_share(self, share: float) -> None:
+        """Change the limit while the processes run (a device that slows down, e.g. under thermal throttling)."""
+        if not 0 < share <= 8:
+            raise ValueError(f"share must be in (0, 8] cores, got {share}")
+        self._set_limits(share)
+        if self._created:
+            self._write_limits()
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` (and the threads it starts from now on) into the group."""

@@ -35,6 +35,7 @@ class Daemon:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str], http_port: int, throttle: CpuThrottle | None):
         self.log_path = log_path
         self.http_port = http_port
+        self.throttle = throttle
         self.process = subprocess.Popen(
             [sys.executable, "-m", "msao", "-v", "edge", *args], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env
         )
@@ -126,13 +127,32 @@ def test_ready_and_collaborative_once_the_worker_is_online(setup):
     assert body["edge_scale"] >= 1.0
 
 
+def _wait_for_measured_link(daemon: Daemon, timeout_s: float = 30.0) -> dict:
+    """Until the daemon has seen the worker and measured the link (its probes run every second here)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        _, body = daemon.get("/readyz")
+        if body["mode"] == "collaborative" and body["link"]["measured"]:
+            return body
+        time.sleep(0.2)
+    pytest.fail(f"link never measured: {body}")
+
+
 def test_a_fast_link_offloads_and_a_slow_one_keeps_work_on_the_slow_edge(setup, easyvqa_test):
     _, _, proxy, daemon, client, _ = setup
     proxy.set_shape(LinkShape())
-    fast = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(6)]
+    _wait_for_measured_link(daemon)
+    # A twentieth of a core: even the pruned large model takes several times the cloud's round trip
+    # here, also when the rest of a test run loads the machine (at a fifth, a busy 2-core machine made
+    # local and remote too close to call, and the scheduler rightly stayed local).
+    daemon.throttle.set_share(EDGE_SHARE / 4)
+    try:
+        fast = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(8)]
+    finally:
+        daemon.throttle.set_share(EDGE_SHARE)
     assert all(r.status == "ok" for r in fast), fast
     offloaded = [r.answered_by == "cloud" and r.plan.split(" ")[0] in ("cloud", "split", "draft_verify") for r in fast[-4:]]
-    assert sum(offloaded) >= 2, [(r.plan, r.reason) for r in fast]  # (not all: a busy machine slows the worker too)
+    assert sum(offloaded) >= 3, [(r.plan, r.answered_by, r.reason) for r in fast]  # (not all: a busy machine slows the worker too)
     proxy.set_shape(LinkShape(delay_ms=150))  # 300 ms RTT: every cloud plan now costs more than the throttled edge
     slow = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(6, 14)]
     assert all(r.status == "ok" for r in slow), slow
