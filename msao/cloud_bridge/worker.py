@@ -165,9 +165,12 @@ class CloudWorker:
 
     def _on_message(self, msg: InboundMessage) -> None:
         job_id = _JobId(msg.correlation_data)
-        if not msg.response_topic or job_id is None:
-            self.counters.dropped += 1
-            log.warning("dropped a message on %s: no ResponseTopic or no valid CorrelationData (job id), so no one to answer", msg.topic)
+        if not msg.response_topic or job_id is None or "+" in msg.response_topic or "#" in msg.response_topic:
+            self.counters.dropped += 1  # (paho refuses to publish to a topic with a wildcard: ValueError)
+            log.warning(
+                "dropped a message on %s: no ResponseTopic or no valid CorrelationData (job id), so no one to answer (ResponseTopic %r)",
+                msg.topic, (msg.response_topic or "")[:80],
+            )  # fmt: skip
             return
         stored = self._recent.get(job_id)
         if stored is not None:
@@ -274,7 +277,9 @@ class CloudWorker:
             session_id=out.session_id, past_length=out.past_length, text=out.text[:2000], confidence=out.confidence,
             providers=",".join(server.served().providers),
         ).to_metadata()  # fmt: skip
-        return PayloadFromTensors(out.tensors, meta, compress=body_bytes > COMPRESS_RESULTS_ABOVE)
+        # a probe's reply measures the downlink: compressed, 4 MB of zeros would cross as 400 bytes
+        compress = body_bytes > COMPRESS_RESULTS_ABOVE and header.kind != "probe"
+        return PayloadFromTensors(out.tensors, meta, compress=compress)
 
     def _error(self, job_id: str, exc: BaseException, queue_wait_ms: float) -> bytes:
         if isinstance(exc, CloudJobFailed):
