@@ -77,6 +77,17 @@ bench-mas: $(STAMP) bundles/msao-tiny-cloud/manifest.json
 	$(BIN)/python bench/mas.py --bundle bundles/msao-tiny-cloud --ratios 0.0625,0.015625 --policies mas,random,saliency \
 	  --skip cost,saliency,alignment,stream --out bench/results/mas_low_ratios.json
 
+## bench-load: 4 edge daemons x 3 cloud workers on loopback for 60 s (lost must be 0), then cloud throughput with 1..3 workers (~5 min)
+.PHONY: bench-load soak
+bench-load: $(STAMP) export
+	@mkdir -p bench/results
+	$(BIN)/python -m bench.load --out bench/results/load.json
+
+## soak: the fault suite three times in a row, then a 10-minute hold at the bench-load rate (~25 min)
+soak: $(STAMP) export broker
+	@for i in 1 2 3; do echo "==> fault suite, round $$i/3"; $(BIN)/python -m pytest -q tests/faults || exit 1; done
+	$(BIN)/python -m bench.load --duration-s 600 --scale-duration-s 10 --out bench/results/soak.json
+
 lint: $(STAMP)
 	$(BIN)/ruff check msao tests bench examples
 	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations msao
