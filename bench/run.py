@@ -53,7 +53,7 @@ class BenchConfig:
     prune_ratio: float = 0.25
     load_profiles: tuple[str, ...] = ("lte", "congested")
     load_policies: tuple[str, ...] = ("cloud_only", "msao")
-    load_rates: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 40.0)
+    load_rates: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0, 80.0)
     load_seconds: float = 20.0
     load_p95_bound_ms: float = 2000.0
     stream_questions: int = 200
@@ -62,7 +62,7 @@ class BenchConfig:
     notes: dict = field(default_factory=dict)
 
 
-QUICK = dict(requests=100, warmup=5, load_rates=(5.0, 10.0, 20.0), load_seconds=8.0, stream_questions=60)
+QUICK = dict(requests=100, warmup=5, load_rates=(10.0, 20.0, 40.0, 80.0), load_seconds=6.0, stream_questions=60)
 
 
 def Workload(n: int, seed: int) -> list[Item]:  # noqa: N802
