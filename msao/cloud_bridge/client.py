@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -57,6 +59,11 @@ class BridgeClient:
         options: connection settings.
         on_message: called on the network thread with each whole inbound message; must be quick.
         on_connect: called on the network thread after every (re)connect and re-subscription.
+
+    Attributes:
+        last_connect_error: why the last connection attempt failed, in a sentence that names
+            the fix (untrusted certificate, refused credentials, TLS port spoken to without
+            TLS, ...); None once connected, or when paho gave no reason.
     """
 
     def __init__(self, options: ClientOptions, on_message: Callable[[InboundMessage], None], on_connect: Callable[[], None] | None = None):
@@ -68,6 +75,7 @@ class BridgeClient:
         self.url = BrokerUrl.parse(options.broker)
         self.counters = ClientCounters()
         self.tcp_nodelay = False
+        self.last_connect_error: str | None = None
         self._handler = on_message
         self._on_connect_hook = on_connect
         self._subscriptions: dict[str, int] = {}
@@ -103,6 +111,8 @@ class BridgeClient:
         elif options.tls is not None and (options.tls.ca_file or options.tls.cert_file):
             raise ConfigError(f"TLS files given but the broker URL {self.url} is not mqtts://")
         if options.username is not None:
+            if options.password and not self.url.tls:
+                log.warning("the broker password of %s crosses the network unencrypted to %s; use mqtts://", options.username, self.url)
             c.username_pw_set(options.username, options.password)
         if options.will_topic:
             c.will_set(options.will_topic, options.will_payload, qos=1, retain=True)
@@ -335,6 +345,10 @@ class BridgeClient:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.last_connect_error = (
+                f"the broker {self.url} refused {self.options.client_id}: {reason_code} (check --username and "
+                "$MSAO_MQTT_PASSWORD, or the client certificate, and the broker's password file)"
+            )
             log.error(
                 "broker %s refused %s: %s (check credentials, client id and TLS settings)", self.url, self.options.client_id, reason_code
             )
@@ -351,6 +365,7 @@ class BridgeClient:
                 self.options.max_inflight,
             )
         self.counters.connects += 1
+        self.last_connect_error = None
         with self._lock:
             subs = list(self._subscriptions.items())
             self._disconnected_since = None
@@ -375,13 +390,26 @@ class BridgeClient:
             self._on_connect_hook()
 
     def _on_connect_fail(self, client, userdata) -> None:
+        # paho 2.2 calls this inside its `except OSError` around the connect, so the error being
+        # handled is the reason; should a later paho not, the reason is just unknown (None).
+        reason = _ConnectFailure(sys.exc_info()[1], self.url)
         with self._lock:
             first = not self._warned_down
             self._warned_down = True
-        if first:
+            changed = reason is not None and reason != self.last_connect_error
+            if reason is not None:
+                self.last_connect_error = reason
+        if changed:  # a TLS failure is a configuration error; anything else may pass (broker restarting)
+            level = logging.ERROR if isinstance(sys.exc_info()[1], ssl.SSLError) else logging.WARNING
+            log.log(level, "cannot connect: %s; retrying with backoff up to %.0f s", reason, self.options.reconnect_max_s)
+        elif first:
             log.warning("cannot connect to %s yet; retrying with backoff up to %.0f s", self.url, self.options.reconnect_max_s)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._connected.is_set() and self.last_connect_error is None and not self._stopping.is_set():
+            self.last_connect_error = f"{self.url} closed the connection before answering CONNECT ({reason_code})" + (
+                "" if self.url.tls else "; if that port speaks TLS, use mqtts://"
+            )
         with self._lock:
             self._connected.clear()
             self._connection += 1
@@ -491,6 +519,22 @@ class BridgeClient:
         if down_since is not None and time.monotonic() - down_since > 3 * self.options.keepalive_s and not self._warned_down:
             self._warned_down = True
             log.warning("no connection to %s for %.0f s; cloud jobs will fail over to the edge", self.url, time.monotonic() - down_since)
+
+
+def _ConnectFailure(exc: BaseException | None, url: BrokerUrl) -> str | None:  # noqa: N802
+    """Why a connection attempt failed, and what to change, from the OSError paho caught."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: {url} presented a certificate this client does not trust ({exc.verify_message}); give --ca-file "
+            "the CA that signed the broker's certificate, and connect by a host name or address the certificate lists"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with {url} failed ({exc.reason or exc}); is that port TLS (mqtts://), and are --cert-file/--key-file right?"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing accepts connections at {url} (connection refused); is the broker running on that port?"
+    if isinstance(exc, OSError):
+        return f"{url}: {exc.strerror or exc}"
+    return None
 
 
 def _PacketType(name: str):  # noqa: N802

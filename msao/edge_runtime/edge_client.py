@@ -53,7 +53,10 @@ class EdgeClient:
     def start(self, timeout_s: float = 5.0) -> EdgeClient:
         self.client.start()
         if not self.client.wait_connected(timeout_s):
+            reason = self.client.last_connect_error
             self.client.stop()
+            if reason:
+                raise CloudUnavailable(f"no connection to the broker after {timeout_s:.0f} s: {reason}")
             raise CloudUnavailable(f"no broker at {self.client.url} after {timeout_s:.0f} s; is it running?")
         return self
 
