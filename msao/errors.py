@@ -2,9 +2,11 @@
 
     MsaoError
     ├── BundleError            a bundle on disk is missing, altered, unsafe or malformed
-    │   └── HashMismatch       a file's sha256 differs from the manifest
+    │   ├── HashMismatch       a file's sha256 differs from the manifest (or an engine's from its record)
+    │   └── EngineMismatch     a TensorRT engine was built by another TensorRT, for another GPU, or from another export
     ├── ModelFolderError       a folder given to the exporter is not a usable LLaVA checkpoint
     ├── ExportCheckFailed      an exported segment disagrees with PyTorch beyond tolerance
+    ├── EngineBuildFailed      TensorRT could not parse or build an engine from a segment's ONNX file
     ├── FeedError              a tensor fed to a segment has the wrong name, dtype or shape
     ├── ImageError             bytes given as an image cannot be decoded or are too large
     ├── MissingDependency      an optional package (torch, tensorrt, ...) is not installed
@@ -33,6 +35,8 @@ __all__ = [
     "CloudUnavailable",
     "CodecError",
     "ConfigError",
+    "EngineBuildFailed",
+    "EngineMismatch",
     "ExportCheckFailed",
     "FeedError",
     "GpuUnavailable",
@@ -60,12 +64,22 @@ class HashMismatch(BundleError):
     """A bundle file's content does not match the sha256 recorded in its manifest."""
 
 
+class EngineMismatch(BundleError):
+    """A TensorRT engine cannot run here: built by another TensorRT version, for another GPU, or
+    from another export of the bundle. Rebuild it on this device with ``msao build-engines``;
+    until then the segment runs on ONNX Runtime."""
+
+
 class ModelFolderError(MsaoError):
     """A model folder is not a LLaVA checkpoint the exporter can read."""
 
 
 class ExportCheckFailed(MsaoError):
     """An exported ONNX segment does not reproduce the PyTorch reference."""
+
+
+class EngineBuildFailed(MsaoError):
+    """TensorRT's parser or builder refused a segment; the message carries TensorRT's own errors."""
 
 
 class FeedError(MsaoError):

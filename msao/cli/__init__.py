@@ -20,6 +20,7 @@ __all__ = ["main"]
 SUBCOMMANDS = {
     "train": ("train_cmd", "train the built-in easy-VQA models (workstation; needs msao[export])"),
     "export": ("export_cmd", "export a LLaVA checkpoint to a verified ONNX bundle (needs msao[export])"),
+    "build-engines": ("build_engines_cmd", "build a TensorRT engine per segment of a bundle, on this device (needs TensorRT)"),
     "eval": ("eval_cmd", "easy-VQA test accuracy and latency of a bundle on ONNX Runtime"),
     "ask": ("ask_cmd", "answer one question about one image, through a running edge daemon (--broker) or a local bundle (--bundle)"),
     "explain": ("explain_cmd", "MAS heat-map of an image for a question, as a PNG (which image tokens a question needs)"),

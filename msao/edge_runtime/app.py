@@ -47,11 +47,13 @@ class EdgeApp:
     # -- assembly ---------------------------------------------------------------------------
 
     def _load_models(self) -> tuple[LocalModel, LocalModel | None]:
+        from msao.engines.backend_select import AutoBackend
         from msao.engines.bundle import LoadBundle
         from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 
         e = self.config.edge
-        backend = OnnxRuntimeBackend(OrtOptions(threads=e.threads))
+        # TensorRT per segment where `msao build-engines` left a matching engine, else ONNX Runtime (reason logged once).
+        backend = AutoBackend(OnnxRuntimeBackend(OrtOptions(threads=e.threads)))
         edge = LocalModel(LoadBundle(Path(e.bundle)), backend)
         large = None
         if e.large_bundle:

@@ -5,6 +5,10 @@ device's own architecture), device buffers and the launch. Returns the same ``Ma
 NumPy reference returns, so ``MasFromScores`` (shared host code) turns either into a keep-set.
 Imports ``cuda`` lazily: the package works, and tests skip with a reason, without a GPU.
 
+With TensorRT, ``scores_from_device`` reads the vision engine's output buffers in place (the
+runner lends their device pointers; see ``TrtRunner.infer_with_device_outputs``): both live in
+the device's primary context, which this module retains and the CUDA runtime uses.
+
 Why cuda-python and not pycuda: cuda-python installs from wheels on x86 and aarch64 (Jetson)
 and fails only at the first driver call; pycuda needs a source build against the CUDA toolkit
 on the Jetson and does not build here (see FIELD_NOTES.md).
@@ -19,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from msao.engines.cuda_buffers import DeviceTensor
 from msao.engines.mas import CheckMasInputs, MasScores, RelevanceChance
 from msao.errors import GpuUnavailable, MasInputError, MissingDependency
 
-__all__ = ["BLOCK_THREADS", "KERNEL_NAME", "KERNEL_SOURCE", "CudaMas", "CudaMasUnavailableReason"]
+__all__ = ["BLOCK_THREADS", "KERNEL_NAME", "KERNEL_SOURCE", "CudaMas", "CudaMasUnavailableReason", "DeviceMatrix", "EncodeAndScoreOnDevice"]
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +170,60 @@ class CudaMas:
         """Same contract as ``mas.MasScoresFromTensors``, computed by ``mas_fused`` on the GPU."""
         CheckMasInputs(mas_features, image_tokens, question_embeddings, previous_tokens)
         d = self._d
-        n, dv = mas_features.shape
-        dt = image_tokens.shape[1]
+        bufs = []
+        try:
+            for a in (np.ascontiguousarray(mas_features, np.float32), np.ascontiguousarray(image_tokens, np.float32)):
+                ptr = _ok(d.cuMemAlloc(max(a.nbytes, 8)), "cuMemAlloc")
+                bufs.append(ptr)
+                _ok(d.cuMemcpyHtoD(ptr, a.ctypes.data, a.nbytes), "cuMemcpyHtoD")
+            return self._fused(
+                bufs[0], bufs[1], mas_features.shape, image_tokens.shape[1], question_embeddings, previous_tokens, content_words
+            )
+        finally:
+            for ptr in bufs:
+                d.cuMemFree(ptr)
+
+    def scores_from_device(
+        self,
+        mas_features: DeviceTensor,
+        image_tokens: DeviceTensor,
+        question_embeddings: np.ndarray,
+        previous_tokens: np.ndarray | None = None,
+        *,
+        index: int = 0,
+        content_words: int | None = None,
+    ) -> MasScores:
+        """``scores`` on tensors already on this GPU: the vision engine's outputs, read in place.
+
+        The features and tokens are never copied to the host and back: the kernel reads the
+        buffers the TensorRT runner lends (``TrtRunner.infer_with_device_outputs``); only the
+        question (and the previous frame's tokens) are uploaded. Batched outputs (B, N, D) are
+        read at image ``index``. NaN/Inf cannot be looked for in device inputs without a copy,
+        so the scores are checked instead.
+
+        Untested on hardware (no GPU where it was written); tests/engines/test_tensorrt_gpu.py
+        compares it with the NumPy reference wherever TensorRT and a GPU exist.
+
+        Raises:
+            MasInputError: not float32, wrong rank, shapes that disagree, or non-finite scores.
+        """
+        f, t = (DeviceMatrix(x, index) for x in (mas_features, image_tokens))
+        f_shape_only, t_shape_only = (np.broadcast_to(np.float32(0), x.shape) for x in (f, t))  # no device read
+        CheckMasInputs(f_shape_only, t_shape_only, question_embeddings, previous_tokens, values=False)
+        d = self._d
+        out = self._fused(
+            d.CUdeviceptr(f.ptr), d.CUdeviceptr(t.ptr), f.shape, t.shape[1], question_embeddings, previous_tokens, content_words
+        )
+        if not (np.isfinite(out.saliency).all() and np.isfinite(out.relevance).all()):
+            raise MasInputError(
+                f"MAS scores from device tensors {mas_features.name}/{image_tokens.name} are not finite: the encoder output is corrupt"
+            )
+        return out
+
+    def _fused(self, f_ptr, t_ptr, f_shape, dt: int, question_embeddings, previous_tokens, content_words) -> MasScores:
+        """Launch ``mas_fused`` on device features ``f_ptr`` (N, Dv) and tokens ``t_ptr`` (N, D), both float32."""
+        d = self._d
+        n, dv = f_shape
         m = question_embeddings.shape[0]
         shared = 8 * (max(dv, dt) + n + m)
         if shared > self.max_dynamic_shared_bytes:
@@ -174,7 +231,7 @@ class CudaMas:
                 f"MAS kernel needs {shared} B of shared memory for N={n}, Dv={dv}, D={dt}, M={m}; {self.arch} allows "
                 f"{self.max_dynamic_shared_bytes} B; use the NumPy path (mas.MasScoresFromTensors) for inputs this large"
             )
-        host_in = [np.ascontiguousarray(a, np.float32) for a in (mas_features, image_tokens, question_embeddings)]
+        host_in = [np.ascontiguousarray(question_embeddings, np.float32)]
         if previous_tokens is not None:
             host_in.append(np.ascontiguousarray(previous_tokens, np.float32))
         host_out = [np.zeros(n, np.float64) for _ in range(3)] + [np.zeros(2, np.float64)]
@@ -185,8 +242,8 @@ class CudaMas:
                 bufs.append(ptr)
             for ptr, a in zip(bufs, host_in):
                 _ok(d.cuMemcpyHtoD(ptr, a.ctypes.data, a.nbytes), "cuMemcpyHtoD")
-            f_ptr, t_ptr, q_ptr = bufs[:3]
-            p_ptr = bufs[3] if previous_tokens is not None else d.CUdeviceptr(0)
+            q_ptr = bufs[0]
+            p_ptr = bufs[1] if previous_tokens is not None else d.CUdeviceptr(0)
             s_ptr, r_ptr, c_ptr, red_ptr = bufs[len(host_in) :]
             args = (
                 (f_ptr, t_ptr, q_ptr, p_ptr, n, dv, dt, m, s_ptr, r_ptr, c_ptr, red_ptr),
@@ -211,3 +268,51 @@ class CudaMas:
             content_words=m if content_words is None else int(content_words),
             relevance_chance=RelevanceChance(n, m, dt),
         )
+
+
+def DeviceMatrix(x: DeviceTensor, index: int = 0) -> DeviceTensor:  # noqa: N802
+    """The (N, D) float32 matrix of image ``index`` in a device tensor of shape (N, D) or (B, N, D).
+
+    Pure pointer arithmetic (no device access), so it is tested without a GPU.
+
+    Raises:
+        MasInputError: not float32, or not 2-D / 3-D.
+    """
+    if x.dtype != "float32":
+        raise MasInputError(
+            f"{x.name}: the MAS kernel reads float32, the device tensor is {x.dtype}; build the vision engine with float32 outputs"
+        )
+    if len(x.shape) == 3:
+        return x.item(index)  # (B, N, D) -> (N, D) at byte offset index * N * D * 4
+    if len(x.shape) != 2 or index != 0:
+        raise MasInputError(f"{x.name}: expected a (N, D) or (B, N, D) device tensor, got shape {x.shape} at index {index}")
+    return x
+
+
+def EncodeAndScoreOnDevice(  # noqa: N802
+    runner,
+    kernel: CudaMas,
+    pixel_values: np.ndarray,
+    question_embeddings: np.ndarray,
+    previous_tokens: np.ndarray | None = None,
+    *,
+    content_words: int | None = None,
+) -> tuple[np.ndarray, MasScores]:
+    """The vision engine, then the MAS kernel on its output buffers in place (no host round trip).
+
+    Args:
+        runner: a ``TrtRunner`` of the ``vision_encoder`` segment.
+        pixel_values: float32 (3, H, W), one image.
+
+    Returns:
+        (image tokens (N, D) on the host, for the decoder; MAS scores). ``mas_features`` stays
+        on the device: only the kernel reads it.
+    """
+    host, scores = runner.infer_with_device_outputs(
+        {"pixel_values": pixel_values[None]},  # (3, H, W) -> (1, 3, H, W)
+        lambda dev: kernel.scores_from_device(
+            dev["mas_features"], dev["image_tokens"], question_embeddings, previous_tokens, content_words=content_words
+        ),
+        host_outputs=("image_tokens",),
+    )
+    return host["image_tokens"][0], scores
