@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "cloud": ("cloud_cmd", "serve bundles to edges over MQTT 5: a cloud worker (ONNX Runtime; needs msao[cloud])"),
     "calibrate": ("calibrate_cmd", "accuracy/confidence tables of the edge and large models on easy-VQA train data, for the scheduler"),
     "edge": ("edge_cmd", "the edge daemon: MQTT/HTTP intake, MAS, adaptive placement, cloud offload (needs msao[edge])"),
+    "bench": ("bench_cmd", "the benchmark is `make bench`; --simulate: a scaled SIMULATION from published figures"),
 }
 
 

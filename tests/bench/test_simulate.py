@@ -1,0 +1,197 @@
+"""The scaled simulation (``msao bench --simulate``) on the shipped profile, with few requests.
+
+Checks what a reader of its numbers relies on: every figure says where it comes from; a job
+with every draw at its mean costs exactly what the scheduler estimated (the simulated world is
+the cost model plus noise, nothing else); every policy and link profile is in the result,
+labelled SIMULATION; msao never takes a plan its own cost model rates worse than one it could
+have taken; the oracle is never slower than any correct answer of any policy; the queues add
+nothing at low load and serialise work at high load; the command's exit codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.run import POLICIES
+from bench.shaping_proxy import PROFILES
+from bench.simprofile import DEFAULT_PROFILE, FIGURE_KINDS, LoadSimProfile
+from bench.simulate import BuildScheduler, CommitShare, Inputs, LinkFromProfile, RunSimulation, SimOptions, Table
+from bench.simworld import ClosedLoopMs, DrawRequests, Job, JobFromPlan, MeanDraws, RunOpenLoop
+from msao.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+REL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return LoadSimProfile(DEFAULT_PROFILE)
+
+
+@pytest.fixture(scope="module")
+def result(profile):
+    return RunSimulation(profile, SimOptions(requests=60, load_requests=40, records=True))
+
+
+def test_every_figure_of_the_shipped_profile_is_labelled_with_its_source(profile):
+    assert len(profile.figures) >= 20
+    for f in profile.figures:
+        assert f.kind in FIGURE_KINDS, f
+        assert len(f.source) > 20, f
+        if f.kind == "published":
+            assert "[" in f.source or "http" in f.source, f"published figure {f.path} names no source: {f.source}"
+        if f.kind == "derived":
+            assert any(op in f.source for op in ("*", "/", "=")), f"derived figure {f.path} gives no formula: {f.source}"
+
+
+def test_a_profile_number_without_a_source_is_refused(tmp_path):
+    text = DEFAULT_PROFILE.read_text()
+    broken = text.replace('value = 17.0\nkind = "published"\n', 'value = 17.0\nkind = "measured"\n', 1)
+    broken = broken.replace(
+        '[edge_device.mas_ms]\nvalue = 3.0\nkind = "derived"\nsource = ', '[edge_device.mas_ms]\nvalue = 3.0\nkind = "derived"\nnote = ', 1
+    )
+    assert 'kind = "measured"' in broken and "note = " in broken
+    path = tmp_path / "broken.toml"
+    path.write_text(broken)
+    with pytest.raises(ConfigError) as exc:
+        LoadSimProfile(path)
+    assert "edge_device.mas_ms: a figure needs exactly value, kind and source" in str(exc.value)
+    assert "timing.large_on_cloud.decode_step_ms: kind 'measured' is not one of" in str(exc.value)
+
+
+@pytest.mark.parametrize("link_name", list(PROFILES))
+def test_with_every_draw_at_its_mean_each_plan_costs_exactly_its_estimate(profile, link_name):
+    s = BuildScheduler(profile)
+    link = LinkFromProfile(link_name)
+    d = MeanDraws(profile.mean_answer_tokens, round(profile.image_bytes_mean))
+    x = Inputs(profile, link, d)
+    plans = s.candidates(x) + [
+        s.choose(x, policy, split_layer=k) for policy in POLICIES for k in (s.large.split_points if policy == "static_split" else (None,))
+    ]
+    assert {p.kind for p in plans} == {"edge", "local_large", "cloud", "split", "draft_verify"}
+    for plan in plans:
+        share = CommitShare(s, plan)
+        # a draft/verify plan commits with probability `share`: its estimate is the expectation over both outcomes
+        committed = ClosedLoopMs(JobFromPlan(s, plan, link, dataclasses.replace(d, v=-1.0), profile.mas_ms, share))
+        verified = ClosedLoopMs(JobFromPlan(s, plan, link, dataclasses.replace(d, v=2.0), profile.mas_ms, share))
+        got = share * committed + (1 - share) * verified
+        assert got == pytest.approx(plan.est_latency_ms, rel=REL), (
+            f"{plan.describe()}: simulated {got} ms, estimated {plan.est_latency_ms} ms"
+        )
+
+
+def test_every_policy_and_link_profile_is_reported_and_labelled_simulation(result, profile):
+    assert result["simulation"] is True and result["notice"].startswith("SIMULATION")
+    assert set(result["links"]) == set(PROFILES)
+    expected = {p for p in POLICIES if p != "static_split"} | {f"static_split@{k}" for k in profile.large.manifest.split_points}
+    for name, entry in result["links"].items():
+        s = entry["summary"]
+        assert set(s["metrics"]) == expected, name
+        assert set(s["throughput_per_s"]) == expected, name
+        for cell, m in s["metrics"].items():
+            assert m["n"] == 60 and m["latency_ms_p50"] > 0 and 0 <= m["accuracy"] <= 1, (name, cell)
+            assert "edge_cpu_s_per_request" not in m  # not simulated: not reported
+        assert s["oracle"]["n"] == 60 and s["best_baseline"] in expected
+        assert set(entry["paper"]) == {
+            "p50_vs_best_baseline",
+            "p50_vs_cloud_only",
+            "throughput_vs_cloud_only",
+            "accuracy_minus_cloud_only_points",
+        }
+    json.loads(json.dumps(result))
+    table = Table(result)
+    headings = [line for line in table.splitlines() if line.startswith("#")]
+    assert len(headings) == 2 + len(PROFILES) and all("SIMULATION" in h for h in headings)
+
+
+def test_msao_never_takes_a_plan_its_cost_model_rates_worse_than_another_it_could_take(result, profile):
+    s = BuildScheduler(profile)
+    o = s.options
+    draws = DrawRequests(
+        60, 0, profile.answer_tokens_pmf, profile.image_bytes_mean, profile.image_bytes_sigma, profile.edge_cv, profile.cloud_cv
+    )
+    for name, entry in result["links"].items():
+        link = LinkFromProfile(name)
+        records = entry["records"]
+        for i, rec in enumerate(records["msao"]):
+            x = Inputs(profile, link, draws[i])
+            assert rec["image_bytes"] == draws[i].image_bytes
+            plans = s.candidates(x)
+            floor = max(p.est_accuracy for p in plans) - o.accuracy_slack - 1e-9
+            eligible = [p for p in plans if p.est_accuracy >= floor]
+            fastest = min(p.est_latency_ms for p in eligible)
+            assert rec["est_accuracy"] >= floor, (name, i, rec["plan"])
+            assert rec["est_latency_ms"] <= fastest * (1 + o.latency_tolerance) + 1e-3, (name, i, rec["plan"])
+            band = [p for p in eligible if p.est_latency_ms <= fastest * (1 + o.latency_tolerance) + 1e-9]
+            assert round(rec["est_uplink_bytes"]) == min(round(p.est_uplink_bytes) for p in band), (name, i, rec["plan"])
+            for cell, recs in records.items():  # no fixed policy offered an eligible plan the model rated clearly faster
+                other = recs[i]
+                if cell != "msao" and other["est_accuracy"] >= floor:
+                    assert rec["est_latency_ms"] <= other["est_latency_ms"] * (1 + o.latency_tolerance) + 1e-3, (name, i, cell)
+
+
+def test_the_oracle_is_never_slower_than_a_correct_answer_of_any_policy(result):
+    for name, entry in result["links"].items():
+        policies, plans = entry["records"], entry["plan_records"]
+        n = len(policies["msao"])
+        oracle = []
+        for i in range(n):
+            right = [recs[i]["latency_ms"] for recs in plans.values() if recs[i]["correct"]]
+            oracle.append((min(right), True) if right else (policies["cloud_only"][i]["latency_ms"], policies["cloud_only"][i]["correct"]))
+            for cell, recs in policies.items():
+                if recs[i]["correct"]:
+                    assert oracle[i][0] <= recs[i]["latency_ms"] + 1e-9, (name, i, cell)
+        o = entry["summary"]["oracle"]
+        assert o["accuracy"] == pytest.approx(sum(ok for _, ok in oracle) / n, abs=1e-4)
+        assert all(o["accuracy"] >= m["accuracy"] for m in entry["summary"]["metrics"].values()), name
+        ranked = sorted(ms for ms, _ in oracle)
+        assert ranked[0] <= o["latency_ms_p50"] <= ranked[-1]
+
+
+def test_at_low_load_queues_add_nothing_and_at_once_they_serialise_the_edge(profile):
+    s = BuildScheduler(profile)
+    link = LinkFromProfile("lte")
+    draws = DrawRequests(
+        12, 3, profile.answer_tokens_pmf, profile.image_bytes_mean, profile.image_bytes_sigma, profile.edge_cv, profile.cloud_cv
+    )
+    policies = ["msao", "edge_only", "cloud_only", "static_split", "draft_verify_static", "prune_only"] * 2
+    jobs: list[Job] = []
+
+    def make_job(i, _now, _state) -> Job:
+        plan = s.choose(Inputs(profile, link, draws[i]), policies[i], split_layer=s.large.split_points[0])
+        jobs.append(JobFromPlan(s, plan, link, draws[i], profile.mas_ms, CommitShare(s, plan)))
+        return jobs[-1]
+
+    apart = RunOpenLoop([i * 1e6 for i in range(12)], make_job, {"edge": 1, "uplink": 1, "downlink": 1, "cloud": 1})
+    assert apart == pytest.approx([ClosedLoopMs(j) for j in jobs], rel=REL)
+    edge_jobs = [Job((("edge", 100.0),)), Job((("edge", 50.0),)), Job((("net", 30.0),))]
+    together = RunOpenLoop([0.0, 0.0, 0.0], lambda i, _n, _s: edge_jobs[i], {"edge": 1, "cloud": 1})
+    assert together == pytest.approx([100.0, 150.0, 30.0])
+
+
+def _msao(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "msao", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_msao_bench_simulate_writes_a_labelled_table_and_json(tmp_path):
+    out = tmp_path / "sim.json"
+    r = _msao("bench", "--simulate", "--requests", "20", "--load-requests", "20", "--links", "lte,paper-400", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("## SIMULATION:") and "### SIMULATION against the paper's claims" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["simulation"] is True and list(data["links"]) == ["lte", "paper-400"]
+
+
+def test_msao_bench_without_simulate_points_to_make_bench_and_bad_input_fails_with_the_fix(tmp_path):
+    r = _msao("bench")
+    assert r.returncode == 2 and "make bench" in r.stderr and "--simulate" in r.stderr
+    r = _msao("bench", "--simulate", "--profile", str(tmp_path / "missing.toml"))
+    assert r.returncode == 1 and "not found; shipped profiles are in bench/profiles/" in r.stderr
+    r = _msao("bench", "--simulate", "--links", "dialup", "--requests", "5")
+    assert r.returncode == 1 and "unknown link profiles ['dialup']" in r.stderr
