@@ -340,6 +340,8 @@ class EdgeRuntime:
             self._mas_ms = m if math.isnan(self._mas_ms) else (1 - a) * self._mas_ms + a * m
         if out.local_observed_ms <= 0 or out.fallback or out.answered_by != "edge":
             return
+        if plan.kind in ("edge", "local_large"):  # the estimate's terms: MAS (when pruning) + vision + decoder
+            self.scheduler.observe_local(plan, out.local_observed_ms + out.timings_ms.get("mas", 0.0), a)
         kind = "local_large" if plan.kind == "local_large" else "edge"  # edge and committed drafts ran the edge model
         clock = self.large_clock if kind == "local_large" else self.edge_clock
         if clock is not None:

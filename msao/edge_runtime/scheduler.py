@@ -36,6 +36,7 @@ no keep-set), ``static_split`` (one k), ``prune_only`` (edge model at a fixed ra
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -149,7 +150,7 @@ class CostInputs:
 
 
 class Scheduler:
-    """Chooses a ``Plan`` per request. Stateless apart from its models; thread-safe.
+    """Chooses a ``Plan`` per request. Its only state is the local plans' live correction; thread-safe.
 
     Args:
         edge / large: manifests of the edge model and the large model (the latter may be
@@ -181,6 +182,31 @@ class Scheduler:
             log.warning("the calibration file does not cover these bundles (model hashes differ); re-run `msao calibrate`")
         if options.policy == "static_split" and large is not None and options.split_layer not in large.split_points:
             raise ConfigError(f"static split at layer {options.split_layer}: {large.name} splits at {list(large.split_points)}")
+        self._local_correction: dict[tuple[str, float], float] = {}
+        self._lock = threading.Lock()
+
+    # -- live correction of local plans -----------------------------------------------------
+
+    def observe_local(self, plan: Plan, observed_ms: float, alpha: float = 0.2) -> None:
+        """Learn how far a local plan's estimate was from its run (same terms: MAS + vision + decoder).
+
+        The clocks scale every segment of a side by one live factor; what one factor cannot
+        follow is how plans differ from their profile *relative to each other* on this device
+        (on a CPU-quota-throttled edge a short plan finishes inside one quota slice, a long one
+        waits out several). So each local (kind, keep ratio) carries a residual factor on top
+        of the clock, moved multiplicatively so that estimate == observation is its fixed point.
+        """
+        if plan.kind not in ("edge", "local_large") or plan.est_latency_ms <= 0 or observed_ms <= 0:
+            return
+        key = (plan.kind, plan.keep_ratio)
+        with self._lock:
+            c = self._local_correction.get(key, 1.0)
+            ratio = observed_ms / plan.est_latency_ms
+            self._local_correction[key] = min(4.0, max(0.25, c * ((1 - alpha) + alpha * ratio)))
+
+    def local_correction(self, kind: str, r: float) -> float:
+        with self._lock:
+            return self._local_correction.get((kind, r), 1.0)
 
     # -- accuracy (calibrated on train) -----------------------------------------------------
 
@@ -276,10 +302,8 @@ class Scheduler:
     # -- candidates -------------------------------------------------------------------------
 
     def _edge_plan(self, r: float, x: CostInputs, reason: str = "") -> Plan:
-        return Plan(
-            "edge", r, est_latency_ms=self._local_ms(self.edge, self.edge_clock, r, x, r < 1), est_accuracy=self._accuracy(self.edge, r),
-            reason=reason,
-        )  # fmt: skip
+        ms = self._local_ms(self.edge, self.edge_clock, r, x, r < 1) * self.local_correction("edge", r)
+        return Plan("edge", r, est_latency_ms=ms, est_accuracy=self._accuracy(self.edge, r), reason=reason)
 
     def _cloud_plan(self, r: float, x: CostInputs, send_keep: bool) -> Plan:
         """The large model in the cloud; with ``send_keep`` the edge first encodes + runs MAS for the keep-set."""
@@ -336,7 +360,10 @@ class Scheduler:
         plans = [self._edge_plan(r, x) for r in o.keep_ratios]
         if self.large is not None and self.large_clock is not None and o.allow_local_large:
             plans += [
-                Plan("local_large", r, est_latency_ms=self._local_ms(self.large, self.large_clock, r, x, r < 1), est_accuracy=self._accuracy(self.large, r))
+                Plan(
+                    "local_large", r, est_latency_ms=self._local_ms(self.large, self.large_clock, r, x, r < 1) * self.local_correction("local_large", r),
+                    est_accuracy=self._accuracy(self.large, r),
+                )
                 for r in o.keep_ratios
             ]  # fmt: skip
         if x.cloud_ok and self.large is not None and self.cloud_clock is not None:
