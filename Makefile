@@ -88,6 +88,13 @@ soak: $(STAMP) export broker
 	@for i in 1 2 3; do echo "==> fault suite, round $$i/3"; $(BIN)/python -m pytest -q tests/faults || exit 1; done
 	$(BIN)/python -m bench.load --duration-s 600 --scale-duration-s 10 --out bench/results/soak.json
 
+## fuzz: atheris (x86-64; a Hypothesis loop elsewhere) on the request parsers, codec, chunking, image decoder and ids, FUZZ_S seconds per target
+.PHONY: fuzz
+FUZZ_S ?= 60
+fuzz: $(STAMP)
+	@$(BIN)/python -m pip install --progress-bar off -q -e '.[fuzz]' || echo "atheris not installable here; using the Hypothesis loop"
+	$(BIN)/python -m tests.fuzz.run_fuzz --seconds $(FUZZ_S)
+
 lint: $(STAMP)
 	$(BIN)/ruff check msao tests bench examples
 	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations msao

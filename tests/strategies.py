@@ -79,3 +79,49 @@ def mas_options(draw):
         relevance_weight=draw(st.floats(0.0, 1.0)),
         object_threshold=draw(st.floats(0.01, 0.99)),
     )
+
+
+# -- bad input: JSON of any shape, requests with known keys and wrong values, byte mutations -------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=16,
+)
+REQUEST_KEYS = ("request_id", "question", "image", "stream", "deadline_ms", "policy", "split_layer", "keep_ratio")
+
+
+@st.composite
+def request_docs(draw, valid: dict):
+    """A JSON request: each known key left out, kept valid, or given any JSON value; sometimes an unknown key."""
+    doc = {}
+    for key in REQUEST_KEYS:
+        choice = draw(st.sampled_from(("absent", "valid", "junk")))
+        if choice == "junk" or (choice == "valid" and key not in valid):
+            doc[key] = draw(json_values)
+        elif choice == "valid":
+            doc[key] = valid[key]
+    doc.update(draw(st.dictionaries(st.text(max_size=8), json_values, max_size=1)))
+    return doc
+
+
+@st.composite
+def mutated(draw, seed: bytes):
+    """``seed`` with a few byte-level edits: flips, overwrites with boundary values, cuts, inserts, splices of itself."""
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(("flip", "set", "cut", "insert", "dup", "u64")))
+        at = draw(st.integers(0, len(data)))
+        if op == "flip" and at < len(data):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and at < len(data):
+            data[at] = draw(st.sampled_from((0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord('"'), ord("["))))
+        elif op == "cut":
+            del data[at : at + draw(st.integers(1, 64))]
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "dup" and data:
+            n = draw(st.integers(1, 64))
+            data[at:at] = data[at : at + n]
+        elif op == "u64":
+            data[at : at + 8] = draw(st.sampled_from((2**64 - 1, 2**63, 2**32, 0, 65537))).to_bytes(8, "little")
+    return bytes(data)

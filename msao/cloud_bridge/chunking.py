@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_PROPERTY = "msao-chunk"
 MAX_CHUNKS = 65536
-_HEADER = re.compile(r"^([A-Za-z0-9_-]{1,64}):(\d{1,5}):(\d{1,5}):(\d{1,12}):(\d{1,10})$")
+_HEADER = re.compile(r"^([A-Za-z0-9_-]{1,64}):(\d{1,5}):(\d{1,5}):(\d{1,12}):(\d{1,10})\Z")
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,7 @@ def _ParseSafetensors(body: memoryview, limits: CodecLimits) -> tuple[dict[str, 
         raise CodecError(f"safetensors header length {hlen} runs past the payload ({total} bytes in all); truncated? {_HINT}")
     try:
         header = json.loads(bytes(body[8 : 8 + hlen]).decode("utf-8"), object_pairs_hook=_NoDuplicates, parse_constant=_NoConstant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, ints over 4300 digits
         raise CodecError(f"safetensors header is not valid JSON ({exc}); {_HINT}") from exc
     if not isinstance(header, dict):
         raise CodecError(f"safetensors header must be a JSON object, got {type(header).__name__}; {_HINT}")
@@ -256,7 +256,10 @@ def _ParseSafetensors(body: memoryview, limits: CodecLimits) -> tuple[dict[str, 
     tensors: dict[str, np.ndarray] = {}
     for name, dtype, shape, begin, end in entries:
         if end == begin:
-            x = np.zeros(shape, dtype)
+            try:
+                x = np.zeros(shape, dtype)
+            except ValueError as exc:  # e.g. [0, 2**61, 2**61]: "array is too big" even with a zero dim
+                raise CodecError(f"tensor {name!r}: shape {list(shape)} is too large for an array ({exc}); {_HINT}") from None
         else:
             x = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
         if dtype.kind == "b" and x.size and int(x.view(np.uint8).max()) > 1:
@@ -277,7 +280,7 @@ def _CheckEntry(name: str, entry: object, limits: CodecLimits) -> tuple[np.dtype
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise CodecError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets; got {keys}")
     tag = entry["dtype"]
-    if tag not in _NUMPY_OF_TAG:
+    if not isinstance(tag, str) or tag not in _NUMPY_OF_TAG:
         raise CodecError(f"tensor {name!r}: dtype {tag!r} is not supported; msao sends {sorted(_NUMPY_OF_TAG)}")
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not isinstance(shape, list) or len(shape) > limits.max_rank or not all(_IsCount(d) for d in shape):

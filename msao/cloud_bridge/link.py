@@ -419,7 +419,7 @@ class CloudLink:
             return
         try:
             status = WorkerStatus.from_dict(json.loads(bytes(msg.payload)))
-        except (ValueError, TypeError, KeyError, MsaoError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError, MsaoError) as exc:
             log.warning("ignored a malformed worker status on %s: %s", msg.topic, exc)
             return
         with self._lock:

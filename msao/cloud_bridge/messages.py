@@ -53,9 +53,9 @@ ERROR_CODES = (
     "session_mismatch",  # the session holds a different past length than the step expects
     "internal",  # a bug; the worker logged a traceback
 )
-_RANGE = re.compile(r"^decoder\[(\d{1,4}):(\d{1,4})\]$")
-_HEAD = re.compile(r"^(lm_head|none|exit_head@\d{1,4})$")
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+_RANGE = re.compile(r"^decoder\[(\d{1,4}):(\d{1,4})\]\Z")
+_HEAD = re.compile(r"^(lm_head|none|exit_head@\d{1,4})\Z")
+_HASH = re.compile(r"^[0-9a-f]{64}\Z")
 MAX_TEXT_CHARS = 2000
 
 
@@ -177,6 +177,8 @@ class JobHeader:
         if self.kind == "answer":
             if not self.question or len(self.question) > MAX_TEXT_CHARS:
                 problems.append(f"question must be 1-{MAX_TEXT_CHARS} characters")
+            elif not self.question.isascii() and any("\ud800" <= c <= "\udfff" for c in self.question):  # the tokenizer refuses these
+                problems.append("question holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode text")
             if not 1 <= self.max_new_tokens <= 1024:
                 problems.append(f"max_new_tokens {self.max_new_tokens} not in 1..1024")
             if self.exit_layer < -1:

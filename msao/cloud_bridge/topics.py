@@ -37,8 +37,8 @@ __all__ = [
 
 PREFIX = "msao/v1"
 SHARE_GROUP = "msao-cloud"
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_HASH = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def CheckId(value: str, what: str = "id") -> str:  # noqa: N802

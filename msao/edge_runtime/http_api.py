@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 _ROUTES = {CHAT_PATH: "POST", "/healthz": "GET", "/readyz": "GET", "/metrics": "GET"}
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 _MSAO_KEYS = {"deadline_ms", "stream", "policy", "split_layer", "keep_ratio", "request_id"}
 # HTTP status and OpenAI error type per msao error code (requests.ERROR_CODES, plus HTTP-only ones).
 _STATUS = {
@@ -248,6 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors raised by the base class (bad request line, headers too long) as OpenAI JSON."""
         self.close_connection = True
+        # a request line the base class could not parse leaves "HTTP/0.9", which would send the body without a status line
+        self.request_version = "HTTP/1.0"
         self._send_json(code, _error_body(message or self.responses.get(code, ("error",))[0], _code_for_status(code), None))
 
     def do_GET(self) -> None:
@@ -335,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
             raise _Refusal("length_required", "Content-Length is missing; send the JSON body with its length")
-        if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
+        if len(set(lengths)) != 1 or not lengths[0].strip().isdecimal():
             raise _Refusal("bad_request", f"Content-Length {', '.join(lengths)[:60]!r} is not one non-negative integer")
         n = int(lengths[0])
         limit = self.server.options.max_body_bytes
@@ -415,7 +417,7 @@ def _RequestFromChat(body: bytes, limits: RequestLimits, options: HttpOptions, r
         raise _Refusal("bad_request", f"body is not UTF-8 text (byte {exc.start}); encode the JSON as UTF-8") from None
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and ints over 4300 digits (plain ValueError)
         raise _Refusal("bad_request", f"body is not JSON ({str(exc)[:80]}); send an OpenAI chat completion request") from None
     if not isinstance(doc, dict):
         raise _Refusal("bad_request", f"body must be a JSON object, got {type(doc).__name__}")

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/json"
 MAX_RESPONSE_TOPIC_CHARS = 256
-_ID = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
+_ID = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
 _JSON_START = re.compile(rb"[ \t\r\n]*\{")
 _STOP = object()
 
@@ -392,7 +392,7 @@ def _JsonRequestId(payload: bytes | bytearray) -> str | None:  # noqa: N802
     """The ``request_id`` of a JSON request that failed to parse, if one can still be read safely."""
     try:
         doc = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, ints over 4300 digits
         return None
     rid = doc.get("request_id") if isinstance(doc, dict) else None
     return rid if isinstance(rid, str) and _ID.match(rid.encode("utf-8", "replace")) else None

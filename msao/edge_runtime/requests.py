@@ -33,7 +33,7 @@ __all__ = [
     "RequestFromRawImage",
 ]
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 ERROR_CODES = (
     "bad_request",  # the payload is not a request: not JSON, not UTF-8, wrong types, unknown keys
     "bad_image",  # the image is missing, not decodable, or too large
@@ -98,6 +98,8 @@ class EdgeRequest:
             problems.append(f"request id {str(self.request_id)[:80]!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
         if not isinstance(self.question, str) or not self.question.strip():
             problems.append("question is empty; ask something about the image")
+        elif not self.question.isascii() and any("\ud800" <= c <= "\udfff" for c in self.question):  # a JSON "\ud800" escape
+            problems.append("question holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode text")
         if not isinstance(self.image, (bytes, bytearray)) or not self.image:
             problems.append("image is empty; send the JPEG/PNG file's bytes")
         if self.stream_id is not None and (not isinstance(self.stream_id, str) or not _ID.match(self.stream_id)):
@@ -241,7 +243,7 @@ def RequestFromJson(payload: bytes | bytearray, limits: RequestLimits = RequestL
     text = _text(payload, "request")
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and ints over 4300 digits (plain ValueError)
         raise RequestError(
             f"request is not JSON ({str(exc)[:80]}); send a JSON object or the raw image with a question property", "bad_request"
         ) from None

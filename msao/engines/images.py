@@ -13,10 +13,12 @@ import numpy as np
 
 from msao.errors import ImageError
 
-__all__ = ["ImagePreprocess", "MAX_IMAGE_PIXELS", "DecodeImage", "PixelsFromImage"]
+__all__ = ["IMAGE_FORMATS", "ImagePreprocess", "MAX_IMAGE_PIXELS", "DecodeImage", "PixelsFromImage"]
 
 # Decoding refuses anything larger before touching pixel data (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Pillow formats tried on untrusted bytes; the others (EPS runs Ghostscript, DDS, SPIDER, FITS, ...) are refused unread.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
@@ -73,23 +75,24 @@ class ImagePreprocess:
 
 
 def DecodeImage(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:  # noqa: N802
-    """Decode JPEG/PNG/... bytes into an RGB uint8 array of shape (H, W, 3).
+    """Decode PNG, JPEG, WebP, GIF, BMP or TIFF bytes (``IMAGE_FORMATS``) into an RGB uint8 array of shape (H, W, 3).
 
     Raises:
         ImageError: the bytes are not an image Pillow can decode, or it has more than
             ``max_pixels`` pixels (checked from the header, before pixel data is read).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"image is {w}x{h} = {w * h} pixels, more than the limit {max_pixels}; send a smaller image")
             rgb = np.asarray(im.convert("RGB"))
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # untrusted bytes: Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError, and its
+        # rarer plugins anything (fuzzed, Pillow 13: DDS NotImplementedError, AVIF RuntimeError, SPIDER AttributeError, TIFF TypeError)
         raise ImageError(f"cannot decode image ({len(data)} bytes): {exc}; send a JPEG or PNG file") from exc
     return rgb
 
