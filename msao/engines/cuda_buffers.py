@@ -37,14 +37,21 @@ def _cudart():
     return cudart
 
 
-def _ok(result, what: str):
-    """Unpack a cuda-python ``(err, *values)`` tuple; raise ``GpuUnavailable`` naming the error."""
+def CudaResult(result, what: str, hint: str = "TensorRT segments need an NVIDIA GPU and driver"):  # noqa: N802
+    """Unpack a cuda-python ``(err, *values)`` tuple (runtime, driver and NVRTC calls alike).
+
+    Raises:
+        GpuUnavailable: ``err`` is not success; the message names the call, the error and ``hint``.
+    """
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise GpuUnavailable(f"{what} failed with {getattr(err, 'name', err)}; TensorRT segments need an NVIDIA GPU and driver")
+        raise GpuUnavailable(f"{what} failed with {getattr(err, 'name', err)}; {hint}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+_ok = CudaResult
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msao.engines.cuda_buffers import DeviceTensor
+from msao.engines.cuda_buffers import CudaResult, DeviceTensor
 from msao.engines.mas import CheckMasInputs, MasScores, RelevanceChance
 from msao.errors import GpuUnavailable, MasInputError, MissingDependency
 
@@ -59,15 +59,7 @@ def _nvrtc():
 
 
 def _ok(result, what: str):
-    """Unpack a cuda-python (err, *values) tuple; raise GpuUnavailable with the driver's error name."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise GpuUnavailable(
-            f"{what} failed with {getattr(err, 'name', err)}; run on a machine with an NVIDIA driver and GPU, or use the NumPy path"
-        )
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
+    return CudaResult(result, what, "run on a machine with an NVIDIA driver and GPU, or use the NumPy path")
 
 
 def CudaMasUnavailableReason(device: int = 0) -> str | None:  # noqa: N802
