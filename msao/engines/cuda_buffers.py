@@ -26,15 +26,28 @@ log = logging.getLogger(__name__)
 _MIN_BYTES = 256  # never bind a null or zero-byte address, even for an empty tensor (past length 0)
 
 
-def _cudart():
+def CudaBindings(module: str, legacy: str, needed_for: str):  # noqa: N802
+    """One of cuda-python's binding modules (``runtime``, ``driver``, ``nvrtc``), imported on first use.
+
+    cuda-python >= 12.6 names them ``cuda.bindings.<module>``; older releases (JetPack 6.0's)
+    ``cuda.<legacy>``.
+
+    Raises:
+        MissingDependency: neither imports; the message says what needed it and what to install.
+    """
+    import importlib
+
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        return importlib.import_module(f"cuda.bindings.{module}")
     except ImportError:
         try:
-            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+            return importlib.import_module(f"cuda.{legacy}")
         except ImportError as exc:
-            raise MissingDependency("TensorRT segments need cuda-python for device memory: pip install 'msao[gpu]'") from exc
-    return cudart
+            raise MissingDependency(f"{needed_for} needs cuda-python: pip install 'msao[gpu]'") from exc
+
+
+def _cudart():
+    return CudaBindings("runtime", "cudart", "device memory for TensorRT segments")
 
 
 def CudaResult(result, what: str, hint: str = "TensorRT segments need an NVIDIA GPU and driver"):  # noqa: N802

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msao.engines.cuda_buffers import CudaResult, DeviceTensor
+from msao.engines.cuda_buffers import CudaBindings, CudaResult, DeviceTensor
 from msao.engines.mas import CheckMasInputs, MasScores, RelevanceChance
 from msao.errors import GpuUnavailable, MasInputError, MissingDependency
 
@@ -37,25 +37,11 @@ BLOCK_THREADS = 256  # 8 warps: one warp per token row at a time
 
 
 def _driver():
-    try:
-        from cuda.bindings import driver  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # type: ignore[no-redef]  # cuda-python < 12.6
-        except ImportError as exc:
-            raise MissingDependency("the MAS GPU kernel needs cuda-python: pip install 'msao[gpu]'") from exc
-    return driver
+    return CudaBindings("driver", "cuda", "the MAS GPU kernel")
 
 
 def _nvrtc():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError:
-        try:
-            from cuda import nvrtc  # type: ignore[no-redef]
-        except ImportError as exc:
-            raise MissingDependency("compiling mas.cu at run time needs cuda-python: pip install 'msao[gpu]'") from exc
-    return nvrtc
+    return CudaBindings("nvrtc", "nvrtc", "compiling mas.cu at run time")
 
 
 def _ok(result, what: str):
