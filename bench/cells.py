@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.stack import CpuSeconds, EdgeDaemon, PeakRssBytes
 
-__all__ = ["Item", "ClosedLoop", "OpenLoop", "Ask"]
+__all__ = ["Item", "ClosedLoop", "FireAt", "OpenLoop", "PoissonTimes", "Ask"]
 
 
 @dataclass(frozen=True)
@@ -87,41 +87,56 @@ def ClosedLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, cloud_cpu, w
     }
 
 
-def OpenLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, rate_per_s: float, duration_s: float, seed: int = 0) -> dict:  # noqa: N802
-    """Poisson arrivals at ``rate_per_s`` for ``duration_s``; completed throughput and latency percentiles."""
+def PoissonTimes(rate_per_s: float, duration_s: float, seed: int = 0) -> list[float]:  # noqa: N802
+    """Arrival times (s from the start) of a Poisson process at ``rate_per_s`` within ``duration_s``."""
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * duration_s * 2) + 10)
+    times = np.cumsum(gaps)
+    return [float(t) for t in times[times <= duration_s]]
+
+
+def FireAt(
+    schedule: list[tuple[float, EdgeDaemon, Item]], fields: dict, timeout_s: float = 60.0
+) -> tuple[list[tuple[float, int, dict]], float]:  # noqa: N802
+    """Send each ``(t, daemon, item)`` at ``t`` s from now, each on its own thread, whatever the answers take.
+
+    Returns every result ``Ask`` gave (a request whose connection failed gets ``error_code``
+    ``connection``; one whose thread never finished has no result) and the elapsed seconds.
+    """
     results: list[tuple[float, int, dict]] = []
     lock = threading.Lock()
-    threads = []
 
-    def fire(item: Item) -> None:
+    def fire(daemon: EdgeDaemon, item: Item) -> None:
         try:
-            out = Ask(daemon, item, {**fields, "deadline_ms": 10_000})
+            out = Ask(daemon, item, fields, timeout_s)
         except OSError as exc:
             out = (0.0, 0, {"status": "error", "error_code": "connection", "error": str(exc)})
         with lock:
             results.append(out)
 
+    threads = []
     start = time.perf_counter()
-    t = 0.0
-    for n, gap in enumerate(gaps):
-        t += gap
-        if t > duration_s:
-            break
+    for t, daemon, item in sorted(schedule, key=lambda s: s[0]):
         wait = start + t - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        th = threading.Thread(target=fire, args=(items[n % len(items)],), daemon=True)
+        th = threading.Thread(target=fire, args=(daemon, item), daemon=True)
         th.start()
         threads.append(th)
     for th in threads:
         th.join(60)
-    elapsed = max(duration_s, time.perf_counter() - start)
+    return results, time.perf_counter() - start
+
+
+def OpenLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, rate_per_s: float, duration_s: float, seed: int = 0) -> dict:  # noqa: N802
+    """Poisson arrivals at ``rate_per_s`` for ``duration_s``; completed throughput and latency percentiles."""
+    schedule = [(t, daemon, items[n % len(items)]) for n, t in enumerate(PoissonTimes(rate_per_s, duration_s, seed))]
+    results, elapsed = FireAt(schedule, {**fields, "deadline_ms": 10_000})
+    elapsed = max(duration_s, elapsed)
     ok = [ms for ms, status, m in results if status == 200 and m.get("status") == "ok"]
     return {
         "rate_per_s": rate_per_s,
-        "offered": len(threads),
+        "offered": len(schedule),
         "completed_ok": len(ok),
         "busy": sum(1 for _, _, m in results if m.get("error_code") == "busy"),
         "throughput_per_s": round(len(ok) / elapsed, 3),

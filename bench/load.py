@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cells import Ask, Item
+from bench.cells import Ask, FireAt, Item, PoissonTimes
 from bench.run import Workload
 from bench.stack import CpuSeconds, EdgeDaemon, Stack
 
@@ -58,45 +58,19 @@ def _fleet_cpu(stack: Stack, edges: list[EdgeDaemon]) -> dict[str, float]:
 
 def HoldLoad(stack: Stack, edges: list[EdgeDaemon], items: list[Item], rate_per_edge: float, duration_s: float, seed: int = 0) -> dict:  # noqa: N802
     """Poisson arrivals at every edge for ``duration_s``; every request accounted for."""
-    rng = np.random.default_rng(seed)
-    results: list[tuple[float, int, dict]] = []
-    lock = threading.Lock()
-
-    def fire(edge: EdgeDaemon, item: Item) -> None:
-        try:
-            out = Ask(edge, item, {"policy": "cloud_only", "deadline_ms": 10_000}, timeout_s=30.0)
-        except OSError as exc:
-            out = (0.0, 0, {"status": "lost", "error": str(exc)})
-        with lock:
-            results.append(out)
-
-    schedule = []
-    for e, edge in enumerate(edges):
-        t = 0.0
-        while True:
-            t += rng.exponential(1.0 / rate_per_edge)
-            if t > duration_s:
-                break
-            schedule.append((t, edge, items[(len(schedule) * 7 + e) % len(items)]))
-    schedule.sort(key=lambda s: s[0])
+    schedule = [
+        (t, edge, items[(n * 7 + e) % len(items)])
+        for e, edge in enumerate(edges)
+        for n, t in enumerate(PoissonTimes(rate_per_edge, duration_s, seed + e))
+    ]
     cpu0 = _fleet_cpu(stack, edges)
-    threads = []
-    start = time.perf_counter()
-    for t, edge, item in schedule:
-        wait = start + t - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        th = threading.Thread(target=fire, args=(edge, item), daemon=True)
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join(60)
-    elapsed = time.perf_counter() - start
+    results, elapsed = FireAt(schedule, {"policy": "cloud_only", "deadline_ms": 10_000}, timeout_s=30.0)
     cpu1 = _fleet_cpu(stack, edges)
     ok = [ms for ms, status, m in results if status == 200 and m.get("status") == "ok"]
+    answered = [m for _, status, m in results if m.get("error_code") != "connection"]
     errors: dict[str, int] = {}
-    for _, _, m in results:
-        if m.get("status") not in ("ok", "lost"):
+    for m in answered:
+        if m.get("status") != "ok":
             errors[m.get("error_code", "?")] = errors.get(m.get("error_code", "?"), 0) + 1
     return {
         "edges": len(edges),
@@ -106,7 +80,7 @@ def HoldLoad(stack: Stack, edges: list[EdgeDaemon], items: list[Item], rate_per_
         "sent": len(schedule),
         "answered_ok": len(ok),
         "answered_error": errors,
-        "lost": len(schedule) - len(results) + sum(1 for _, _, m in results if m.get("status") == "lost"),
+        "lost": len(schedule) - len(answered),  # no answer at all: the connection failed or the thread never finished
         "latency_ms_p50": round(float(np.percentile(ok, 50)), 2) if ok else None,
         "latency_ms_p99": round(float(np.percentile(ok, 99)), 2) if ok else None,
         "cpu_s_per_s": {k: round((cpu1[k] - cpu0[k]) / elapsed, 3) for k in cpu0},
