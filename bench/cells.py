@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.stack import CpuSeconds, EdgeDaemon, PeakRssBytes
+from bench.stack import EdgeDaemon, cpu_seconds, peak_rss_bytes
 
-__all__ = ["Item", "ClosedLoop", "FireAt", "OpenLoop", "PoissonTimes", "Ask"]
+__all__ = ["Item", "closed_loop", "fire_at", "open_loop", "poisson_times", "ask"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Item:
     stream: str | None = None
 
 
-def Ask(daemon: EdgeDaemon, item: Item, fields: dict, timeout_s: float = 60.0) -> tuple[float, int, dict]:  # noqa: N802
+def ask(daemon: EdgeDaemon, item: Item, fields: dict, timeout_s: float = 60.0) -> tuple[float, int, dict]:
     """POST one chat completion; (client latency ms, HTTP status, the ``msao`` response or the error)."""
     url = "data:image/png;base64," + base64.b64encode(item.png).decode("ascii")
     msao = {"deadline_ms": 20_000, **fields}
@@ -65,15 +65,15 @@ def _record(item: Item, ms: float, status: int, m: dict) -> dict:
     }  # fmt: skip
 
 
-def ClosedLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, cloud_cpu, warmup: int = 5, progress=None) -> dict:  # noqa: N802
+def closed_loop(daemon: EdgeDaemon, items: list[Item], fields: dict, cloud_cpu, warmup: int = 5, progress=None) -> dict:
     """Ask ``items`` one after another; per-request records and the cell's CPU and memory."""
     for item in items[:warmup]:  # the daemon's first answers teach its estimates; not measured
-        Ask(daemon, item, fields)
-    edge0, cloud0 = CpuSeconds(daemon.process.pid), cloud_cpu()
+        ask(daemon, item, fields)
+    edge0, cloud0 = cpu_seconds(daemon.process.pid), cloud_cpu()
     records = []
     t0 = time.perf_counter()
     for n, item in enumerate(items):
-        ms, status, m = Ask(daemon, item, fields)
+        ms, status, m = ask(daemon, item, fields)
         records.append(_record(item, ms, status, m))
         if progress is not None:
             progress(n + 1, len(items))
@@ -81,13 +81,13 @@ def ClosedLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, cloud_cpu, w
     return {
         "records": records,
         "wall_s": round(wall, 3),
-        "edge_cpu_s": round(CpuSeconds(daemon.process.pid) - edge0, 4),
+        "edge_cpu_s": round(cpu_seconds(daemon.process.pid) - edge0, 4),
         "cloud_cpu_s": round(cloud_cpu() - cloud0, 4),
-        "edge_peak_rss_bytes": PeakRssBytes(daemon.process.pid),
+        "edge_peak_rss_bytes": peak_rss_bytes(daemon.process.pid),
     }
 
 
-def PoissonTimes(rate_per_s: float, duration_s: float, seed: int = 0) -> list[float]:  # noqa: N802
+def poisson_times(rate_per_s: float, duration_s: float, seed: int = 0) -> list[float]:
     """Arrival times (s from the start) of a Poisson process at ``rate_per_s`` within ``duration_s``."""
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * duration_s * 2) + 10)
@@ -95,12 +95,12 @@ def PoissonTimes(rate_per_s: float, duration_s: float, seed: int = 0) -> list[fl
     return [float(t) for t in times[times <= duration_s]]
 
 
-def FireAt(
+def fire_at(
     schedule: list[tuple[float, EdgeDaemon, Item]], fields: dict, timeout_s: float = 60.0
-) -> tuple[list[tuple[float, int, dict]], float]:  # noqa: N802
+) -> tuple[list[tuple[float, int, dict]], float]:
     """Send each ``(t, daemon, item)`` at ``t`` s from now, each on its own thread, whatever the answers take.
 
-    Returns every result ``Ask`` gave (a request whose connection failed gets ``error_code``
+    Returns every result ``ask`` gave (a request whose connection failed gets ``error_code``
     ``connection``; one whose thread never finished has no result) and the elapsed seconds.
     """
     results: list[tuple[float, int, dict]] = []
@@ -108,7 +108,7 @@ def FireAt(
 
     def fire(daemon: EdgeDaemon, item: Item) -> None:
         try:
-            out = Ask(daemon, item, fields, timeout_s)
+            out = ask(daemon, item, fields, timeout_s)
         except OSError as exc:
             out = (0.0, 0, {"status": "error", "error_code": "connection", "error": str(exc)})
         with lock:
@@ -128,10 +128,10 @@ def FireAt(
     return results, time.perf_counter() - start
 
 
-def OpenLoop(daemon: EdgeDaemon, items: list[Item], fields: dict, rate_per_s: float, duration_s: float, seed: int = 0) -> dict:  # noqa: N802
+def open_loop(daemon: EdgeDaemon, items: list[Item], fields: dict, rate_per_s: float, duration_s: float, seed: int = 0) -> dict:
     """Poisson arrivals at ``rate_per_s`` for ``duration_s``; completed throughput and latency percentiles."""
-    schedule = [(t, daemon, items[n % len(items)]) for n, t in enumerate(PoissonTimes(rate_per_s, duration_s, seed))]
-    results, elapsed = FireAt(schedule, {**fields, "deadline_ms": 10_000})
+    schedule = [(t, daemon, items[n % len(items)]) for n, t in enumerate(poisson_times(rate_per_s, duration_s, seed))]
+    results, elapsed = fire_at(schedule, {**fields, "deadline_ms": 10_000})
     elapsed = max(duration_s, elapsed)
     ok = [ms for ms, status, m in results if status == 200 and m.get("status") == "ok"]
     return {

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msao.cloud_bridge.codec import CompressPayload, PayloadFromTensors, TensorsFromPayload
+from msao.cloud_bridge.codec import compress_payload, payload_from_tensors, tensors_from_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"1KB": 1_000, "100KB": 100_000, "1MB": 1_000_000, "10MB": 10_000_000}
@@ -49,15 +49,15 @@ def _time(fn, reps: int, warmup: int = 2) -> list[float]:
 # -- 1. codec throughput vs a plain memory copy ---------------------------------------------------
 
 
-def _CodecRow(label: str, x: np.ndarray, n: int) -> dict:  # noqa: N802
+def _codec_row(label: str, x: np.ndarray, n: int) -> dict:
     tensors = {"hidden_states": x}
-    payload = PayloadFromTensors(tensors)
-    zpayload = CompressPayload(payload)
-    enc = _time(lambda: PayloadFromTensors(tensors), n)
-    dec = _time(lambda: TensorsFromPayload(payload), n)
+    payload = payload_from_tensors(tensors)
+    zpayload = compress_payload(payload)
+    enc = _time(lambda: payload_from_tensors(tensors), n)
+    dec = _time(lambda: tensors_from_payload(payload), n)
     cpy = _time(lambda: x.copy(), n)  # the floor: one allocation + one copy of the same bytes
-    zenc = _time(lambda: CompressPayload(PayloadFromTensors(tensors)), max(3, n // 4))
-    zdec = _time(lambda: TensorsFromPayload(zpayload), max(3, n // 4))
+    zenc = _time(lambda: compress_payload(payload_from_tensors(tensors)), max(3, n // 4))
+    zdec = _time(lambda: tensors_from_payload(zpayload), max(3, n // 4))
     gbs = lambda ts: x.nbytes / np.median(ts) / 1e9  # noqa: E731
     return dict(
         size=label, bytes=x.nbytes, encode_gbps=gbs(enc), decode_gbps=gbs(dec), memcpy_gbps=gbs(cpy),
@@ -66,29 +66,29 @@ def _CodecRow(label: str, x: np.ndarray, n: int) -> dict:  # noqa: N802
     )  # fmt: skip
 
 
-def BenchCodec(reps: int) -> list[dict]:  # noqa: N802
+def bench_codec(reps: int) -> list[dict]:
     """Encode, decode and a plain copy of random fp16 activations (what a split job carries)."""
     rng = np.random.default_rng(0)
     rows = []
     for label, nbytes in {**SIZES, "64MB": 64_000_000}.items():
         x = rng.standard_normal(nbytes // 2).astype(np.float16).reshape(-1, 125)  # (T, D) fp16 activations
-        rows.append(_CodecRow(label, x, reps if nbytes < 10_000_000 else max(3, reps // 4)))
+        rows.append(_codec_row(label, x, reps if nbytes < 10_000_000 else max(3, reps // 4)))
     return rows
 
 
 # -- 2. zstd on real hidden states of the cloud bundle ---------------------------------------------
 
 
-def BenchZstd(bundle_dir: Path, images: int) -> list[dict]:  # noqa: N802
+def bench_zstd(bundle_dir: Path, images: int) -> list[dict]:
     import zstandard
 
-    from msao.datasets.easyvqa import LoadEasyVqa
-    from msao.engines.bundle import LoadBundle
+    from msao.datasets.easyvqa import load_easy_vqa
+    from msao.engines.bundle import load_bundle
     from msao.engines.generation import Generator
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 
-    gen = Generator(LoadBundle(bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
-    data = LoadEasyVqa("test")
+    gen = Generator(load_bundle(bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    data = load_easy_vqa("test")
     questions = ["what color is the shape?", "what shape is in the image?", "is there a circle?"]
     by_layer: dict[int, list[bytes]] = {k: [] for k in gen.bundle.manifest.split_points}
     for i in range(images):
@@ -101,7 +101,7 @@ def BenchZstd(bundle_dir: Path, images: int) -> list[dict]:  # noqa: N802
             stack = gen.stack(k)
             stack.reset()
             h = stack.run(hidden, pos, np.ones((1, hidden.shape[1]), np.int64))
-            by_layer[k].append(PayloadFromTensors({"hidden_states": h.astype(np.float16)}))
+            by_layer[k].append(payload_from_tensors({"hidden_states": h.astype(np.float16)}))
     gen.close()
     rows = []
     for k, bodies in by_layer.items():
@@ -167,7 +167,7 @@ while True: time.sleep(3600)
 """
 
 
-def _RequestResponse(port: int, reps: int) -> list[dict]:  # noqa: N802
+def _request_response(port: int, reps: int) -> list[dict]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
@@ -199,12 +199,12 @@ def _RequestResponse(port: int, reps: int) -> list[dict]:  # noqa: N802
     return rows
 
 
-def BenchRoundTrips(bundle_dir: Path, reps: int) -> dict:  # noqa: N802
+def bench_round_trips(bundle_dir: Path, reps: int) -> dict:
     from msao.cloud_bridge.link import CloudLink, LinkOptions
     from msao.cloud_bridge.mqtt_options import ClientOptions
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
 
-    model_hash = LoadBundle(bundle_dir).manifest.model_hash
+    model_hash = load_bundle(bundle_dir).manifest.model_hash
     tmp = Path(tempfile.mkdtemp(prefix="msao-bench-"))
     broker, port = _start_broker(tmp)
     url = f"mqtt://127.0.0.1:{port}"
@@ -243,7 +243,7 @@ def BenchRoundTrips(bundle_dir: Path, reps: int) -> dict:  # noqa: N802
         # broker -> responder process -> broker -> requester), without msao's codec, chunking or worker
         responder = subprocess.Popen([sys.executable, "-c", _RESPONDER, str(port)], stdout=subprocess.PIPE)
         responder.stdout.readline()  # "ready"
-        out["paho_request_response"] = _RequestResponse(port, reps)
+        out["paho_request_response"] = _request_response(port, reps)
         responder.terminate()
         responder.wait(10)
 
@@ -333,9 +333,9 @@ def main() -> int:
             "processor": platform.machine(),
             "python": platform.python_version(),
         },
-        "codec": BenchCodec(args.reps),
-        "zstd_hidden_states": BenchZstd(Path(args.bundle), args.images),
-        "round_trips": BenchRoundTrips(Path(args.bundle), args.reps),
+        "codec": bench_codec(args.reps),
+        "zstd_hidden_states": bench_zstd(Path(args.bundle), args.images),
+        "round_trips": bench_round_trips(Path(args.bundle), args.reps),
     }
     result["machine"]["loadavg_start"] = load_start
     result["machine"]["loadavg_end"] = os.getloadavg()

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cells import Ask, FireAt, Item, PoissonTimes
-from bench.run import Workload
-from bench.stack import CpuSeconds, EdgeDaemon, Stack
+from bench.cells import Item, ask, fire_at, poisson_times
+from bench.run import workload
+from bench.stack import EdgeDaemon, Stack, cpu_seconds
 
-__all__ = ["HoldLoad", "ScaleWorkers"]
+__all__ = ["hold_load", "scale_workers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,21 +50,21 @@ def _edges(stack: Stack, count: int) -> list[EdgeDaemon]:
 
 def _fleet_cpu(stack: Stack, edges: list[EdgeDaemon]) -> dict[str, float]:
     return {
-        "broker": CpuSeconds(stack.procs[0].pid),
+        "broker": cpu_seconds(stack.procs[0].pid),
         "workers": stack.cloud_cpu_seconds(),
-        "edges": sum(CpuSeconds(e.process.pid) for e in edges),
+        "edges": sum(cpu_seconds(e.process.pid) for e in edges),
     }
 
 
-def HoldLoad(stack: Stack, edges: list[EdgeDaemon], items: list[Item], rate_per_edge: float, duration_s: float, seed: int = 0) -> dict:  # noqa: N802
+def hold_load(stack: Stack, edges: list[EdgeDaemon], items: list[Item], rate_per_edge: float, duration_s: float, seed: int = 0) -> dict:
     """Poisson arrivals at every edge for ``duration_s``; every request accounted for."""
     schedule = [
         (t, edge, items[(n * 7 + e) % len(items)])
         for e, edge in enumerate(edges)
-        for n, t in enumerate(PoissonTimes(rate_per_edge, duration_s, seed + e))
+        for n, t in enumerate(poisson_times(rate_per_edge, duration_s, seed + e))
     ]
     cpu0 = _fleet_cpu(stack, edges)
-    results, elapsed = FireAt(schedule, {"policy": "cloud_only", "deadline_ms": 10_000}, timeout_s=30.0)
+    results, elapsed = fire_at(schedule, {"policy": "cloud_only", "deadline_ms": 10_000}, timeout_s=30.0)
     cpu1 = _fleet_cpu(stack, edges)
     ok = [ms for ms, status, m in results if status == 200 and m.get("status") == "ok"]
     answered = [m for _, status, m in results if m.get("error_code") != "connection"]
@@ -87,7 +87,7 @@ def HoldLoad(stack: Stack, edges: list[EdgeDaemon], items: list[Item], rate_per_
     }
 
 
-def ScaleWorkers(stack: Stack, edges: list[EdgeDaemon], items: list[Item], in_flight: int, duration_s: float) -> dict:  # noqa: N802
+def scale_workers(stack: Stack, edges: list[EdgeDaemon], items: list[Item], in_flight: int, duration_s: float) -> dict:
     """Closed loop with ``in_flight`` requests outstanding across the edges: cloud answers per second."""
     done: list[int] = []
     by_cloud = [0]
@@ -99,7 +99,7 @@ def ScaleWorkers(stack: Stack, edges: list[EdgeDaemon], items: list[Item], in_fl
         while time.perf_counter() < stop_at:
             edge = edges[n % len(edges)]
             try:
-                _, status, m = Ask(edge, items[n % len(items)], {"policy": "cloud_only", "deadline_ms": 10_000}, timeout_s=30.0)
+                _, status, m = ask(edge, items[n % len(items)], {"policy": "cloud_only", "deadline_ms": 10_000}, timeout_s=30.0)
             except OSError:
                 status, m = 0, {}
             with lock:
@@ -125,15 +125,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
     args = p.parse_args()
     edge_b, cloud_b = ROOT / "bundles" / "msao-tiny-edge", ROOT / "bundles" / "msao-tiny-cloud"
-    items = Workload(200, seed=3)
+    items = workload(200, seed=3)
     work = args.out.parent / (args.out.stem + "-work")
     out: dict = {"cores": os.cpu_count(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": vars(args) | {"out": str(args.out)}}
     print(f"==> hold: {args.edges} edges x {args.workers} workers, {args.rate_per_edge * args.edges:.0f} req/s for {args.duration_s:.0f} s")
     with Stack(work / "hold", edge_b, cloud_b, None, workers=args.workers, edge_share=None) as stack:
         edges = _edges(stack, args.edges)
         try:
-            HoldLoad(stack, edges, items, args.rate_per_edge, 3.0, seed=99)  # warm-up, not reported
-            out["hold"] = HoldLoad(stack, edges, items, args.rate_per_edge, args.duration_s)
+            hold_load(stack, edges, items, args.rate_per_edge, 3.0, seed=99)  # warm-up, not reported
+            out["hold"] = hold_load(stack, edges, items, args.rate_per_edge, args.duration_s)
         finally:
             for e in edges:
                 e.stop()
@@ -144,8 +144,8 @@ def main() -> int:
         with Stack(work / f"scale-{w}", edge_b, cloud_b, None, workers=w, edge_share=None) as stack:
             edges = _edges(stack, args.edges)
             try:
-                ScaleWorkers(stack, edges, items, args.in_flight, 3.0)  # warm-up
-                out["scaling"].append(ScaleWorkers(stack, edges, items, args.in_flight, args.scale_duration_s))
+                scale_workers(stack, edges, items, args.in_flight, 3.0)  # warm-up
+                out["scaling"].append(scale_workers(stack, edges, items, args.in_flight, args.scale_duration_s))
             finally:
                 for e in edges:
                     e.stop()

@@ -4,7 +4,7 @@
 
 1. Accuracy of the bundle on easy-VQA test (all 9,673 questions unless --limit) at keep
    ratios 100 / 50 / 25 / 12.5 % for each keep policy (mas, mas-blind, random, saliency),
-   through ``EvaluateBundle``: the same per-request path as ``msao eval``.
+   through ``evaluate_bundle``: the same per-request path as ``msao eval``.
 2. MAS cost per request, warm, split into question embedding, fused pass (NumPy reference)
    and host part (keep-set, MAS values), as medians next to the vision encoder and the whole
    request, on this CPU.
@@ -29,30 +29,30 @@ from pathlib import Path
 
 import numpy as np
 
-from msao.datasets.easyvqa import LoadEasyVqa
-from msao.datasets.streams import StreamFromEasyVqa, StreamOptions
-from msao.engines.bundle import LoadBundle
-from msao.engines.flops import RequestFlops
+from msao.datasets.easyvqa import load_easy_vqa
+from msao.datasets.streams import StreamOptions, stream_from_easy_vqa
+from msao.engines.bundle import load_bundle
+from msao.engines.flops import request_flops
 from msao.engines.generation import Generator
-from msao.engines.images import PixelsFromImage
-from msao.engines.keep_policy import KEEP_POLICIES, KeepPolicyFromName
-from msao.engines.mas import MasFlops, MasFromScores, MasOptions, MasScoresFromTensors, RelevanceChance
+from msao.engines.images import pixels_from_image
+from msao.engines.keep_policy import KEEP_POLICIES, keep_policy_from_name
+from msao.engines.mas import MasOptions, chance_relevance, mas_flops, mas_from_scores, mas_scores_from_tensors
 from msao.engines.mas_text import QuestionEmbedder
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.engines.token_cache import StreamTokenCache, TokenCacheOptions, TokenMirror
-from msao.evaluation import EvaluateBundle
+from msao.evaluation import evaluate_bundle
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def Accuracy(bundle, backend, ratios: list[float], policies: list[str], limit: int | None) -> list[dict]:  # noqa: N802
+def accuracy(bundle, backend, ratios: list[float], policies: list[str], limit: int | None) -> list[dict]:
     rows = []
     for ratio in ratios:
         for policy in [None] if ratio == 1.0 else policies:
             t0 = time.perf_counter()
-            rep = EvaluateBundle(bundle, backend, limit=limit, keep_policy=policy, keep_ratio=ratio)
+            rep = evaluate_bundle(bundle, backend, limit=limit, keep_policy=policy, keep_ratio=ratio)
             row = {k: v for k, v in asdict(rep).items() if k not in ("bundle", "model_hash", "split", "backend")}
             row["policy"] = policy or "all tokens"
             rows.append(row)
@@ -60,9 +60,9 @@ def Accuracy(bundle, backend, ratios: list[float], policies: list[str], limit: i
     return rows
 
 
-def Cost(gen: Generator, requests: int, ratio: float) -> dict:  # noqa: N802
+def cost(gen: Generator, requests: int, ratio: float) -> dict:
     """Warm per-request timings (medians, ms) of each MAS part next to the encoder and the request."""
-    data = LoadEasyVqa("test")
+    data = load_easy_vqa("test")
     embed = QuestionEmbedder(gen)
     options = MasOptions(keep_ratio=ratio)
     for q in data.questions[:50]:  # warm the row cache and the sessions
@@ -75,9 +75,9 @@ def Cost(gen: Generator, requests: int, ratio: float) -> dict:  # noqa: N802
         t1 = time.perf_counter()
         q = embed(question)
         t2 = time.perf_counter()
-        scores = MasScoresFromTensors(enc.mas_features, enc.tokens, q.embeddings, content_words=q.content_words)
+        scores = mas_scores_from_tensors(enc.mas_features, enc.tokens, q.embeddings, content_words=q.content_words)
         t3 = time.perf_counter()
-        res = MasFromScores(scores, options, question_tokens=q.question_tokens, visual_words=q.visual_words)
+        res = mas_from_scores(scores, options, question_tokens=q.question_tokens, visual_words=q.visual_words)
         t4 = time.perf_counter()
         gen.generate(enc, question, keep=res.keep.indices)
         t5 = time.perf_counter()
@@ -94,14 +94,14 @@ def Cost(gen: Generator, requests: int, ratio: float) -> dict:  # noqa: N802
     med["keep_ratio"] = ratio
     info = gen.info
     n = info.image_tokens
-    med["mas_flops"] = MasFlops(n, info.vision_hidden_size, info.hidden_size, 2)
-    med["request_flops"] = RequestFlops(gen.bundle.manifest, image_tokens=round(ratio * n), text_tokens=16, new_tokens=2)
+    med["mas_flops"] = mas_flops(n, info.vision_hidden_size, info.hidden_size, 2)
+    med["request_flops"] = request_flops(gen.bundle.manifest, image_tokens=round(ratio * n), text_tokens=16, new_tokens=2)
     med["mas_share_of_request_flops"] = round(med["mas_flops"] / med["request_flops"], 6)
-    med["llava_scale"] = _LlavaScale()
+    med["llava_scale"] = _llava_scale()
     return med
 
 
-def _LlavaScale() -> dict:  # noqa: N802
+def _llava_scale() -> dict:
     """The NumPy reference at LLaVA-1.5-7B shapes (576 tokens, Dv 1024, D 4096, 5 content words), random inputs."""
     rng = np.random.default_rng(0)
     n, dv, d, m = 576, 1024, 4096, 5
@@ -111,20 +111,20 @@ def _LlavaScale() -> dict:  # noqa: N802
     times = []
     for _ in range(12):
         t0 = time.perf_counter()
-        MasFromScores(MasScoresFromTensors(f, t, q, t), MasOptions())
+        mas_from_scores(mas_scores_from_tensors(f, t, q, t), MasOptions())
         times.append((time.perf_counter() - t0) * 1e3)
     return {
         "shape": [n, dv, d, m],
         "numpy_ms_p50": round(float(np.median(times[2:])), 3),
-        "mas_flops": MasFlops(n, dv, d, m, previous=True),
+        "mas_flops": mas_flops(n, dv, d, m, previous=True),
     }
 
 
-def Stream(gen: Generator, options: StreamOptions, cache_options: TokenCacheOptions, ratio: float) -> dict:  # noqa: N802
+def measure_stream_cache(gen: Generator, options: StreamOptions, cache_options: TokenCacheOptions, ratio: float) -> dict:
     """Cache vs re-encoding every frame on the stream workload, with all tokens and with MAS keep-sets."""
-    stream = StreamFromEasyVqa(options)
+    stream = stream_from_easy_vqa(options)
     embed = QuestionEmbedder(gen)
-    mas = KeepPolicyFromName("mas", MasOptions(keep_ratio=ratio))
+    mas = keep_policy_from_name("mas", MasOptions(keep_ratio=ratio))
     cache = StreamTokenCache.for_generator(gen, "bench", cache_options)
     mirror = TokenMirror()
     n = gen.info.image_tokens
@@ -147,7 +147,7 @@ def Stream(gen: Generator, options: StreamOptions, cache_options: TokenCacheOpti
             mirror_mismatch += int(not np.array_equal(table, step.encoding.tokens))
         if f.question is None:
             continue
-        fresh = gen.encode_image(PixelsFromImage(f.pixels, gen.bundle.manifest.preprocess))  # the re-encode-every-frame baseline
+        fresh = gen.encode_image(pixels_from_image(f.pixels, gen.bundle.manifest.preprocess))  # the re-encode-every-frame baseline
         q = embed(f.question)
         answers = {}
         for name, enc in (("reencode", fresh), ("cache", step.encoding)):
@@ -180,7 +180,7 @@ def Stream(gen: Generator, options: StreamOptions, cache_options: TokenCacheOpti
     }
 
 
-def Alignment(gen: Generator, images: int = 300) -> dict:  # noqa: N802
+def alignment(gen: Generator, images: int = 300) -> dict:
     """Do image tokens point at the word embeddings of what they show? (What relevance can see.)
 
     For each easy-VQA colour, the mean cosine between centred foreground image tokens and the
@@ -189,7 +189,7 @@ def Alignment(gen: Generator, images: int = 300) -> dict:  # noqa: N802
     """
     from msao.export.builtin import ANSWERS
 
-    data = LoadEasyVqa("test")
+    data = load_easy_vqa("test")
     colours = list(ANSWERS[3:11])
     ids = np.asarray([[gen.tokenizer.token_to_id(w) for w in colours]], np.int64)
     raw = gen.runners["text_embed"].infer({"input_ids": ids})["embeddings"][0].astype(np.float64)  # (8, D)
@@ -212,7 +212,7 @@ def Alignment(gen: Generator, images: int = 300) -> dict:  # noqa: N802
         cos = tc[fg_tok] @ words.T  # (F, 8)
         for j, c in enumerate(colours):
             (match if c == shown else other)[c].append(float(cos[:, j].mean()))
-        chance.append(RelevanceChance(enc.tokens.shape[0], 2, enc.tokens.shape[1]))
+        chance.append(chance_relevance(enc.tokens.shape[0], 2, enc.tokens.shape[1]))
     return {
         "images": images,
         "relevance_chance_r0": round(float(np.mean(chance)), 4),
@@ -235,15 +235,15 @@ def _foreground_tokens(rgb: np.ndarray, grid: int = 8) -> np.ndarray:
     return fg.reshape(grid, h // grid, grid, w // grid).any(axis=(1, 3)).reshape(-1)
 
 
-def SaliencyAuc(gen: Generator, images: int = 300) -> dict:  # noqa: N802
+def saliency_auc(gen: Generator, images: int = 300) -> dict:
     """How well saliency ranks the shape's tokens above the background's, per background estimate.
 
     Mean per-image ROC AUC (foreground tokens vs the rest) of ||F_i - b||² on the MAS features,
     with b the plain mean, MAS's trimmed mean, or the per-dimension median.
     """
-    from msao.engines.mas import MasScoresFromTensors
+    from msao.engines.mas import mas_scores_from_tensors
 
-    data = LoadEasyVqa("test")
+    data = load_easy_vqa("test")
     aucs: dict[str, list[float]] = {"plain_mean": [], "trimmed_mean (MAS)": [], "median": []}
     for im in range(images):
         y = _foreground_tokens(data.images[im])
@@ -253,7 +253,7 @@ def SaliencyAuc(gen: Generator, images: int = 300) -> dict:  # noqa: N802
         f = enc.mas_features.astype(np.float64)
         cands = {
             "plain_mean": ((f - f.mean(0)) ** 2).sum(1),
-            "trimmed_mean (MAS)": MasScoresFromTensors(enc.mas_features, enc.tokens, enc.tokens[:1]).saliency,
+            "trimmed_mean (MAS)": mas_scores_from_tensors(enc.mas_features, enc.tokens, enc.tokens[:1]).saliency,
             "median": ((f - np.median(f, 0)) ** 2).sum(1),
         }
         for k, sal in cands.items():
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
-    bundle = LoadBundle(args.bundle)
+    bundle = load_bundle(args.bundle)
     backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads))
     result: dict = {
         "bundle": bundle.manifest.name,
@@ -355,22 +355,22 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" not in skip:
         _log("accuracy per keep policy and ratio")
         ratios = [float(r) for r in args.ratios.split(",")]
-        result["accuracy"] = Accuracy(bundle, backend, ratios, args.policies.split(","), args.limit)
+        result["accuracy"] = accuracy(bundle, backend, ratios, args.policies.split(","), args.limit)
     gen = Generator(bundle, backend)
     try:
         if "cost" not in skip:
             _log("MAS cost per request")
-            result["cost"] = Cost(gen, args.cost_requests, 0.25)
+            result["cost"] = cost(gen, args.cost_requests, 0.25)
         if "saliency" not in skip:
             _log("saliency AUC per background estimate")
-            result["saliency_auc"] = SaliencyAuc(gen)
+            result["saliency_auc"] = saliency_auc(gen)
         if "alignment" not in skip:
             _log("token / word embedding alignment")
-            result["alignment"] = Alignment(gen)
+            result["alignment"] = alignment(gen)
         if "stream" not in skip:
             _log("stream workload")
             cache_options = TokenCacheOptions(skip_threshold=args.skip_threshold, change_threshold=args.change_threshold)
-            result["stream"] = Stream(gen, StreamOptions(scenes=args.scenes), cache_options, 0.25)
+            result["stream"] = measure_stream_cache(gen, StreamOptions(scenes=args.scenes), cache_options, 0.25)
     finally:
         gen.close()
     result["machine"]["loadavg_end"] = os.getloadavg()

@@ -2,7 +2,7 @@
 
     python -m bench.models --out bench/results/models.json [--extra NAME=BUNDLE ...]
 
-Runs ``msao eval``'s code path (``EvaluateBundle``) on all 9,673 test questions for each
+Runs ``msao eval``'s code path (``evaluate_bundle``) on all 9,673 test questions for each
 bundle's full depth and each of its exit heads, one ONNX Runtime thread, and writes one JSON.
 """
 
@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-    from msao.evaluation import EvaluateBundle
+    from msao.evaluation import evaluate_bundle
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "models.json"))
@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     backend = OnnxRuntimeBackend(OrtOptions(threads=1))
     rows = []
     for folder in args.bundles.split(","):
-        bundle = LoadBundle(Path(folder))
+        bundle = load_bundle(Path(folder))
         m = bundle.manifest
         for exit_layer in (None, *m.exit_layers):
             t0 = time.perf_counter()
-            r = EvaluateBundle(bundle, backend, limit=args.limit, exit_layer=exit_layer)
+            r = evaluate_bundle(bundle, backend, limit=args.limit, exit_layer=exit_layer)
             row = {"bundle": folder, "model": m.name, "parameters": m.model.parameters, **r.to_dict()}
             rows.append(row)
             head = "full depth" if exit_layer is None else f"exit@{exit_layer}"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Plots"]
+__all__ = ["write_plots"]
 
 
-def Plots(result: dict, folder: Path) -> list[Path]:  # noqa: N802
+def write_plots(result: dict, folder: Path) -> list[Path]:
     try:
         import matplotlib
 

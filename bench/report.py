@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["Table"]
+__all__ = ["format_table"]
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -22,7 +22,7 @@ def _fmt(v, digits: int = 1) -> str:
     return str(v)
 
 
-def Table(result: dict) -> str:  # noqa: N802
+def format_table(result: dict) -> str:
     """One table per profile (every policy and the oracle), then the goals."""
     out = []
     for profile, p in result["profiles"].items():
@@ -62,4 +62,4 @@ def Table(result: dict) -> str:  # noqa: N802
 
 
 if __name__ == "__main__":
-    print(Table(json.loads(Path(sys.argv[1]).read_text())))
+    print(format_table(json.loads(Path(sys.argv[1]).read_text())))

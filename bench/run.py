@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cells import Ask, ClosedLoop, Item, OpenLoop
+from bench.cells import Item, ask, closed_loop, open_loop
 from bench.shaping_proxy import PROFILES
 from bench.stack import Stack
-from bench.summary import Goals, ProfileSummary
+from bench.summary import goals_for_profile, profile_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static", "msao")
@@ -65,25 +65,25 @@ class BenchConfig:
 QUICK = dict(requests=100, warmup=5, load_rates=(10.0, 20.0, 40.0, 80.0), load_seconds=6.0, stream_questions=60)
 
 
-def Workload(n: int, seed: int) -> list[Item]:  # noqa: N802
+def workload(n: int, seed: int) -> list[Item]:
     """``n`` easy-VQA test questions, seeded, spread over the whole set."""
-    from msao.datasets.easyvqa import LoadEasyVqa
+    from msao.datasets.easyvqa import load_easy_vqa
 
-    data = LoadEasyVqa("test")
+    data = load_easy_vqa("test")
     rows = np.random.default_rng(seed).permutation(len(data))[:n]
     return [Item(int(i), data.questions[i], data.answers[i], data.image_pngs[data.image_ids[i]]) for i in rows]
 
 
-def StreamWorkload(n: int, seed: int) -> list[Item]:  # noqa: N802
+def stream_workload(n: int, seed: int) -> list[Item]:
     """The first ``n`` questions of the MAS stream workload (frames with sensor noise and shifts), in order."""
     import io
 
     from PIL import Image
 
-    from msao.datasets.streams import StreamFromEasyVqa, StreamOptions
+    from msao.datasets.streams import StreamOptions, stream_from_easy_vqa
 
     items = []
-    for frame in StreamFromEasyVqa(StreamOptions(seed=seed)).frames:
+    for frame in stream_from_easy_vqa(StreamOptions(seed=seed)).frames:
         if frame.question is None:
             continue
         png = io.BytesIO()
@@ -94,7 +94,7 @@ def StreamWorkload(n: int, seed: int) -> list[Item]:  # noqa: N802
     return items
 
 
-def MeasureLink(stack: Stack, model_hash: str) -> dict:  # noqa: N802
+def measure_link(stack: Stack, model_hash: str) -> dict:
     """RTT (median of 1 KB probes) and uplink throughput (1 MB probes) through the shaping proxy, as the edge sees them."""
     from msao.cloud_bridge.link import CloudLink, LinkOptions
     from msao.cloud_bridge.mqtt_options import ClientOptions
@@ -126,15 +126,15 @@ def _progress(prefix: str):
     return show
 
 
-def RunBench(config: BenchConfig, out: Path) -> dict:  # noqa: N802
-    from msao.engines.bundle import LoadBundle
+def run_bench(config: BenchConfig, out: Path) -> dict:
+    from msao.engines.bundle import load_bundle
 
     bundles = ROOT / config.bundles
     edge_b, cloud_b, cal = bundles / "msao-tiny-edge", bundles / "msao-tiny-cloud", bundles / "calibration.json"
-    large = LoadBundle(cloud_b).manifest
-    items = Workload(config.requests + config.warmup, config.seed)
+    large = load_bundle(cloud_b).manifest
+    items = workload(config.requests + config.warmup, config.seed)
     warm, measured = items[: config.warmup], items[config.warmup :]
-    stream = StreamWorkload(config.stream_questions, config.seed) if config.stream_questions else []
+    stream = stream_workload(config.stream_questions, config.seed) if config.stream_questions else []
     result: dict = {
         "config": asdict(config),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -143,7 +143,7 @@ def RunBench(config: BenchConfig, out: Path) -> dict:  # noqa: N802
             "cpus": len(__import__("os").sched_getaffinity(0)),
             "python": platform.python_version(),
         },
-        "models": {"edge": LoadBundle(edge_b).manifest.name, "large": large.name, "split_points": list(large.split_points)},
+        "models": {"edge": load_bundle(edge_b).manifest.name, "large": large.name, "split_points": list(large.split_points)},
         "profiles": {},
     }
     work = out.parent / (out.stem + "-work")
@@ -155,7 +155,7 @@ def RunBench(config: BenchConfig, out: Path) -> dict:  # noqa: N802
                 f"==> profile {profile}: one-way delay {shape.delay_ms} ms ± {shape.jitter_ms} ms, {shape.bandwidth_bps / 1e6:g} Mbit/s",
                 file=sys.stderr,
             )
-            link = MeasureLink(stack, large.model_hash)
+            link = measure_link(stack, large.model_hash)
             print(
                 f"    measured through the emulation: RTT {link['rtt_ms']:.1f} ms, uplink {link['uplink_mbps']:.1f} Mbit/s", file=sys.stderr
             )
@@ -174,12 +174,12 @@ def RunBench(config: BenchConfig, out: Path) -> dict:  # noqa: N802
                     if name == runs[0][0]:
                         result["profiles"].setdefault(profile, {})["edge_profile"] = daemon.get("/readyz")
                     for item in warm:  # the daemon's first answers teach its estimates; not measured
-                        Ask(daemon, item, fields)
-                    cells[name] = ClosedLoop(
+                        ask(daemon, item, fields)
+                    cells[name] = closed_loop(
                         daemon, measured, fields, stack.cloud_cpu_seconds, warmup=0, progress=_progress(f"{profile} {name}")
                     )
                     if stream and name in ("msao", "edge_only"):
-                        cells[f"{name}+stream"] = ClosedLoop(daemon, stream, fields, stack.cloud_cpu_seconds, warmup=0,
+                        cells[f"{name}+stream"] = closed_loop(daemon, stream, fields, stack.cloud_cpu_seconds, warmup=0,
                                                              progress=_progress(f"{profile} {name} stream"))  # fmt: skip
                 finally:
                     daemon.stop()
@@ -191,7 +191,7 @@ def RunBench(config: BenchConfig, out: Path) -> dict:  # noqa: N802
                     try:
                         points = []
                         for rate in config.load_rates:
-                            points.append(OpenLoop(daemon, measured, {"policy": policy}, rate, config.load_seconds, config.seed))
+                            points.append(open_loop(daemon, measured, {"policy": policy}, rate, config.load_seconds, config.seed))
                             print(
                                 f"  {profile} {policy} load {rate:g}/s -> {points[-1]['throughput_per_s']:.1f}/s, p95 {points[-1]['latency_ms_p95']} ms",
                                 file=sys.stderr,
@@ -207,9 +207,9 @@ def RunBench(config: BenchConfig, out: Path) -> dict:  # noqa: N802
                         daemon.stop()
             stream_cells = {k: v for k, v in cells.items() if k.endswith("+stream")}
             main_cells = {k: v for k, v in cells.items() if not k.endswith("+stream")}
-            summary = ProfileSummary(main_cells, throughput)
-            summary["stream"] = {k: ProfileSummary({k: v}, {})["metrics"][k] for k, v in stream_cells.items()}
-            summary["goals"] = Goals(profile, summary)
+            summary = profile_summary(main_cells, throughput)
+            summary["stream"] = {k: profile_summary({k: v}, {})["metrics"][k] for k, v in stream_cells.items()}
+            summary["goals"] = goals_for_profile(profile, summary)
             result["profiles"][profile] = {**result["profiles"].get(profile, {}), "link": link, "shape": asdict(shape),
                                            "summary": summary, "load": load, "cells": cells}  # fmt: skip
             out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted run
@@ -251,15 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown profiles/policies {unknown}")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = RunBench(config, out)
+    result = run_bench(config, out)
     if not args.no_plots:
-        from bench.plots import Plots
+        from bench.plots import write_plots
 
-        for path in Plots(result, out.parent / (out.stem + "-plots")):
+        for path in write_plots(result, out.parent / (out.stem + "-plots")):
             print(f"plot: {path}", file=sys.stderr)
-    from bench.report import Table
+    from bench.report import format_table
 
-    print(Table(result))
+    print(format_table(result))
     print(f"results: {out}", file=sys.stderr)
     return 0
 

@@ -45,7 +45,7 @@ from msao.engines.manifest import (
 from msao.engines.profile import TEXT_TOKENS
 from msao.errors import ConfigError
 
-__all__ = ["FIGURE_KINDS", "DV_THRESHOLDS", "Figure", "ModelSpec", "SimProfile", "LoadSimProfile", "ROOT", "DEFAULT_PROFILE"]
+__all__ = ["FIGURE_KINDS", "DV_THRESHOLDS", "Figure", "ModelSpec", "SimProfile", "load_sim_profile", "ROOT", "DEFAULT_PROFILE"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROFILE = ROOT / "bench" / "profiles" / "llava15-7b-13b_orin-nx_vs_a100.toml"
@@ -258,7 +258,7 @@ def _model(f: _Figures, key: str) -> ModelSpec | None:
     )
 
 
-def LoadSimProfile(path: str | Path = DEFAULT_PROFILE) -> SimProfile:  # noqa: N802
+def load_sim_profile(path: str | Path = DEFAULT_PROFILE) -> SimProfile:
     """Read and check a profile file; ``ConfigError`` lists every problem at once."""
     try:
         import tomllib  # novermin (guarded: tomli below on 3.10)

@@ -35,13 +35,13 @@ import numpy as np
 
 from bench.run import POLICIES, BenchConfig
 from bench.shaping_proxy import PROFILES
-from bench.simprofile import DEFAULT_PROFILE, ROOT, LoadSimProfile, SimProfile
-from bench.simworld import ClosedLoopMs, DrawRequests, Draws, Job, JobFromPlan, Link, RunOpenLoop
-from bench.summary import Goals, Oracle, ProfileSummary
+from bench.simprofile import DEFAULT_PROFILE, ROOT, SimProfile, load_sim_profile
+from bench.simworld import Draws, Job, Link, closed_loop_ms, draw_requests, job_from_plan, run_open_loop
+from bench.summary import goals_for_profile, oracle_metrics, profile_summary
 from msao.edge_runtime.estimates import LinkSnapshot
 from msao.edge_runtime.scheduler import CostInputs, Plan, Scheduler, SchedulerOptions
 
-__all__ = ["NOTICE", "PAPER", "SimOptions", "BuildScheduler", "CommitShare", "Inputs", "LinkFromProfile", "RunSimulation", "Table", "main"]
+__all__ = ["NOTICE", "PAPER", "SimOptions", "build_scheduler", "draft_commit_share", "inputs", "link_from_profile", "run_simulation", "format_table", "main"]
 
 NOTICE = (
     "SIMULATION, not a measurement: msao's real scheduler and cost model, driven by published (or derived, or assumed: "
@@ -74,12 +74,12 @@ class SimOptions:
     records: bool = False
 
 
-def LinkFromProfile(name: str) -> Link:  # noqa: N802
+def link_from_profile(name: str) -> Link:
     shape = PROFILES[name]
     return Link(name, shape.delay_ms, shape.jitter_ms, shape.bandwidth_bps or 1e12)
 
 
-def BuildScheduler(p: SimProfile, accuracy_slack: float | None = None) -> Scheduler:  # noqa: N802
+def build_scheduler(p: SimProfile, accuracy_slack: float | None = None) -> Scheduler:
     """msao's ``Scheduler`` over the profile's models, clocks and tables; keep ratios = the profile's, prune_only at the one nearest the benchmark's."""
     ratios = p.edge.keep_ratios
     prune = min(ratios[1:] or ratios, key=lambda r: abs(r - BenchConfig().prune_ratio))
@@ -89,14 +89,14 @@ def BuildScheduler(p: SimProfile, accuracy_slack: float | None = None) -> Schedu
                      large_clock, cloud_clock, p.calibration)  # fmt: skip
 
 
-def Inputs(p: SimProfile, link: Link, d: Draws, edge_load: float = 1.0, cloud_queue_ms: float = 0.0) -> CostInputs:  # noqa: N802
+def inputs(p: SimProfile, link: Link, d: Draws, edge_load: float = 1.0, cloud_queue_ms: float = 0.0) -> CostInputs:
     """What the scheduler sees for request ``d``: the link's nominal RTT and rate (a converged estimate), this image's size."""
     return CostInputs(
         LinkSnapshot(link.rtt_ms, link.bandwidth_bps, True), True, cloud_queue_ms, edge_load, p.mas_ms, d.image_bytes, p.deadline_ms
     )
 
 
-def CommitShare(s: Scheduler, plan: Plan) -> float:  # noqa: N802
+def draft_commit_share(s: Scheduler, plan: Plan) -> float:
     """P(the edge's draft is committed) for a draft/verify plan, from the calibration (0: always verified)."""
     pair = s.pair
     if (
@@ -141,16 +141,16 @@ def _closed_loop(p: SimProfile, s: Scheduler, link: Link, draws: list[Draws]) ->
     cells: dict[str, list[dict]] = {name: [] for name, _, _ in _runs(s)}
     plans: dict[str, list[dict]] = {}
     for d in draws:
-        x = Inputs(p, link, d)
+        x = inputs(p, link, d)
         for name, policy, k in _runs(s):
             plan = s.choose(x, policy, split_layer=k)
-            job = JobFromPlan(s, plan, link, d, p.mas_ms, CommitShare(s, plan))
-            cells[name].append(_record(d, plan, job, ClosedLoopMs(job)))
+            job = job_from_plan(s, plan, link, d, p.mas_ms, draft_commit_share(s, plan))
+            cells[name].append(_record(d, plan, job, closed_loop_ms(job)))
         for plan in s.candidates(x):
-            if plan.kind == "draft_verify" and CommitShare(s, plan) >= 1.0:
+            if plan.kind == "draft_verify" and draft_commit_share(s, plan) >= 1.0:
                 continue  # always commits: the edge plan at the same ratio, same latency (the oracle lists it as that)
-            job = JobFromPlan(s, plan, link, d, p.mas_ms, CommitShare(s, plan))
-            plans.setdefault(f"plan {plan.describe()}", []).append(_record(d, plan, job, ClosedLoopMs(job)))
+            job = job_from_plan(s, plan, link, d, p.mas_ms, draft_commit_share(s, plan))
+            plans.setdefault(f"plan {plan.describe()}", []).append(_record(d, plan, job, closed_loop_ms(job)))
     return {k: _cell(v) for k, v in cells.items()}, {k: _cell(v) for k, v in plans.items()}
 
 
@@ -167,11 +167,11 @@ def _max_rate(
 
         def make_job(i: int, now: float, state) -> Job:
             d = draws[i % len(draws)]
-            plan = s.choose(Inputs(p, link, d, 1.0 + state.edge_users(), state.cloud_wait_ms()), policy, split_layer=k)
+            plan = s.choose(inputs(p, link, d, 1.0 + state.edge_users(), state.cloud_wait_ms()), policy, split_layer=k)
             mix[plan.describe().split(" ")[0]] += 1
-            return JobFromPlan(s, plan, link, d, p.mas_ms, CommitShare(s, plan))
+            return job_from_plan(s, plan, link, d, p.mas_ms, draft_commit_share(s, plan))
 
-        lat = RunOpenLoop(arrivals, make_job, {"edge": 1, "uplink": 1, "downlink": 1, "cloud": p.cloud_servers})
+        lat = run_open_loop(arrivals, make_job, {"edge": 1, "uplink": 1, "downlink": 1, "cloud": p.cloud_servers})
         span_s = max(a + m for a, m in zip(arrivals, lat)) / 1e3
         return float(np.percentile(lat, 95)), n / span_s, mix
 
@@ -230,15 +230,15 @@ def _paper(summary: dict) -> dict:
     }
 
 
-def RunSimulation(p: SimProfile, o: SimOptions = SimOptions(), progress=lambda _m: None) -> dict:  # noqa: N802
+def run_simulation(p: SimProfile, o: SimOptions = SimOptions(), progress=lambda _m: None) -> dict:
     """Every policy and the oracle under every link profile; the result as JSON-ready data (labelled SIMULATION)."""
     unknown = [x for x in o.links if x not in PROFILES]
     if unknown:
         from msao.errors import ConfigError
 
         raise ConfigError(f"unknown link profiles {unknown}; known: {list(PROFILES)} (bench.shaping_proxy.PROFILES)")
-    s = BuildScheduler(p, o.accuracy_slack)
-    draws = DrawRequests(o.requests, o.seed, p.answer_tokens_pmf, p.image_bytes_mean, p.image_bytes_sigma, p.edge_cv, p.cloud_cv)
+    s = build_scheduler(p, o.accuracy_slack)
+    draws = draw_requests(o.requests, o.seed, p.answer_tokens_pmf, p.image_bytes_mean, p.image_bytes_sigma, p.edge_cv, p.cloud_cv)
     bound = BenchConfig().load_p95_bound_ms
     result: dict = {
         "simulation": True,
@@ -264,16 +264,16 @@ def RunSimulation(p: SimProfile, o: SimOptions = SimOptions(), progress=lambda _
         "links": {},
     }
     for name in o.links:
-        link = LinkFromProfile(name)
+        link = link_from_profile(name)
         progress(f"SIMULATION {p.name} / {name}: rtt {link.rtt_ms:g} ms ± {2 * link.jitter_ms:g}, {link.bandwidth_bps / 1e6:g} Mbit/s")
         cells, plan_cells = _closed_loop(p, s, link, draws)
         throughput, load = {}, {}
         for cell, policy, k in _runs(s):
             load[cell] = _max_rate(p, s, link, draws, policy, k, min(o.load_requests, max(50, o.requests)), bound, o.seed)
             throughput[cell] = load[cell]["throughput_per_s"]
-        summary = ProfileSummary(cells, throughput)
+        summary = profile_summary(cells, throughput)
         summary["oracle_baselines_only"] = summary["oracle"]  # bench.summary's oracle: over the measured baselines
-        summary["oracle"] = Oracle({**{k: v for k, v in cells.items() if k != "msao"}, **plan_cells})  # over every plan msao could choose
+        summary["oracle"] = oracle_metrics({**{k: v for k, v in cells.items() if k != "msao"}, **plan_cells})  # over every plan msao could choose
         ratios = summary.get("msao_ratios", {})
         if summary["oracle"]["latency_ms_p50"]:
             ratios["p50_vs_oracle"] = round(summary["metrics"]["msao"]["latency_ms_p50"] / summary["oracle"]["latency_ms_p50"], 4)
@@ -281,7 +281,7 @@ def RunSimulation(p: SimProfile, o: SimOptions = SimOptions(), progress=lambda _
         for cell_name, cell in cells.items():
             summary["metrics"][cell_name].update(_extras(cell, p.mean_answer_tokens))
             summary["metrics"][cell_name]["tokens_per_s_at_max_rate"] = round(throughput[cell_name] * p.mean_answer_tokens, 2)
-        summary["goals"] = Goals(name, summary)
+        summary["goals"] = goals_for_profile(name, summary)
         entry = {"link": {"rtt_ms": link.rtt_ms, "jitter_ms_one_way": link.jitter_ms, "bandwidth_bps": link.bandwidth_bps},
                  "summary": summary, "load": load, "paper": _paper(summary)}  # fmt: skip
         if o.records:
@@ -304,7 +304,7 @@ def _mix(mix: dict, n: int) -> str:
     return ", ".join(f"{k} {100 * v / max(1, n):.0f} %" for k, v in list(mix.items())[:3])
 
 
-def Table(result: dict) -> str:  # noqa: N802
+def format_table(result: dict) -> str:
     """Markdown: one table per link profile, then msao against the paper's claims. Every heading says SIMULATION."""
     p = result["profile"]
     c = result["config"]
@@ -341,7 +341,7 @@ def Table(result: dict) -> str:  # noqa: N802
     return "\n".join(out)
 
 
-def DefaultOut(p: SimProfile) -> Path:  # noqa: N802
+def default_out(p: SimProfile) -> Path:
     return ROOT / "bench" / "results" / f"simulate-{p.name}.json"
 
 
@@ -352,21 +352,21 @@ def main(argv: list[str] | None = None) -> int:
     return msao_main(["bench", "--simulate", *(sys.argv[1:] if argv is None else argv)])
 
 
-def RunFromArgs(args: argparse.Namespace) -> int:  # noqa: N802
+def run_from_args(args: argparse.Namespace) -> int:
     """The body of ``msao bench --simulate`` (msao/cli/bench_cmd.py parses the flags)."""
     from msao.errors import ConfigError
 
     if args.requests < 1 or args.load_requests < 10:
         raise ConfigError(f"--requests must be >= 1 and --load-requests >= 10, got {args.requests} and {args.load_requests}")
-    p = LoadSimProfile(Path(args.profile) if args.profile else DEFAULT_PROFILE)
+    p = load_sim_profile(Path(args.profile) if args.profile else DEFAULT_PROFILE)
     links = tuple(x for x in (args.links or ",".join(PROFILES)).split(",") if x)
     o = SimOptions(requests=args.requests, seed=args.seed, load_requests=args.load_requests, links=links,
                    accuracy_slack=args.accuracy_slack, records=args.records)  # fmt: skip
-    result = RunSimulation(p, o, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    out = Path(args.out) if args.out else DefaultOut(p)
+    result = run_simulation(p, o, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out) if args.out else default_out(p)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(Table(result))
+    print(format_table(result))
     print(f"SIMULATION results: {out}", file=sys.stderr)
     return 0
 

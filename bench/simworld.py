@@ -21,7 +21,7 @@ scheduler's *decisions* under its own model, not the model.
 
 Resources: ``edge`` (the edge accelerator), ``uplink`` / ``downlink`` (serialisation at the link
 rate), ``cloud`` (the cloud accelerator, ``servers`` of them) and ``net`` (pure delay).
-``RunOpenLoop`` queues jobs FIFO per resource (a discrete-event simulation) for throughput.
+``run_open_loop`` queues jobs FIFO per resource (a discrete-event simulation) for throughput.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from msao.edge_runtime.estimates import SegmentClock
 from msao.edge_runtime.scheduler import Plan, Scheduler
 from msao.engines.manifest import Manifest
 
-__all__ = ["Draws", "Job", "Link", "Stage", "DrawRequests", "MeanDraws", "JobFromPlan", "ClosedLoopMs", "RunOpenLoop"]
+__all__ = ["Draws", "Job", "Link", "Stage", "draw_requests", "mean_draws", "job_from_plan", "closed_loop_ms", "run_open_loop"]
 
 JITTER_SLOTS = 64  # one-way delay draws per request (two per transfer; split needs 2 per answer token)
 
@@ -93,7 +93,7 @@ class Job:
         return sum(ms for stages in (self.prefix, *self.branches) for r, ms in stages if r == resource)
 
 
-def DrawRequests(n: int, seed: int, pmf, image_mean: float, image_sigma: float, edge_cv: float, cloud_cv: float) -> list[Draws]:  # noqa: N802
+def draw_requests(n: int, seed: int, pmf, image_mean: float, image_sigma: float, edge_cv: float, cloud_cv: float) -> list[Draws]:
     """``n`` requests' draws from one seeded generator, in a fixed order."""
     rng = np.random.default_rng(seed)
     tokens = np.array([t for t, _ in pmf])
@@ -122,7 +122,7 @@ def DrawRequests(n: int, seed: int, pmf, image_mean: float, image_sigma: float, 
     ]
 
 
-def MeanDraws(mean_answer_tokens: float, image_bytes: int, v: float = 0.5) -> Draws:  # noqa: N802
+def mean_draws(mean_answer_tokens: float, image_bytes: int, v: float = 0.5) -> Draws:
     """Every draw at its mean (answer tokens may be fractional): a job then takes exactly its plan's estimate.
 
     ``v`` decides draft commits: with 0.5 a plan that commits always (share 1) commits and one that
@@ -173,7 +173,7 @@ class _Times:
         return self.vision() + self.prefill(t) + (n - 1) * self.step(t)
 
 
-def JobFromPlan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float, commit_share: float = 0.0) -> Job:  # noqa: N802
+def job_from_plan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float, commit_share: float = 0.0) -> Job:
     """What ``plan`` costs for this request (its draws) on this link; see the module docstring.
 
     ``commit_share``: the calibrated P(commit) of a draft/verify plan at its threshold.
@@ -245,7 +245,7 @@ def JobFromPlan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float, c
     )
 
 
-def ClosedLoopMs(job: Job) -> float:  # noqa: N802
+def closed_loop_ms(job: Job) -> float:
     """The job alone on idle resources (one request at a time)."""
     head = sum(ms for _, ms in job.prefix)
     if not job.branches:
@@ -261,7 +261,7 @@ class _Resource:
         return max(0.0, min(self.free_at) - now)
 
 
-def RunOpenLoop(arrivals_ms: list[float], make_job, servers: dict[str, int]) -> list[float]:  # noqa: N802
+def run_open_loop(arrivals_ms: list[float], make_job, servers: dict[str, int]) -> list[float]:
     """Jobs arriving at ``arrivals_ms``, FIFO per resource; each job's latency (ms).
 
     ``make_job(i, now_ms, state)`` chooses and builds job ``i`` at its arrival, where ``state``

@@ -28,25 +28,25 @@ from pathlib import Path
 from bench.shaping_proxy import LinkShape, ShapingProxy
 from bench.throttle import CpuThrottle
 
-__all__ = ["CpuSeconds", "EdgeDaemon", "FreePort", "PeakRssBytes", "Stack"]
+__all__ = ["cpu_seconds", "EdgeDaemon", "free_port", "peak_rss_bytes", "Stack"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def FreePort() -> int:  # noqa: N802
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def CpuSeconds(pid: int) -> float:  # noqa: N802
+def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` and its reaped children (all threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks  # utime stime cutime cstime (fields 14-17)
 
 
-def PeakRssBytes(pid: int) -> int:  # noqa: N802
+def peak_rss_bytes(pid: int) -> int:
     """VmHWM: the process's peak resident memory so far."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -123,7 +123,7 @@ class Stack:
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(mosquitto):
             raise RuntimeError("mosquitto is not installed: `make broker` installs it")
-        self.broker_port = FreePort()
+        self.broker_port = free_port()
         conf = self.work / "mosquitto.conf"
         conf.write_text(
             f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
@@ -154,7 +154,7 @@ class Stack:
     def start_edge(self, name: str, policy: str, extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> EdgeDaemon:
         """A fresh, throttled `msao edge` whose MQTT goes through the proxy; ready and collaborative when returned."""
         assert self.proxy is not None
-        port = FreePort()
+        port = free_port()
         log = self.work / f"edge-{name}.log"
         args = [
             sys.executable, "-m", "msao", "-v", "edge", "--broker", f"mqtt://127.0.0.1:{self.proxy.port}",
@@ -182,7 +182,7 @@ class Stack:
         return daemon
 
     def cloud_cpu_seconds(self) -> float:
-        return sum(CpuSeconds(p.pid) for p in self.worker_procs if p.poll() is None)
+        return sum(cpu_seconds(p.pid) for p in self.worker_procs if p.poll() is None)
 
     def __exit__(self, *exc: object) -> None:
         if self.proxy is not None:

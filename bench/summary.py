@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-__all__ = ["BASELINES", "CellMetrics", "Goals", "Oracle", "ProfileSummary"]
+__all__ = ["BASELINES", "cell_metrics", "goals_for_profile", "oracle_metrics", "profile_summary"]
 
 BASELINES = ("edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
 EQUAL_ACCURACY_POINTS = 0.5
@@ -24,7 +24,7 @@ def _pct(xs, q) -> float | None:
     return round(float(np.percentile(xs, q)), 3) if len(xs) else None
 
 
-def CellMetrics(cell: dict) -> dict:  # noqa: N802
+def cell_metrics(cell: dict) -> dict:
     """p50/p95/p99, accuracy, bytes, FLOPs, CPU, memory, side shares and plan mix of one cell."""
     rec = cell["records"]
     n = max(1, len(rec))
@@ -54,7 +54,7 @@ def CellMetrics(cell: dict) -> dict:  # noqa: N802
     }
 
 
-def Oracle(cells: dict[str, dict]) -> dict:  # noqa: N802
+def oracle_metrics(cells: dict[str, dict]) -> dict:
     """Per request, the fastest right answer any measured plan gave (else cloud-only's); its metrics."""
     by_cell = {name: {r["index"]: r for r in c["records"]} for name, c in cells.items() if name != "msao"}
     cloud = by_cell.get("cloud_only", {})
@@ -81,10 +81,10 @@ def Oracle(cells: dict[str, dict]) -> dict:  # noqa: N802
     }
 
 
-def ProfileSummary(cells: dict[str, dict], throughput: dict[str, float]) -> dict:  # noqa: N802
+def profile_summary(cells: dict[str, dict], throughput: dict[str, float]) -> dict:
     """Metrics per cell, the oracle, the best baseline, and msao's ratios against them."""
-    metrics = {name: CellMetrics(c) for name, c in cells.items()}
-    oracle = Oracle(cells)
+    metrics = {name: cell_metrics(c) for name, c in cells.items()}
+    oracle = oracle_metrics(cells)
     cloud = metrics.get("cloud_only")
     baselines = {k: m for k, m in metrics.items() if k.split("@")[0] in BASELINES}
     best = None
@@ -117,7 +117,7 @@ def ProfileSummary(cells: dict[str, dict], throughput: dict[str, float]) -> dict
     return out
 
 
-def Goals(profile: str, summary: dict) -> dict[str, dict]:  # noqa: N802
+def goals_for_profile(profile: str, summary: dict) -> dict[str, dict]:
     """The issue's goals for one profile: each with the measured value and met / not met."""
     r = summary.get("msao_ratios", {})
     m = summary["metrics"].get("msao", {})

@@ -16,7 +16,7 @@ import os
 import uuid
 from pathlib import Path
 
-__all__ = ["CpuThrottle", "ThrottleUnavailable", "ThrottleUnavailableReason"]
+__all__ = ["CpuThrottle", "ThrottleUnavailable", "throttle_unavailable_reason"]
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 MIN_QUOTA_US = 1000
@@ -26,7 +26,7 @@ class ThrottleUnavailable(RuntimeError):
     pass
 
 
-def ThrottleUnavailableReason() -> str | None:  # noqa: N802
+def throttle_unavailable_reason() -> str | None:
     """None when a cgroup v1 CPU quota can be set here, else why not (for skips and reports)."""
     if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
         return f"no cgroup v1 cpu controller at {CGROUP_CPU} (cgroup v2 machines need cpu.max; not implemented)"
@@ -46,7 +46,7 @@ class CpuThrottle:
     def __init__(self, share: float, name: str | None = None):
         if not 0 < share <= 8:
             raise ValueError(f"share must be in (0, 8] cores, got {share}")
-        reason = ThrottleUnavailableReason()
+        reason = throttle_unavailable_reason()
         if reason:
             raise ThrottleUnavailable(reason)
         self.path = CGROUP_CPU / f"msao-{name or uuid.uuid4().hex[:8]}"

@@ -65,7 +65,7 @@ def main() -> int:
     if not os.path.exists(mosquitto):
         sys.exit("mosquitto is not installed: `make broker` installs it")
     from msao.cloud_bridge.mqtt_options import ClientOptions
-    from msao.datasets.easyvqa import LoadEasyVqa
+    from msao.datasets.easyvqa import load_easy_vqa
     from msao.edge_runtime.edge_client import EdgeClient
 
     tmp = Path(tempfile.mkdtemp(prefix="msao-demo-"))
@@ -97,7 +97,7 @@ def main() -> int:
         ready = _get(http_port, "/readyz")[1]
         print(f"    ready: mode {ready['mode']}, policy {ready['policy']}, edge x{ready['edge_scale']} its profile")
 
-        test = LoadEasyVqa("test")
+        test = load_easy_vqa("test")
         picks = list(range(0, 40 * args.questions, 40))[: args.questions]
         print(f"\n==> {len(picks)} easy-VQA test questions over MQTT (msao/v1/edge/demo-edge/request)")
         right = 0

@@ -13,16 +13,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from msao.datasets.easyvqa import LoadEasyVqa
+from msao.datasets.easyvqa import load_easy_vqa
 from msao.engines.backend import Backend
 from msao.engines.bundle import Bundle
-from msao.engines.flops import RequestFlops
+from msao.engines.flops import request_flops
 from msao.engines.generation import Generator
-from msao.engines.keep_policy import KeepPolicyFromName
+from msao.engines.keep_policy import keep_policy_from_name
 from msao.engines.mas import MasOptions
 from msao.engines.mas_text import QuestionEmbedder
 
-__all__ = ["EvalReport", "EvaluateBundle", "ANSWER_KINDS"]
+__all__ = ["EvalReport", "evaluate_bundle", "ANSWER_KINDS"]
 
 ANSWER_KINDS = {
     "shape": ("circle", "rectangle", "triangle"),
@@ -60,7 +60,7 @@ class EvalReport:
         return asdict(self)
 
 
-def EvaluateBundle(  # noqa: N802
+def evaluate_bundle(
     bundle: Bundle,
     backend: Backend,
     *,
@@ -81,10 +81,10 @@ def EvaluateBundle(  # noqa: N802
     Raises:
         ConfigError: unknown policy or a keep ratio outside (0, 1].
     """
-    policy = KeepPolicyFromName(keep_policy, MasOptions(keep_ratio=keep_ratio)) if keep_policy else None
+    policy = keep_policy_from_name(keep_policy, MasOptions(keep_ratio=keep_ratio)) if keep_policy else None
     if policy is None:
         MasOptions(keep_ratio=keep_ratio)  # same check and message with or without a policy
-    data = LoadEasyVqa(split)
+    data = load_easy_vqa(split)
     n = len(data) if limit is None else min(limit, len(data))
     gen = Generator(bundle, backend)
     embed_question = QuestionEmbedder(gen)
@@ -115,7 +115,7 @@ def EvaluateBundle(  # noqa: N802
             kept[i] = ans.kept_tokens
             correct[i] = ans.text == data.answers[i]
             confidence[i] = ans.confidence
-            flops[i] = RequestFlops(
+            flops[i] = request_flops(
                 bundle.manifest,
                 image_tokens=ans.kept_tokens,
                 text_tokens=ans.text_tokens,

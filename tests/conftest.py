@@ -15,10 +15,10 @@ FAST_EXPORT = dict(check_questions=20, profile_repeats=2)
 
 
 def _export(name: str, root: Path) -> Path:
-    from msao.export.exporter import ExportBundle, ExportOptions
+    from msao.export.exporter import ExportOptions, export_bundle
 
     out = root / name
-    ExportBundle(name, out, ExportOptions(**FAST_EXPORT), progress=lambda _m: None)
+    export_bundle(name, out, ExportOptions(**FAST_EXPORT), progress=lambda _m: None)
     return out
 
 
@@ -43,29 +43,29 @@ def edge_bundle_copy(edge_bundle_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     """A Mosquitto of this test module's own, so workers of one module never take another's jobs."""
-    from tests.mqtt_parts import StartBroker
+    from tests.mqtt_parts import start_broker
 
-    b = StartBroker(tmp_path_factory.mktemp("broker"))
+    b = start_broker(tmp_path_factory.mktemp("broker"))
     yield b
     b.stop()
 
 
 @pytest.fixture(scope="session")
 def easyvqa_test():
-    from msao.datasets.easyvqa import LoadEasyVqa
+    from msao.datasets.easyvqa import load_easy_vqa
 
-    return LoadEasyVqa("test")
+    return load_easy_vqa("test")
 
 
 @pytest.fixture(scope="session")
 def models(edge_bundle_dir: Path, cloud_bundle_dir: Path):
     """(edge model, large model), sharing one ONNX Runtime backend with one thread per session."""
     from msao.edge_runtime.local_model import LocalModel
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 
     be = OnnxRuntimeBackend(OrtOptions(threads=1))
-    edge, large = LocalModel(LoadBundle(edge_bundle_dir), be), LocalModel(LoadBundle(cloud_bundle_dir), be)
+    edge, large = LocalModel(load_bundle(edge_bundle_dir), be), LocalModel(load_bundle(cloud_bundle_dir), be)
     yield edge, large
     edge.close()
     large.close()
@@ -74,6 +74,6 @@ def models(edge_bundle_dir: Path, cloud_bundle_dir: Path):
 @pytest.fixture(scope="session")
 def calibration(models):
     """A real calibration on 60 train questions (the shipped one uses 2,000): enough for the tables' shape."""
-    from msao.edge_runtime.calibration import CalibrateModels
+    from msao.edge_runtime.calibration import calibrate_models
 
-    return CalibrateModels(*models, questions=60, keep_ratios=(1.0, 0.5, 0.25))
+    return calibrate_models(*models, questions=60, keep_ratios=(1.0, 0.5, 0.25))

@@ -23,7 +23,7 @@ import pytest
 from msao.cloud_bridge.link import CloudLink, LinkOptions
 from msao.cloud_bridge.mqtt_options import ClientOptions
 
-__all__ = ["Broker", "FreePort", "OpenLink", "StartBroker", "StartWorkers", "StopAll", "WaitOnline", "WorkerProcess"]
+__all__ = ["Broker", "free_port", "open_link", "start_broker", "start_workers", "stop_all", "wait_online", "WorkerProcess"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MAX_PACKET = 16384  # small_broker's max_packet_size: big payloads must be chunked
@@ -53,7 +53,7 @@ class Broker:
         self.process = _launch(self.conf, self.log_path, self.port)
 
 
-def FreePort() -> int:  # noqa: N802
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -77,9 +77,9 @@ def _launch(conf: Path, log_path: Path, port: int) -> subprocess.Popen:
     pytest.fail(f"mosquitto did not start on port {port}:\n{log_path.read_text()[-2000:]}")
 
 
-def StartBroker(root: Path, max_packet_bytes: int | None = None) -> Broker:  # noqa: N802
+def start_broker(root: Path, max_packet_bytes: int | None = None) -> Broker:
     root.mkdir(parents=True, exist_ok=True)
-    port = FreePort()
+    port = free_port()
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true", "persistence false"]
     if max_packet_bytes:
         lines.append(f"max_packet_size {max_packet_bytes}")
@@ -91,7 +91,7 @@ def StartBroker(root: Path, max_packet_bytes: int | None = None) -> Broker:  # n
     return Broker(f"mqtt://127.0.0.1:{port}", port, max_packet_bytes, conf, log_path, _launch(conf, log_path, port))
 
 
-FreePort = FreePort  # the name older tests import
+free_port = free_port  # the name older tests import
 
 
 class WorkerProcess:
@@ -129,7 +129,7 @@ class WorkerProcess:
         return self.process.wait(5)
 
 
-def StartWorkers(broker: Broker, bundle_dir: Path, log_dir: Path, count: int = 1, extra: tuple[str, ...] = ()) -> list[WorkerProcess]:  # noqa: N802
+def start_workers(broker: Broker, bundle_dir: Path, log_dir: Path, count: int = 1, extra: tuple[str, ...] = ()) -> list[WorkerProcess]:
     """Launch ``count`` workers at once (they start in parallel) and return without waiting."""
     out = []
     for _ in range(count):
@@ -156,7 +156,7 @@ def StartWorkers(broker: Broker, bundle_dir: Path, log_dir: Path, count: int = 1
     return out
 
 
-def WaitOnline(link: CloudLink, workers: list[WorkerProcess], timeout_s: float = 60.0) -> None:  # noqa: N802
+def wait_online(link: CloudLink, workers: list[WorkerProcess], timeout_s: float = 60.0) -> None:
     ids = {w.worker_id for w in workers}
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -170,7 +170,7 @@ def WaitOnline(link: CloudLink, workers: list[WorkerProcess], timeout_s: float =
     pytest.fail(f"workers {sorted(ids - {w.worker_id for w in link.workers()})} not online after {timeout_s} s")
 
 
-def OpenLink(broker: Broker, **options) -> CloudLink:  # noqa: N802
+def open_link(broker: Broker, **options) -> CloudLink:
     edge_id = "edge-" + uuid.uuid4().hex[:8]
     client = ClientOptions(broker.url, f"msao-{edge_id}", session_expiry_s=30)
     link = CloudLink(LinkOptions(edge_id, client, **options)).start()
@@ -178,6 +178,6 @@ def OpenLink(broker: Broker, **options) -> CloudLink:  # noqa: N802
     return link
 
 
-def StopAll(workers: list[WorkerProcess]) -> None:  # noqa: N802
+def stop_all(workers: list[WorkerProcess]) -> None:
     for w in workers:
         w.stop()

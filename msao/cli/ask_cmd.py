@@ -43,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give either --broker (ask a running `msao edge`) or --bundle (answer locally), not both or neither")
     if args.broker:
         return _remote(args, data)
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.generation import Generator
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 
-    gen = Generator(LoadBundle(args.bundle), OnnxRuntimeBackend(OrtOptions(threads=args.threads)))
+    gen = Generator(load_bundle(args.bundle), OnnxRuntimeBackend(OrtOptions(threads=args.threads)))
     try:
         ans = gen.answer(data, args.question, exit_layer=args.exit_layer, max_new_tokens=args.max_new_tokens)
     finally:

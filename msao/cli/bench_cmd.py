@@ -78,4 +78,4 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return int(_simulator().RunFromArgs(args))
+    return int(_simulator().run_from_args(args))

@@ -1,7 +1,7 @@
 """``msao build-engines``: a TensorRT engine per segment of a bundle, built on this device.
 
 Checks for TensorRT before anything else, so a machine without it fails at once with what to
-install. The build itself is ``engines.engine_builder.BuildEngines``; this module only turns
+install. The build itself is ``engines.engine_builder.build_engines``; this module only turns
 flags into ``BuildOptions`` and prints progress.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import re
 from pathlib import Path
 
-from msao.cli.common import Progress, add_bundle_option
+from msao.cli.common import add_bundle_option, report_progress
 from msao.errors import ConfigError
 
 __all__ = ["add_arguments", "run"]
@@ -62,10 +62,10 @@ def _dims(specs: list[str]) -> tuple[tuple[str, int, int, int], ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msao.engines.tensorrt_backend import ImportTensorRT
+    from msao.engines.tensorrt_backend import import_tensorrt
 
-    ImportTensorRT()  # first: without TensorRT nothing else is worth doing (MissingDependency says what to install)
-    from msao.engines.engine_builder import BuildEngines, BuildOptions
+    import_tensorrt()  # first: without TensorRT nothing else is worth doing (MissingDependency says what to install)
+    from msao.engines.engine_builder import BuildOptions, build_engines
     from msao.engines.tensorrt_profiles import ProfileLimits
 
     limits = ProfileLimits(
@@ -77,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
         segments=tuple(s.strip() for s in args.segments.split(",") if s.strip()) if args.segments else (),
         device=args.device, check_ops=not args.no_op_check, verbose=args.verbose > 0,
     )  # fmt: skip
-    BuildEngines(Path(args.bundle), options, progress=Progress)
+    build_engines(Path(args.bundle), options, progress=report_progress)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msao.cli.common import Progress, add_threads_option
+from msao.cli.common import add_threads_option, report_progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,29 +35,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msao.edge_runtime.calibration import CalibrateModels, SaveCalibration
+    from msao.edge_runtime.calibration import calibrate_models, save_calibration
     from msao.edge_runtime.local_model import LocalModel
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
     from msao.errors import ConfigError
 
     if args.questions < 1:
         raise ConfigError(f"--questions must be >= 1, got {args.questions}")
     backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads))
-    edge = LocalModel(LoadBundle(Path(args.edge)), backend)
-    large = LocalModel(LoadBundle(Path(args.large)), backend)
-    Progress(f"calibrating {edge.name} (draft) with {large.name} (verifier) on {args.questions} easy-VQA train questions")
-    cal = CalibrateModels(edge, large, questions=args.questions, seed=args.seed, progress=Progress)
-    SaveCalibration(cal, Path(args.out))
+    edge = LocalModel(load_bundle(Path(args.edge)), backend)
+    large = LocalModel(load_bundle(Path(args.large)), backend)
+    report_progress(f"calibrating {edge.name} (draft) with {large.name} (verifier) on {args.questions} easy-VQA train questions")
+    cal = calibrate_models(edge, large, questions=args.questions, seed=args.seed, progress=report_progress)
+    save_calibration(cal, Path(args.out))
     for m in cal.models:
         accs = ", ".join(f"{r:g}: {a:.4f}" for r, a in zip(m.keep_ratios, m.accuracy))
-        Progress(f"  {m.name}: train accuracy by keep ratio {accs}")
+        report_progress(f"  {m.name}: train accuracy by keep ratio {accs}")
     pair = cal.pairs[0]
     row = pair.row(1.0) if 1.0 in pair.keep_ratios else 0
     best = max(range(len(pair.thresholds)), key=lambda j: (pair.accuracy[row][j], pair.commit_share[row][j]))
-    Progress(
+    report_progress(
         f"  draft/verify at keep 1: best accuracy {pair.accuracy[row][best]:.4f} committing {pair.commit_share[row][best]:.1%} of drafts "
         f"at confidence >= {pair.thresholds[best]:g} (large model alone: {pair.large_accuracy[row]:.4f})"
     )
-    Progress(f"wrote {args.out}")
+    report_progress(f"wrote {args.out}")
     return 0

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from msao.cloud_bridge.mqtt_options import ClientOptions, TlsOptions
     from msao.cloud_bridge.sessions import SessionTable
     from msao.cloud_bridge.worker import CloudWorker, WorkerOptions
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
     from msao.errors import ConfigError
 
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None
     backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads, providers=providers))
     sessions: SessionTable = SessionTable(args.max_sessions, args.session_idle_s)
-    servers = [ModelServer(LoadBundle(Path(d)), backend, sessions) for d in (args.bundle or [DEFAULT_BUNDLE])]
+    servers = [ModelServer(load_bundle(Path(d)), backend, sessions) for d in (args.bundle or [DEFAULT_BUNDLE])]
     worker = CloudWorker(servers, options)
     stop = threading.Event()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_broker_options", "add_bundle_option", "add_threads_option", "Progress"]
+__all__ = ["add_broker_options", "add_bundle_option", "add_threads_option", "report_progress"]
 
 
 def add_bundle_option(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -19,7 +19,7 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def Progress(message: str) -> None:  # noqa: N802
+def report_progress(message: str) -> None:
     """Progress lines for long steps (training, export): flushed at once, on stderr."""
     import sys
 

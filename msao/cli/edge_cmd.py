@@ -89,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from msao.edge_runtime.config import ConfigToToml, LoadEdgeConfig
+    from msao.edge_runtime.config import config_to_toml, load_edge_config
 
-    config = LoadEdgeConfig(args.config, flags={key: getattr(args, dest) for dest, key in FLAG_KEYS.items()})
+    config = load_edge_config(args.config, flags={key: getattr(args, dest) for dest, key in FLAG_KEYS.items()})
     if args.print_config:
-        print(ConfigToToml(config))
+        print(config_to_toml(config))
         return 0
     from msao.edge_runtime.app import EdgeApp
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from msao.cli.common import Progress, add_bundle_option, add_threads_option
+from msao.cli.common import add_bundle_option, add_threads_option, report_progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,18 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-    from msao.evaluation import EvaluateBundle
+    from msao.evaluation import evaluate_bundle
 
-    bundle = LoadBundle(args.bundle)
+    bundle = load_bundle(args.bundle)
     if args.exit_layer is not None and args.exit_layer not in bundle.manifest.exit_layers:
         from msao.errors import ConfigError
 
         raise ConfigError(
             f"bundle {bundle.manifest.name} has exit heads after layers {list(bundle.manifest.exit_layers)}, not {args.exit_layer}"
         )
-    report = EvaluateBundle(
+    report = evaluate_bundle(
         bundle,
         OnnxRuntimeBackend(OrtOptions(threads=args.threads)),
         split=args.split,
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         exit_layer=args.exit_layer,
         keep_policy=args.keep_policy or ("mas" if args.keep_ratio != 1.0 else None),
         keep_ratio=args.keep_ratio,
-        progress=None if args.json else Progress,
+        progress=None if args.json else report_progress,
     )
     if args.json:
         print(json.dumps(report.to_dict()))

@@ -20,11 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.generation import Generator
-    from msao.engines.mas import AnalyseMas, CombinedScore, MasOptions, PatchGrid
-    from msao.engines.mas_render import HeatmapPng, ModelViewFromPixels
-    from msao.engines.mas_text import MasQuestionFromText
+    from msao.engines.mas import MasOptions, analyse_mas, combined_score, patch_grid
+    from msao.engines.mas_render import heatmap_png, model_view_from_pixels
+    from msao.engines.mas_text import mas_question_from_text
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
     from msao.errors import ImageError
 
@@ -33,13 +33,13 @@ def run(args: argparse.Namespace) -> int:
         data = Path(args.image).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read {args.image}: {exc.strerror}") from exc
-    bundle = LoadBundle(args.bundle)
+    bundle = load_bundle(args.bundle)
     gen = Generator(bundle, OnnxRuntimeBackend(OrtOptions(threads=args.threads)))
     try:
         pixels = gen.pixels_from_bytes(data)
         enc = gen.encode_image(pixels)
-        q = MasQuestionFromText(gen, args.question)
-        res = AnalyseMas(
+        q = mas_question_from_text(gen, args.question)
+        res = analyse_mas(
             enc.mas_features,
             enc.tokens,
             q.embeddings,
@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         gen.close()
-    grid = PatchGrid(enc.tokens.shape[0], pixels.shape[1], pixels.shape[2])
-    view = ModelViewFromPixels(pixels, bundle.manifest.preprocess)
-    png = HeatmapPng(view, CombinedScore(res.scores, options), res.keep, res.values, grid, question=args.question)
+    grid = patch_grid(enc.tokens.shape[0], pixels.shape[1], pixels.shape[2])
+    view = model_view_from_pixels(pixels, bundle.manifest.preprocess)
+    png = heatmap_png(view, combined_score(res.scores, options), res.keep, res.values, grid, question=args.question)
     Path(args.out).write_bytes(png)
     v = res.values
     summary = {
@@ -78,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _content_flags(pieces):
-    from msao.engines.mas_text import ContentTokenMask
+    from msao.engines.mas_text import content_token_mask
 
-    return ContentTokenMask(pieces).tolist()
+    return content_token_mask(pieces).tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msao.cli.common import Progress, add_threads_option
+from msao.cli.common import add_threads_option, report_progress
 from msao.errors import MissingDependency
 
 
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from msao.export.exporter import ExportBundle, ExportOptions
+        from msao.export.exporter import ExportOptions, export_bundle
     except ImportError as exc:
         raise MissingDependency(f"export needs the export extra ({exc.name} is missing): pip install 'msao[export]'") from exc
     split = tuple(int(k) for k in args.split_points.split(",")) if args.split_points else None
@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
         profile_repeats=args.profile_repeats,
         threads=args.threads,
     )
-    ExportBundle(args.model, out, options, progress=Progress)
+    export_bundle(args.model, out, options, progress=report_progress)
     return 0

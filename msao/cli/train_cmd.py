@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msao.cli.common import Progress
+from msao.cli.common import report_progress
 from msao.errors import MissingDependency
 
 
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         from msao.export.builtin import BUILTIN_MODELS, CHECKPOINT_ROOT
-        from msao.export.train import RECIPES, TrainBuiltin
+        from msao.export.train import RECIPES, train_builtin
     except ImportError as exc:
         raise MissingDependency(f"training needs the export extra ({exc.name} is missing): pip install 'msao[export]'") from exc
     from dataclasses import replace
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         options = replace(RECIPES[name], seed=args.seed)
         if args.steps:
             options = replace(options, steps=args.steps)
-        Progress(f"training {name}: {options.steps} steps, batch {options.batch_size} (see docs/models.md for the time this takes)")
-        report = TrainBuiltin(BUILTIN_MODELS[name], root / name, options, progress=Progress)
-        Progress(f"{name}: {report.params:,} parameters trained in {report.seconds:.0f}s -> {root / name}")
+        report_progress(f"training {name}: {options.steps} steps, batch {options.batch_size} (see docs/models.md for the time this takes)")
+        report = train_builtin(BUILTIN_MODELS[name], root / name, options, progress=report_progress)
+        report_progress(f"{name}: {report.params:,} parameters trained in {report.seconds:.0f}s -> {root / name}")
     return 0

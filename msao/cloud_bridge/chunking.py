@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from msao.errors import CodecError, PayloadTooLarge
 
-__all__ = ["CHUNK_PROPERTY", "ChunkHeader", "Reassembler", "SplitPayload"]
+__all__ = ["CHUNK_PROPERTY", "ChunkHeader", "Reassembler", "split_payload"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ChunkHeader:
         return cls(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5)))
 
 
-def SplitPayload(payload: bytes, chunk_bytes: int, message_id: str) -> Iterator[tuple[ChunkHeader, memoryview]]:  # noqa: N802
+def split_payload(payload: bytes, chunk_bytes: int, message_id: str) -> Iterator[tuple[ChunkHeader, memoryview]]:
     """Yield (header, bytes) for each chunk of ``payload``, in order, without copying."""
     if chunk_bytes <= 0:
         raise PayloadTooLarge(

@@ -32,7 +32,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
-from msao.cloud_bridge.chunking import CHUNK_PROPERTY, MAX_CHUNKS, ChunkHeader, Reassembler, SplitPayload
+from msao.cloud_bridge.chunking import CHUNK_PROPERTY, MAX_CHUNKS, ChunkHeader, Reassembler, split_payload
 from msao.cloud_bridge.mqtt_options import BrokerUrl, ClientCounters, ClientOptions, InboundMessage, PublishReport, TlsOptions
 from msao.errors import CloudUnavailable, CodecError, ConfigError, MissingDependency
 
@@ -213,19 +213,19 @@ class BridgeClient:
         base = (response_topic, correlation_data, expiry_s, content_type)
         props = self._props(*base, user_properties)
         limit = self.max_packet_bytes
-        if _PacketBytes(topic, props, len(payload)) <= limit:
+        if _packet_bytes(topic, props, len(payload)) <= limit:
             info = self._publish_one(topic, payload, qos, retain, props)
             self.counters.messages_out += 1
             return PublishReport(len(payload), 1, info)
         message_id = uuid.uuid4().hex[:16]
         widest = f"{message_id}:{MAX_CHUNKS - 1}:{MAX_CHUNKS}:{10**12 - 1}:{10**10 - 1}"  # longest header the format allows
-        chunk_bytes = limit - _PacketBytes(topic, self._props(*base, (*user_properties, (CHUNK_PROPERTY, widest))), 0)
+        chunk_bytes = limit - _packet_bytes(topic, self._props(*base, (*user_properties, (CHUNK_PROPERTY, widest))), 0)
         in_loop = threading.current_thread() is self._net_thread
         window: deque = deque()
         deadline = time.monotonic() + timeout_s
         chunks = 0
         last = None
-        for header, part in SplitPayload(payload, chunk_bytes, message_id):
+        for header, part in split_payload(payload, chunk_bytes, message_id):
             p = self._props(*base, (*user_properties, (CHUNK_PROPERTY, header.to_property())))
             while not in_loop and len(window) >= self.options.chunk_window:
                 self._await(window.popleft(), deadline, topic)
@@ -286,7 +286,7 @@ class BridgeClient:
         return True
 
     def _props(self, response_topic, correlation_data, expiry_s, content_type, user_properties):
-        props = self._Properties(_PacketType("PUBLISH"))
+        props = self._Properties(_packet_type("PUBLISH"))
         if response_topic:
             props.ResponseTopic = response_topic
         if content_type:
@@ -392,7 +392,7 @@ class BridgeClient:
     def _on_connect_fail(self, client, userdata) -> None:
         # paho 2.2 calls this inside its `except OSError` around the connect, so the error being
         # handled is the reason; should a later paho not, the reason is just unknown (None).
-        reason = _ConnectFailure(sys.exc_info()[1], self.url)
+        reason = _connect_failure(sys.exc_info()[1], self.url)
         with self._lock:
             first = not self._warned_down
             self._warned_down = True
@@ -486,7 +486,7 @@ class BridgeClient:
     def _connect_async(self) -> None:
         from paho.mqtt.properties import Properties
 
-        connect = Properties(_PacketType("CONNECT"))
+        connect = Properties(_packet_type("CONNECT"))
         connect.SessionExpiryInterval = self.options.session_expiry_s
         # tells the broker not to forward anything we would refuse anyway
         connect.MaximumPacketSize = min(MQTT_MAX_PACKET, self.options.max_message_bytes + 65536)
@@ -521,7 +521,7 @@ class BridgeClient:
             log.warning("no connection to %s for %.0f s; cloud jobs will fail over to the edge", self.url, time.monotonic() - down_since)
 
 
-def _ConnectFailure(exc: BaseException | None, url: BrokerUrl) -> str | None:  # noqa: N802
+def _connect_failure(exc: BaseException | None, url: BrokerUrl) -> str | None:
     """Why a connection attempt failed, and what to change, from the OSError paho caught."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (
@@ -537,12 +537,12 @@ def _ConnectFailure(exc: BaseException | None, url: BrokerUrl) -> str | None:  #
     return None
 
 
-def _PacketType(name: str):  # noqa: N802
+def _packet_type(name: str):
     from paho.mqtt.packettypes import PacketTypes
 
     return getattr(PacketTypes, name)
 
 
-def _PacketBytes(topic: str, props, payload_bytes: int) -> int:  # noqa: N802
+def _packet_bytes(topic: str, props, payload_bytes: int) -> int:
     """Upper bound of a QoS 1 PUBLISH packet's size: fixed header, topic, packet id, properties, payload."""
     return 1 + 4 + 2 + len(topic.encode("utf-8")) + 2 + len(props.pack()) + payload_bytes

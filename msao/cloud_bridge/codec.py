@@ -30,10 +30,10 @@ __all__ = [
     "DTYPE_NAMES",
     "ZSTD_MAGIC",
     "CodecLimits",
-    "CompressPayload",
+    "compress_payload",
     "DecodedPayload",
-    "PayloadFromTensors",
-    "TensorsFromPayload",
+    "payload_from_tensors",
+    "tensors_from_payload",
 ]
 
 # numpy dtype name -> safetensors dtype tag (little-endian on the wire)
@@ -98,7 +98,7 @@ class DecodedPayload:
     compressed: bool
 
 
-def PayloadFromTensors(  # noqa: N802
+def payload_from_tensors(
     tensors: Mapping[str, np.ndarray],
     metadata: Mapping[str, str] | None = None,
     *,
@@ -144,18 +144,18 @@ def PayloadFromTensors(  # noqa: N802
     hjson += b" " * (-(8 + len(hjson)) % _ALIGN)
     # one copy of each tensor's bytes, straight into the result
     out = b"".join([struct.pack("<Q", len(hjson)), hjson, *(x for _, x in arrays)])
-    return CompressPayload(out, level) if compress else out
+    return compress_payload(out, level) if compress else out
 
 
-def CompressPayload(body: bytes, level: int = 1) -> bytes:  # noqa: N802
+def compress_payload(body: bytes, level: int = 1) -> bytes:
     """One zstd frame around an encoded payload, recording its content size (decoders require it)."""
     import zstandard
 
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
 
 
-def TensorsFromPayload(data: bytes | bytearray | memoryview, limits: CodecLimits = CodecLimits()) -> DecodedPayload:  # noqa: N802
-    """Decode a payload written by ``PayloadFromTensors`` (or any plain safetensors bytes).
+def tensors_from_payload(data: bytes | bytearray | memoryview, limits: CodecLimits = CodecLimits()) -> DecodedPayload:
+    """Decode a payload written by ``payload_from_tensors`` (or any plain safetensors bytes).
 
     Raises:
         PayloadTooLarge: wire size, declared zstd content size or header over ``limits``.
@@ -168,12 +168,12 @@ def TensorsFromPayload(data: bytes | bytearray | memoryview, limits: CodecLimits
             f"payload is {wire} bytes, over the limit {limits.max_payload_bytes}; split the job or raise --max-payload-mb"
         )
     compressed = bytes(view[:4]) == ZSTD_MAGIC
-    body = _Decompress(view, limits) if compressed else view
-    tensors, metadata = _ParseSafetensors(body, limits)
+    body = _decompress(view, limits) if compressed else view
+    tensors, metadata = _parse_safetensors(body, limits)
     return DecodedPayload(tensors=tensors, metadata=metadata, wire_bytes=wire, body_bytes=len(body), compressed=compressed)
 
 
-def _Decompress(view: memoryview, limits: CodecLimits) -> memoryview:  # noqa: N802
+def _decompress(view: memoryview, limits: CodecLimits) -> memoryview:
     import zstandard
 
     try:
@@ -202,7 +202,7 @@ def _Decompress(view: memoryview, limits: CodecLimits) -> memoryview:  # noqa: N
     return memoryview(out)
 
 
-def _NoDuplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:  # noqa: N802
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     d: dict[str, object] = {}
     for k, v in pairs:
         if k in d:
@@ -211,7 +211,7 @@ def _NoDuplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:  # noqa
     return d
 
 
-def _ParseSafetensors(body: memoryview, limits: CodecLimits) -> tuple[dict[str, np.ndarray], dict[str, str]]:  # noqa: N802
+def _parse_safetensors(body: memoryview, limits: CodecLimits) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     total = len(body)
     if total < 8:
         raise CodecError(f"payload is {total} bytes, shorter than the 8-byte safetensors header length; {_HINT}")
@@ -221,7 +221,7 @@ def _ParseSafetensors(body: memoryview, limits: CodecLimits) -> tuple[dict[str, 
     if 8 + hlen > total:
         raise CodecError(f"safetensors header length {hlen} runs past the payload ({total} bytes in all); truncated? {_HINT}")
     try:
-        header = json.loads(bytes(body[8 : 8 + hlen]).decode("utf-8"), object_pairs_hook=_NoDuplicates, parse_constant=_NoConstant)
+        header = json.loads(bytes(body[8 : 8 + hlen]).decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, ints over 4300 digits
         raise CodecError(f"safetensors header is not valid JSON ({exc}); {_HINT}") from exc
     if not isinstance(header, dict):
@@ -235,7 +235,7 @@ def _ParseSafetensors(body: memoryview, limits: CodecLimits) -> tuple[dict[str, 
     spans: list[tuple[int, int, str]] = []
     entries: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
     for name, entry in header.items():
-        dtype, shape, begin, end = _CheckEntry(name, entry, limits)
+        dtype, shape, begin, end = _check_entry(name, entry, limits)
         if end > len(data):
             raise CodecError(f"tensor {name!r}: data_offsets end {end} is past the data ({len(data)} bytes); truncated? {_HINT}")
         want = int(np.prod(shape, dtype=object)) * dtype.itemsize
@@ -269,11 +269,11 @@ def _ParseSafetensors(body: memoryview, limits: CodecLimits) -> tuple[dict[str, 
     return tensors, dict(metadata)
 
 
-def _NoConstant(name: str) -> None:  # noqa: N802
+def _no_constant(name: str) -> None:
     raise CodecError(f"safetensors header contains {name}, which is not JSON")
 
 
-def _CheckEntry(name: str, entry: object, limits: CodecLimits) -> tuple[np.dtype, tuple[int, ...], int, int]:  # noqa: N802
+def _check_entry(name: str, entry: object, limits: CodecLimits) -> tuple[np.dtype, tuple[int, ...], int, int]:
     if not name:
         raise CodecError("safetensors header has a tensor with an empty name")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
@@ -283,12 +283,12 @@ def _CheckEntry(name: str, entry: object, limits: CodecLimits) -> tuple[np.dtype
     if not isinstance(tag, str) or tag not in _NUMPY_OF_TAG:
         raise CodecError(f"tensor {name!r}: dtype {tag!r} is not supported; msao sends {sorted(_NUMPY_OF_TAG)}")
     shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(shape, list) or len(shape) > limits.max_rank or not all(_IsCount(d) for d in shape):
+    if not isinstance(shape, list) or len(shape) > limits.max_rank or not all(_is_count(d) for d in shape):
         raise CodecError(f"tensor {name!r}: shape must be a list of at most {limits.max_rank} non-negative ints, got {shape!r}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_IsCount(o) for o in offsets) or offsets[0] > offsets[1]:
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
         raise CodecError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
     return _NUMPY_OF_TAG[tag], tuple(shape), offsets[0], offsets[1]
 
 
-def _IsCount(v: object) -> bool:  # noqa: N802
+def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62

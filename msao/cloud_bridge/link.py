@@ -28,29 +28,29 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from msao.cloud_bridge.client import BridgeClient
-from msao.cloud_bridge.codec import CodecLimits, CompressPayload, PayloadFromTensors, TensorsFromPayload
+from msao.cloud_bridge.codec import CodecLimits, compress_payload, payload_from_tensors, tensors_from_payload
 from msao.cloud_bridge.messages import EdgeStatus, JobHeader, ResultHeader, WorkerStatus
 from msao.cloud_bridge.mqtt_options import ClientOptions, InboundMessage
 from msao.cloud_bridge.stats import TransferLog, TransferStats
 from msao.cloud_bridge.topics import (
     PREFIX,
-    CheckId,
-    EdgeResultsTopic,
-    EdgeStatusTopic,
-    JobTopic,
-    WorkerJobTopic,
-    WorkerStatusFilter,
+    check_id,
+    edge_results_topic,
+    edge_status_topic,
+    job_topic,
+    worker_job_topic,
+    worker_status_filter,
 )
 from msao.errors import CloudBusy, CloudJobFailed, CloudUnavailable, CodecError, ConfigError, MsaoError
 
-__all__ = ["CloudLink", "JobResult", "LinkOptions", "NewJobId", "RemoteAnswer"]
+__all__ = ["CloudLink", "JobResult", "LinkOptions", "new_job_id", "RemoteAnswer"]
 
 log = logging.getLogger(__name__)
 
 PACKET_MARGIN_BYTES = 1024  # topic + properties of a job, generously
 
 
-def NewJobId() -> str:  # noqa: N802
+def new_job_id() -> str:
     """A fresh job (or session) id: 20 random hex digits."""
     return uuid.uuid4().hex[:20]
 
@@ -78,7 +78,7 @@ class LinkOptions:
     history: int = 256
 
     def __post_init__(self) -> None:
-        CheckId(self.edge_id, "edge id")
+        check_id(self.edge_id, "edge id")
         if self.redispatch_after_s is not None and self.redispatch_after_s <= 0:
             raise ConfigError(f"redispatch_after_s must be > 0, got {self.redispatch_after_s}")
 
@@ -119,8 +119,8 @@ class CloudLink:
 
     def __init__(self, options: LinkOptions):
         self.options = options
-        self.results_topic = EdgeResultsTopic(options.edge_id)
-        self.status_topic = EdgeStatusTopic(options.edge_id)
+        self.results_topic = edge_results_topic(options.edge_id)
+        self.status_topic = edge_status_topic(options.edge_id)
         self.transfers = TransferLog(options.history)
         self.late_results = 0
         self._pending: dict[str, _Pending] = {}
@@ -133,7 +133,7 @@ class CloudLink:
     def start(self, timeout_s: float = 5.0) -> CloudLink:
         """Connect (in the background) and wait up to ``timeout_s``; a missing broker is not fatal."""
         self.client.subscribe(self.results_topic, qos=1)
-        self.client.subscribe(WorkerStatusFilter(), qos=1)
+        self.client.subscribe(worker_status_filter(), qos=1)
         self.client.start()
         if not self.client.wait_connected(timeout_s):
             log.warning("no broker at %s yet; cloud jobs fail with CloudUnavailable until it is reachable", self.client.url)
@@ -194,10 +194,10 @@ class CloudLink:
             CloudJobFailed: the worker answered with an error (``.code`` says which).
         """
         t0 = time.perf_counter()
-        body = PayloadFromTensors(tensors, header.to_metadata())
+        body = payload_from_tensors(tensors, header.to_metadata())
         if compress is None:
             compress = len(body) > self.options.compress_above_bytes
-        payload = CompressPayload(body, self.options.zstd_level) if compress else body
+        payload = compress_payload(body, self.options.zstd_level) if compress else body
         encode_ms = (time.perf_counter() - t0) * 1e3
         end = time.monotonic() + header.deadline_unix_s - time.time()
         pending = _Pending()
@@ -310,7 +310,7 @@ class CloudLink:
         if keep is not None:
             tensors["keep"] = np.asarray(keep, np.int64)
         header = JobHeader(
-            job_id=job_id or NewJobId(), model_hash=model_hash, kind="answer", deadline_unix_s=time.time() + deadline_s, question=question,
+            job_id=job_id or new_job_id(), model_hash=model_hash, kind="answer", deadline_unix_s=time.time() + deadline_s, question=question,
             max_new_tokens=max_new_tokens, exit_layer=-1 if exit_layer is None else exit_layer,
         )  # fmt: skip
         res = self.submit(header, tensors)
@@ -322,24 +322,24 @@ class CloudLink:
         self, model_hash: str, up_bytes: int, reply_bytes: int = 0, deadline_s: float = 5.0, worker_id: str | None = None
     ) -> TransferStats:
         """Measure the link: ``up_bytes`` to a worker, ``reply_bytes`` back, no compute, no compression."""
-        header = JobHeader(NewJobId(), model_hash, "probe", time.time() + deadline_s, reply_bytes=reply_bytes)
+        header = JobHeader(new_job_id(), model_hash, "probe", time.time() + deadline_s, reply_bytes=reply_bytes)
         return self.submit(header, {"probe": np.zeros(up_bytes, np.uint8)}, worker_id=worker_id, compress=False).stats
 
     # -- internals ----------------------------------------------------------------------------
 
     def _route(self, header: JobHeader, size: int, target: str | None, excluded: set[str]) -> tuple[str, str | None]:
         if target:
-            return WorkerJobTopic(target, header.model_hash), target
+            return worker_job_topic(target, header.model_hash), target
         if size + PACKET_MARGIN_BYTES <= self.client.max_packet_bytes:
             pick = self._pick(header.model_hash, excluded) if excluded else None
-            return (WorkerJobTopic(pick, header.model_hash), pick) if pick else (JobTopic(header.model_hash), None)
+            return (worker_job_topic(pick, header.model_hash), pick) if pick else (job_topic(header.model_hash), None)
         pick = self._pick(header.model_hash, excluded) or self._pick(header.model_hash, set())
         if pick is None:
             raise CloudUnavailable(
                 f"job {header.job_id} is {size} bytes, above the broker's packet limit ({self.client.max_packet_bytes}), so it goes "
                 f"in chunks to one worker, but no worker status for model {header.model_hash[:12]}… has been seen; is `msao cloud` running?"
             )
-        return WorkerJobTopic(pick, header.model_hash), pick
+        return worker_job_topic(pick, header.model_hash), pick
 
     def _known_unserved(self, model_hash: str) -> bool:
         """Statuses have been seen and none of the online workers serves ``model_hash``: waiting is pointless."""
@@ -361,7 +361,7 @@ class CloudLink:
         rtt_ms = (msg.received_monotonic - t_sent) * 1e3
         t0 = time.perf_counter()
         try:
-            decoded = TensorsFromPayload(msg.payload, self.options.limits)
+            decoded = tensors_from_payload(msg.payload, self.options.limits)
             result = ResultHeader.from_metadata(decoded.metadata)
         except CodecError as exc:
             raise self._fail(header, sent, body_bytes, t_sent, encode_ms, "error", CloudJobFailed, f"unreadable result: {exc}") from exc

@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
-from msao.cloud_bridge.topics import CheckId
+from msao.cloud_bridge.topics import check_id
 from msao.errors import CodecError, ConfigError
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "ResultHeader",
     "ServedModel",
     "WorkerStatus",
-    "ParseDecoderRange",
+    "parse_decoder_range",
 ]
 
 LAYOUT_VERSION = "1"
@@ -59,7 +59,7 @@ _HASH = re.compile(r"^[0-9a-f]{64}\Z")
 MAX_TEXT_CHARS = 2000
 
 
-def ParseDecoderRange(segment: str) -> tuple[int, int]:  # noqa: N802
+def parse_decoder_range(segment: str) -> tuple[int, int]:
     """``"decoder[2:4]"`` -> (2, 4); raises CodecError for anything else."""
     m = _RANGE.match(segment)
     if not m or int(m.group(1)) >= int(m.group(2)):
@@ -67,11 +67,11 @@ def ParseDecoderRange(segment: str) -> tuple[int, int]:  # noqa: N802
     return int(m.group(1)), int(m.group(2))
 
 
-def _ToStrings(obj: object) -> dict[str, str]:  # noqa: N802
+def _to_strings(obj: object) -> dict[str, str]:
     return {f.name: repr(v) if isinstance(v := getattr(obj, f.name), float) else str(v) for f in fields(obj)}  # type: ignore[arg-type]
 
 
-def _FromStrings(cls, md: Mapping[str, str]):  # noqa: N802
+def _from_strings(cls, md: Mapping[str, str]):
     """Build ``cls`` from string metadata: unknown or missing keys and bad numbers are refused."""
     if not isinstance(md, Mapping):
         raise CodecError(f"{cls.__name__}: metadata must be a string dict, got {type(md).__name__}")
@@ -148,8 +148,8 @@ class JobHeader:
     def __post_init__(self) -> None:
         problems: list[str] = []
         for check in (
-            lambda: CheckId(self.job_id, "job id"),
-            lambda: self.session_id and CheckId(self.session_id, "session id"),
+            lambda: check_id(self.job_id, "job id"),
+            lambda: self.session_id and check_id(self.session_id, "session id"),
         ):
             try:
                 check()
@@ -165,7 +165,7 @@ class JobHeader:
             problems.append(f"result_dtype {self.result_dtype!r} not float32/float16")
         if self.kind == "split":
             try:
-                ParseDecoderRange(self.segment)
+                parse_decoder_range(self.segment)
             except CodecError as exc:
                 problems.append(str(exc))
             if not _HEAD.match(self.head):
@@ -189,11 +189,11 @@ class JobHeader:
             raise CodecError("job header: " + "; ".join(problems))
 
     def to_metadata(self) -> dict[str, str]:
-        return _ToStrings(self)
+        return _to_strings(self)
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, str]) -> JobHeader:
-        return _FromStrings(cls, md)
+        return _from_strings(cls, md)
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,8 @@ class ResultHeader:
     layout: str = LAYOUT_VERSION
 
     def __post_init__(self) -> None:
-        CheckId(self.job_id, "job id")
-        CheckId(self.worker_id, "worker id")
+        check_id(self.job_id, "job id")
+        check_id(self.worker_id, "worker id")
         if self.status not in RESULT_STATUSES:
             raise CodecError(f"result status {self.status!r} not in {RESULT_STATUSES}")
         if (self.status == "error") != bool(self.error_code) or (self.error_code and self.error_code not in ERROR_CODES):
@@ -237,11 +237,11 @@ class ResultHeader:
             raise CodecError(f"result error/text longer than {MAX_TEXT_CHARS} characters")
 
     def to_metadata(self) -> dict[str, str]:
-        return _ToStrings(self)
+        return _to_strings(self)
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, str]) -> ResultHeader:
-        return _FromStrings(cls, md)
+        return _from_strings(cls, md)
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ class ServedModel:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ServedModel:
-        d = _Exact(cls, d)
+        d = _exact(cls, d)
         return cls(
             name=str(d["name"]),
             model_hash=str(d["model_hash"]),
@@ -293,7 +293,7 @@ class WorkerStatus:
     layout: str = LAYOUT_VERSION
 
     def __post_init__(self) -> None:
-        CheckId(self.worker_id, "worker id")
+        check_id(self.worker_id, "worker id")
         if self.state not in ("online", "offline"):
             raise ValueError(f"worker state {self.state!r} not online/offline")
 
@@ -305,7 +305,7 @@ class WorkerStatus:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> WorkerStatus:
-        d = dict(_Exact(cls, d))
+        d = dict(_exact(cls, d))
         if d.get("layout") != LAYOUT_VERSION:
             raise ValueError(f"worker status layout {d.get('layout')!r}, this msao speaks {LAYOUT_VERSION!r}")
         d["models"] = tuple(ServedModel.from_dict(m) for m in d["models"])
@@ -326,7 +326,7 @@ class EdgeStatus:
     layout: str = LAYOUT_VERSION
 
     def __post_init__(self) -> None:
-        CheckId(self.edge_id, "edge id")
+        check_id(self.edge_id, "edge id")
         if self.state not in ("online", "offline"):
             raise ValueError(f"edge state {self.state!r} not online/offline")
 
@@ -335,10 +335,10 @@ class EdgeStatus:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> EdgeStatus:
-        return cls(**_Exact(cls, d))
+        return cls(**_exact(cls, d))
 
 
-def _Exact(cls, d: Mapping) -> Mapping:  # noqa: N802
+def _exact(cls, d: Mapping) -> Mapping:
     if not isinstance(d, Mapping):
         raise TypeError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
     unknown = set(d) - {f.name for f in fields(cls)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from msao.cloud_bridge.messages import JobHeader, ParseDecoderRange, ServedModel
+from msao.cloud_bridge.messages import JobHeader, ServedModel, parse_decoder_range
 from msao.cloud_bridge.sessions import SessionTable
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
@@ -71,7 +71,7 @@ class ModelServer:
     """One bundle, its open runners, and the jobs it can run.
 
     Args:
-        bundle: a verified bundle (``LoadBundle``).
+        bundle: a verified bundle (``load_bundle``).
         backend: opens one runner per segment (e.g. ``OnnxRuntimeBackend``).
         sessions: the worker's KV session table (shared by all models; ids are random).
     """
@@ -109,7 +109,7 @@ class ModelServer:
     # -- split --------------------------------------------------------------------------------
 
     def _chunk_runners(self, segment: str) -> list[Runner]:
-        start, end = ParseDecoderRange(segment)
+        start, end = parse_decoder_range(segment)
         chunks = [s for s in self.manifest.decoder_chunks() if s.layers and start <= s.layers[0] and s.layers[1] <= end]
         if not chunks or chunks[0].layers[0] != start or chunks[-1].layers[1] != end:  # type: ignore[index]
             bounds = sorted({0, *(s.layers[1] for s in self.manifest.decoder_chunks() if s.layers)})
@@ -135,7 +135,7 @@ class ModelServer:
         if tuple(sorted(tensors)) != SPLIT_INPUTS:
             raise CloudJobFailed(f"split job needs exactly the tensors {list(SPLIT_INPUTS)}, got {sorted(tensors)}", "bad_input")
         runners = self._chunk_runners(header.segment)
-        head = self._head_runner(header.head, ParseDecoderRange(header.segment)[1])
+        head = self._head_runner(header.head, parse_decoder_range(header.segment)[1])
         hidden = tensors["hidden_states"]
         if hidden.dtype == np.float16:  # fp16 transport; the segments compute in float32
             hidden = hidden.astype(np.float32)

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from msao.cloud_bridge.link import CloudLink, NewJobId
+from msao.cloud_bridge.link import CloudLink, new_job_id
 from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.stats import TransferStats
 from msao.engines.backend import Runner
 from msao.engines.manifest import Manifest, SegmentSpec, TensorSpec, decoder_segment_name, exit_segment_name
 from msao.errors import CloudError, ConfigError, FeedError
 
-__all__ = ["RemoteOptions", "RemoteRunner", "RemoteSpec"]
+__all__ = ["RemoteOptions", "RemoteRunner", "remote_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class RemoteOptions:
             raise ConfigError(f"remote options: deadline_s > 0, transport_dtype float16/float32, logits last/all; got {self}")
 
 
-def RemoteSpec(manifest: Manifest, start: int, end: int | None = None, head: str = "lm_head") -> SegmentSpec:  # noqa: N802
+def remote_spec(manifest: Manifest, start: int, end: int | None = None, head: str = "lm_head") -> SegmentSpec:
     """The ``SegmentSpec`` of ``decoder[start:end]`` + ``head`` run remotely (no past inputs: KV stays remote)."""
     end = manifest.model.num_layers if end is None else end
     chunks = manifest.decoder_chunks()
@@ -91,7 +91,7 @@ class RemoteRunner(Runner):
         head: str = "lm_head",
         options: RemoteOptions = RemoteOptions(),
     ):
-        spec = RemoteSpec(manifest, start, end, head)
+        spec = remote_spec(manifest, start, end, head)
         super().__init__(spec)
         self.link = link
         self.options = options
@@ -113,7 +113,7 @@ class RemoteRunner(Runner):
         if past == 0:
             self.reset()
             if self.options.keep_session:
-                self.session_id = NewJobId()
+                self.session_id = new_job_id()
         elif self.session_id is None or past != self.past_length:
             raise FeedError(
                 f"remote {self.spec.name}: feeds continue a sequence of {past} tokens but the cloud session holds "
@@ -123,7 +123,7 @@ class RemoteRunner(Runner):
         if self.options.transport_dtype == "float16":
             hidden = hidden.astype(np.float16)  # (B, T, D) half the bytes on the wire
         header = JobHeader(
-            job_id=NewJobId(), model_hash=self.model_hash, kind="split", deadline_unix_s=time.time() + self.options.deadline_s,
+            job_id=new_job_id(), model_hash=self.model_hash, kind="split", deadline_unix_s=time.time() + self.options.deadline_s,
             segment=self.segment, head=self.head, logits=self.options.logits, session_id=self.session_id or "", past_length=past,
         )  # fmt: skip
         tensors = {"hidden_states": hidden, "position_ids": feeds["position_ids"], "attention_mask": feeds["attention_mask"]}

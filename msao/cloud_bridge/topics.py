@@ -22,17 +22,17 @@ from msao.errors import ConfigError
 __all__ = [
     "PREFIX",
     "SHARE_GROUP",
-    "CheckId",
-    "EdgeRequestTopic",
-    "EdgeResponseTopic",
-    "EdgeResultsTopic",
-    "EdgeStatusTopic",
-    "JobTopic",
-    "SharedJobFilter",
-    "WorkerJobFilter",
-    "WorkerJobTopic",
-    "WorkerStatusFilter",
-    "WorkerStatusTopic",
+    "check_id",
+    "edge_request_topic",
+    "edge_response_topic",
+    "edge_results_topic",
+    "edge_status_topic",
+    "job_topic",
+    "shared_job_filter",
+    "worker_job_filter",
+    "worker_job_topic",
+    "worker_status_filter",
+    "worker_status_topic",
 ]
 
 PREFIX = "msao/v1"
@@ -41,7 +41,7 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 _HASH = re.compile(r"^[0-9a-f]{64}\Z")
 
 
-def CheckId(value: str, what: str = "id") -> str:  # noqa: N802
+def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid msao id; raise ConfigError otherwise."""
     if not isinstance(value, str) or not _ID.match(value):
         raise ConfigError(f"{what} {value!r} is not a valid id: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
@@ -54,44 +54,44 @@ def _hash(model_hash: str) -> str:
     return model_hash
 
 
-def JobTopic(model_hash: str) -> str:  # noqa: N802
+def job_topic(model_hash: str) -> str:
     return f"{PREFIX}/cloud/jobs/{_hash(model_hash)}"
 
 
-def SharedJobFilter(model_hash: str) -> str:  # noqa: N802
-    return f"$share/{SHARE_GROUP}/{JobTopic(model_hash)}"
+def shared_job_filter(model_hash: str) -> str:
+    return f"$share/{SHARE_GROUP}/{job_topic(model_hash)}"
 
 
-def WorkerJobTopic(worker_id: str, model_hash: str) -> str:  # noqa: N802
-    return f"{PREFIX}/cloud/workers/{CheckId(worker_id, 'worker id')}/jobs/{_hash(model_hash)}"
+def worker_job_topic(worker_id: str, model_hash: str) -> str:
+    return f"{PREFIX}/cloud/workers/{check_id(worker_id, 'worker id')}/jobs/{_hash(model_hash)}"
 
 
-def WorkerJobFilter(worker_id: str) -> str:  # noqa: N802
+def worker_job_filter(worker_id: str) -> str:
     """Every model's direct jobs for one worker (a job for a model it lacks gets an error result)."""
-    return f"{PREFIX}/cloud/workers/{CheckId(worker_id, 'worker id')}/jobs/+"
+    return f"{PREFIX}/cloud/workers/{check_id(worker_id, 'worker id')}/jobs/+"
 
 
-def WorkerStatusTopic(worker_id: str) -> str:  # noqa: N802
-    return f"{PREFIX}/cloud/status/{CheckId(worker_id, 'worker id')}"
+def worker_status_topic(worker_id: str) -> str:
+    return f"{PREFIX}/cloud/status/{check_id(worker_id, 'worker id')}"
 
 
-def WorkerStatusFilter() -> str:  # noqa: N802
+def worker_status_filter() -> str:
     return f"{PREFIX}/cloud/status/+"
 
 
-def EdgeResultsTopic(edge_id: str) -> str:  # noqa: N802
-    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/cloud/results"
+def edge_results_topic(edge_id: str) -> str:
+    return f"{PREFIX}/edge/{check_id(edge_id, 'edge id')}/cloud/results"
 
 
-def EdgeStatusTopic(edge_id: str) -> str:  # noqa: N802
-    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/status"
+def edge_status_topic(edge_id: str) -> str:
+    return f"{PREFIX}/edge/{check_id(edge_id, 'edge id')}/status"
 
 
-def EdgeRequestTopic(edge_id: str) -> str:  # noqa: N802
+def edge_request_topic(edge_id: str) -> str:
     """Where users send questions to one edge daemon (JSON or a raw image; docs/mqtt-api.md)."""
-    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/request"
+    return f"{PREFIX}/edge/{check_id(edge_id, 'edge id')}/request"
 
 
-def EdgeResponseTopic(edge_id: str) -> str:  # noqa: N802
+def edge_response_topic(edge_id: str) -> str:
     """Where the edge daemon answers requests that carry no ResponseTopic of their own."""
-    return f"{PREFIX}/edge/{CheckId(edge_id, 'edge id')}/response"
+    return f"{PREFIX}/edge/{check_id(edge_id, 'edge id')}/response"

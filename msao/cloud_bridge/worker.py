@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from msao.cloud_bridge.client import BridgeClient, ClientOptions, InboundMessage
-from msao.cloud_bridge.codec import CodecLimits, PayloadFromTensors, TensorsFromPayload
+from msao.cloud_bridge.codec import CodecLimits, payload_from_tensors, tensors_from_payload
 from msao.cloud_bridge.messages import JobHeader, ResultHeader, WorkerStatus
 from msao.cloud_bridge.model_server import JobOutput, ModelServer
 from msao.cloud_bridge.sessions import RecentResults, StoredResult
-from msao.cloud_bridge.topics import CheckId, SharedJobFilter, WorkerJobFilter, WorkerStatusTopic
+from msao.cloud_bridge.topics import check_id, shared_job_filter, worker_job_filter, worker_status_topic
 from msao.errors import CloudJobFailed, CodecError, ConfigError, FeedError, ImageError, MsaoError, PayloadTooLarge
 
 __all__ = ["CloudWorker", "WorkerOptions"]
@@ -65,7 +65,7 @@ class WorkerOptions:
     status_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
-        CheckId(self.worker_id, "worker id")
+        check_id(self.worker_id, "worker id")
         if self.threads < 1 or self.queue_size < 1 or self.recent_results < 1:
             raise ConfigError(
                 f"threads, queue size and recent results must be >= 1, got {self.threads}, {self.queue_size}, {self.recent_results}"
@@ -113,7 +113,7 @@ class CloudWorker:
         self._status_dirty = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.status_topic = WorkerStatusTopic(options.worker_id)
+        self.status_topic = worker_status_topic(options.worker_id)
         client_options = _with_will(options.client, self.status_topic, self._status("offline"))
         self.client = BridgeClient(client_options, self._on_message, on_connect=self._status_dirty.set)
 
@@ -121,8 +121,8 @@ class CloudWorker:
 
     def start(self) -> CloudWorker:
         for model_hash in self.servers:
-            self.client.subscribe(SharedJobFilter(model_hash), qos=1)
-        self.client.subscribe(WorkerJobFilter(self.options.worker_id), qos=1)
+            self.client.subscribe(shared_job_filter(model_hash), qos=1)
+        self.client.subscribe(worker_job_filter(self.options.worker_id), qos=1)
         self.client.start()
         for i in range(self.options.threads):
             t = threading.Thread(target=self._work, name=f"msao-worker-{i}", daemon=True)
@@ -164,7 +164,7 @@ class CloudWorker:
     # -- network thread: quick decisions only ------------------------------------------------
 
     def _on_message(self, msg: InboundMessage) -> None:
-        job_id = _JobId(msg.correlation_data)
+        job_id = _job_id(msg.correlation_data)
         if not msg.response_topic or job_id is None or "+" in msg.response_topic or "#" in msg.response_topic:
             self.counters.dropped += 1  # (paho refuses to publish to a topic with a wildcard: ValueError)
             log.warning(
@@ -195,7 +195,7 @@ class CloudWorker:
         if busy:
             log.debug("job %s: queue full (%d), answered busy", job_id, self.options.queue_size)
             header = ResultHeader(job_id=job_id, status="busy", worker_id=self.options.worker_id)
-            self._send(msg.response_topic, job_id, PayloadFromTensors({}, header.to_metadata()), time.time() + (msg.expiry_s or 5))
+            self._send(msg.response_topic, job_id, payload_from_tensors({}, header.to_metadata()), time.time() + (msg.expiry_s or 5))
 
     # -- worker threads ----------------------------------------------------------------------
 
@@ -225,7 +225,7 @@ class CloudWorker:
         codec_ms = 0.0
         try:
             t0 = time.perf_counter()
-            payload = TensorsFromPayload(msg.payload, self.options.limits)
+            payload = tensors_from_payload(msg.payload, self.options.limits)
             try:
                 header = JobHeader.from_metadata(payload.metadata)
             except CodecError as exc:
@@ -279,7 +279,7 @@ class CloudWorker:
         ).to_metadata()  # fmt: skip
         # a probe's reply measures the downlink: compressed, 4 MB of zeros would cross as 400 bytes
         compress = body_bytes > COMPRESS_RESULTS_ABOVE and header.kind != "probe"
-        return PayloadFromTensors(out.tensors, meta, compress=compress)
+        return payload_from_tensors(out.tensors, meta, compress=compress)
 
     def _error(self, job_id: str, exc: BaseException, queue_wait_ms: float) -> bytes:
         if isinstance(exc, CloudJobFailed):
@@ -306,7 +306,7 @@ class CloudWorker:
             error=message[:2000],
             queue_wait_ms=round(queue_wait_ms, 3),
         )
-        return PayloadFromTensors({}, header.to_metadata())
+        return payload_from_tensors({}, header.to_metadata())
 
     def _expired(self, job_id: str, why: str) -> None:
         self.counters.expired += 1
@@ -353,10 +353,10 @@ def _with_will(options: ClientOptions, topic: str, payload: bytes) -> ClientOpti
     return replace(options, will_topic=topic, will_payload=payload, session_expiry_s=0)
 
 
-def _JobId(raw: bytes | None) -> str | None:  # noqa: N802
+def _job_id(raw: bytes | None) -> str | None:
     if raw is None:
         return None
     try:
-        return CheckId(raw.decode("ascii"), "job id")
+        return check_id(raw.decode("ascii"), "job id")
     except (UnicodeDecodeError, ConfigError):
         return None

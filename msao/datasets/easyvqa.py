@@ -12,7 +12,7 @@ import numpy as np
 
 from msao.errors import MissingDependency
 
-__all__ = ["EasyVqaSplit", "LoadEasyVqa"]
+__all__ = ["EasyVqaSplit", "load_easy_vqa"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class EasyVqaSplit:
 
 
 @lru_cache(maxsize=2)
-def LoadEasyVqa(split: str) -> EasyVqaSplit:  # noqa: N802
+def load_easy_vqa(split: str) -> EasyVqaSplit:
     """Load ``"train"`` (38,575 questions, 4,000 images) or ``"test"`` (9,673 / 1,000)."""
     try:
         import easy_vqa

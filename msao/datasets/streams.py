@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from msao.datasets.easyvqa import EasyVqaSplit, LoadEasyVqa
+from msao.datasets.easyvqa import EasyVqaSplit, load_easy_vqa
 from msao.errors import ConfigError
 
-__all__ = ["FrameStream", "StreamFrame", "StreamOptions", "StreamFromEasyVqa", "StreamFromSplit"]
+__all__ = ["FrameStream", "StreamFrame", "StreamOptions", "stream_from_easy_vqa", "stream_from_split"]
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def _shifted(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return pad[y0 : y0 + h, x0 : x0 + w]
 
 
-def StreamFromSplit(data: EasyVqaSplit, options: StreamOptions = StreamOptions()) -> FrameStream:  # noqa: N802
-    """The stream workload over an already loaded split (see ``StreamFromEasyVqa``)."""
+def stream_from_split(data: EasyVqaSplit, options: StreamOptions = StreamOptions()) -> FrameStream:
+    """The stream workload over an already loaded split (see ``stream_from_easy_vqa``)."""
     rng = np.random.default_rng(options.seed)
     n_images = data.images.shape[0]
     if options.scenes > n_images:
@@ -130,6 +130,6 @@ def StreamFromSplit(data: EasyVqaSplit, options: StreamOptions = StreamOptions()
     return FrameStream(tuple(frames), options)
 
 
-def StreamFromEasyVqa(options: StreamOptions = StreamOptions()) -> FrameStream:  # noqa: N802
+def stream_from_easy_vqa(options: StreamOptions = StreamOptions()) -> FrameStream:
     """Build the stream workload from easy-VQA ``options.split`` (deterministic in ``options.seed``)."""
-    return StreamFromSplit(LoadEasyVqa(options.split), options)
+    return stream_from_split(load_easy_vqa(options.split), options)

@@ -3,9 +3,9 @@
 ``msao edge`` is ``EdgeApp(config).run_forever()``; the Python API is the same object:
 
     from msao.edge_runtime.app import EdgeApp
-    from msao.edge_runtime.config import LoadEdgeConfig
+    from msao.edge_runtime.config import load_edge_config
 
-    with EdgeApp(LoadEdgeConfig(flags={"broker.url": "mqtt://127.0.0.1:1883"})) as app:
+    with EdgeApp(load_edge_config(flags={"broker.url": "mqtt://127.0.0.1:1883"})) as app:
         response = app.ask(open("shape.png", "rb").read(), "what color is the shape?")
         print(response.answer, response.plan, response.answered_by)
 
@@ -21,10 +21,10 @@ import os
 import threading
 from pathlib import Path
 
-from msao.edge_runtime.calibration import Calibration, LoadCalibration
+from msao.edge_runtime.calibration import Calibration, load_calibration
 from msao.edge_runtime.config import EdgeConfig
 from msao.edge_runtime.local_model import LocalModel
-from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, NewRequestId
+from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, new_request_id
 from msao.edge_runtime.runtime import EdgeRuntime
 from msao.errors import ConfigError
 
@@ -48,20 +48,20 @@ class EdgeApp:
 
     def _load_models(self) -> tuple[LocalModel, LocalModel | None]:
         from msao.engines.backend_select import AutoBackend
-        from msao.engines.bundle import LoadBundle
+        from msao.engines.bundle import load_bundle
         from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 
         e = self.config.edge
         # TensorRT per segment where `msao build-engines` left a matching engine, else ONNX Runtime (reason logged once).
         backend = AutoBackend(OnnxRuntimeBackend(OrtOptions(threads=e.threads)))
-        edge = LocalModel(LoadBundle(Path(e.bundle)), backend)
+        edge = LocalModel(load_bundle(Path(e.bundle)), backend)
         large = None
         if e.large_bundle:
             path = Path(e.large_bundle)
             if not (path / "manifest.json").exists() and e.large_bundle == type(e)().large_bundle:
                 log.warning("no large-model bundle at %s (`make export` writes it): serving edge-only plans", path)
             else:
-                large = LocalModel(LoadBundle(path), backend)
+                large = LocalModel(load_bundle(path), backend)
         self._models = [m for m in (edge, large) if m is not None]
         return edge, large
 
@@ -72,7 +72,7 @@ class EdgeApp:
         if not Path(path).exists() and path == type(self.config.edge)().calibration:
             log.warning("no calibration at %s (`msao calibrate` or `make export` writes it): drafts are never committed", path)
             return None
-        return LoadCalibration(Path(path))
+        return load_calibration(Path(path))
 
     def _client_options(self, client_id: str, **kw):
         from msao.cloud_bridge.mqtt_options import ClientOptions, TlsOptions
@@ -146,5 +146,5 @@ class EdgeApp:
         """Answer one question about one image (the file's bytes); ``fields`` as in ``EdgeRequest``."""
         if self.runtime is None:
             raise ConfigError("EdgeApp is not started; use `with EdgeApp(config) as app:`")
-        request = EdgeRequest(fields.pop("request_id", None) or NewRequestId(), question, image, **fields)
+        request = EdgeRequest(fields.pop("request_id", None) or new_request_id(), question, image, **fields)
         return self.runtime.answer(request)

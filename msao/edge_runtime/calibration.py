@@ -3,7 +3,7 @@
 The cost model needs, before a request runs, how accurate each plan will be: the edge model
 and the large model at each keep ratio, and draft/verify at each commit threshold (the edge's
 answer is committed when its confidence is at least the threshold, the cloud's otherwise).
-``CalibrateModels`` answers a seeded sample of train questions with both models through
+``calibrate_models`` answers a seeded sample of train questions with both models through
 ``LocalModel`` — the daemon's own path — and tabulates:
 
     per model, per keep ratio r:      accuracy (own MAS keep-set)
@@ -35,11 +35,11 @@ __all__ = [
     "DEFAULT_KEEP_RATIOS",
     "DEFAULT_THRESHOLDS",
     "Calibration",
-    "CalibrateModels",
-    "LoadCalibration",
+    "calibrate_models",
+    "load_calibration",
     "ModelCalibration",
     "PairCalibration",
-    "SaveCalibration",
+    "save_calibration",
 ]
 
 CALIBRATION_FORMAT = 1
@@ -171,14 +171,14 @@ def _at(ratios: tuple[float, ...], values: tuple[float, ...], r: float) -> float
     return pts[-1][1]
 
 
-def SaveCalibration(calibration: Calibration, path: Path) -> None:  # noqa: N802
+def save_calibration(calibration: Calibration, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
     tmp.replace(path)
 
 
-def LoadCalibration(path: Path) -> Calibration:  # noqa: N802
+def load_calibration(path: Path) -> Calibration:
     """Read and check a calibration file; ``ConfigError`` names the problem and the fix."""
     try:
         raw = json.loads(Path(path).read_text())
@@ -192,7 +192,7 @@ def LoadCalibration(path: Path) -> Calibration:  # noqa: N802
         raise ConfigError(f"calibration {path} is malformed ({exc}); run `msao calibrate` again") from None
 
 
-def CalibrateModels(  # noqa: N802
+def calibrate_models(
     edge,
     large,
     *,
@@ -207,9 +207,9 @@ def CalibrateModels(  # noqa: N802
     Args:
         edge / large: ``LocalModel`` of the edge (draft) model and the large (cloud) model.
     """
-    from msao.datasets.easyvqa import LoadEasyVqa
+    from msao.datasets.easyvqa import load_easy_vqa
 
-    data = LoadEasyVqa("train")
+    data = load_easy_vqa("train")
     rows = np.random.default_rng(seed).permutation(len(data))[:questions]
     same_grid = edge.n_tokens == large.n_tokens
     n_r = len(keep_ratios)

@@ -29,13 +29,13 @@ from typing import Any
 from msao.edge_runtime.runtime import RuntimeOptions
 from msao.errors import ConfigError
 
-__all__ = ["BrokerSection", "EdgeConfig", "EdgeSection", "EnvBool", "LoadEdgeConfig", "ConfigToToml", "EnvName"]
+__all__ = ["BrokerSection", "EdgeConfig", "EdgeSection", "env_bool", "load_edge_config", "config_to_toml", "env_name"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def EnvBool(value: str, name: str = "value") -> bool:  # noqa: N802
+def env_bool(value: str, name: str = "value") -> bool:
     """The one parser of boolean text: 1/true/yes/on and 0/false/no/off/empty, any case; anything else is an error.
 
     (A bare ``bool(os.environ[...])`` would read "false" and "0" as True.)
@@ -69,9 +69,9 @@ class EdgeSection:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        from msao.cloud_bridge.topics import CheckId
+        from msao.cloud_bridge.topics import check_id
 
-        CheckId(self.edge_id, "edge id")
+        check_id(self.edge_id, "edge id")
         if self.threads < 0:
             raise ConfigError(f"edge.threads must be >= 0, got {self.threads}")
         if self.http and (":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit()):
@@ -110,7 +110,7 @@ class EdgeConfig:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
 
-def EnvName(path: tuple[str, ...]) -> str:  # noqa: N802
+def env_name(path: tuple[str, ...]) -> str:
     return "MSAO_" + "_".join(p.upper() for p in path)
 
 
@@ -138,7 +138,7 @@ def _coerce(value: Any, t: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         if isinstance(value, str):
-            return EnvBool(value, where)
+            return env_bool(value, where)
     elif t is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -211,7 +211,7 @@ def _flatten_toml(doc: Mapping[str, Any], leaves: dict[tuple[str, ...], Any], so
     return out
 
 
-def LoadEdgeConfig(  # noqa: N802
+def load_edge_config(
     path: str | Path | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
 ) -> EdgeConfig:
     """Defaults, then the TOML file at ``path``, then ``MSAO_*`` variables, then ``flags`` (dotted keys -> values).
@@ -235,7 +235,7 @@ def LoadEdgeConfig(  # noqa: N802
         values.update(_flatten_toml(doc, leaves, str(path)))
     env = os.environ if env is None else env
     for key, t in leaves.items():
-        name = EnvName(key)
+        name = env_name(key)
         if name in env:
             values[key] = _coerce(env[name], t, name)
     for dotted, v in (flags or {}).items():
@@ -247,7 +247,7 @@ def LoadEdgeConfig(  # noqa: N802
     return _build(EdgeConfig, values)
 
 
-def ConfigToToml(config: EdgeConfig) -> str:  # noqa: N802
+def config_to_toml(config: EdgeConfig) -> str:
     """The merged configuration as TOML (what ``--print-config`` prints; loads back unchanged)."""
     lines: list[str] = []
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from msao.cloud_bridge.client import BridgeClient
 from msao.cloud_bridge.mqtt_options import ClientOptions, InboundMessage
-from msao.cloud_bridge.topics import PREFIX, CheckId
-from msao.edge_runtime.requests import EdgeResponse, NewRequestId
+from msao.cloud_bridge.topics import PREFIX, check_id
+from msao.edge_runtime.requests import EdgeResponse, new_request_id
 from msao.errors import CloudUnavailable, RequestError
 
 __all__ = ["EdgeClient", "EdgeReply"]
@@ -42,9 +42,9 @@ class EdgeClient:
     """Ask questions of the edge daemon ``edge_id`` through the broker in ``options``."""
 
     def __init__(self, options: ClientOptions, edge_id: str):
-        self.edge_id = CheckId(edge_id, "edge id")
+        self.edge_id = check_id(edge_id, "edge id")
         self.request_topic = f"{PREFIX}/edge/{edge_id}/request"
-        self.response_topic = f"{PREFIX}/edge/{edge_id}/response/{CheckId(options.client_id, 'client id')}"
+        self.response_topic = f"{PREFIX}/edge/{edge_id}/response/{check_id(options.client_id, 'client id')}"
         self._waiting: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self.client = BridgeClient(options, self._on_message)
@@ -87,7 +87,7 @@ class EdgeClient:
         Raises:
             CloudUnavailable: no response in time (the daemon is down or the broker unreachable).
         """
-        rid = request_id or NewRequestId()
+        rid = request_id or new_request_id()
         doc = {"request_id": rid, "question": question, "image": base64.b64encode(image).decode("ascii"), "deadline_ms": deadline_ms}
         doc.update({k: v for k, v in fields.items() if v is not None})
         waiter = _Waiter()

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from msao.cloud_bridge.link import CloudLink, NewJobId, RemoteAnswer
+from msao.cloud_bridge.link import CloudLink, RemoteAnswer, new_job_id
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
 from msao.edge_runtime.local_model import LocalModel, Prepared
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.scheduler import Plan
-from msao.engines.flops import RequestFlops
+from msao.engines.flops import request_flops
 from msao.engines.generation import Answer
 from msao.errors import CloudError, CloudUnavailable
 
@@ -54,16 +54,16 @@ class Outcome:
     speculation: str = ""  # draft_verify: what became of the draft and the cloud job
 
 
-def _VisionFlops(model: LocalModel, p: Prepared) -> int:  # noqa: N802
+def _vision_flops(model: LocalModel, p: Prepared) -> int:
     """The encoder run that prepared ``p`` (0 when a stream frame reused its tokens)."""
     if p.skipped_encoder:
         return 0
-    return RequestFlops(model.manifest, image_tokens=0, text_tokens=0, new_tokens=0, layers=(0, 0), include_head=False)
+    return request_flops(model.manifest, image_tokens=0, text_tokens=0, new_tokens=0, layers=(0, 0), include_head=False)
 
 
-def _LocalFlops(model: LocalModel, p: Prepared, a: Answer) -> int:  # noqa: N802
+def _local_flops(model: LocalModel, p: Prepared, a: Answer) -> int:
     """A whole local answer: encoder (unless reused), prefill of the kept tokens, decode steps."""
-    return RequestFlops(
+    return request_flops(
         model.manifest, image_tokens=a.kept_tokens, text_tokens=a.text_tokens, new_tokens=len(a.token_ids),
         include_vision=not p.skipped_encoder,
     )  # fmt: skip
@@ -159,14 +159,14 @@ class Executor:
         local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms
         return Outcome(
             a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p), self._timings(p, local=local_ms, **extra_timings),
-            flops_edge=_LocalFlops(model, p, a), local_observed_ms=p.vision_ms + local_ms,
+            flops_edge=_local_flops(model, p, a), local_observed_ms=p.vision_ms + local_ms,
         )  # fmt: skip
 
     def _cloud_flops(self, question: str, kept: int, new_tokens: int) -> int:
         """The large model answering in the cloud from ``kept`` image tokens."""
         large = self._large()
         prefix, suffix = large.generator().prompt_ids(question)
-        return RequestFlops(large.manifest, image_tokens=kept, text_tokens=len(prefix) + len(suffix), new_tokens=new_tokens)
+        return request_flops(large.manifest, image_tokens=kept, text_tokens=len(prefix) + len(suffix), new_tokens=new_tokens)
 
     @staticmethod
     def _timings(p: Prepared, **more: float) -> dict[str, float]:
@@ -193,7 +193,7 @@ class Executor:
         return Outcome(
             r.text, r.confidence, "cloud", self._large().name, "", _mas_fields(p) if p else {},
             {**(self._timings(p) if p else {}), "cloud": round(cloud_ms, 3), **{k: round(v, 3) for k, v in timings.items()}},
-            r.stats.bytes_up, r.stats.bytes_down, flops_edge=_VisionFlops(self.edge, p) if p else 0,
+            r.stats.bytes_up, r.stats.bytes_down, flops_edge=_vision_flops(self.edge, p) if p else 0,
             flops_cloud=self._cloud_flops(request.question, kept, len(r.token_ids)),
         )  # fmt: skip
 
@@ -202,7 +202,7 @@ class Executor:
         if plan.send_keep:  # the edge model's encoder + MAS pick the tokens the cloud prefills
             p = self._prepare(self.edge, rgb, request, plan.keep_ratio, decode_ms)
         t0 = time.perf_counter()
-        job_id = NewJobId()
+        job_id = new_job_id()
         try:
             r = self._cloud_answer(request, p.keep if p else None, deadline, job_id)
         except CloudError as exc:
@@ -228,14 +228,14 @@ class Executor:
         return Outcome(
             a.text, a.confidence, "cloud", large.name, "", _mas_fields(p),
             self._timings(p, local=local_ms, cloud=tail.cloud_ms), tail.bytes_up, tail.bytes_down,
-            flops_edge=RequestFlops(large.manifest, **tokens, layers=(0, k), include_head=False, include_vision=not p.skipped_encoder),
-            flops_cloud=RequestFlops(large.manifest, **tokens, layers=(k, n), include_vision=False),
+            flops_edge=request_flops(large.manifest, **tokens, layers=(0, k), include_head=False, include_vision=not p.skipped_encoder),
+            flops_cloud=request_flops(large.manifest, **tokens, layers=(k, n), include_vision=False),
         )  # fmt: skip
 
     def _draft_verify(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
         p = self._prepare(self.edge, rgb, request, plan.keep_ratio, decode_ms)
         keep = p.keep if plan.send_keep and self._large().n_tokens == self.edge.n_tokens else None
-        job_id = NewJobId()
+        job_id = new_job_id()
         started = time.perf_counter()
         future: Future | None = None
         if plan.speculate:  # publish now; the edge answer is computed meanwhile

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, ImageBytesFromBase64, NewRequestId, RequestLimits
+from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits, image_bytes_from_base64, new_request_id
 from msao.edge_runtime.runtime import EdgeRuntime
 from msao.errors import ConfigError, RequestError
 
@@ -263,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._started = time.perf_counter()
         path = urlsplit(self.path).path
         header_id = self.headers.get("X-Request-Id", "")
-        self.request_id = header_id if _ID.match(header_id) else NewRequestId()
+        self.request_id = header_id if _ID.match(header_id) else new_request_id()
         status = 0
         try:
             try:
@@ -306,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self) -> int:
         runtime = self.server.runtime
         limits = runtime.options.limits
-        request = _RequestFromChat(self._read_body(), limits, self.server.options, self.request_id)
+        request = _request_from_chat(self._read_body(), limits, self.server.options, self.request_id)
         self.request_id = request.request_id
         fut: concurrent.futures.Future[EdgeResponse | None] = concurrent.futures.Future()
         try:
@@ -328,7 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, _ = _STATUS.get(response.error_code, _STATUS["internal"])
             body = _error_body(response.error or "request failed", response.error_code or "internal", response)
             return self._send_json(status, body, {"Retry-After": "1"} if status in (429, 503) else None)
-        return self._send_json(200, _CompletionFromResponse(response))
+        return self._send_json(200, _completion_from_response(response))
 
     def _read_body(self) -> bytes:
         """The body, after checking its declared size; nothing is read when it is refused."""
@@ -404,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
 # -- OpenAI <-> msao --------------------------------------------------------------------------------
 
 
-def _RequestFromChat(body: bytes, limits: RequestLimits, options: HttpOptions, request_id: str) -> EdgeRequest:
+def _request_from_chat(body: bytes, limits: RequestLimits, options: HttpOptions, request_id: str) -> EdgeRequest:
     """An OpenAI chat body -> ``EdgeRequest``: the last user message's text parts and its one image.
 
     Raises:
@@ -484,7 +484,7 @@ def _last_user_turn(messages: Any, limits: RequestLimits) -> tuple[str, bytes]:
     if not url.startswith("data:"):
         raise _Refusal("bad_image", "msao never fetches URLs; send the image inline as a data: URI (data:image/png;base64,...)")
     try:
-        image = ImageBytesFromBase64(url)
+        image = image_bytes_from_base64(url)
     except RequestError as exc:
         raise _Refusal(exc.code, str(exc)) from None
     if len(image) > limits.max_payload_bytes:
@@ -518,7 +518,7 @@ def _check_shape(doc: Any, options: HttpOptions) -> None:
         level = nxt
 
 
-def _CompletionFromResponse(response: EdgeResponse) -> dict[str, Any]:
+def _completion_from_response(response: EdgeResponse) -> dict[str, Any]:
     """An answered ``EdgeResponse`` as an OpenAI ``chat.completion``, with ``msao`` added.
 
     ``usage`` is all zeros: the intake does not count tokens (the prompt's size depends on the

@@ -25,12 +25,12 @@ import numpy as np
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
 from msao.engines.generation import Answer, Generator, ImageEncoding
-from msao.engines.images import DecodeImage, PixelsFromImage
-from msao.engines.keep_policy import KeepPolicy, KeepPolicyFromName
+from msao.engines.images import decode_image, pixels_from_image
+from msao.engines.keep_policy import KeepPolicy, keep_policy_from_name
 from msao.engines.manifest import LatencyProfile, SegmentSpec
 from msao.engines.mas import MasOptions, MasResult
 from msao.engines.mas_text import QuestionEmbedder
-from msao.engines.profile import ProfileBundle
+from msao.engines.profile import profile_bundle
 from msao.engines.token_cache import StreamTokenCache, TokenCacheOptions
 from msao.errors import StreamError
 
@@ -100,7 +100,7 @@ class LocalModel:
     """A verified bundle on this device, shared by the daemon's worker threads.
 
     Args:
-        bundle: from ``LoadBundle``.
+        bundle: from ``load_bundle``.
         backend: opens one runner per segment, once.
         mas: MAS settings (the keep ratio is chosen per request).
         cache: stream token cache thresholds.
@@ -137,7 +137,7 @@ class LocalModel:
         The bundle's own profile was measured where it was exported; the scheduler needs this
         device's times (a Jetson, a throttled container) before the first request runs.
         """
-        return ProfileBundle(self.bundle, _Lending(self.runners, self.backend_description), repeats=repeats, warmup=warmup)
+        return profile_bundle(self.bundle, _Lending(self.runners, self.backend_description), repeats=repeats, warmup=warmup)
 
     @property
     def n_tokens(self) -> int:
@@ -180,13 +180,13 @@ class LocalModel:
         if keep_ratio not in policies:
             from dataclasses import replace
 
-            policies[keep_ratio] = KeepPolicyFromName("mas", replace(self.mas_options, keep_ratio=keep_ratio))
+            policies[keep_ratio] = keep_policy_from_name("mas", replace(self.mas_options, keep_ratio=keep_ratio))
         return policies[keep_ratio]
 
     def decode(self, image: bytes, max_pixels: int) -> tuple[np.ndarray, float]:
         """RGB uint8 (H, W, 3) and the decode time; ``ImageError`` for anything not an image."""
         t0 = time.perf_counter()
-        rgb = DecodeImage(image, max_pixels=max_pixels)
+        rgb = decode_image(image, max_pixels=max_pixels)
         return rgb, (time.perf_counter() - t0) * 1e3
 
     def prepare(
@@ -210,7 +210,7 @@ class LocalModel:
         t0 = time.perf_counter()
         skipped = False
         if stream_id is None:
-            enc = gen.encode_image(PixelsFromImage(rgb, self.manifest.preprocess))
+            enc = gen.encode_image(pixels_from_image(rgb, self.manifest.preprocess))
         else:
             lock, cache = self._stream(stream_id, gen)
             with lock:

@@ -33,19 +33,19 @@ from functools import partial
 
 from msao.cloud_bridge.client import BridgeClient
 from msao.cloud_bridge.mqtt_options import ClientOptions, InboundMessage
-from msao.cloud_bridge.topics import CheckId, EdgeRequestTopic, EdgeResponseTopic
-from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, NewRequestId, RequestFromJson, RequestFromRawImage, RequestLimits
+from msao.cloud_bridge.topics import check_id, edge_request_topic, edge_response_topic
+from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits, new_request_id, request_from_json, request_from_raw_image
 from msao.edge_runtime.runtime import EdgeRuntime
 from msao.errors import ConfigError, MsaoError, RequestError
 
 __all__ = [
     "CONTENT_TYPE",
     "MAX_RESPONSE_TOPIC_CHARS",
-    "IntakeClientId",
+    "intake_client_id",
     "IntakeCounters",
     "IntakeOptions",
     "MqttIntake",
-    "ResponseTopicProblem",
+    "response_topic_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,9 @@ _JSON_START = re.compile(rb"[ \t\r\n]*\{")
 _STOP = object()
 
 
-def IntakeClientId(edge_id: str) -> str:  # noqa: N802
+def intake_client_id(edge_id: str) -> str:
     """The fixed MQTT client id of an edge's intake: a restarted daemon resumes its session."""
-    return f"msao-edge-{CheckId(edge_id, 'edge id')}-intake"
+    return f"msao-edge-{check_id(edge_id, 'edge id')}-intake"
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class MqttIntake:
     Args:
         runtime: the started ``EdgeRuntime`` that answers (the intake does not own or stop it).
         client_options: broker, credentials and buffers; ``client_id`` is replaced by
-            ``IntakeClientId(edge_id)``, ``session_expiry_s`` by the intake's, and manual
+            ``intake_client_id(edge_id)``, ``session_expiry_s`` by the intake's, and manual
             acknowledgement with session resumption is switched on.
         edge_id: this daemon's id (``[A-Za-z0-9_-]{1,64}``); one intake per id at a time.
         limits: request parsing limits (payload size, question length, deadlines).
@@ -148,13 +148,13 @@ class MqttIntake:
         limits: RequestLimits = RequestLimits(),
         options: IntakeOptions = IntakeOptions(),
     ):
-        self.edge_id = CheckId(edge_id, "edge id")
+        self.edge_id = check_id(edge_id, "edge id")
         self.runtime, self.limits, self.options = runtime, limits, options
-        self.request_topic = EdgeRequestTopic(edge_id)
-        self.default_response_topic = EdgeResponseTopic(edge_id)
+        self.request_topic = edge_request_topic(edge_id)
+        self.default_response_topic = edge_response_topic(edge_id)
         self.client_options = replace(
             client_options,
-            client_id=IntakeClientId(edge_id),
+            client_id=intake_client_id(edge_id),
             session_expiry_s=options.session_expiry_s,
             manual_ack=True,
             resume_session=True,
@@ -228,7 +228,7 @@ class MqttIntake:
             )
             self.client.ack(msg)
             return
-        hint = _IdFromBytes(msg.correlation_data)
+        hint = _id_from_bytes(msg.correlation_data)
         topic, topic_problem = self._response_topic(msg.response_topic)
         try:
             if topic_problem:
@@ -272,14 +272,14 @@ class MqttIntake:
         if props.get("request_id") is not None:
             hint = props["request_id"]
         if _JSON_START.match(msg.payload):
-            return RequestFromJson(msg.payload, self.limits, request_id=hint)
-        return RequestFromRawImage(msg.payload, props, self.limits, request_id=hint)
+            return request_from_json(msg.payload, self.limits, request_id=hint)
+        return request_from_raw_image(msg.payload, props, self.limits, request_id=hint)
 
     def _response_topic(self, topic: str | None) -> tuple[str, str]:
         """(topic to answer on, problem with the request's ResponseTopic or "")."""
         if topic is None:
             return self.default_response_topic, ""
-        problem = ResponseTopicProblem(topic)
+        problem = response_topic_problem(topic)
         return (self.default_response_topic, problem) if problem else (topic, "")
 
     def _fallback_id(self, msg: InboundMessage, hint: str | None) -> str:
@@ -288,10 +288,10 @@ class MqttIntake:
         if prop is not None and _ID.match(prop.encode("utf-8", "replace")):
             return prop
         if _JSON_START.match(msg.payload) and len(msg.payload) <= self.limits.max_payload_bytes:
-            found = _JsonRequestId(msg.payload)
+            found = _json_request_id(msg.payload)
             if found is not None:
                 return found
-        return hint or NewRequestId()
+        return hint or new_request_id()
 
     @staticmethod
     def _delivery(msg: InboundMessage, topic: str, rid: str) -> _Delivery:
@@ -359,7 +359,7 @@ class MqttIntake:
             time.sleep(0.02)
 
 
-def ResponseTopicProblem(topic: str) -> str:  # noqa: N802
+def response_topic_problem(topic: str) -> str:
     """What is wrong with a request's ResponseTopic, or "" if the intake may publish there.
 
     Any other edge's or client's topic is allowed: who may publish where is the broker's ACL.
@@ -381,14 +381,14 @@ def ResponseTopicProblem(topic: str) -> str:  # noqa: N802
     return ""
 
 
-def _IdFromBytes(value: bytes | None) -> str | None:  # noqa: N802
+def _id_from_bytes(value: bytes | None) -> str | None:
     """CorrelationData as a request id, if it is one (ASCII ``[A-Za-z0-9_-]{1,64}``)."""
     if value is not None and _ID.match(value):
         return value.decode("ascii")
     return None
 
 
-def _JsonRequestId(payload: bytes | bytearray) -> str | None:  # noqa: N802
+def _json_request_id(payload: bytes | bytearray) -> str | None:
     """The ``request_id`` of a JSON request that failed to parse, if one can still be read safely."""
     try:
         doc = json.loads(bytes(payload).decode("utf-8"))

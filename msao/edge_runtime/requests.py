@@ -26,11 +26,11 @@ __all__ = [
     "ERROR_CODES",
     "EdgeRequest",
     "EdgeResponse",
-    "ImageBytesFromBase64",
+    "image_bytes_from_base64",
     "RequestLimits",
-    "NewRequestId",
-    "RequestFromJson",
-    "RequestFromRawImage",
+    "new_request_id",
+    "request_from_json",
+    "request_from_raw_image",
 ]
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
@@ -46,7 +46,7 @@ ERROR_CODES = (
 POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
 
 
-def NewRequestId() -> str:  # noqa: N802
+def new_request_id() -> str:
     return "r" + uuid.uuid4().hex[:19]
 
 
@@ -230,7 +230,7 @@ def _question(value: Any, limits: RequestLimits) -> str:
     return value
 
 
-def RequestFromJson(payload: bytes | bytearray, limits: RequestLimits = RequestLimits(), request_id: str | None = None) -> EdgeRequest:  # noqa: N802
+def request_from_json(payload: bytes | bytearray, limits: RequestLimits = RequestLimits(), request_id: str | None = None) -> EdgeRequest:
     """Parse ``{"question", "image" (base64 or a data: URI), "stream"?, "deadline_ms"?, "request_id"?, "policy"?, ...}``.
 
     Args:
@@ -254,11 +254,11 @@ def RequestFromJson(payload: bytes | bytearray, limits: RequestLimits = RequestL
     unknown = sorted(set(doc) - _JSON_KEYS)
     if unknown:
         raise RequestError(f"unknown request keys {[k[:40] for k in unknown[:8]]}; known: {sorted(_JSON_KEYS)}", "bad_request")
-    rid = doc.get("request_id") or request_id or NewRequestId()
+    rid = doc.get("request_id") or request_id or new_request_id()
     image = doc.get("image")
     if not isinstance(image, str) or not image:
         raise RequestError("image is missing: send the JPEG/PNG file base64-encoded (or as a data: URI) in 'image'", "bad_image")
-    image_bytes = ImageBytesFromBase64(image)
+    image_bytes = image_bytes_from_base64(image)
     stream = doc.get("stream")
     if stream is not None and not isinstance(stream, str):
         raise RequestError(f"stream must be a string id, got {type(stream).__name__}", "bad_request")
@@ -274,7 +274,7 @@ def RequestFromJson(payload: bytes | bytearray, limits: RequestLimits = RequestL
     )
 
 
-def ImageBytesFromBase64(value: str) -> bytes:  # noqa: N802
+def image_bytes_from_base64(value: str) -> bytes:
     """Base64 (standard or URL-safe, padding optional) or a ``data:image/...;base64,`` URI -> bytes."""
     if value.startswith("data:"):
         head, sep, value = value.partition(",")
@@ -291,7 +291,7 @@ def ImageBytesFromBase64(value: str) -> bytes:  # noqa: N802
     return out
 
 
-def RequestFromRawImage(  # noqa: N802
+def request_from_raw_image(
     payload: bytes | bytearray, properties: dict[str, str], limits: RequestLimits = RequestLimits(), request_id: str | None = None
 ) -> EdgeRequest:
     """A raw JPEG/PNG payload with the question (and optional ``stream``, ``deadline_ms``) in properties."""
@@ -305,7 +305,7 @@ def RequestFromRawImage(  # noqa: N802
     except ValueError:
         raise RequestError(f"deadline_ms property {deadline[:40]!r} is not a number", "bad_request") from None
     return EdgeRequest(
-        request_id=properties.get("request_id") or request_id or NewRequestId(),
+        request_id=properties.get("request_id") or request_id or new_request_id(),
         question=_question(properties.get("question"), limits),
         image=bytes(payload),
         stream_id=properties.get("stream"),

@@ -20,10 +20,10 @@ from msao.errors import FeedError
 if TYPE_CHECKING:
     from msao.engines.bundle import Bundle
 
-__all__ = ["Backend", "CheckFeeds", "Runner"]
+__all__ = ["Backend", "check_feeds", "Runner"]
 
 
-def CheckFeeds(spec: SegmentSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:  # noqa: N802
+def check_feeds(spec: SegmentSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
     """Check feeds against a segment's inputs; return the value bound to each symbolic dim.
 
     Every mismatch is collected and reported at once: unknown or missing names, wrong dtype,
@@ -97,7 +97,7 @@ class Runner(abc.ABC):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check ``feeds`` against the spec, run, and return outputs by name (timed)."""
-        CheckFeeds(self.spec, feeds)
+        check_feeds(self.spec, feeds)
         t0 = time.perf_counter()
         out = self._infer(feeds)
         self.last_latency_ms = (time.perf_counter() - t0) * 1e3

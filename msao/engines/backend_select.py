@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from msao.engines.backend import Backend, Runner
-from msao.engines.engine_records import EngineSetsOf
+from msao.engines.engine_records import engine_sets_of
 from msao.engines.manifest import SegmentSpec
 from msao.errors import MsaoError
 
@@ -67,7 +67,7 @@ class AutoBackend(Backend):
         key = (bundle.manifest.name, spec.name)
         level = logging.WARNING
         try:
-            has_engines = bool(EngineSetsOf(bundle.root))
+            has_engines = bool(engine_sets_of(bundle.root))
         except MsaoError as exc:
             has_engines, reason = False, str(exc)
         else:

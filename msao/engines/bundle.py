@@ -1,7 +1,7 @@
 """The bundle: a folder of segment files plus ``manifest.json``, and the loader that trusts nothing.
 
 A bundle is what crosses from the workstation to the edge and the cloud. The manifest names
-every file with its sha256 and size; ``LoadBundle`` checks paths (relative, inside the bundle,
+every file with its sha256 and size; ``load_bundle`` checks paths (relative, inside the bundle,
 no ``..``, no links), sizes and hashes of every listed file before any model file is parsed,
 and refuses unknown manifest keys, so a half-written or altered bundle never half-loads.
 Model bytes are handed to backends through ``Bundle.read_verified``, which hashes exactly the
@@ -20,13 +20,13 @@ from pathlib import Path, PurePosixPath
 from msao.engines.manifest import MANIFEST_NAME, FileEntry, Manifest, SegmentSpec
 from msao.errors import BundleError, HashMismatch
 
-__all__ = ["Bundle", "LoadBundle", "SafeRelativePath", "Sha256OfFile", "VerifyFiles"]
+__all__ = ["Bundle", "load_bundle", "safe_relative_path", "sha256_of_file", "verify_files"]
 
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 
 
-def Sha256OfFile(path: Path) -> str:  # noqa: N802
+def sha256_of_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
@@ -34,7 +34,7 @@ def Sha256OfFile(path: Path) -> str:  # noqa: N802
     return h.hexdigest()
 
 
-def SafeRelativePath(root: Path, rel: str) -> Path:  # noqa: N802
+def safe_relative_path(root: Path, rel: str) -> Path:
     """Resolve ``rel`` inside ``root``; refuse absolute paths, ``..``, backslashes and links.
 
     Raises:
@@ -51,12 +51,12 @@ def SafeRelativePath(root: Path, rel: str) -> Path:  # noqa: N802
     return full
 
 
-def VerifyFiles(root: Path, files: tuple[FileEntry, ...]) -> None:  # noqa: N802
+def verify_files(root: Path, files: tuple[FileEntry, ...]) -> None:
     """Check every listed file's path, type, size and sha256; raise once with every problem."""
     problems: list[str] = []
     for entry in files:
         try:
-            path = SafeRelativePath(root, entry.path)
+            path = safe_relative_path(root, entry.path)
         except BundleError as exc:
             problems.append(str(exc))
             continue
@@ -69,7 +69,7 @@ def VerifyFiles(root: Path, files: tuple[FileEntry, ...]) -> None:  # noqa: N802
             problems.append(f"{entry.path}: not a regular file")
         elif st.st_size != entry.size_bytes:
             problems.append(f"{entry.path}: {st.st_size} bytes, manifest says {entry.size_bytes}")
-        elif (digest := Sha256OfFile(path)) != entry.sha256:
+        elif (digest := sha256_of_file(path)) != entry.sha256:
             problems.append(f"{entry.path}: sha256 {digest[:16]}…, manifest says {entry.sha256[:16]}…")
     if problems:
         cls = HashMismatch if all("sha256" in p or "bytes" in p for p in problems) else BundleError
@@ -82,7 +82,7 @@ def VerifyFiles(root: Path, files: tuple[FileEntry, ...]) -> None:  # noqa: N802
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle on disk. Construct with ``LoadBundle``."""
+    """A verified bundle on disk. Construct with ``load_bundle``."""
 
     root: Path
     manifest: Manifest
@@ -97,7 +97,7 @@ class Bundle:
     def read_verified(self, rel: str) -> bytes:
         """The bytes of a listed file, hashed as read: what is returned is what was verified."""
         entry = self.manifest.file(rel)
-        data = SafeRelativePath(self.root, rel).read_bytes()
+        data = safe_relative_path(self.root, rel).read_bytes()
         if len(data) != entry.size_bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
             raise HashMismatch(f"{self.root / rel}: changed since the bundle was verified; copy the bundle again")
         return data
@@ -105,10 +105,10 @@ class Bundle:
     def path_of(self, rel: str) -> Path:
         """Path of a listed file (for loaders that need a path, e.g. ONNX external data)."""
         self.manifest.file(rel)
-        return SafeRelativePath(self.root, rel)
+        return safe_relative_path(self.root, rel)
 
 
-def LoadBundle(root: str | Path) -> Bundle:  # noqa: N802
+def load_bundle(root: str | Path) -> Bundle:
     """Read and verify a bundle folder.
 
     Raises:
@@ -131,5 +131,5 @@ def LoadBundle(root: str | Path) -> Bundle:  # noqa: N802
         manifest = Manifest.from_dict(raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{mpath}: {exc}; the manifest is malformed or from another msao version, re-export the bundle") from exc
-    VerifyFiles(root, manifest.files)
+    verify_files(root, manifest.files)
     return Bundle(root=root, manifest=manifest)

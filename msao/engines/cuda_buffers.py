@@ -19,14 +19,14 @@ import numpy as np
 
 from msao.errors import GpuUnavailable, MissingDependency
 
-__all__ = ["CudaStream", "DeviceBuffers", "DeviceProperties", "DeviceTensor"]
+__all__ = ["CudaStream", "DeviceBuffers", "device_properties", "DeviceTensor"]
 
 log = logging.getLogger(__name__)
 
 _MIN_BYTES = 256  # never bind a null or zero-byte address, even for an empty tensor (past length 0)
 
 
-def CudaBindings(module: str, legacy: str, needed_for: str):  # noqa: N802
+def cuda_bindings(module: str, legacy: str, needed_for: str):
     """One of cuda-python's binding modules (``runtime``, ``driver``, ``nvrtc``), imported on first use.
 
     cuda-python >= 12.6 names them ``cuda.bindings.<module>``; older releases (JetPack 6.0's)
@@ -47,10 +47,10 @@ def CudaBindings(module: str, legacy: str, needed_for: str):  # noqa: N802
 
 
 def _cudart():
-    return CudaBindings("runtime", "cudart", "device memory for TensorRT segments")
+    return cuda_bindings("runtime", "cudart", "device memory for TensorRT segments")
 
 
-def CudaResult(result, what: str, hint: str = "TensorRT segments need an NVIDIA GPU and driver"):  # noqa: N802
+def cuda_result(result, what: str, hint: str = "TensorRT segments need an NVIDIA GPU and driver"):
     """Unpack a cuda-python ``(err, *values)`` tuple (runtime, driver and NVRTC calls alike).
 
     Raises:
@@ -64,7 +64,7 @@ def CudaResult(result, what: str, hint: str = "TensorRT segments need an NVIDIA 
     return values[0] if len(values) == 1 else tuple(values)
 
 
-_ok = CudaResult
+_ok = cuda_result
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class DeviceTensor:
         return DeviceTensor(self.name, self.ptr + index * step, self.shape[1:], self.dtype, self.stream)
 
 
-def DeviceProperties(device: int = 0) -> tuple[str, str]:  # noqa: N802
+def device_properties(device: int = 0) -> tuple[str, str]:
     """(GPU name, compute capability "major.minor") of CUDA device ``device``.
 
     Raises:

@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from msao import __version__
-from msao.engines.bundle import Bundle, LoadBundle
-from msao.engines.engine_records import ENGINES_DIR, RECORD_FORMAT, EngineRecord, EngineSet, EngineSetsOf, EngineTarget, SaveEngineSet
+from msao.engines.bundle import Bundle, load_bundle
+from msao.engines.engine_records import ENGINES_DIR, RECORD_FORMAT, EngineRecord, EngineSet, EngineTarget, engine_sets_of, save_engine_set
 from msao.engines.manifest import SegmentSpec
-from msao.engines.tensorrt_backend import CurrentTarget, ImportTensorRT
-from msao.engines.tensorrt_profiles import ProfileLimits, ProfilesForSegment, ShapeProfile
+from msao.engines.tensorrt_backend import current_target, import_tensorrt
+from msao.engines.tensorrt_profiles import ProfileLimits, ShapeProfile, profiles_for_segment
 from msao.errors import BundleError, ConfigError, EngineBuildFailed
 
-__all__ = ["BuildEngines", "BuildOptions", "EngineFromOnnx", "TIMING_CACHE_NAME"]
+__all__ = ["build_engines", "BuildOptions", "engine_from_onnx", "TIMING_CACHE_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class BuildOptions:
             raise ConfigError(f"workspace must be at least 1 MB, got {self.workspace_mb}")
 
 
-def EngineFromOnnx(  # noqa: N802
+def engine_from_onnx(
     trt, builder, logger, onnx: bytes, onnx_path: Path, profiles: tuple[ShapeProfile, ...], options: BuildOptions, cache
 ) -> bytes:
     """One serialised plan from ONNX bytes (``onnx_path`` locates external weights, if any).
@@ -131,12 +131,12 @@ def _timing_cache(trt, builder, path: Path):
 
 def _check_ops(bundle: Bundle, segments: list[SegmentSpec], line: str) -> None:
     try:
-        from msao.engines.tensorrt_ops import CheckOnnxOps
-    except ImportError:  # pragma: no cover - module is ours; onnx is imported inside CheckOnnxOps
+        from msao.engines.tensorrt_ops import check_onnx_ops
+    except ImportError:  # pragma: no cover - module is ours; onnx is imported inside check_onnx_ops
         return
     for spec in segments:
         try:
-            report = CheckOnnxOps(bundle.path_of(spec.file), (line,))
+            report = check_onnx_ops(bundle.path_of(spec.file), (line,))
         except ImportError:
             log.info("onnx is not installed: skipping the operator check (TensorRT's parser still checks)")
             return
@@ -146,9 +146,9 @@ def _check_ops(bundle: Bundle, segments: list[SegmentSpec], line: str) -> None:
             )
 
 
-def BuildEngines(
+def build_engines(
     bundle_dir: Path, options: BuildOptions = BuildOptions(), progress: Callable[[str], None] = log.info
-) -> tuple[Path, EngineSet]:  # noqa: N802
+) -> tuple[Path, EngineSet]:
     """Build an engine per segment of the bundle at ``bundle_dir`` for this TensorRT and GPU.
 
     Engines of segments not rebuilt are kept when they are for this target and export.
@@ -161,10 +161,10 @@ def BuildEngines(
         BundleError: the bundle fails verification or a named segment does not exist.
         EngineBuildFailed: TensorRT refused a segment (nothing is recorded for it).
     """
-    trt = ImportTensorRT()
-    bundle = LoadBundle(bundle_dir)
+    trt = import_tensorrt()
+    bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    target: EngineTarget = CurrentTarget(trt, options.device)
+    target: EngineTarget = current_target(trt, options.device)
     folder = bundle.root / ENGINES_DIR / target.tag
     folder.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in m.segments]
@@ -172,7 +172,7 @@ def BuildEngines(
     if unknown:
         raise BundleError(f"bundle {m.name} has no segments {unknown}; it has: {', '.join(names)}")
     todo = [s for s in m.segments if not options.segments or s.name in options.segments]
-    plans = {s.name: ProfilesForSegment(s, m.model, options.limits) for s in todo}  # limit errors before any build
+    plans = {s.name: profiles_for_segment(s, m.model, options.limits) for s in todo}  # limit errors before any build
     if options.check_ops:
         _check_ops(bundle, todo, "8.6" if trt.__version__.startswith("8.") else "10")
 
@@ -188,7 +188,7 @@ def BuildEngines(
         onnx = bundle.read_verified(spec.file)
         progress(f"[{i}/{len(todo)}] {spec.name}: {len(plans[spec.name])} profile(s): " + "; ".join(p.describe() for p in plans[spec.name]))
         t0 = time.perf_counter()
-        plan = EngineFromOnnx(trt, builder, logger, onnx, bundle.path_of(spec.file), plans[spec.name], options, cache)
+        plan = engine_from_onnx(trt, builder, logger, onnx, bundle.path_of(spec.file), plans[spec.name], options, cache)
         build_s = time.perf_counter() - t0
         rel = f"{ENGINES_DIR}/{target.tag}/{PurePosixPath(spec.file).stem}.engine"
         _write_atomic(bundle.root / rel, plan)
@@ -201,7 +201,7 @@ def BuildEngines(
         _write_atomic(cache_path, bytes(cache.serialize()))  # after every engine: an interrupted build keeps its timings
     del cache_owner, builder
 
-    for old_folder, old in EngineSetsOf(bundle.root):
+    for old_folder, old in engine_sets_of(bundle.root):
         if old_folder == folder and not old.target.mismatches(target) and old.model_hash == m.model_hash:
             for rec in old.engines:
                 if (
@@ -215,6 +215,6 @@ def BuildEngines(
         built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), built_by=f"msao {__version__}",
         engines=tuple(records[n] for n in names if n in records),
     )  # fmt: skip
-    SaveEngineSet(folder, engine_set)
+    save_engine_set(folder, engine_set)
     progress(f"wrote {folder / 'engines.json'}: {len(engine_set.engines)} of {len(names)} segments have engines")
     return folder, engine_set

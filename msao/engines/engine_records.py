@@ -17,7 +17,7 @@ Why a sidecar and not the manifest: engines are built on the device, after the b
 exported and copied; writing them into ``manifest.json`` would change a verified file on one
 machine only (the edge's and the cloud's copies would then differ, and the next ``rsync``
 would undo it), and would make every copy of the bundle require engines that only one GPU can
-use. The manifest stays the export's record; ``LoadBundle`` verifies exactly what it lists.
+use. The manifest stays the export's record; ``load_bundle`` verifies exactly what it lists.
 The sidecar ties each engine to that verified export instead: it records the sha256 of the
 ONNX file the engine was built from and the bundle's model hash, and the engine's own sha256,
 which is checked on the bytes handed to TensorRT. Trust is the same as for the manifest:
@@ -34,7 +34,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from msao.engines.bundle import Bundle, SafeRelativePath
+from msao.engines.bundle import Bundle, safe_relative_path
 from msao.engines.manifest import SegmentSpec
 from msao.engines.tensorrt_profiles import ShapeProfile
 from msao.errors import BundleError, EngineMismatch, HashMismatch
@@ -45,13 +45,13 @@ __all__ = [
     "SIDECAR_NAME",
     "EngineRecord",
     "EngineSet",
-    "EngineSetsOf",
+    "engine_sets_of",
     "EngineTarget",
-    "FindEngine",
-    "JetPackFromL4t",
-    "ReadEngineVerified",
-    "ReadL4tRelease",
-    "SaveEngineSet",
+    "find_engine",
+    "jetpack_from_l4t",
+    "read_engine_verified",
+    "read_l4t_release",
+    "save_engine_set",
 ]
 
 ENGINES_DIR = "engines"
@@ -205,7 +205,7 @@ class EngineSet:
         return cls(**d)
 
 
-def EngineSetsOf(root: Path) -> tuple[tuple[Path, EngineSet], ...]:  # noqa: N802
+def engine_sets_of(root: Path) -> tuple[tuple[Path, EngineSet], ...]:
     """Every ``engines/<tag>/engines.json`` of the bundle at ``root`` (none: an empty tuple).
 
     Raises:
@@ -225,7 +225,7 @@ def EngineSetsOf(root: Path) -> tuple[tuple[Path, EngineSet], ...]:  # noqa: N80
     return tuple(out)
 
 
-def FindEngine(bundle: Bundle, spec: SegmentSpec, here: EngineTarget) -> tuple[EngineSet, EngineRecord]:  # noqa: N802
+def find_engine(bundle: Bundle, spec: SegmentSpec, here: EngineTarget) -> tuple[EngineSet, EngineRecord]:
     """The engine for ``spec`` built for this target from this export of the bundle.
 
     Raises:
@@ -235,7 +235,7 @@ def FindEngine(bundle: Bundle, spec: SegmentSpec, here: EngineTarget) -> tuple[E
     """
     root, m = bundle.root, bundle.manifest
     rebuild = f"rebuild on this device with `msao build-engines --bundle {root}`"
-    sets = EngineSetsOf(root)
+    sets = engine_sets_of(root)
     if not sets:
         raise BundleError(
             f"bundle {m.name}: no TensorRT engines under {root / ENGINES_DIR}; build them on this device with `msao build-engines --bundle {root}`"
@@ -262,14 +262,14 @@ def FindEngine(bundle: Bundle, spec: SegmentSpec, here: EngineTarget) -> tuple[E
     return chosen, record
 
 
-def ReadEngineVerified(root: Path, record: EngineRecord) -> bytes:  # noqa: N802
+def read_engine_verified(root: Path, record: EngineRecord) -> bytes:
     """The plan bytes, hashed as read: what TensorRT deserialises is what was recorded.
 
     Raises:
         HashMismatch: size or sha256 differ from the record (altered or half-copied).
         BundleError: the path escapes the bundle or goes through a link; the file is missing.
     """
-    path = SafeRelativePath(Path(root), record.file)
+    path = safe_relative_path(Path(root), record.file)
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
@@ -283,7 +283,7 @@ def ReadEngineVerified(root: Path, record: EngineRecord) -> bytes:  # noqa: N802
     return data
 
 
-def SaveEngineSet(folder: Path, engine_set: EngineSet) -> Path:  # noqa: N802
+def save_engine_set(folder: Path, engine_set: EngineSet) -> Path:
     """Write ``engines.json`` atomically (a reader sees the old or the new file, never half)."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".engines-", suffix=".json", dir=folder)
@@ -295,7 +295,7 @@ def SaveEngineSet(folder: Path, engine_set: EngineSet) -> Path:  # noqa: N802
     return dst
 
 
-def ReadL4tRelease(path: Path = Path("/etc/nv_tegra_release")) -> str:  # noqa: N802
+def read_l4t_release(path: Path = Path("/etc/nv_tegra_release")) -> str:
     """L4T release of a Jetson ("36.4.0"), from the first line ``# R36 (release), REVISION: 4.0, ...``; "" elsewhere."""
     try:
         first = path.read_text(encoding="utf-8", errors="replace").splitlines()[0]
@@ -305,7 +305,7 @@ def ReadL4tRelease(path: Path = Path("/etc/nv_tegra_release")) -> str:  # noqa: 
     return f"{found.group(1)}.{found.group(2)}" if found else ""
 
 
-def JetPackFromL4t(l4t: str) -> str:  # noqa: N802
+def jetpack_from_l4t(l4t: str) -> str:
     """JetPack release of an L4T release, most specific match first; "" when unknown."""
     parts = l4t.split(".")
     for n in range(len(parts), 1, -1):

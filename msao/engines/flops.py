@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from msao.engines.manifest import Manifest, exit_segment_name
 
-__all__ = ["RequestFlops"]
+__all__ = ["request_flops"]
 
 
-def RequestFlops(  # noqa: N802
+def request_flops(
     manifest: Manifest,
     *,
     image_tokens: int,

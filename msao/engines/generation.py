@@ -18,11 +18,11 @@ import numpy as np
 
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
-from msao.engines.images import DecodeImage, PixelsFromImage
+from msao.engines.images import decode_image, pixels_from_image
 from msao.engines.manifest import exit_segment_name
 from msao.errors import FeedError, MsaoError
 
-__all__ = ["Answer", "DecoderStack", "Generator", "ImageEncoding", "StageTimings", "Softmax"]
+__all__ = ["Answer", "DecoderStack", "Generator", "ImageEncoding", "StageTimings", "softmax"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Answer:
     timings: StageTimings = field(default_factory=StageTimings)
 
 
-def Softmax(logits: np.ndarray) -> np.ndarray:  # noqa: N802
+def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -156,7 +156,7 @@ class Generator:
 
     def pixels_from_bytes(self, data: bytes) -> np.ndarray:
         """Decode an image file and preprocess it: float32 (3, H, W)."""
-        return PixelsFromImage(DecodeImage(data), self.bundle.manifest.preprocess)
+        return pixels_from_image(decode_image(data), self.bundle.manifest.preprocess)
 
     def encode_image(self, pixels: np.ndarray) -> ImageEncoding:
         """Run the vision encoder on float32 pixels (3, H, W)."""
@@ -229,7 +229,7 @@ class Generator:
         t0 = time.perf_counter()
         mask = np.ones((1, hidden.shape[1]), np.int64)
         h = stack.run(hidden, positions, mask)
-        probs = Softmax(head_logits(h, positions, mask)[0, -1])
+        probs = softmax(head_logits(h, positions, mask)[0, -1])
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
         ids: list[int] = []
@@ -246,7 +246,7 @@ class Generator:
             pos = np.asarray([[next_pos]], np.int64)
             h = stack.run(e, pos, mask)
             next_pos += 1
-            probs = Softmax(head_logits(h, pos, mask)[0, -1])
+            probs = softmax(head_logits(h, pos, mask)[0, -1])
         decode_ms = (time.perf_counter() - t0) * 1e3
         text_ids = [t for t in ids if t not in self.eos]
         total_ms = (time.perf_counter() - t_start) * 1e3 + image.vision_ms

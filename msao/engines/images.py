@@ -13,7 +13,7 @@ import numpy as np
 
 from msao.errors import ImageError
 
-__all__ = ["IMAGE_FORMATS", "ImagePreprocess", "MAX_IMAGE_PIXELS", "DecodeImage", "PixelsFromImage"]
+__all__ = ["IMAGE_FORMATS", "ImagePreprocess", "MAX_IMAGE_PIXELS", "decode_image", "pixels_from_image"]
 
 # Decoding refuses anything larger before touching pixel data (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -74,7 +74,7 @@ class ImagePreprocess:
         )
 
 
-def DecodeImage(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:  # noqa: N802
+def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode PNG, JPEG, WebP, GIF, BMP or TIFF bytes (``IMAGE_FORMATS``) into an RGB uint8 array of shape (H, W, 3).
 
     Raises:
@@ -97,7 +97,7 @@ def DecodeImage(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarra
     return rgb
 
 
-def PixelsFromImage(rgb: np.ndarray, pre: ImagePreprocess) -> np.ndarray:  # noqa: N802
+def pixels_from_image(rgb: np.ndarray, pre: ImagePreprocess) -> np.ndarray:
     """Resize, centre-crop and normalise one RGB image.
 
     Args:

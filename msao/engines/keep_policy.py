@@ -16,11 +16,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from msao.engines.mas import AnalyseMas, KeepCount, KeepSet, MasOptions, MasResult, MasScoresFromTensors, ScoreUnits
+from msao.engines.mas import KeepSet, MasOptions, MasResult, analyse_mas, keep_count, mas_scores_from_tensors, score_units
 from msao.engines.mas_text import MasQuestion
 from msao.errors import ConfigError, MasInputError
 
-__all__ = ["KEEP_POLICIES", "KeepDecision", "KeepPolicy", "KeepPolicyFromName"]
+__all__ = ["KEEP_POLICIES", "KeepDecision", "KeepPolicy", "keep_policy_from_name"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class KeepPolicy(ABC):
             MasInputError: the inputs are inconsistent, or the policy needs a question and got none.
         """
         if self.needs_question and question is None:
-            raise MasInputError(f"keep policy {self.name!r} needs the question; pass MasQuestionFromText(generator, text)")
+            raise MasInputError(f"keep policy {self.name!r} needs the question; pass mas_question_from_text(generator, text)")
         return self._decide(tokens, mas_features, question, request_id)
 
     @abstractmethod
@@ -69,7 +69,7 @@ class MasPolicy(KeepPolicy):
     needs_question = True
 
     def _decide(self, tokens, mas_features, question, request_id):
-        res = AnalyseMas(
+        res = analyse_mas(
             mas_features,
             tokens,
             question.embeddings,
@@ -103,11 +103,11 @@ class SaliencyPolicy(KeepPolicy):
 
     def _decide(self, tokens, mas_features, question, request_id):
         dummy = np.ones((1, tokens.shape[1]), np.float32)
-        scores = MasScoresFromTensors(mas_features, tokens, dummy)
+        scores = mas_scores_from_tensors(mas_features, tokens, dummy)
         s = scores.saliency / scores.saliency_max if scores.saliency_max > 0 else np.zeros_like(scores.saliency)
-        units = ScoreUnits(s)
+        units = score_units(s)
         order = np.lexsort((np.arange(units.size), -units))
-        k = KeepCount(scores, dataclasses.replace(self.options, rule="topk"))
+        k = keep_count(scores, dataclasses.replace(self.options, rule="topk"))
         return KeepDecision(KeepSet(np.sort(order[:k]).astype(np.int64), units.size, self.name))
 
 
@@ -128,7 +128,7 @@ class RandomPolicy(KeepPolicy):
 KEEP_POLICIES: dict[str, type[KeepPolicy]] = {p.name: p for p in (MasPolicy, MasBlindPolicy, SaliencyPolicy, RandomPolicy)}
 
 
-def KeepPolicyFromName(name: str, options: MasOptions = MasOptions(), seed: int = 0) -> KeepPolicy:  # noqa: N802
+def keep_policy_from_name(name: str, options: MasOptions = MasOptions(), seed: int = 0) -> KeepPolicy:
     """The policy registered under ``name``; ``options.keep_ratio`` is its budget."""
     if name not in KEEP_POLICIES:
         raise ConfigError(f"unknown keep policy {name!r}; choose one of {sorted(KEEP_POLICIES)}")

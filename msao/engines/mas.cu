@@ -1,6 +1,6 @@
 // Fused MAS pass: per-token saliency, relevance and change, and their reductions, in one launch.
 //
-// Must compute what msao/engines/mas.py MasScoresFromTensors defines (the NumPy reference);
+// Must compute what msao/engines/mas.py mas_scores_from_tensors defines (the NumPy reference);
 // tests/engines/test_mas_cuda.py compares the two. Inputs are float32, all arithmetic is
 // float64 (so results differ from the reference only by summation order, ~1e-15 relative),
 // and every reduction runs in a fixed order, so a run is bit-reproducible on one device.

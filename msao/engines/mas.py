@@ -3,8 +3,8 @@
 Owns the per-request analysis the edge runs before the expensive part: which image tokens
 the question needs (spatial), what changed since the previous frame (temporal), whether a
 modality is needed at all (modal), and one MAS value per modality in [0, 1]. The CUDA kernel
-(``mas.cu`` via ``mas_cuda``) must reproduce ``MasScoresFromTensors``; everything after the
-scores (``MasFromScores``: quantisation, strata, keep order, keep-set, MAS values) is shared
+(``mas.cu`` via ``mas_cuda``) must reproduce ``mas_scores_from_tensors``; everything after the
+scores (``mas_from_scores``: quantisation, strata, keep order, keep-set, MAS values) is shared
 host code, so equal scores give bit-identical keep-sets on both paths. Knows nothing of
 bundles, tokenizers or segments; formulas and their reasons are in ``docs/mas.md``.
 
@@ -33,20 +33,20 @@ __all__ = [
     "MasResult",
     "MasScores",
     "ModalityMas",
-    "AnalyseMas",
-    "ChangedTokens",
-    "CheckMasInputs",
-    "CombinedScore",
-    "KeepCount",
-    "KeepOrderFromScores",
-    "MasFlops",
-    "MasFromScores",
-    "MasScoresFromTensors",
-    "PatchChange",
-    "PatchGrid",
-    "RelevanceChance",
-    "ScoreUnits",
-    "TokenChange",
+    "analyse_mas",
+    "changed_tokens",
+    "check_mas_inputs",
+    "combined_score",
+    "keep_count",
+    "keep_order_from_scores",
+    "mas_flops",
+    "mas_from_scores",
+    "mas_scores_from_tensors",
+    "patch_change",
+    "patch_grid",
+    "chance_relevance",
+    "score_units",
+    "token_change",
 ]
 
 KEEP_RULES = ("topk", "mass")
@@ -132,7 +132,7 @@ class MasScores:
         content_words: M, question tokens used for relevance (0 = none were content words,
             all question tokens were used; the question is deictic, e.g. "what is this?").
         relevance_chance: r0, the best cosine that unrelated directions reach by chance for
-            these shapes (``RelevanceChance``); relevance counts only above it.
+            these shapes (``chance_relevance``); relevance counts only above it.
     """
 
     saliency: np.ndarray
@@ -232,7 +232,7 @@ class MasResult:
 # -- the fused pass (what mas.cu computes) ------------------------------------------------------
 
 
-def CheckMasInputs(  # noqa: N802
+def check_mas_inputs(
     mas_features: np.ndarray,
     image_tokens: np.ndarray,
     question_embeddings: np.ndarray,
@@ -283,7 +283,7 @@ def CheckMasInputs(  # noqa: N802
         raise MasInputError("MAS inputs: " + "; ".join(problems))
 
 
-def MasScoresFromTensors(  # noqa: N802
+def mas_scores_from_tensors(
     mas_features: np.ndarray,
     image_tokens: np.ndarray,
     question_embeddings: np.ndarray,
@@ -304,7 +304,7 @@ def MasScoresFromTensors(  # noqa: N802
     Raises:
         MasInputError: shapes disagree, a tensor holds NaN/Inf, or the question is empty.
     """
-    CheckMasInputs(mas_features, image_tokens, question_embeddings, previous_tokens, values=False)
+    check_mas_inputs(mas_features, image_tokens, question_embeddings, previous_tokens, values=False)
     with np.errstate(all="ignore"):  # NaN/Inf inputs are reported from the outputs below, not as warnings
         return _fused_pass(mas_features, image_tokens, question_embeddings, previous_tokens, content_words)
 
@@ -330,9 +330,9 @@ def _fused_pass(mas_features, image_tokens, question_embeddings, previous_tokens
     qn = np.sqrt(np.einsum("ij,ij->i", q, q))  # (M,)
     relevance = ((tc @ q.T) / np.maximum(np.outer(tn, qn), _EPS)).max(axis=1)  # (N, M) -> (N,)
 
-    change = None if previous_tokens is None else TokenChange(t, previous_tokens)
+    change = None if previous_tokens is None else token_change(t, previous_tokens)
     if not np.isfinite(saliency.sum() + relevance.sum() + (0.0 if change is None else change.sum())):  # NaN/Inf reach the sums
-        CheckMasInputs(mas_features, image_tokens, question_embeddings, previous_tokens)  # names the bad tensor
+        check_mas_inputs(mas_features, image_tokens, question_embeddings, previous_tokens)  # names the bad tensor
         raise MasInputError("MAS scores are not finite although the inputs are; report this with the inputs")
 
     return MasScores(
@@ -342,14 +342,14 @@ def _fused_pass(mas_features, image_tokens, question_embeddings, previous_tokens
         saliency_max=float(saliency.max()),
         grounding=float(relevance.max()),
         content_words=q.shape[0] if content_words is None else int(content_words),
-        relevance_chance=RelevanceChance(f.shape[0], q.shape[0], t.shape[1]),
+        relevance_chance=chance_relevance(f.shape[0], q.shape[0], t.shape[1]),
     )
 
 
 # -- shared host code: from scores to keep-set and MAS values ----------------------------------
 
 
-def RelevanceChance(n_tokens: int, n_words: int, width: int) -> float:  # noqa: N802
+def chance_relevance(n_tokens: int, n_words: int, width: int) -> float:
     """r0 = sqrt(2 ln(N * M) / D), capped at 0.99: about the largest cosine among N * M pairs of random directions in D dims.
 
     Why: a max over many cosines is positive even when the embeddings know nothing of each
@@ -364,7 +364,7 @@ def _relevance_above_chance(scores: MasScores) -> np.ndarray:
     return np.clip((scores.relevance - r0) / (1.0 - r0), 0.0, 1.0)
 
 
-def ScoreUnits(x: np.ndarray) -> np.ndarray:  # noqa: N802
+def score_units(x: np.ndarray) -> np.ndarray:
     """float64 scores in [0, 1] -> int64 multiples of 2**-24 (round half up), the exact ranking key."""
     return (np.clip(x, 0.0, 1.0) * SCORE_UNITS + 0.5).astype(np.int64)  # truncation of a non-negative value = floor
 
@@ -375,13 +375,13 @@ def _normalised_saliency(scores: MasScores) -> np.ndarray:
     return scores.saliency / scores.saliency_max
 
 
-def CombinedScore(scores: MasScores, options: MasOptions) -> np.ndarray:  # noqa: N802
+def combined_score(scores: MasScores, options: MasOptions) -> np.ndarray:
     """w = (1 - lambda) * s / max(s) + lambda * clip((r - r0) / (1 - r0), 0, 1), float64 (N,) in [0, 1]."""
     lam = options.relevance_weight
     return (1.0 - lam) * _normalised_saliency(scores) + lam * _relevance_above_chance(scores)
 
 
-def KeepOrderFromScores(scores: MasScores, options: MasOptions) -> np.ndarray:  # noqa: N802
+def keep_order_from_scores(scores: MasScores, options: MasOptions) -> np.ndarray:
     """Priority of every token, int64 (N,): the keep-set of size k is the first k entries.
 
     Tokens split into an object stratum (normalised saliency >= theta) and a context stratum.
@@ -394,8 +394,8 @@ def KeepOrderFromScores(scores: MasScores, options: MasOptions) -> np.ndarray:  
     docs/mas.md). Because the order is fixed, keep-sets are nested: a larger ratio never
     drops a token.
     """
-    u = ScoreUnits(CombinedScore(scores, options))
-    return _keep_order(u, ScoreUnits(_normalised_saliency(scores)), options)
+    u = score_units(combined_score(scores, options))
+    return _keep_order(u, score_units(_normalised_saliency(scores)), options)
 
 
 def _keep_order(u: np.ndarray, sal: np.ndarray, options: MasOptions) -> np.ndarray:
@@ -411,9 +411,9 @@ def _keep_order(u: np.ndarray, sal: np.ndarray, options: MasOptions) -> np.ndarr
     return np.concatenate([obj, ctx]).astype(np.int64)[np.argsort(key, kind="stable")]
 
 
-def KeepCount(scores: MasScores, options: MasOptions) -> int:  # noqa: N802
+def keep_count(scores: MasScores, options: MasOptions) -> int:
     """How many tokens to keep: the budget of the rule, with the floor, within [1, N]."""
-    return _keep_count(scores.n_tokens, ScoreUnits(CombinedScore(scores, options)) if options.rule == "mass" else None, options)
+    return _keep_count(scores.n_tokens, score_units(combined_score(scores, options)) if options.rule == "mass" else None, options)
 
 
 def _keep_count(n: int, units: np.ndarray | None, options: MasOptions) -> int:
@@ -432,14 +432,14 @@ def _mass_count(units: np.ndarray, share: float) -> int:
     return int(np.searchsorted(csum, need, side="left")) + 1
 
 
-def ChangedTokens(scores: MasScores, options: MasOptions) -> np.ndarray | None:  # noqa: N802
+def changed_tokens(scores: MasScores, options: MasOptions) -> np.ndarray | None:
     """int64 indices of tokens whose relative change exceeds ``change_threshold``; None without a previous frame."""
     if scores.change is None:
         return None
     return np.nonzero(scores.change > options.change_threshold**2)[0].astype(np.int64)
 
 
-def MasFromScores(  # noqa: N802
+def mas_from_scores(
     scores: MasScores, options: MasOptions, *, question_tokens: int | None = None, visual_words: int = 0
 ) -> MasResult:
     """Keep-set, MAS values and changed tokens from the fused pass's scores (shared by all paths).
@@ -451,8 +451,8 @@ def MasFromScores(  # noqa: N802
             shape, position, count; ``mas_text.VISUAL_WORDS``): any makes the image necessary.
     """
     n = scores.n_tokens
-    u = ScoreUnits(CombinedScore(scores, options))  # computed once; every later step is integer
-    order = _keep_order(u, ScoreUnits(_normalised_saliency(scores)), options)
+    u = score_units(combined_score(scores, options))  # computed once; every later step is integer
+    order = _keep_order(u, score_units(_normalised_saliency(scores)), options)
     k_q = _mass_count(u, options.mass_share)
     k = _keep_count(n, u, options)
     keep = KeepSet(np.sort(order[:k]), n, options.rule)
@@ -473,10 +473,10 @@ def MasFromScores(  # noqa: N802
         image_necessity=necessity,
         drop_image=necessity < options.drop_image_below,
     )
-    return MasResult(scores=scores, keep=keep, values=values, changed=ChangedTokens(scores, options))
+    return MasResult(scores=scores, keep=keep, values=values, changed=changed_tokens(scores, options))
 
 
-def AnalyseMas(  # noqa: N802
+def analyse_mas(
     mas_features: np.ndarray,
     image_tokens: np.ndarray,
     question_embeddings: np.ndarray,
@@ -487,12 +487,12 @@ def AnalyseMas(  # noqa: N802
     question_tokens: int | None = None,
     visual_words: int = 0,
 ) -> MasResult:
-    """The whole MAS analysis with the NumPy reference pass (see ``MasScoresFromTensors``)."""
-    scores = MasScoresFromTensors(mas_features, image_tokens, question_embeddings, previous_tokens, content_words=content_words)
-    return MasFromScores(scores, options, question_tokens=question_tokens, visual_words=visual_words)
+    """The whole MAS analysis with the NumPy reference pass (see ``mas_scores_from_tensors``)."""
+    scores = mas_scores_from_tensors(mas_features, image_tokens, question_embeddings, previous_tokens, content_words=content_words)
+    return mas_from_scores(scores, options, question_tokens=question_tokens, visual_words=visual_words)
 
 
-def TokenChange(tokens: np.ndarray, previous: np.ndarray) -> np.ndarray:  # noqa: N802
+def token_change(tokens: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """Relative squared change per token, float64 (N,): ||T_i - P_i||² / (||P_i||² + eps)."""
     t = np.asarray(tokens, np.float64)  # no copy when already float64 (the fused pass)
     p = np.asarray(previous, np.float64)
@@ -500,7 +500,7 @@ def TokenChange(tokens: np.ndarray, previous: np.ndarray) -> np.ndarray:  # noqa
     return np.einsum("ij,ij->i", x, x) / (np.einsum("ij,ij->i", p, p) + _EPS)  # (N, D) -> (N,)
 
 
-def PatchChange(pixels: np.ndarray, previous: np.ndarray, patch: int) -> np.ndarray:  # noqa: N802
+def patch_change(pixels: np.ndarray, previous: np.ndarray, patch: int) -> np.ndarray:
     """Mean absolute pixel change per patch, float64 (H/p * W/p,) in row-major patch order.
 
     Runs before the encoder (it decides whether the encoder runs at all), on preprocessed
@@ -516,7 +516,7 @@ def PatchChange(pixels: np.ndarray, previous: np.ndarray, patch: int) -> np.ndar
     return per.reshape(-1)
 
 
-def PatchGrid(n_tokens: int, height: int, width: int) -> tuple[int, int, int]:  # noqa: N802
+def patch_grid(n_tokens: int, height: int, width: int) -> tuple[int, int, int]:
     """(rows, cols, patch) of a ViT whose N image tokens tile a height x width input, row-major.
 
     Raises:
@@ -531,7 +531,7 @@ def PatchGrid(n_tokens: int, height: int, width: int) -> tuple[int, int, int]:  
     )
 
 
-def MasFlops(n_tokens: int, feature_width: int, token_width: int, words: int, *, previous: bool = False) -> int:  # noqa: N802
+def mas_flops(n_tokens: int, feature_width: int, token_width: int, words: int, *, previous: bool = False) -> int:
     """Floating-point operations of the fused pass (a multiply-add counts 2), as docs/mas.md derives them.
 
     saliency 9 N Dv (mean, distances, trimmed mean, distances) + relevance N D (4 + 2 M)

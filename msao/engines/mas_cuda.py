@@ -2,7 +2,7 @@
 
 Owns loading the kernel (a prebuilt cubin/fatbin from ``nvcc``, or NVRTC at first use for the
 device's own architecture), device buffers and the launch. Returns the same ``MasScores`` the
-NumPy reference returns, so ``MasFromScores`` (shared host code) turns either into a keep-set.
+NumPy reference returns, so ``mas_from_scores`` (shared host code) turns either into a keep-set.
 Imports ``cuda`` lazily: the package works, and tests skip with a reason, without a GPU.
 
 With TensorRT, ``scores_from_device`` reads the vision engine's output buffers in place (the
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from msao.engines.cuda_buffers import CudaBindings, CudaResult, DeviceTensor
-from msao.engines.mas import CheckMasInputs, MasScores, RelevanceChance
+from msao.engines.cuda_buffers import DeviceTensor, cuda_bindings, cuda_result
+from msao.engines.mas import MasScores, chance_relevance, check_mas_inputs
 from msao.errors import GpuUnavailable, MasInputError, MissingDependency
 
-__all__ = ["BLOCK_THREADS", "KERNEL_NAME", "KERNEL_SOURCE", "CudaMas", "CudaMasUnavailableReason", "DeviceMatrix", "EncodeAndScoreOnDevice"]
+__all__ = ["BLOCK_THREADS", "KERNEL_NAME", "KERNEL_SOURCE", "CudaMas", "cuda_mas_unavailable_reason", "device_matrix", "encode_and_score_on_device"]
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,18 @@ BLOCK_THREADS = 256  # 8 warps: one warp per token row at a time
 
 
 def _driver():
-    return CudaBindings("driver", "cuda", "the MAS GPU kernel")
+    return cuda_bindings("driver", "cuda", "the MAS GPU kernel")
 
 
 def _nvrtc():
-    return CudaBindings("nvrtc", "nvrtc", "compiling mas.cu at run time")
+    return cuda_bindings("nvrtc", "nvrtc", "compiling mas.cu at run time")
 
 
 def _ok(result, what: str):
-    return CudaResult(result, what, "run on a machine with an NVIDIA driver and GPU, or use the NumPy path")
+    return cuda_result(result, what, "run on a machine with an NVIDIA driver and GPU, or use the NumPy path")
 
 
-def CudaMasUnavailableReason(device: int = 0) -> str | None:  # noqa: N802
+def cuda_mas_unavailable_reason(device: int = 0) -> str | None:
     """None when the kernel can run here, else why not (for logs and ``pytest.skip``)."""
     try:
         driver = _driver()
@@ -95,7 +95,7 @@ class CudaMas:
     """
 
     def __init__(self, device: int = 0, *, kernel_image: Path | None = None):
-        reason = CudaMasUnavailableReason(device)
+        reason = cuda_mas_unavailable_reason(device)
         if reason:
             raise GpuUnavailable(f"MAS kernel unavailable: {reason}")
         d = self._d = _driver()
@@ -145,8 +145,8 @@ class CudaMas:
         *,
         content_words: int | None = None,
     ) -> MasScores:
-        """Same contract as ``mas.MasScoresFromTensors``, computed by ``mas_fused`` on the GPU."""
-        CheckMasInputs(mas_features, image_tokens, question_embeddings, previous_tokens)
+        """Same contract as ``mas.mas_scores_from_tensors``, computed by ``mas_fused`` on the GPU."""
+        check_mas_inputs(mas_features, image_tokens, question_embeddings, previous_tokens)
         d = self._d
         bufs = []
         try:
@@ -185,9 +185,9 @@ class CudaMas:
         Raises:
             MasInputError: not float32, wrong rank, shapes that disagree, or non-finite scores.
         """
-        f, t = (DeviceMatrix(x, index) for x in (mas_features, image_tokens))
+        f, t = (device_matrix(x, index) for x in (mas_features, image_tokens))
         f_shape_only, t_shape_only = (np.broadcast_to(np.float32(0), x.shape) for x in (f, t))  # no device read
-        CheckMasInputs(f_shape_only, t_shape_only, question_embeddings, previous_tokens, values=False)
+        check_mas_inputs(f_shape_only, t_shape_only, question_embeddings, previous_tokens, values=False)
         d = self._d
         out = self._fused(
             d.CUdeviceptr(f.ptr), d.CUdeviceptr(t.ptr), f.shape, t.shape[1], question_embeddings, previous_tokens, content_words
@@ -207,7 +207,7 @@ class CudaMas:
         if shared > self.max_dynamic_shared_bytes:
             raise MasInputError(
                 f"MAS kernel needs {shared} B of shared memory for N={n}, Dv={dv}, D={dt}, M={m}; {self.arch} allows "
-                f"{self.max_dynamic_shared_bytes} B; use the NumPy path (mas.MasScoresFromTensors) for inputs this large"
+                f"{self.max_dynamic_shared_bytes} B; use the NumPy path (mas.mas_scores_from_tensors) for inputs this large"
             )
         host_in = [np.ascontiguousarray(question_embeddings, np.float32)]
         if previous_tokens is not None:
@@ -244,11 +244,11 @@ class CudaMas:
             saliency_max=float(red[0]),
             grounding=float(red[1]),
             content_words=m if content_words is None else int(content_words),
-            relevance_chance=RelevanceChance(n, m, dt),
+            relevance_chance=chance_relevance(n, m, dt),
         )
 
 
-def DeviceMatrix(x: DeviceTensor, index: int = 0) -> DeviceTensor:  # noqa: N802
+def device_matrix(x: DeviceTensor, index: int = 0) -> DeviceTensor:
     """The (N, D) float32 matrix of image ``index`` in a device tensor of shape (N, D) or (B, N, D).
 
     Pure pointer arithmetic (no device access), so it is tested without a GPU.
@@ -267,7 +267,7 @@ def DeviceMatrix(x: DeviceTensor, index: int = 0) -> DeviceTensor:  # noqa: N802
     return x
 
 
-def EncodeAndScoreOnDevice(  # noqa: N802
+def encode_and_score_on_device(
     runner,
     kernel: CudaMas,
     pixel_values: np.ndarray,

@@ -21,7 +21,7 @@ import numpy as np
 from msao.engines.images import ImagePreprocess
 from msao.engines.mas import KeepSet, ModalityMas
 
-__all__ = ["HeatmapPng", "ModelViewFromPixels"]
+__all__ = ["heatmap_png", "model_view_from_pixels"]
 
 # black -> dark red -> orange -> pale yellow: readable on screens and in greyscale print
 _STOPS = np.array([[0, 0, 0], [150, 20, 30], [240, 120, 20], [255, 250, 190]], np.float64)
@@ -36,7 +36,7 @@ def _colormap(w: np.ndarray) -> np.ndarray:
     return np.rint(_STOPS[lo] * (1 - f) + _STOPS[lo + 1] * f).astype(np.uint8)
 
 
-def ModelViewFromPixels(pixels: np.ndarray, pre: ImagePreprocess) -> np.ndarray:  # noqa: N802
+def model_view_from_pixels(pixels: np.ndarray, pre: ImagePreprocess) -> np.ndarray:
     """Preprocessed pixels (3, H, W) back to uint8 RGB (H, W, 3): the crop the encoder saw, patch-aligned."""
     x = pixels.transpose(1, 2, 0) * np.asarray(pre.std, np.float32) + np.asarray(pre.mean, np.float32)
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
@@ -51,7 +51,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def HeatmapPng(  # noqa: N802
+def heatmap_png(
     view: np.ndarray,
     combined: np.ndarray,
     keep: KeepSet,
@@ -65,11 +65,11 @@ def HeatmapPng(  # noqa: N802
     """PNG bytes of the two-panel explanation.
 
     Args:
-        view: uint8 (H, W, 3), the image as the encoder saw it (``ModelViewFromPixels``).
+        view: uint8 (H, W, 3), the image as the encoder saw it (``model_view_from_pixels``).
         combined: float (N,) combined MAS score per token in [0, 1].
         keep: the keep-set drawn as outlines.
         values: per-modality MAS values for the title.
-        grid: (rows, cols, patch) from ``mas.PatchGrid``.
+        grid: (rows, cols, patch) from ``mas.patch_grid``.
         panel_px: width of each panel; the image is scaled up with nearest-neighbour.
     """
     from PIL import Image, ImageDraw

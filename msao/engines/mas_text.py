@@ -16,7 +16,7 @@ import numpy as np
 
 from msao.errors import MasInputError
 
-__all__ = ["STOP_WORDS", "VISUAL_WORDS", "MasQuestion", "QuestionEmbedder", "ContentTokenMask", "MasQuestionFromText"]
+__all__ = ["STOP_WORDS", "VISUAL_WORDS", "MasQuestion", "QuestionEmbedder", "content_token_mask", "mas_question_from_text"]
 
 # English function words and the interrogatives of VQA questions. Lower case, no punctuation.
 STOP_WORDS = frozenset(
@@ -44,7 +44,7 @@ def _clean(piece: str) -> str:
     return piece.strip().lower()
 
 
-def ContentTokenMask(pieces: Sequence[str], stop_words: frozenset[str] = STOP_WORDS) -> np.ndarray:  # noqa: N802
+def content_token_mask(pieces: Sequence[str], stop_words: frozenset[str] = STOP_WORDS) -> np.ndarray:
     """bool (M,): True where a token piece is a content word (has a letter or digit, not a stop word)."""
     out = np.zeros(len(pieces), bool)
     for i, piece in enumerate(pieces):
@@ -113,7 +113,7 @@ class QuestionEmbedder:
         pieces = tuple(enc.tokens)
         unseen = [k for k, i in enumerate(ids) if i not in self._content]
         if unseen:
-            flags = ContentTokenMask([pieces[k] for k in unseen])
+            flags = content_token_mask([pieces[k] for k in unseen])
             self._content.update((ids[k], bool(f)) for k, f in zip(unseen, flags))
         mask = [self._content[i] for i in ids]
         use = [i for i, keep in zip(ids, mask) if keep] or list(ids)
@@ -126,6 +126,6 @@ class QuestionEmbedder:
         return MasQuestion(embeddings=emb, content_words=sum(mask), question_tokens=len(ids), pieces=pieces, visual_words=visual)
 
 
-def MasQuestionFromText(generator, question: str) -> MasQuestion:  # noqa: N802
+def mas_question_from_text(generator, question: str) -> MasQuestion:
     """One-off ``QuestionEmbedder(generator)(question)``; keep a ``QuestionEmbedder`` to reuse rows."""
     return QuestionEmbedder(generator)(question)

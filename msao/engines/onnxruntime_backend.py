@@ -99,7 +99,7 @@ class OnnxRuntimeBackend(Backend):
         }[self.options.optimization]
         so.log_severity_level = 3
         if spec.external_data:
-            # External data is read by path; every referenced file was hash-checked by LoadBundle.
+            # External data is read by path; every referenced file was hash-checked by load_bundle.
             for rel in spec.external_data:
                 bundle.read_verified(rel)
             session = ort.InferenceSession(str(bundle.path_of(spec.file)), so, providers=list(self.providers))

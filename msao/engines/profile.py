@@ -17,12 +17,12 @@ from msao.engines.backend import Backend
 from msao.engines.bundle import Bundle
 from msao.engines.manifest import LatencyProfile, ProfilePoint, SegmentSpec
 
-__all__ = ["DeviceName", "ProfileBundle", "SyntheticFeeds", "TEXT_TOKENS"]
+__all__ = ["device_name", "profile_bundle", "synthetic_feeds", "TEXT_TOKENS"]
 
 TEXT_TOKENS = 16  # typical prompt text around the image (template + a short question)
 
 
-def SyntheticFeeds(  # noqa: N802
+def synthetic_feeds(
     spec: SegmentSpec, *, batch: int, seq: int, past: int, vocab: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     """Valid random feeds for ``spec`` at the given sizes: for timing, tracing and FLOP counts.
@@ -45,7 +45,7 @@ def SyntheticFeeds(  # noqa: N802
     return feeds
 
 
-def ProfileBundle(bundle: Bundle, backend: Backend, repeats: int = 20, warmup: int = 3) -> LatencyProfile:  # noqa: N802
+def profile_bundle(bundle: Bundle, backend: Backend, repeats: int = 20, warmup: int = 3) -> LatencyProfile:
     """Time every segment at the shapes requests produce (batch 1).
 
     Decoder chunks are timed at prefill lengths for 100 %, 50 %, 25 % and 0 % of the image
@@ -68,7 +68,7 @@ def ProfileBundle(bundle: Bundle, backend: Backend, repeats: int = 20, warmup: i
     for s in m.segments:
         with backend.open(bundle, s) as runner:
             for seq, past in shapes[s.name]:
-                feeds = SyntheticFeeds(s, batch=1, seq=seq, past=past, vocab=m.model.vocab_size, rng=rng)
+                feeds = synthetic_feeds(s, batch=1, seq=seq, past=past, vocab=m.model.vocab_size, rng=rng)
                 times = []
                 for i in range(warmup + repeats):
                     t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def ProfileBundle(bundle: Bundle, backend: Backend, repeats: int = 20, warmup: i
                     ProfilePoint(s.name, 1, seq, past, round(float(np.median(times)), 4), round(float(np.percentile(times, 90)), 4))
                 )
     return LatencyProfile(
-        device=DeviceName(),
+        device=device_name(),
         backend=backend.describe(),
         threads=getattr(getattr(backend, "options", None), "threads", 0),
         measured_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -87,7 +87,7 @@ def ProfileBundle(bundle: Bundle, backend: Backend, repeats: int = 20, warmup: i
     )
 
 
-def DeviceName() -> str:  # noqa: N802
+def device_name() -> str:
     """'NVIDIA Jetson AGX Orin ...' on a Jetson (device tree), else 'x86_64 CPU, 2 cores'."""
     import os
 

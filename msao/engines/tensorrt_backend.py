@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from msao.engines.backend import Backend, CheckFeeds, Runner
-from msao.engines.cuda_buffers import CudaStream, DeviceBuffers, DeviceProperties, DeviceTensor, _cudart
-from msao.engines.engine_records import EngineTarget, FindEngine, JetPackFromL4t, ReadEngineVerified, ReadL4tRelease
+from msao.engines.backend import Backend, Runner, check_feeds
+from msao.engines.cuda_buffers import CudaStream, DeviceBuffers, DeviceTensor, _cudart, device_properties
+from msao.engines.engine_records import EngineTarget, find_engine, jetpack_from_l4t, read_engine_verified, read_l4t_release
 from msao.engines.manifest import SegmentSpec
-from msao.engines.tensorrt_profiles import ChooseProfile, InputRange, ShapeProfile
+from msao.engines.tensorrt_profiles import InputRange, ShapeProfile, choose_profile
 from msao.errors import EngineMismatch, FeedError, GpuUnavailable, MissingDependency, MsaoError
 
 if TYPE_CHECKING:
@@ -44,10 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TENSORRT_INSTALL_HINT",
-    "CurrentTarget",
-    "ImportTensorRT",
+    "current_target",
+    "import_tensorrt",
     "TensorRTBackend",
-    "TensorRTUnavailableReason",
+    "tensorrt_unavailable_reason",
     "TrtOptions",
     "TrtRunner",
 ]
@@ -64,7 +64,7 @@ TENSORRT_INSTALL_HINT = (
 MIN_VERSION = (8, 6)
 
 
-def ImportTensorRT():  # noqa: N802
+def import_tensorrt():
     """The ``tensorrt`` module, 8.6 or newer.
 
     Raises:
@@ -80,17 +80,17 @@ def ImportTensorRT():  # noqa: N802
     return trt
 
 
-def CurrentTarget(trt, device: int = 0) -> EngineTarget:  # noqa: N802
+def current_target(trt, device: int = 0) -> EngineTarget:
     """This machine as an engine target: TensorRT version, GPU, and L4T/JetPack on a Jetson."""
-    name, cc = DeviceProperties(device)
-    l4t = ReadL4tRelease()
-    return EngineTarget(trt.__version__, name, cc, l4t, JetPackFromL4t(l4t))
+    name, cc = device_properties(device)
+    l4t = read_l4t_release()
+    return EngineTarget(trt.__version__, name, cc, l4t, jetpack_from_l4t(l4t))
 
 
-def TensorRTUnavailableReason(device: int = 0) -> str | None:  # noqa: N802
+def tensorrt_unavailable_reason(device: int = 0) -> str | None:
     """None when TensorRT, cuda-python and a GPU all answer here; else why not (for logs and skips)."""
     try:
-        CurrentTarget(ImportTensorRT(), device)
+        current_target(import_tensorrt(), device)
     except (MissingDependency, GpuUnavailable) as exc:
         return str(exc)
     return None
@@ -118,10 +118,10 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, options: TrtOptions = TrtOptions()):
-        self._trt = trt = ImportTensorRT()
+        self._trt = trt = import_tensorrt()
         _cudart()
         self.options = options
-        self.target = CurrentTarget(trt, options.device)
+        self.target = current_target(trt, options.device)
         self._logger = trt.Logger(trt.Logger.INFO if options.verbose else trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._warned: set[str] = set()
@@ -136,7 +136,7 @@ class TensorRTBackend(Backend):
             BundleError: no engine for this segment. EngineMismatch: built for another
             TensorRT, GPU or export, or TensorRT refuses the plan. HashMismatch: altered file.
         """
-        engine_set, record = FindEngine(bundle, spec, self.target)
+        engine_set, record = find_engine(bundle, spec, self.target)
         built = engine_set.target
         if built.l4t_release != self.target.l4t_release and built.describe() not in self._warned:
             self._warned.add(built.describe())
@@ -145,7 +145,7 @@ class TensorRTBackend(Backend):
                 "rebuild with `msao build-engines --bundle %s` if results look wrong",
                 bundle.manifest.name, built.l4t_release or "-", self.target.l4t_release or "-", built.tensorrt_version, bundle.root,
             )  # fmt: skip
-        plan = ReadEngineVerified(bundle.root, record)
+        plan = read_engine_verified(bundle.root, record)
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise EngineMismatch(
@@ -177,7 +177,7 @@ class TrtRunner(Runner):
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             io[name] = (engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT, np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
-        _CheckEngineIo(spec, io)
+        _check_engine_io(spec, io)
         self._dtype = {n: dt for n, (_, dt) in io.items()}
         self._inputs = [t.name for t in spec.inputs]
         self._outputs = [t.name for t in spec.outputs]
@@ -209,7 +209,7 @@ class TrtRunner(Runner):
     def _run(self, feeds: dict[str, np.ndarray], download: Collection[str] | None) -> dict[str, np.ndarray]:
         with self._lock:
             ctx, stream = self._context, self._stream
-            profile = ChooseProfile(self.profiles, {n: a.shape for n, a in feeds.items()}, f"segment {self.spec.name}")
+            profile = choose_profile(self.profiles, {n: a.shape for n, a in feeds.items()}, f"segment {self.spec.name}")
             if profile != self._profile:
                 if not ctx.set_optimization_profile_async(profile, stream.handle):
                     raise MsaoError(f"segment {self.spec.name}: TensorRT refused optimisation profile {profile}")
@@ -284,7 +284,7 @@ class TrtRunner(Runner):
         Returns:
             (host outputs by name, whatever ``consume`` returned).
         """
-        CheckFeeds(self.spec, feeds)
+        check_feeds(self.spec, feeds)
         with self._lock:
             t0 = time.perf_counter()
             host = self._run(feeds, host_outputs)
@@ -304,7 +304,7 @@ class TrtRunner(Runner):
             self._resident.clear()
 
 
-def _CheckEngineIo(spec: SegmentSpec, io: dict[str, tuple[bool, np.dtype]]) -> None:  # noqa: N802
+def _check_engine_io(spec: SegmentSpec, io: dict[str, tuple[bool, np.dtype]]) -> None:
     """The engine's named I/O must be the segment's; the dtype may narrow INT64 to INT32 (8.6)."""
     problems = []
     want = {t.name: (True, np.dtype(t.dtype)) for t in spec.inputs} | {t.name: (False, np.dtype(t.dtype)) for t in spec.outputs}

@@ -13,7 +13,7 @@ The allow-lists below are TensorRT's published support matrix (onnx/onnx-tensorr
   after 10.0 are in ``ADDED_IN_10`` with their first release, so a model that needs them is
   flagged for older 10.x.
 
-Regenerate a list from a newer ``operators.md`` with ``OpsFromOperatorsMd``. The check is
+Regenerate a list from a newer ``operators.md`` with ``ops_from_operators_md``. The check is
 static (names, domains, opset, constant-input restrictions); whether an engine builds and
 matches ONNX Runtime is only known on a GPU (tests/engines/test_tensorrt_gpu.py).
 """
@@ -32,8 +32,8 @@ __all__ = [
     "SOURCES",
     "SUPPORTED_OPS",
     "TRT_LINES",
-    "CheckOnnxOps",
-    "OpsFromOperatorsMd",
+    "check_onnx_ops",
+    "ops_from_operators_md",
     "OpsReport",
 ]
 
@@ -147,7 +147,7 @@ def _graphs(graph):
                     yield from _graphs(g)
 
 
-def CheckOnnxOps(path: Path, lines: tuple[str, ...] = TRT_LINES) -> OpsReport:  # noqa: N802
+def check_onnx_ops(path: Path, lines: tuple[str, ...] = TRT_LINES) -> OpsReport:
     """Check one ONNX file against each TensorRT line's published support (needs ``onnx``).
 
     External weights are not read: only the graph matters here.
@@ -203,7 +203,7 @@ def _elem_types(model) -> dict[str, str]:
     return out
 
 
-def OpsFromOperatorsMd(text: str) -> dict[str, tuple[bool, str]]:  # noqa: N802
+def ops_from_operators_md(text: str) -> dict[str, tuple[bool, str]]:
     """Parse onnx-tensorrt's ``docs/operators.md`` table: op -> (supported, restrictions)."""
     out = {}
     for line in text.splitlines():

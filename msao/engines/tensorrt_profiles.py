@@ -12,7 +12,7 @@ decode have very different shapes and TensorRT picks kernels for the ``opt`` poi
     profile 0 "decode":  seq 1..1..1            past 0..opt_past..max_past
     profile 1 "prefill": seq 1..opt_seq..max_seq past 0..0..max_past       (covers every call)
 
-At run time ``ChooseProfile`` takes the first profile that contains the call's shapes, so a
+At run time ``choose_profile`` takes the first profile that contains the call's shapes, so a
 decode step runs on kernels tuned for one token and anything else on the general profile.
 Every other segment gets one profile.
 """
@@ -27,7 +27,7 @@ from msao.engines.manifest import ModelInfo, SegmentSpec, TensorSpec
 from msao.engines.profile import TEXT_TOKENS
 from msao.errors import ConfigError, FeedError
 
-__all__ = ["ChooseProfile", "DimRange", "InputRange", "ProfileLimits", "ProfilesForSegment", "ShapeProfile"]
+__all__ = ["choose_profile", "DimRange", "InputRange", "ProfileLimits", "profiles_for_segment", "ShapeProfile"]
 
 _BASE = ("batch", "seq", "past")
 
@@ -171,7 +171,7 @@ def _range_of(t: TensorSpec, dims: Mapping[str, DimRange], unknown: set[str]) ->
     return InputRange(t.name, tuple(r.min for r in ranges), tuple(r.opt for r in ranges), tuple(r.max for r in ranges))
 
 
-def ProfilesForSegment(spec: SegmentSpec, model: ModelInfo, limits: ProfileLimits = ProfileLimits()) -> tuple[ShapeProfile, ...]:  # noqa: N802
+def profiles_for_segment(spec: SegmentSpec, model: ModelInfo, limits: ProfileLimits = ProfileLimits()) -> tuple[ShapeProfile, ...]:
     """The optimisation profiles to build ``spec`` with, in the order the engine will hold them.
 
     Raises:
@@ -206,7 +206,7 @@ def ProfilesForSegment(spec: SegmentSpec, model: ModelInfo, limits: ProfileLimit
     return (build("any", {}),)
 
 
-def ChooseProfile(profiles: Sequence[ShapeProfile], shapes: Mapping[str, tuple[int, ...]], segment: str = "segment") -> int:  # noqa: N802
+def choose_profile(profiles: Sequence[ShapeProfile], shapes: Mapping[str, tuple[int, ...]], segment: str = "segment") -> int:
     """Index of the first profile that holds every input shape of one call.
 
     Raises:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from msao.engines.generation import ImageEncoding
-from msao.engines.mas import PatchChange, PatchGrid, TokenChange
+from msao.engines.mas import patch_change, patch_grid, token_change
 from msao.errors import ConfigError, StreamError
 
 __all__ = ["CacheStep", "StreamTokenCache", "TokenCacheOptions", "TokenDelta", "TokenMirror"]
@@ -141,10 +141,10 @@ class StreamTokenCache:
     @classmethod
     def for_generator(cls, generator, stream_id: str, options: TokenCacheOptions = TokenCacheOptions()) -> StreamTokenCache:
         """A cache that preprocesses and encodes with ``generator`` (a ``Generator``)."""
-        from msao.engines.images import PixelsFromImage
+        from msao.engines.images import pixels_from_image
 
         pre = generator.bundle.manifest.preprocess
-        return cls(stream_id, lambda rgb: PixelsFromImage(rgb, pre), generator.encode_image, generator.info.image_tokens, options)
+        return cls(stream_id, lambda rgb: pixels_from_image(rgb, pre), generator.encode_image, generator.info.image_tokens, options)
 
     def reset(self) -> None:
         """Forget the stream; the next frame is encoded and sent in full (a new base)."""
@@ -168,14 +168,14 @@ class StreamTokenCache:
         pixels = self._pixels(rgb)  # (3, H, W)
         if self._sent is None or self._ref_pixels is None:
             return self._full(rgb, pixels)
-        _, _, patch = PatchGrid(self.n_tokens, pixels.shape[1], pixels.shape[2])
-        max_change = float(PatchChange(pixels, self._ref_pixels, patch).max())
+        _, _, patch = patch_grid(self.n_tokens, pixels.shape[1], pixels.shape[2])
+        max_change = float(patch_change(pixels, self._ref_pixels, patch).max())
         if max_change <= self.options.skip_threshold:
             cached = ImageEncoding(self._sent.tokens, self._sent.mas_features, 0.0)
             return CacheStep(cached, True, None, max_change)
         fresh = self._encode(pixels)
         self._ref_pixels = pixels
-        changed = np.nonzero(TokenChange(fresh.tokens, self._sent.tokens) > self.options.change_threshold**2)[0].astype(np.int64)
+        changed = np.nonzero(token_change(fresh.tokens, self._sent.tokens) > self.options.change_threshold**2)[0].astype(np.int64)
         tokens = self._sent.tokens.copy()
         tokens[changed] = fresh.tokens[changed]  # (N, D): as-sent rows, changed ones replaced
         delta = None

@@ -16,7 +16,7 @@ __all__ = [
     "BuiltinSpec",
     "CHECKPOINT_ROOT",
     "PROMPT_TEMPLATE",
-    "TokenizerForEasyVqa",
+    "tokenizer_for_easy_vqa",
     "builtin_checkpoint_dir",
 ]
 
@@ -100,7 +100,7 @@ def builtin_checkpoint_dir(name: str) -> Path:
     return CHECKPOINT_ROOT / name
 
 
-def TokenizerForEasyVqa():  # noqa: N802 - converter naming from STYLE.md
+def tokenizer_for_easy_vqa():
     """Word-level tokenizer covering easy-VQA, LLaVA-1.5's prompt words and the image token.
 
     The vocabulary is fixed in code (not read from data) so both built-in models share ids

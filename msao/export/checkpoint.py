@@ -21,9 +21,9 @@ from msao.export.segments import ExitHead
 __all__ = [
     "ExitHeads",
     "LlavaCheckpoint",
-    "LoadCheckpoint",
-    "LlavaFromSpec",
-    "SaveCheckpoint",
+    "load_checkpoint",
+    "llava_from_spec",
+    "save_checkpoint",
 ]
 
 EXIT_HEADS_JSON = "exit_heads.json"
@@ -74,7 +74,7 @@ class LlavaCheckpoint:
     exit_heads: ExitHeads | None
 
 
-def LlavaFromSpec(spec, vocab_size: int, attn_implementation: str = "sdpa"):  # noqa: N802
+def llava_from_spec(spec, vocab_size: int, attn_implementation: str = "sdpa"):
     """A randomly initialised ``LlavaForConditionalGeneration`` for a built-in ``BuiltinSpec``."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -139,8 +139,8 @@ def _preprocess_from_folder(folder: Path) -> ImagePreprocess:
     )
 
 
-def SaveCheckpoint(folder: Path, model, tokenizer, preprocess: ImagePreprocess, exit_heads: ExitHeads | None) -> None:  # noqa: N802
-    """Write a checkpoint folder that ``LoadCheckpoint`` and HF ``from_pretrained`` both read."""
+def save_checkpoint(folder: Path, model, tokenizer, preprocess: ImagePreprocess, exit_heads: ExitHeads | None) -> None:
+    """Write a checkpoint folder that ``load_checkpoint`` and HF ``from_pretrained`` both read."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
@@ -162,7 +162,7 @@ def SaveCheckpoint(folder: Path, model, tokenizer, preprocess: ImagePreprocess, 
         exit_heads.save(folder)
 
 
-def LoadCheckpoint(folder: Path, attn_implementation: str = "eager") -> LlavaCheckpoint:  # noqa: N802
+def load_checkpoint(folder: Path, attn_implementation: str = "eager") -> LlavaCheckpoint:
     """Load a local LLaVA checkpoint folder; nothing is downloaded.
 
     Raises:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 import msao
-from msao.datasets.easyvqa import LoadEasyVqa
-from msao.engines.bundle import LoadBundle, Sha256OfFile
+from msao.datasets.easyvqa import load_easy_vqa
+from msao.engines.bundle import load_bundle, sha256_of_file
 from msao.engines.generation import Generator
-from msao.engines.images import PixelsFromImage
+from msao.engines.images import pixels_from_image
 from msao.engines.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -42,16 +42,16 @@ from msao.engines.manifest import (
     exit_segment_name,
 )
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-from msao.engines.profile import ProfileBundle
+from msao.engines.profile import profile_bundle
 from msao.errors import ExportCheckFailed, ModelFolderError
 from msao.export.builtin import BUILTIN_MODELS, PROMPT_TEMPLATE, builtin_checkpoint_dir
-from msao.export.checkpoint import LlavaCheckpoint, LoadCheckpoint
-from msao.export.flops import FlopsModelFromModule, TorchFeeds
-from msao.export.onnx_export import OPSET, OnnxFromSegment
-from msao.export.reference import HfGreedyAnswer, TorchPipeline
+from msao.export.checkpoint import LlavaCheckpoint, load_checkpoint
+from msao.export.flops import flops_model_from_module, torch_feeds
+from msao.export.onnx_export import OPSET, onnx_from_segment
+from msao.export.reference import TorchPipeline, hf_greedy_answer
 from msao.export.segments import DecoderChunk, LmHead, TextEmbed, VisionEncoder
 
-__all__ = ["ExportOptions", "ExportBundle", "ModelHash", "ResolveModel"]
+__all__ = ["ExportOptions", "export_bundle", "model_hash_from_checkpoint", "resolve_model"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class ExportOptions:
     opset: int = OPSET
 
 
-def ResolveModel(model: str | Path) -> Path:  # noqa: N802
+def resolve_model(model: str | Path) -> Path:
     """A built-in model name → its checkpoint folder; anything else must be a local folder."""
     if str(model) in BUILTIN_MODELS:
         folder = builtin_checkpoint_dir(str(model))
@@ -98,7 +98,7 @@ def ResolveModel(model: str | Path) -> Path:  # noqa: N802
     return folder
 
 
-def ModelHash(ck: LlavaCheckpoint) -> str:  # noqa: N802
+def model_hash_from_checkpoint(ck: LlavaCheckpoint) -> str:
     """Identity of a model: config, every weight (name, dtype, shape, bytes), exit heads, tokenizer.
 
     Stable across re-exports of the same checkpoint; edge and cloud refuse to pair bundles
@@ -203,12 +203,12 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
 
 def _check_samples(n: int, seed: int = 0) -> list[tuple[bytes, np.ndarray, str, str]]:
     """Real easy-VQA test samples: (png bytes, rgb, question, answer), spread over the set."""
-    test = LoadEasyVqa("test")
+    test = load_easy_vqa("test")
     rows = np.random.default_rng(seed).permutation(len(test))[:n]
     return [(test.image_pngs[test.image_ids[r]], test.images[test.image_ids[r]], test.questions[r], test.answers[r]) for r in rows]
 
 
-def ExportBundle(  # noqa: N802
+def export_bundle(
     model: str | Path,
     out_dir: str | Path,
     options: ExportOptions = ExportOptions(),
@@ -221,10 +221,10 @@ def ExportBundle(  # noqa: N802
         ExportCheckFailed: a segment or the end-to-end answers disagree with PyTorch.
     """
     t_all = time.perf_counter()
-    folder = ResolveModel(model)
+    folder = resolve_model(model)
     builtin = BUILTIN_MODELS.get(str(model))
     progress(f"loading {folder}")
-    ck = LoadCheckpoint(folder, attn_implementation="eager")
+    ck = load_checkpoint(folder, attn_implementation="eager")
     name = builtin.name if builtin else folder.name
     tc = ck.model.config.text_config
     n_layers = tc.num_hidden_layers
@@ -246,11 +246,11 @@ def ExportBundle(  # noqa: N802
             f"which the prompt template {template!r} does not contain; pass --prompt-template"
         )
     samples = _check_samples(max(options.check_questions, 4))
-    pixels0 = PixelsFromImage(samples[0][1], ck.preprocess)
+    pixels0 = pixels_from_image(samples[0][1], ck.preprocess)
     with torch.no_grad():
         n_img = VisionEncoder(ck.model, mas_layer)(torch.from_numpy(pixels0[None]))[0].shape[1]
     info = _model_info(ck, n_img)
-    model_hash = ModelHash(ck)
+    model_hash = model_hash_from_checkpoint(ck)
     progress(f"{name}: {info.parameters:,} parameters, {n_layers} decoder layers, {n_img} image tokens, chunks at {bounds}")
 
     out_dir = Path(out_dir)
@@ -260,13 +260,13 @@ def ExportBundle(  # noqa: N802
         segs = _segments(ck, info, bounds, mas_layer)
         for spec, module in segs:
             t0 = time.perf_counter()
-            OnnxFromSegment(
-                module, TorchFeeds(spec, info, batch=2, seq=5, past=3), spec.inputs, spec.outputs, work / spec.file, options.opset
+            onnx_from_segment(
+                module, torch_feeds(spec, info, batch=2, seq=5, past=3), spec.inputs, spec.outputs, work / spec.file, options.opset
             )
             progress(f"  exported {spec.name:<16} {(work / spec.file).stat().st_size / 1e6:7.2f} MB  {time.perf_counter() - t0:5.1f}s")
         (work / "tokenizer.json").write_text(ck.tokenizer_json)
         checks = _check_segments(segs, work, info, ck, tokenizer, template, samples[:4], options, progress)
-        segs_checked = [replace(spec, check=checks[spec.name], flops=FlopsModelFromModule(mod, spec, info)) for spec, mod in segs]
+        segs_checked = [replace(spec, check=checks[spec.name], flops=flops_model_from_module(mod, spec, info)) for spec, mod in segs]
         created_by = {
             "msao": msao.__version__,
             "torch": torch.__version__,
@@ -296,11 +296,11 @@ def ExportBundle(  # noqa: N802
         manifest = _check_end_to_end(work, manifest, ck, samples, options, progress)
         if options.profile_repeats:
             progress(f"  profiling segments on this machine ({options.profile_repeats} runs per point)")
-            bundle = LoadBundle(work)
+            bundle = load_bundle(work)
             backend = OnnxRuntimeBackend(OrtOptions(threads=options.threads))
-            manifest = replace(manifest, profiles=(ProfileBundle(bundle, backend, repeats=options.profile_repeats),))
+            manifest = replace(manifest, profiles=(profile_bundle(bundle, backend, repeats=options.profile_repeats),))
         _write_manifest(work, manifest)
-        LoadBundle(work)  # the bundle we ship must pass its own loader
+        load_bundle(work)  # the bundle we ship must pass its own loader
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)
@@ -313,7 +313,7 @@ def ExportBundle(  # noqa: N802
 
 def _file_entries(root: Path) -> tuple[FileEntry, ...]:
     files = sorted(p for p in root.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
-    return tuple(FileEntry(p.name, Sha256OfFile(p), p.stat().st_size) for p in files)
+    return tuple(FileEntry(p.name, sha256_of_file(p), p.stat().st_size) for p in files)
 
 
 def _write_manifest(root: Path, manifest: Manifest) -> None:
@@ -330,7 +330,7 @@ def _check_segments(segs, work: Path, info: ModelInfo, ck, tokenizer, template, 
     for i, (_, rgb, question, _) in enumerate(samples):
         ids = tokenizer.encode(template.format(question=question)).ids
         cut = ids.index(tokenizer.token_to_id(placeholder))
-        pixels = PixelsFromImage(rgb, ck.preprocess)
+        pixels = pixels_from_image(rgb, ck.preprocess)
         pipe.run(pixels, np.asarray(ids[:cut], np.int64), np.asarray(ids[cut + 1 :], np.int64), decode_steps=2, left_pad=3 if i % 2 else 0)
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads
@@ -371,17 +371,17 @@ def _check_segments(segs, work: Path, info: ModelInfo, ck, tokenizer, template, 
 
 def _check_end_to_end(work: Path, manifest: Manifest, ck, samples, options, progress) -> Manifest:
     """Greedy answers from the ONNX files alone must equal HF ``generate``'s, token for token."""
-    gen = Generator(LoadBundle(work), OnnxRuntimeBackend(OrtOptions(threads=options.threads)))
+    gen = Generator(load_bundle(work), OnnxRuntimeBackend(OrtOptions(threads=options.threads)))
     info = manifest.model
     n = options.check_questions
     same, correct, mismatches = 0, 0, []
     t0 = time.perf_counter()
     for i, (_, rgb, question, answer) in enumerate(samples[:n]):
-        pixels = PixelsFromImage(rgb, manifest.preprocess)
+        pixels = pixels_from_image(rgb, manifest.preprocess)
         got = gen.generate(gen.encode_image(pixels), question, max_new_tokens=options.max_new_tokens)
         prefix, suffix = gen.prompt_ids(question)
         ids = np.concatenate([prefix, np.full(info.image_tokens, info.image_token_id, np.int64), suffix])
-        ref = HfGreedyAnswer(ck.model, pixels, ids, list(info.eos_token_ids), info.pad_token_id, options.max_new_tokens)
+        ref = hf_greedy_answer(ck.model, pixels, ids, list(info.eos_token_ids), info.pad_token_id, options.max_new_tokens)
         if list(got.token_ids) == ref:
             same += 1
         else:

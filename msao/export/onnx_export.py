@@ -14,12 +14,12 @@ import torch
 
 from msao.engines.manifest import TensorSpec
 
-__all__ = ["OPSET", "OnnxFromSegment"]
+__all__ = ["OPSET", "onnx_from_segment"]
 
 OPSET = 17
 
 
-def OnnxFromSegment(  # noqa: N802
+def onnx_from_segment(
     module: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
     inputs: tuple[TensorSpec, ...],

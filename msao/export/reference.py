@@ -1,7 +1,7 @@
 """PyTorch reference runs that the exported segments are checked against.
 
 ``TorchPipeline`` runs the same segment modules the exporter exports, on real inputs, and
-records the exact feeds and outputs of every segment; ``HfGreedyAnswer`` asks Hugging Face's
+records the exact feeds and outputs of every segment; ``hf_greedy_answer`` asks Hugging Face's
 own ``generate`` (its cache, its masks) for the end-to-end reference answer.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["HfGreedyAnswer", "SegmentCall", "TorchPipeline"]
+__all__ = ["hf_greedy_answer", "SegmentCall", "TorchPipeline"]
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TorchPipeline:
             mask = np.concatenate([mask, np.ones((bsz, 1), np.int64)], axis=1)
 
 
-def HfGreedyAnswer(model, pixels: np.ndarray, input_ids: np.ndarray, eos_ids: list[int], pad_id: int, max_new_tokens: int) -> list[int]:  # noqa: N802
+def hf_greedy_answer(model, pixels: np.ndarray, input_ids: np.ndarray, eos_ids: list[int], pad_id: int, max_new_tokens: int) -> list[int]:
     """Greedy token ids from Hugging Face ``generate`` (prompt ids with the image token expanded)."""
     with torch.no_grad():
         out = model.generate(

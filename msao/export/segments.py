@@ -23,7 +23,7 @@ __all__ = [
     "MASK_NEG",
     "TextEmbed",
     "VisionEncoder",
-    "CausalMaskFromPadding",
+    "causal_mask_from_padding",
     "image_token_layout",
 ]
 
@@ -84,7 +84,7 @@ class TextEmbed(nn.Module):
         return self.embed(input_ids)
 
 
-def CausalMaskFromPadding(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:  # noqa: N802
+def causal_mask_from_padding(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask (B, 1, T, P+T) from a 0/1 key mask (B, P+T) for the last T queries.
 
     Query i sits at key index P+i; it may see key j when j <= P+i and the key is not padding.
@@ -141,7 +141,7 @@ class DecoderChunk(nn.Module):
             raise ValueError(f"decoder[{self.start}:{self.end}] needs {2 * n} past tensors, got {len(past_kv)}")
         past = {self.start + i: (past_kv[2 * i], past_kv[2 * i + 1]) for i in range(n)}
         cache = _ChunkCache(past)
-        mask = CausalMaskFromPadding(attention_mask, hidden.shape[1], hidden.dtype)
+        mask = causal_mask_from_padding(attention_mask, hidden.shape[1], hidden.dtype)
         cos_sin = self.rotary_emb(hidden, position_ids)
         for layer in self.layers:
             out = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache, position_embeddings=cos_sin)

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from msao.datasets.easyvqa import EasyVqaSplit, LoadEasyVqa
-from msao.engines.images import ImagePreprocess, PixelsFromImage
-from msao.export.builtin import PROMPT_TEMPLATE, BuiltinSpec, TokenizerForEasyVqa
-from msao.export.checkpoint import ExitHeads, LlavaFromSpec, SaveCheckpoint
+from msao.datasets.easyvqa import EasyVqaSplit, load_easy_vqa
+from msao.engines.images import ImagePreprocess, pixels_from_image
+from msao.export.builtin import PROMPT_TEMPLATE, BuiltinSpec, tokenizer_for_easy_vqa
+from msao.export.checkpoint import ExitHeads, llava_from_spec, save_checkpoint
 from msao.export.segments import DecoderChunk, LmHead, TextEmbed, VisionEncoder
 
-__all__ = ["AuxLabelsFromImages", "RECIPES", "TrainOptions", "TrainReport", "TrainBuiltin"]
+__all__ = ["aux_labels_from_images", "RECIPES", "TrainOptions", "TrainReport", "train_builtin"]
 
 log = logging.getLogger(__name__)
 
@@ -93,27 +93,27 @@ class TrainReport:
     eval_accuracy: dict[str, float]  # teacher-forced first-token accuracy on a test subset, per head
 
 
-def _Background(a: np.ndarray) -> np.ndarray:  # noqa: N802
+def _background(a: np.ndarray) -> np.ndarray:
     """Background colour per image (N, 3): the median of the border pixels of (N, H, W, 3)."""
     border = np.concatenate([a[:, 0], a[:, -1], a[:, :, 0], a[:, :, -1]], axis=1)  # (N, 4W, 3)
     return np.median(border, axis=1)
 
 
-def ForegroundFromImages(images: np.ndarray) -> np.ndarray:  # noqa: N802
+def foreground_from_images(images: np.ndarray) -> np.ndarray:
     """Pixels of the shape: far from the background colour."""
     a = images.astype(np.int32)  # (N, H, W, 3)
-    return np.abs(a - _Background(a)[:, None, None]).sum(-1) > 60  # (N, H, W)
+    return np.abs(a - _background(a)[:, None, None]).sum(-1) > 60  # (N, H, W)
 
 
-def AuxLabelsFromImages(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N802
+def aux_labels_from_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Shape and colour class per easy-VQA image, computed from pixels (training aid only).
 
     Returns:
         (shape_ids, colour_ids), int64 (N,), indexing ``SHAPES`` and ``COLOURS``.
     """
     a = images.astype(np.int32)
-    fg = ForegroundFromImages(images)
-    bg = _Background(a)
+    fg = foreground_from_images(images)
+    bg = _background(a)
     shape_ids = np.empty(len(a), np.int64)
     colour_ids = np.empty(len(a), np.int64)
     for i, m in enumerate(fg):
@@ -156,9 +156,9 @@ class _Batcher:
         }
         self.image_ids = split.image_ids
         # the model's own preprocessing (resize to its input size, normalise), as at inference
-        self.pixels = np.stack([PixelsFromImage(img, preprocess) for img in split.images])  # (N, 3, H, W)
-        self.shape_ids, self.colour_ids = AuxLabelsFromImages(split.images)
-        fg = ForegroundFromImages(split.images)
+        self.pixels = np.stack([pixels_from_image(img, preprocess) for img in split.images])  # (N, 3, H, W)
+        self.shape_ids, self.colour_ids = aux_labels_from_images(split.images)
+        fg = foreground_from_images(split.images)
         n, h, w = fg.shape
         grid = preprocess.crop_height // patch  # tokens per side; each covers h // grid source pixels
         cell = h // grid
@@ -226,7 +226,7 @@ class _Trainee(nn.Module):
 
     def __init__(self, spec: BuiltinSpec, vocab_size: int):
         super().__init__()
-        self.llava = LlavaFromSpec(spec, vocab_size)
+        self.llava = llava_from_spec(spec, vocab_size)
         self.spec = spec
         self.vision = VisionEncoder(self.llava, spec.mas_feature_layer)
         self.embed = TextEmbed(self.llava)
@@ -235,7 +235,7 @@ class _Trainee(nn.Module):
         self.head = LmHead(self.llava)
         self.exits = ExitHeads(spec.exit_layers, spec.text_hidden, vocab_size)
         self.foreground = nn.Linear(spec.vision_hidden, 1)  # per token: does it show the shape?
-        self.attribute_ids: torch.Tensor  # token ids of SHAPES then COLOURS, set by TrainBuiltin
+        self.attribute_ids: torch.Tensor  # token ids of SHAPES then COLOURS, set by train_builtin
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.match = nn.ModuleDict({str(k): nn.Linear(spec.text_hidden, 1) for k in (*spec.exit_layers, spec.text_layers)})
         cfg = self.llava.config.text_config
@@ -351,7 +351,7 @@ def _pretrain_vision(model: _Trainee, train: _Batcher, options: TrainOptions, rn
             )
 
 
-def TrainBuiltin(  # noqa: N802
+def train_builtin(
     spec: BuiltinSpec,
     out_dir: Path,
     options: TrainOptions = TrainOptions(),
@@ -362,10 +362,10 @@ def TrainBuiltin(  # noqa: N802
     torch.set_num_threads(options.threads)
     rng = np.random.default_rng(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
-    tokenizer = TokenizerForEasyVqa()
+    tokenizer = tokenizer_for_easy_vqa()
     preprocess = ImagePreprocess(shortest_edge=spec.image_size, crop_height=spec.image_size, crop_width=spec.image_size)
-    train = _Batcher(LoadEasyVqa("train"), tokenizer, preprocess, spec.patch_size)
-    test = _Batcher(LoadEasyVqa("test"), tokenizer, preprocess, spec.patch_size)
+    train = _Batcher(load_easy_vqa("train"), tokenizer, preprocess, spec.patch_size)
+    test = _Batcher(load_easy_vqa("test"), tokenizer, preprocess, spec.patch_size)
     eval_rows = np.random.default_rng(1).permutation(len(test.answer))[: options.eval_questions]
     model = _Trainee(spec, tokenizer.get_vocab_size())
     model.attribute_ids = torch.tensor([tokenizer.token_to_id(w) for w in (*SHAPES, *COLOURS)])
@@ -434,7 +434,7 @@ def TrainBuiltin(  # noqa: N802
             progress(f"[{spec.name}] step {step + 1}/{options.steps} loss {loss_ema:.4f} test-subset {accs} ({el:.0f}s, eta {eta:.0f}s)")
     seconds = time.perf_counter() - t0
     model.eval()
-    SaveCheckpoint(out_dir, model.llava, tokenizer, preprocess, model.exits)
+    save_checkpoint(out_dir, model.llava, tokenizer, preprocess, model.exits)
     report = TrainReport(spec.name, options.steps, round(seconds, 1), n_params, round(first_loss, 5), round(loss_ema, 5), acc)
     (out_dir / "train_report.json").write_text(
         json.dumps({"report": asdict(report), "options": asdict(options), "spec": asdict(spec)}, indent=2) + "\n"

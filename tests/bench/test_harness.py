@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import POLICIES, BenchConfig, RunBench
+from bench.run import POLICIES, BenchConfig, run_bench
 from bench.summary import BASELINES
-from bench.throttle import ThrottleUnavailableReason
+from bench.throttle import throttle_unavailable_reason
 
 METRICS = (
     "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "accuracy", "uplink_bytes_per_request", "downlink_bytes_per_request",
@@ -25,17 +25,17 @@ METRICS = (
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, edge_bundle_dir: Path, cloud_bundle_dir: Path, models, calibration):
-    from msao.edge_runtime.calibration import SaveCalibration
+    from msao.edge_runtime.calibration import save_calibration
 
     root = tmp_path_factory.mktemp("bench-bundles")
     shutil.copytree(edge_bundle_dir, root / "msao-tiny-edge")
     shutil.copytree(cloud_bundle_dir, root / "msao-tiny-cloud")
-    SaveCalibration(calibration, root / "calibration.json")
+    save_calibration(calibration, root / "calibration.json")
     return root
 
 
 def test_a_tiny_run_has_every_policy_metric_oracle_and_goal(bundles, tmp_path):
-    reason = ThrottleUnavailableReason()
+    reason = throttle_unavailable_reason()
     if reason:
         pytest.skip(f"the benchmark throttles the edge with a cgroup: {reason}")
     config = BenchConfig(
@@ -43,7 +43,7 @@ def test_a_tiny_run_has_every_policy_metric_oracle_and_goal(bundles, tmp_path):
         bundles=str(bundles),
     )  # fmt: skip
     out = tmp_path / "run.json"
-    result = RunBench(config, out)
+    result = run_bench(config, out)
     assert json.loads(out.read_text())["finished_at"] == result["finished_at"]
     p = result["profiles"]["lte"]
     assert p["link"]["rtt_ms"] > 40  # lte: 2 x 25 ms one-way, measured through the emulation

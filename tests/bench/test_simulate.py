@@ -20,9 +20,9 @@ import pytest
 
 from bench.run import POLICIES
 from bench.shaping_proxy import PROFILES
-from bench.simprofile import DEFAULT_PROFILE, FIGURE_KINDS, LoadSimProfile
-from bench.simulate import BuildScheduler, CommitShare, Inputs, LinkFromProfile, RunSimulation, SimOptions, Table
-from bench.simworld import ClosedLoopMs, DrawRequests, Job, JobFromPlan, MeanDraws, RunOpenLoop
+from bench.simprofile import DEFAULT_PROFILE, FIGURE_KINDS, load_sim_profile
+from bench.simulate import SimOptions, build_scheduler, draft_commit_share, format_table, inputs, link_from_profile, run_simulation
+from bench.simworld import Job, closed_loop_ms, draw_requests, job_from_plan, mean_draws, run_open_loop
 from msao.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,12 +31,12 @@ REL = 1e-9
 
 @pytest.fixture(scope="module")
 def profile():
-    return LoadSimProfile(DEFAULT_PROFILE)
+    return load_sim_profile(DEFAULT_PROFILE)
 
 
 @pytest.fixture(scope="module")
 def result(profile):
-    return RunSimulation(profile, SimOptions(requests=60, load_requests=40, records=True))
+    return run_simulation(profile, SimOptions(requests=60, load_requests=40, records=True))
 
 
 def test_every_figure_of_the_shipped_profile_is_labelled_with_its_source(profile):
@@ -60,26 +60,26 @@ def test_a_profile_number_without_a_source_is_refused(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text(broken)
     with pytest.raises(ConfigError) as exc:
-        LoadSimProfile(path)
+        load_sim_profile(path)
     assert "edge_device.mas_ms: a figure needs exactly value, kind and source" in str(exc.value)
     assert "timing.large_on_cloud.decode_step_ms: kind 'measured' is not one of" in str(exc.value)
 
 
 @pytest.mark.parametrize("link_name", list(PROFILES))
 def test_with_every_draw_at_its_mean_each_plan_costs_exactly_its_estimate(profile, link_name):
-    s = BuildScheduler(profile)
-    link = LinkFromProfile(link_name)
-    d = MeanDraws(profile.mean_answer_tokens, round(profile.image_bytes_mean))
-    x = Inputs(profile, link, d)
+    s = build_scheduler(profile)
+    link = link_from_profile(link_name)
+    d = mean_draws(profile.mean_answer_tokens, round(profile.image_bytes_mean))
+    x = inputs(profile, link, d)
     plans = s.candidates(x) + [
         s.choose(x, policy, split_layer=k) for policy in POLICIES for k in (s.large.split_points if policy == "static_split" else (None,))
     ]
     assert {p.kind for p in plans} == {"edge", "local_large", "cloud", "split", "draft_verify"}
     for plan in plans:
-        share = CommitShare(s, plan)
+        share = draft_commit_share(s, plan)
         # a draft/verify plan commits with probability `share`: its estimate is the expectation over both outcomes
-        committed = ClosedLoopMs(JobFromPlan(s, plan, link, dataclasses.replace(d, v=-1.0), profile.mas_ms, share))
-        verified = ClosedLoopMs(JobFromPlan(s, plan, link, dataclasses.replace(d, v=2.0), profile.mas_ms, share))
+        committed = closed_loop_ms(job_from_plan(s, plan, link, dataclasses.replace(d, v=-1.0), profile.mas_ms, share))
+        verified = closed_loop_ms(job_from_plan(s, plan, link, dataclasses.replace(d, v=2.0), profile.mas_ms, share))
         got = share * committed + (1 - share) * verified
         assert got == pytest.approx(plan.est_latency_ms, rel=REL), (
             f"{plan.describe()}: simulated {got} ms, estimated {plan.est_latency_ms} ms"
@@ -105,22 +105,22 @@ def test_every_policy_and_link_profile_is_reported_and_labelled_simulation(resul
             "accuracy_minus_cloud_only_points",
         }
     json.loads(json.dumps(result))
-    table = Table(result)
+    table = format_table(result)
     headings = [line for line in table.splitlines() if line.startswith("#")]
     assert len(headings) == 2 + len(PROFILES) and all("SIMULATION" in h for h in headings)
 
 
 def test_msao_never_takes_a_plan_its_cost_model_rates_worse_than_another_it_could_take(result, profile):
-    s = BuildScheduler(profile)
+    s = build_scheduler(profile)
     o = s.options
-    draws = DrawRequests(
+    draws = draw_requests(
         60, 0, profile.answer_tokens_pmf, profile.image_bytes_mean, profile.image_bytes_sigma, profile.edge_cv, profile.cloud_cv
     )
     for name, entry in result["links"].items():
-        link = LinkFromProfile(name)
+        link = link_from_profile(name)
         records = entry["records"]
         for i, rec in enumerate(records["msao"]):
-            x = Inputs(profile, link, draws[i])
+            x = inputs(profile, link, draws[i])
             assert rec["image_bytes"] == draws[i].image_bytes
             plans = s.candidates(x)
             floor = max(p.est_accuracy for p in plans) - o.accuracy_slack - 1e-9
@@ -155,23 +155,23 @@ def test_the_oracle_is_never_slower_than_a_correct_answer_of_any_policy(result):
 
 
 def test_at_low_load_queues_add_nothing_and_at_once_they_serialise_the_edge(profile):
-    s = BuildScheduler(profile)
-    link = LinkFromProfile("lte")
-    draws = DrawRequests(
+    s = build_scheduler(profile)
+    link = link_from_profile("lte")
+    draws = draw_requests(
         12, 3, profile.answer_tokens_pmf, profile.image_bytes_mean, profile.image_bytes_sigma, profile.edge_cv, profile.cloud_cv
     )
     policies = ["msao", "edge_only", "cloud_only", "static_split", "draft_verify_static", "prune_only"] * 2
     jobs: list[Job] = []
 
     def make_job(i, _now, _state) -> Job:
-        plan = s.choose(Inputs(profile, link, draws[i]), policies[i], split_layer=s.large.split_points[0])
-        jobs.append(JobFromPlan(s, plan, link, draws[i], profile.mas_ms, CommitShare(s, plan)))
+        plan = s.choose(inputs(profile, link, draws[i]), policies[i], split_layer=s.large.split_points[0])
+        jobs.append(job_from_plan(s, plan, link, draws[i], profile.mas_ms, draft_commit_share(s, plan)))
         return jobs[-1]
 
-    apart = RunOpenLoop([i * 1e6 for i in range(12)], make_job, {"edge": 1, "uplink": 1, "downlink": 1, "cloud": 1})
-    assert apart == pytest.approx([ClosedLoopMs(j) for j in jobs], rel=REL)
+    apart = run_open_loop([i * 1e6 for i in range(12)], make_job, {"edge": 1, "uplink": 1, "downlink": 1, "cloud": 1})
+    assert apart == pytest.approx([closed_loop_ms(j) for j in jobs], rel=REL)
     edge_jobs = [Job((("edge", 100.0),)), Job((("edge", 50.0),)), Job((("net", 30.0),))]
-    together = RunOpenLoop([0.0, 0.0, 0.0], lambda i, _n, _s: edge_jobs[i], {"edge": 1, "cloud": 1})
+    together = run_open_loop([0.0, 0.0, 0.0], lambda i, _n, _s: edge_jobs[i], {"edge": 1, "cloud": 1})
     assert together == pytest.approx([100.0, 150.0, 30.0])
 
 

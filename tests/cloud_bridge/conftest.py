@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.mqtt_parts import SMALL_MAX_PACKET, StartBroker
+from tests.mqtt_parts import SMALL_MAX_PACKET, start_broker
 
 
 @pytest.fixture(scope="module")
 def small_broker(tmp_path_factory):
-    b = StartBroker(tmp_path_factory.mktemp("small-broker"), max_packet_bytes=SMALL_MAX_PACKET)
+    b = start_broker(tmp_path_factory.mktemp("small-broker"), max_packet_bytes=SMALL_MAX_PACKET)
     yield b
     b.stop()

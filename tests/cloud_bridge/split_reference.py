@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from msao.engines.backend import Runner
-from msao.engines.generation import Generator, Softmax
+from msao.engines.generation import Generator, softmax
 
 
-def PromptHidden(gen: Generator, png: bytes, question: str) -> tuple[np.ndarray, np.ndarray, int]:  # noqa: N802
+def prompt_hidden(gen: Generator, png: bytes, question: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Prefill input: hidden (1, T, D) float32, position ids (1, T), and the next position."""
     enc = gen.encode_image(gen.pixels_from_bytes(png))
     prefix, suffix = gen.prompt_ids(question)
@@ -23,14 +23,14 @@ def PromptHidden(gen: Generator, png: bytes, question: str) -> tuple[np.ndarray,
     return hidden, positions, lp + n + len(suffix)
 
 
-def SplitGenerate(gen: Generator, remote: Runner, k: int, png: bytes, question: str, max_new_tokens: int = 16):  # noqa: N802
+def split_generate(gen: Generator, remote: Runner, k: int, png: bytes, question: str, max_new_tokens: int = 16):
     """Greedy tokens and probabilities with layers [0:k) here and [k:L) + head in ``remote``."""
     local = gen.stack(k)
     local.reset()
-    hidden, positions, next_pos = PromptHidden(gen, png, question)
+    hidden, positions, next_pos = prompt_hidden(gen, png, question)
     mask = np.ones((1, hidden.shape[1]), np.int64)
     h = local.run(hidden, positions, mask)
-    probs = Softmax(remote.infer({"hidden_states": h, "position_ids": positions, "attention_mask": mask})["logits"][0, -1])
+    probs = softmax(remote.infer({"hidden_states": h, "position_ids": positions, "attention_mask": mask})["logits"][0, -1])
     ids, token_probs, stats = [], [], [remote.last_stats]
     while True:
         tok = int(probs.argmax())
@@ -43,5 +43,5 @@ def SplitGenerate(gen: Generator, remote: Runner, k: int, png: bytes, question: 
         pos = np.asarray([[next_pos]], np.int64)
         h = local.run(e, pos, mask)
         next_pos += 1
-        probs = Softmax(remote.infer({"hidden_states": h, "position_ids": pos, "attention_mask": mask})["logits"][0, -1])
+        probs = softmax(remote.infer({"hidden_states": h, "position_ids": pos, "attention_mask": mask})["logits"][0, -1])
         stats.append(remote.last_stats)

@@ -17,30 +17,30 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msao.cloud_bridge.client import BridgeClient
-from msao.cloud_bridge.codec import PayloadFromTensors, TensorsFromPayload
-from msao.cloud_bridge.link import NewJobId
+from msao.cloud_bridge.codec import payload_from_tensors, tensors_from_payload
+from msao.cloud_bridge.link import new_job_id
 from msao.cloud_bridge.messages import JobHeader, ResultHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions
-from msao.cloud_bridge.topics import WorkerJobTopic
-from msao.engines.bundle import LoadBundle
-from tests.mqtt_parts import OpenLink, StartWorkers, StopAll, WaitOnline
+from msao.cloud_bridge.topics import worker_job_topic
+from msao.engines.bundle import load_bundle
+from tests.mqtt_parts import open_link, start_workers, stop_all, wait_online
 
 REPLY = "msao/v1/edge/bad-input-test/cloud/results"
 
 
 @pytest.fixture(scope="module")
 def model_hash(cloud_bundle_dir) -> str:
-    return LoadBundle(cloud_bundle_dir).manifest.model_hash
+    return load_bundle(cloud_bundle_dir).manifest.model_hash
 
 
 @pytest.fixture(scope="module")
 def worker(broker, cloud_bundle_dir, tmp_path_factory):
-    procs = StartWorkers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--max-payload-mb", "4"))
-    link = OpenLink(broker)
-    WaitOnline(link, procs)
+    procs = start_workers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--max-payload-mb", "4"))
+    link = open_link(broker)
+    wait_online(link, procs)
     yield procs[0], link
     link.close()
-    StopAll(procs)
+    stop_all(procs)
 
 
 class Raw:
@@ -65,7 +65,7 @@ class Raw:
             except queue.Empty:
                 return None
             if msg.correlation_data == job_id.encode():
-                return ResultHeader.from_metadata(TensorsFromPayload(msg.payload).metadata)
+                return ResultHeader.from_metadata(tensors_from_payload(msg.payload).metadata)
         return None
 
 
@@ -91,8 +91,8 @@ def _feeds(d: int = 128, t: int = 2) -> dict[str, np.ndarray]:
 
 
 def _assert_still_serving(raw: Raw, topic: str, model_hash: str) -> None:
-    jid = NewJobId()
-    raw.send(topic, PayloadFromTensors(_feeds(), _job(model_hash, jid)), jid)
+    jid = new_job_id()
+    raw.send(topic, payload_from_tensors(_feeds(), _job(model_hash, jid)), jid)
     res = raw.result(jid)
     assert res is not None and res.status == "ok", res
 
@@ -111,7 +111,7 @@ def _bomb(total: int, declare: bool) -> bytes:
 
 
 CASES = {
-    "truncated safetensors": (lambda h, j: PayloadFromTensors(_feeds(), _job(h, j))[:-10], "bad_payload", "past the data|cover"),
+    "truncated safetensors": (lambda h, j: payload_from_tensors(_feeds(), _job(h, j))[:-10], "bad_payload", "past the data|cover"),
     "header length larger than the payload": (lambda h, j: struct.pack("<Q", 5000) + b"{}", "bad_payload", "runs past the payload"),
     "shape and byte count disagree": (
         lambda h, j: _raw_safetensors(
@@ -129,39 +129,39 @@ CASES = {
     ),  # fmt: skip
     "zstd bomb with declared size": (lambda h, j: _bomb(64 << 20, declare=True), "too_large", "declares 67108864 bytes"),
     "zstd bomb without declared size": (lambda h, j: _bomb(16 << 20, declare=False), "bad_payload", "does not declare its content size"),
-    "wrong model hash": (lambda h, j: PayloadFromTensors(_feeds(), _job("1" * 64, j)), "unknown_model", "has no model 111111111111"),
+    "wrong model hash": (lambda h, j: payload_from_tensors(_feeds(), _job("1" * 64, j)), "unknown_model", "has no model 111111111111"),
     "unknown segment range": (
-        lambda h, j: PayloadFromTensors(_feeds(), _job(h, j, segment="decoder[1:7]")),
+        lambda h, j: payload_from_tensors(_feeds(), _job(h, j, segment="decoder[1:7]")),
         "unknown_segment",
         "split at one of",
     ),
-    "unknown exit head": (lambda h, j: PayloadFromTensors(_feeds(), _job(h, j, head="exit_head@3")), "unknown_segment", "exit_head@4"),
+    "unknown exit head": (lambda h, j: payload_from_tensors(_feeds(), _job(h, j, head="exit_head@3")), "unknown_segment", "exit_head@4"),
     "tensors that do not fit the segment": (
-        lambda h, j: PayloadFromTensors({**_feeds(), "hidden_states": np.ones((1, 2, 7), np.float32)}, _job(h, j)),
+        lambda h, j: payload_from_tensors({**_feeds(), "hidden_states": np.ones((1, 2, 7), np.float32)}, _job(h, j)),
         "bad_input",
         "hidden_states: got shape",
     ),  # fmt: skip
     "missing tensor": (
-        lambda h, j: PayloadFromTensors({"hidden_states": np.ones((1, 2, 128), np.float32)}, _job(h, j)),
+        lambda h, j: payload_from_tensors({"hidden_states": np.ones((1, 2, 128), np.float32)}, _job(h, j)),
         "bad_input",
         "exactly the tensors",
     ),
     "header job id differs from correlation data": (
-        lambda h, j: PayloadFromTensors(_feeds(), _job(h, "someone-else")),
+        lambda h, j: payload_from_tensors(_feeds(), _job(h, "someone-else")),
         "bad_job",
         "differs from CorrelationData",
     ),
-    "unknown header key": (lambda h, j: PayloadFromTensors(_feeds(), {**_job(h, j), "priority": "9"}), "bad_job", "unknown metadata keys"),
-    "other layout version": (lambda h, j: PayloadFromTensors(_feeds(), {**_job(h, j), "layout": "2"}), "bad_job", "layout '2'"),
+    "unknown header key": (lambda h, j: payload_from_tensors(_feeds(), {**_job(h, j), "priority": "9"}), "bad_job", "unknown metadata keys"),
+    "other layout version": (lambda h, j: payload_from_tensors(_feeds(), {**_job(h, j), "layout": "2"}), "bad_job", "layout '2'"),
     "decode step for a session the worker lacks": (
-        lambda h, j: PayloadFromTensors(
+        lambda h, j: payload_from_tensors(
             {**_feeds(t=1), "attention_mask": np.ones((1, 5), np.int64)}, _job(h, j, session_id="nope", past_length=4)
         ),
         "session_unknown",
         "holds no KV session nope",
     ),  # fmt: skip
     "image that is not an image": (
-        lambda h, j: PayloadFromTensors(
+        lambda h, j: payload_from_tensors(
             {"image": np.frombuffer(b"GIF89a-nope", np.uint8)}, _job(h, j, kind="answer", segment="", question="what?")
         ),
         "bad_input",
@@ -174,8 +174,8 @@ CASES = {
 def test_bad_job_gets_an_error_result_and_the_worker_keeps_serving(worker, raw, model_hash, case):
     proc, _ = worker
     make, code, match = CASES[case]
-    topic = WorkerJobTopic(proc.worker_id, model_hash)
-    jid = NewJobId()
+    topic = worker_job_topic(proc.worker_id, model_hash)
+    jid = new_job_id()
     raw.send(topic, make(model_hash, jid), jid)
     res = raw.result(jid)
     assert res is not None, f"no result for {case!r}; worker log:\n{proc.log()[-2000:]}"
@@ -186,9 +186,9 @@ def test_bad_job_gets_an_error_result_and_the_worker_keeps_serving(worker, raw, 
 
 def test_job_past_its_deadline_is_dropped_and_logged(worker, raw, model_hash):
     proc, link = worker
-    topic = WorkerJobTopic(proc.worker_id, model_hash)
-    jid = NewJobId()
-    raw.send(topic, PayloadFromTensors(_feeds(), _job(model_hash, jid, deadline_unix_s=time.time() - 30)), jid)
+    topic = worker_job_topic(proc.worker_id, model_hash)
+    jid = new_job_id()
+    raw.send(topic, payload_from_tensors(_feeds(), _job(model_hash, jid, deadline_unix_s=time.time() - 30)), jid)
     assert raw.result(jid, timeout_s=1.0) is None
     assert proc.wait_for_log(f"job {jid}: dropped, deadline passed", 5)
     _assert_still_serving(raw, topic, model_hash)
@@ -198,9 +198,9 @@ def test_job_past_its_deadline_is_dropped_and_logged(worker, raw, model_hash):
 
 def test_job_without_response_topic_is_dropped_and_logged(worker, raw, model_hash):
     proc, _ = worker
-    topic = WorkerJobTopic(proc.worker_id, model_hash)
-    raw.send(topic, PayloadFromTensors(_feeds(), _job(model_hash, "x1")), "x1", response_topic=None)
-    raw.send(topic, PayloadFromTensors(_feeds(), _job(model_hash, "x2")), None)
+    topic = worker_job_topic(proc.worker_id, model_hash)
+    raw.send(topic, payload_from_tensors(_feeds(), _job(model_hash, "x1")), "x1", response_topic=None)
+    raw.send(topic, payload_from_tensors(_feeds(), _job(model_hash, "x2")), None)
     assert proc.wait_for_log("no ResponseTopic or no valid CorrelationData", 5)
     _assert_still_serving(raw, topic, model_hash)
 
@@ -209,8 +209,8 @@ def test_job_without_response_topic_is_dropped_and_logged(worker, raw, model_has
 @given(junk=st.one_of(st.binary(max_size=2048), st.binary(min_size=8, max_size=64).map(lambda b: b"\x28\xb5\x2f\xfd" + b)))
 def test_random_bytes_get_an_error_result(worker, raw, model_hash, junk):
     proc, _ = worker
-    jid = NewJobId()
-    raw.send(WorkerJobTopic(proc.worker_id, model_hash), junk, jid)
+    jid = new_job_id()
+    raw.send(worker_job_topic(proc.worker_id, model_hash), junk, jid)
     res = raw.result(jid)
     assert res is not None and res.status == "error" and res.error_code in ("bad_payload", "too_large"), res
 
@@ -218,5 +218,5 @@ def test_random_bytes_get_an_error_result(worker, raw, model_hash, junk):
 def test_worker_survived_the_whole_corpus(worker, raw, model_hash):
     proc, _ = worker
     assert proc.process.poll() is None
-    _assert_still_serving(raw, WorkerJobTopic(proc.worker_id, model_hash), model_hash)
+    _assert_still_serving(raw, worker_job_topic(proc.worker_id, model_hash), model_hash)
     assert "Traceback" not in proc.log()  # every bad input was an expected, handled error

@@ -10,24 +10,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msao.cloud_bridge.chunking import ChunkHeader, Reassembler, SplitPayload
+from msao.cloud_bridge.chunking import ChunkHeader, Reassembler, split_payload
 from msao.cloud_bridge.client import BridgeClient
-from msao.cloud_bridge.link import NewJobId
+from msao.cloud_bridge.link import new_job_id
 from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.generation import DecoderStack, Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import CodecError, PayloadTooLarge
-from tests.mqtt_parts import SMALL_MAX_PACKET, OpenLink, StartWorkers, StopAll, WaitOnline
+from tests.mqtt_parts import SMALL_MAX_PACKET, open_link, start_workers, stop_all, wait_online
 
 
 @settings(max_examples=200, deadline=None)
 @given(size=st.integers(0, 5000), chunk=st.integers(1, 700), seed=st.integers(0, 2**32 - 1), dup=st.booleans())
 def test_chunks_reassemble_to_the_payload_in_any_order_with_duplicates(size, chunk, seed, dup):
     payload = random.Random(seed).randbytes(size)
-    parts = list(SplitPayload(payload, chunk, "m1"))
+    parts = list(split_payload(payload, chunk, "m1"))
     assert all(len(p) <= chunk for _, p in parts) and sum(len(p) for _, p in parts) == size
     rng = random.Random(seed)
     order = parts + (parts[:1] if dup else [])
@@ -98,24 +98,24 @@ def test_chunk_disagreeing_with_its_message_is_refused():
 
 @pytest.fixture(scope="module")
 def small_fleet(small_broker, cloud_bundle_dir, tmp_path_factory):
-    procs = StartWorkers(small_broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"))
-    link = OpenLink(small_broker)
-    WaitOnline(link, procs)
+    procs = start_workers(small_broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"))
+    link = open_link(small_broker)
+    wait_online(link, procs)
     spy_sizes: list[int] = []
-    spy = BridgeClient(ClientOptions(small_broker.url, "spy-" + NewJobId()[:8]), lambda m: spy_sizes.append(m.wire_bytes))
+    spy = BridgeClient(ClientOptions(small_broker.url, "spy-" + new_job_id()[:8]), lambda m: spy_sizes.append(m.wire_bytes))
     spy.subscribe("msao/v1/#")  # sees every job, chunk, result and status as the broker forwards them
     spy.start()
     assert spy.wait_connected(10)
     yield procs[0], link, spy, spy_sizes
     spy.stop()
     link.close()
-    StopAll(procs)
+    stop_all(procs)
 
 
 def test_client_reads_the_maximum_packet_size_from_connack(small_fleet, broker):
     _, link, _, _ = small_fleet
     assert link.client.max_packet_bytes == SMALL_MAX_PACKET
-    plain = OpenLink(broker)  # Mosquitto 2.0 states none: the safe default applies
+    plain = open_link(broker)  # Mosquitto 2.0 states none: the safe default applies
     try:
         assert plain.client.max_packet_bytes == plain.client.options.default_max_packet_bytes
     finally:
@@ -124,7 +124,7 @@ def test_client_reads_the_maximum_packet_size_from_connack(small_fleet, broker):
 
 def test_split_job_above_the_packet_limit_round_trips_in_chunks_never_whole(small_fleet, cloud_bundle_dir):
     worker, link, spy, spy_sizes = small_fleet
-    gen = Generator(LoadBundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    gen = Generator(load_bundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
     rng = np.random.default_rng(1)
     t = 120
     hidden = rng.standard_normal((1, t, gen.info.hidden_size)).astype(np.float32)  # 61 KB, ~4 packets
@@ -167,7 +167,7 @@ def test_the_test_broker_really_disconnects_a_client_that_publishes_above_its_li
 def test_publish_never_sends_a_packet_above_the_broker_limit(small_fleet):
     _, link, _, _ = small_fleet
     got: list = []
-    c = BridgeClient(ClientOptions(link.client.options.broker, "edge-" + NewJobId()[:8]), got.append)
+    c = BridgeClient(ClientOptions(link.client.options.broker, "edge-" + new_job_id()[:8]), got.append)
     c.subscribe("test/chunks")
     c.start()
     assert c.wait_connected(10)
@@ -188,8 +188,8 @@ def test_publish_never_sends_a_packet_above_the_broker_limit(small_fleet):
 
 def test_job_header_survives_chunking(small_fleet, cloud_bundle_dir):
     worker, link, _, _ = small_fleet
-    model_hash = LoadBundle(cloud_bundle_dir).manifest.model_hash
+    model_hash = load_bundle(cloud_bundle_dir).manifest.model_hash
     big = np.random.default_rng(2).integers(0, 255, 50_000, dtype=np.uint8)
-    header = JobHeader(NewJobId(), model_hash, "answer", time.time() + 10, question="what color is the shape?")
+    header = JobHeader(new_job_id(), model_hash, "answer", time.time() + 10, question="what color is the shape?")
     with pytest.raises(Exception, match="bad_input.*cannot decode image"):
         link.submit(header, {"image": big}, worker_id=worker.worker_id)

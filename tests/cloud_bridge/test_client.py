@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from msao.cloud_bridge.client import BridgeClient
-from msao.cloud_bridge.link import CloudLink, LinkOptions, NewJobId
+from msao.cloud_bridge.link import CloudLink, LinkOptions, new_job_id
 from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.mqtt_options import BrokerUrl, ClientOptions, TlsOptions
 from msao.errors import CloudUnavailable, ConfigError
-from tests.mqtt_parts import FreePort, StartBroker
+from tests.mqtt_parts import free_port, start_broker
 
 
 def _client(url: str, handler, **kw) -> BridgeClient:
@@ -92,7 +92,7 @@ def test_watchdog_restarts_a_dead_network_thread(broker):
 
 
 def test_client_reconnects_and_resubscribes_after_the_broker_restarts(tmp_path):
-    b = StartBroker(tmp_path / "b")
+    b = start_broker(tmp_path / "b")
     got = []
     c = _client(b.url, lambda m: got.append(m.payload), reconnect_min_s=0.5, reconnect_max_s=1.0)
     c.subscribe("t/re")
@@ -110,7 +110,7 @@ def test_client_reconnects_and_resubscribes_after_the_broker_restarts(tmp_path):
 
 
 def test_outgoing_queue_is_bounded_while_the_broker_is_down(tmp_path):
-    b = StartBroker(tmp_path / "b")
+    b = start_broker(tmp_path / "b")
     c = _client(b.url, lambda m: None, max_queued_messages=5)
     c.start()
     try:
@@ -125,10 +125,10 @@ def test_outgoing_queue_is_bounded_while_the_broker_is_down(tmp_path):
 
 
 def test_a_job_with_no_broker_fails_within_its_deadline_instead_of_hanging():
-    url = f"mqtt://127.0.0.1:{FreePort()}"  # nothing listens here
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens here
     link = CloudLink(LinkOptions("edge-nobroker", ClientOptions(url, "msao-edge-nobroker"))).start(timeout_s=0.2)
     try:
-        header = JobHeader(NewJobId(), "ab" * 32, "split", time.time() + 1.0, segment="decoder[1:2]")
+        header = JobHeader(new_job_id(), "ab" * 32, "split", time.time() + 1.0, segment="decoder[1:2]")
         t0 = time.monotonic()
         with pytest.raises(CloudUnavailable, match="run it on the edge"):
             link.submit(header, {"hidden_states": np.zeros((1, 1, 4), np.float32)})
@@ -187,7 +187,7 @@ def test_mqtts_connects_with_a_ca_file(tmp_path):
         "-out",
         "srv.pem",
     )
-    b = StartBroker(tmp_path / "b")
+    b = start_broker(tmp_path / "b")
     b.stop()
     port = b.port
     b.conf.write_text(b.conf.read_text() + f"certfile {tmp_path / 'srv.pem'}\nkeyfile {tmp_path / 'srv.key'}\n")

@@ -14,7 +14,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msao.cloud_bridge.codec import ZSTD_MAGIC, CodecLimits, PayloadFromTensors, TensorsFromPayload
+from msao.cloud_bridge.codec import ZSTD_MAGIC, CodecLimits, payload_from_tensors, tensors_from_payload
 from msao.cloud_bridge.messages import JobHeader
 from msao.errors import CodecError, PayloadTooLarge
 from tests.strategies import wire_metadata, wire_tensor_dicts
@@ -29,9 +29,9 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 @settings(max_examples=150, deadline=None)
 @given(tensors=wire_tensor_dicts, metadata=wire_metadata, compress=st.booleans())
 def test_decode_of_encode_is_identity_for_all_dtypes_shapes_and_compression(tensors, metadata, compress):
-    payload = PayloadFromTensors(tensors, metadata, compress=compress)
+    payload = payload_from_tensors(tensors, metadata, compress=compress)
     assert payload[:4] == ZSTD_MAGIC if compress else payload[:4] != ZSTD_MAGIC
-    out = TensorsFromPayload(payload)
+    out = tensors_from_payload(payload)
     assert dict(out.metadata) == metadata and set(out.tensors) == set(tensors)
     assert all(_same(out.tensors[k], np.asarray(v)) for k, v in tensors.items())
     assert out.compressed == compress and out.wire_bytes == len(payload)
@@ -40,10 +40,10 @@ def test_decode_of_encode_is_identity_for_all_dtypes_shapes_and_compression(tens
 def test_payload_is_plain_safetensors_readable_by_the_reference_library_and_back():
     st_numpy = pytest.importorskip("safetensors.numpy")
     x = {"h": np.arange(24, dtype=np.float16).reshape(2, 3, 4), "ids": np.arange(5, dtype=np.int64), "empty": np.zeros((0, 4), np.float32)}
-    ours = PayloadFromTensors(x, {"job_id": "j1"})
+    ours = payload_from_tensors(x, {"job_id": "j1"})
     theirs = st_numpy.load(ours)
     assert all(_same(theirs[k], v) for k, v in x.items())
-    back = TensorsFromPayload(st_numpy.save(x, metadata={"job_id": "j1"}))
+    back = tensors_from_payload(st_numpy.save(x, metadata={"job_id": "j1"}))
     assert all(_same(back.tensors[k], v) for k, v in x.items()) and back.metadata == {"job_id": "j1"}
 
 
@@ -60,12 +60,12 @@ def _golden_job() -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def test_split_job_bytes_match_the_golden_file_of_layout_1():
     # A change here changes the wire format: bump LAYOUT_VERSION and regenerate the golden file on purpose.
     tensors, metadata = _golden_job()
-    assert PayloadFromTensors(tensors, metadata) == GOLDEN.read_bytes()
-    assert JobHeader.from_metadata(TensorsFromPayload(GOLDEN.read_bytes()).metadata).segment == "decoder[2:4]"
+    assert payload_from_tensors(tensors, metadata) == GOLDEN.read_bytes()
+    assert JobHeader.from_metadata(tensors_from_payload(GOLDEN.read_bytes()).metadata).segment == "decoder[2:4]"
 
 
 def test_decoded_arrays_are_read_only_views_and_aligned():
-    out = TensorsFromPayload(PayloadFromTensors({"a": np.ones((3, 5), np.float16), "b": np.ones(7, np.float64)}))
+    out = tensors_from_payload(payload_from_tensors({"a": np.ones((3, 5), np.float16), "b": np.ones(7, np.float64)}))
     for x in out.tensors.values():
         assert not x.flags.writeable and x.ctypes.data % x.dtype.itemsize == 0
 
@@ -111,13 +111,13 @@ def _raw(header: dict, data: bytes = b"", hlen: int | None = None) -> bytes:
 )
 def test_malformed_payloads_are_refused_with_a_clear_error(payload, match):
     with pytest.raises(CodecError, match=match):
-        TensorsFromPayload(payload)
+        tensors_from_payload(payload)
 
 
 def test_duplicate_header_keys_are_refused():
     h = b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
     with pytest.raises(CodecError, match="repeats the key 'a'"):
-        TensorsFromPayload(struct.pack("<Q", len(h)) + h + b"\0")
+        tensors_from_payload(struct.pack("<Q", len(h)) + h + b"\0")
 
 
 def _streamed_zeros(total: int, declare_size: bool) -> bytes:
@@ -134,7 +134,7 @@ def test_zstd_bomb_declaring_its_size_is_refused_before_allocating():
     assert len(bomb) < 64 * 1024
     tracemalloc.start()
     with pytest.raises(PayloadTooLarge, match="declares 268435456 bytes, over the limit"):
-        TensorsFromPayload(bomb, CodecLimits(max_payload_bytes=16 << 20))
+        tensors_from_payload(bomb, CodecLimits(max_payload_bytes=16 << 20))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1 << 20
@@ -142,23 +142,23 @@ def test_zstd_bomb_declaring_its_size_is_refused_before_allocating():
 
 def test_zstd_frame_without_content_size_is_refused():
     with pytest.raises(CodecError, match="does not declare its content size"):
-        TensorsFromPayload(_streamed_zeros(8 << 20, declare_size=False))
+        tensors_from_payload(_streamed_zeros(8 << 20, declare_size=False))
 
 
 def test_zstd_frame_holding_more_than_it_declares_is_refused():
-    body = PayloadFromTensors({"a": np.zeros(1000, np.uint8)})
+    body = payload_from_tensors({"a": np.zeros(1000, np.uint8)})
     frame = bytearray(zstandard.ZstdCompressor(level=1, write_content_size=True).compress(body + b"\0" * 5000))
     fake = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(body)
     # splice the smaller frame's header (its content size) onto the larger frame's blocks
     head = zstandard.frame_header_size(fake)
     lying = fake[:head] + bytes(frame[zstandard.frame_header_size(bytes(frame)) :])
     with pytest.raises(CodecError):
-        TensorsFromPayload(lying)
+        tensors_from_payload(lying)
 
 
 def test_payload_over_the_wire_limit_is_refused_without_parsing():
     with pytest.raises(PayloadTooLarge, match="over the limit 100"):
-        TensorsFromPayload(b"x" * 101, CodecLimits(max_payload_bytes=100))
+        tensors_from_payload(b"x" * 101, CodecLimits(max_payload_bytes=100))
 
 
 @pytest.mark.parametrize(
@@ -173,4 +173,4 @@ def test_payload_over_the_wire_limit_is_refused_without_parsing():
 )
 def test_encoder_refuses_what_it_cannot_send(tensors, metadata, match):
     with pytest.raises(CodecError, match=match):
-        PayloadFromTensors(tensors, metadata)
+        payload_from_tensors(tensors, metadata)

@@ -11,31 +11,31 @@ import numpy as np
 import pytest
 
 from msao.cloud_bridge.client import BridgeClient
-from msao.cloud_bridge.link import NewJobId
+from msao.cloud_bridge.link import new_job_id
 from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.errors import CloudError, CloudUnavailable
-from tests.mqtt_parts import OpenLink, StartWorkers, StopAll, WaitOnline
+from tests.mqtt_parts import open_link, start_workers, stop_all, wait_online
 
 
 @pytest.fixture(scope="module")
 def model_hash(cloud_bundle_dir) -> str:
-    return LoadBundle(cloud_bundle_dir).manifest.model_hash
+    return load_bundle(cloud_bundle_dir).manifest.model_hash
 
 
 @pytest.fixture(scope="module")
 def fleet(broker, cloud_bundle_dir, tmp_path_factory):
-    procs = StartWorkers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), count=3, extra=("--queue-size", "64"))
-    link = OpenLink(broker)
-    WaitOnline(link, procs)
+    procs = start_workers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), count=3, extra=("--queue-size", "64"))
+    link = open_link(broker)
+    wait_online(link, procs)
     yield procs
     link.close()
-    StopAll(procs)
+    stop_all(procs)
 
 
 def _tiny_job(model_hash: str) -> tuple[JobHeader, dict[str, np.ndarray]]:
-    header = JobHeader(NewJobId(), model_hash, "split", time.time() + 30, segment="decoder[3:4]")
+    header = JobHeader(new_job_id(), model_hash, "split", time.time() + 30, segment="decoder[3:4]")
     feeds = {
         "hidden_states": np.ones((1, 1, 128), np.float32),
         "position_ids": np.zeros((1, 1), np.int64),
@@ -45,9 +45,9 @@ def _tiny_job(model_hash: str) -> tuple[JobHeader, dict[str, np.ndarray]]:
 
 
 def test_three_workers_share_300_jobs_and_none_is_answered_twice(broker, fleet, model_hash):
-    link = OpenLink(broker)
+    link = open_link(broker)
     seen: Counter = Counter()
-    observer = BridgeClient(ClientOptions(broker.url, "observer-" + NewJobId()[:8]), lambda m: seen.update([m.correlation_data]))
+    observer = BridgeClient(ClientOptions(broker.url, "observer-" + new_job_id()[:8]), lambda m: seen.update([m.correlation_data]))
     observer.subscribe(link.results_topic)
     observer.start()
     assert observer.wait_connected(10)
@@ -71,7 +71,7 @@ def _heavy_job(model_hash: str, batch: int, deadline_s: float):
     """decoder[0:4] over (batch, 250) random tokens: ~25 ms of compute per batch row on this CPU."""
     rng = np.random.default_rng(0)
     t = 250
-    header = JobHeader(NewJobId(), model_hash, "split", time.time() + deadline_s, segment="decoder[0:4]")
+    header = JobHeader(new_job_id(), model_hash, "split", time.time() + deadline_s, segment="decoder[0:4]")
     feeds = {
         "hidden_states": rng.standard_normal((batch, t, 128)).astype(np.float16),  # random: zstd cannot shrink it much
         "position_ids": np.tile(np.arange(t), (batch, 1)),
@@ -108,7 +108,7 @@ def _kill_mid_job(link, fleet, header, feeds):
 
 
 def test_worker_killed_mid_job_is_redispatched_or_fails_clearly_within_the_deadline(broker, fleet, model_hash):
-    link = OpenLink(broker, redispatch_after_s=3.0)
+    link = open_link(broker, redispatch_after_s=3.0)
     try:
         header, feeds = _heavy_job(model_hash, batch=12, deadline_s=15)  # ~0.7 MB: one packet, shared topic
         outcome, elapsed, victim, _ = _kill_mid_job(link, fleet, header, feeds)
@@ -127,9 +127,9 @@ def test_worker_killed_mid_job_is_redispatched_or_fails_clearly_within_the_deadl
 
 
 def test_chunked_job_is_redispatched_as_soon_as_its_killed_worker_goes_offline(broker, fleet, model_hash):
-    link = OpenLink(broker, redispatch_after_s=8.0)
+    link = open_link(broker, redispatch_after_s=8.0)
     try:
-        WaitOnline(link, [p for p in fleet if p.process.poll() is None])
+        wait_online(link, [p for p in fleet if p.process.poll() is None])
         header, feeds = _heavy_job(model_hash, batch=24, deadline_s=20)  # ~1.4 MB: chunked, so sent to one known worker
         outcome, elapsed, victim, t_kill = _kill_mid_job(link, fleet, header, feeds)
         assert not isinstance(outcome, Exception), outcome

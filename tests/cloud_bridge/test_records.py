@@ -9,7 +9,7 @@ import pytest
 from msao.cloud_bridge.messages import JobHeader, ResultHeader, ServedModel, WorkerStatus
 from msao.cloud_bridge.sessions import RecentResults, SessionTable, StoredResult
 from msao.cloud_bridge.stats import TransferStats
-from msao.cloud_bridge.topics import CheckId, SharedJobFilter, WorkerJobTopic
+from msao.cloud_bridge.topics import check_id, shared_job_filter, worker_job_topic
 from msao.errors import CodecError, ConfigError
 
 H = "ab" * 32
@@ -62,12 +62,12 @@ def test_worker_status_json_is_strict():
 
 
 def test_topics_refuse_ids_with_separators_or_wildcards():
-    assert SharedJobFilter(H) == f"$share/msao-cloud/msao/v1/cloud/jobs/{H}"
+    assert shared_job_filter(H) == f"$share/msao-cloud/msao/v1/cloud/jobs/{H}"
     for bad in ("a/b", "+", "#", "", "x" * 65):
         with pytest.raises(ConfigError):
-            CheckId(bad)
+            check_id(bad)
     with pytest.raises(ConfigError, match="64 lower-case hex"):
-        WorkerJobTopic("w", "ABC")
+        worker_job_topic("w", "ABC")
 
 
 def test_session_table_evicts_least_recently_used_and_expires_idle_sessions():

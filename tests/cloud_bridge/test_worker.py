@@ -10,15 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from msao.cloud_bridge.link import NewJobId
+from msao.cloud_bridge.link import new_job_id
 from msao.cloud_bridge.messages import JobHeader, WorkerStatus
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.generation import DecoderStack, Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import CloudBusy, CloudJobFailed, FeedError
-from tests.cloud_bridge.split_reference import PromptHidden, SplitGenerate
-from tests.mqtt_parts import OpenLink, StartWorkers, StopAll, WaitOnline
+from tests.cloud_bridge.split_reference import prompt_hidden, split_generate
+from tests.mqtt_parts import open_link, start_workers, stop_all, wait_online
 
 ATOL = 1e-5  # same ONNX files, same inputs, same ONNX Runtime: differences are float re-association only
 QUESTION = "what color is the shape?"
@@ -26,22 +26,22 @@ QUESTION = "what color is the shape?"
 
 @pytest.fixture(scope="module")
 def gen(cloud_bundle_dir):
-    g = Generator(LoadBundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    g = Generator(load_bundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
     yield g
     g.close()
 
 
 @pytest.fixture(scope="module")
 def worker(broker, cloud_bundle_dir, tmp_path_factory):
-    procs = StartWorkers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--queue-size", "2", "--workers", "1"))
+    procs = start_workers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--queue-size", "2", "--workers", "1"))
     yield procs[0]
-    StopAll(procs)
+    stop_all(procs)
 
 
 @pytest.fixture(scope="module")
 def link(broker, worker):
-    lk = OpenLink(broker)
-    WaitOnline(lk, [worker])
+    lk = open_link(broker)
+    wait_online(lk, [worker])
     yield lk
     lk.close()
 
@@ -53,7 +53,7 @@ def _local_logits(gen, hidden, positions, mask, end_stack):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_split_prefill_returns_logits_equal_to_local_segments(gen, link, easyvqa_test, k):
-    hidden, positions, _ = PromptHidden(gen, easyvqa_test.image_pngs[0], QUESTION)
+    hidden, positions, _ = prompt_hidden(gen, easyvqa_test.image_pngs[0], QUESTION)
     mask = np.ones((1, hidden.shape[1]), np.int64)
     edge = gen.stack(k)
     edge.reset()
@@ -71,7 +71,7 @@ def test_split_prefill_returns_logits_equal_to_local_segments(gen, link, easyvqa
 
 
 def test_fp16_transport_halves_bytes_and_stays_close(gen, link, easyvqa_test):
-    hidden, positions, _ = PromptHidden(gen, easyvqa_test.image_pngs[1], QUESTION)
+    hidden, positions, _ = prompt_hidden(gen, easyvqa_test.image_pngs[1], QUESTION)
     mask = np.ones((1, hidden.shape[1]), np.int64)
     edge = gen.stack(2)
     edge.reset()
@@ -91,7 +91,7 @@ def test_fp16_transport_halves_bytes_and_stays_close(gen, link, easyvqa_test):
 
 def test_decode_steps_reuse_the_cloud_kv_and_match_local_segments(gen, link, easyvqa_test):
     k, steps = 2, 5
-    hidden, positions, next_pos = PromptHidden(gen, easyvqa_test.image_pngs[2], QUESTION)
+    hidden, positions, next_pos = prompt_hidden(gen, easyvqa_test.image_pngs[2], QUESTION)
     mask = np.ones((1, hidden.shape[1]), np.int64)
     edge, full = gen.stack(k), gen.stack(gen.info.num_layers)
     edge.reset()
@@ -118,7 +118,7 @@ def test_decode_steps_reuse_the_cloud_kv_and_match_local_segments(gen, link, eas
 def test_split_generation_gives_the_local_answer(gen, link, easyvqa_test):
     png = easyvqa_test.image_pngs[3]
     remote = RemoteRunner(link, gen.bundle.manifest, 1)  # fp16 transport, the default
-    ids, probs, stats = SplitGenerate(gen, remote, 1, png, QUESTION)
+    ids, probs, stats = split_generate(gen, remote, 1, png, QUESTION)
     local = gen.answer(png, QUESTION)
     assert tuple(ids) == local.token_ids
     assert np.allclose(probs, local.token_probs, atol=0.02)
@@ -150,7 +150,7 @@ def test_answer_job_equals_the_local_answer_for_image_bytes_and_pruned_tokens(ge
 def test_resent_job_gets_the_stored_result_and_does_not_run_twice(gen, link):
     """paho may re-send a job after a reconnect: a decode step must not grow the KV twice."""
     d = gen.info.hidden_size
-    header = JobHeader(NewJobId(), gen.bundle.manifest.model_hash, "split", time.time() + 10, segment="decoder[3:4]", session_id=NewJobId())
+    header = JobHeader(new_job_id(), gen.bundle.manifest.model_hash, "split", time.time() + 10, segment="decoder[3:4]", session_id=new_job_id())
     feeds = {
         "hidden_states": np.ones((1, 3, d), np.float32),
         "position_ids": np.arange(3)[None],
@@ -160,7 +160,7 @@ def test_resent_job_gets_the_stored_result_and_does_not_run_twice(gen, link):
     again = link.submit(header, feeds)
     assert again.header == first.header and np.array_equal(again.tensors["logits"], first.tensors["logits"])
     step = JobHeader(
-        NewJobId(), header.model_hash, "split", time.time() + 10, segment="decoder[3:4]", session_id=header.session_id, past_length=3
+        new_job_id(), header.model_hash, "split", time.time() + 10, segment="decoder[3:4]", session_id=header.session_id, past_length=3
     )
     feeds = {"hidden_states": np.ones((1, 1, d), np.float32), "position_ids": np.array([[3]]), "attention_mask": np.ones((1, 4), np.int64)}
     assert link.submit(step, feeds, worker_id=first.header.worker_id).header.past_length == 4  # KV grew once, not twice
@@ -177,7 +177,7 @@ def test_full_queue_answers_busy_at_once_so_the_edge_can_fall_back(gen, link):
     }
 
     def one(_):
-        header = JobHeader(NewJobId(), gen.bundle.manifest.model_hash, "split", time.time() + 20, segment="decoder[0:4]")
+        header = JobHeader(new_job_id(), gen.bundle.manifest.model_hash, "split", time.time() + 20, segment="decoder[0:4]")
         t0 = time.perf_counter()
         try:
             link.submit(header, feeds)
@@ -203,14 +203,14 @@ def test_full_queue_answers_busy_at_once_so_the_edge_can_fall_back(gen, link):
 
 
 def test_unknown_model_hash_gets_an_error_result(gen, link):
-    h = JobHeader(NewJobId(), "0" * 64, "answer", time.time() + 5, question="what?")
+    h = JobHeader(new_job_id(), "0" * 64, "answer", time.time() + 5, question="what?")
     with pytest.raises(CloudJobFailed, match=r"unknown_model.*has no model 000000000000") as exc:
         link.submit(h, {"image": np.zeros(3, np.uint8)}, worker_id=link.workers()[0].worker_id)
     assert exc.value.code == "unknown_model"
 
 
 def test_retained_status_lists_models_providers_queue_and_counters(gen, link, broker):
-    late = OpenLink(broker)  # a newcomer learns the fleet from retained messages alone
+    late = open_link(broker)  # a newcomer learns the fleet from retained messages alone
     try:
         end = time.monotonic() + 5
         while not late.workers() and time.monotonic() < end:

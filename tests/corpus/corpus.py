@@ -25,8 +25,8 @@ __all__ = [
     "REQUEST_MAX_PAYLOAD_BYTES",
     "TARGETS",
     "Case",
-    "LoadCases",
-    "LoadManifest",
+    "load_cases",
+    "load_manifest",
 ]
 
 CORPUS_DIR = Path(__file__).resolve().parent
@@ -67,13 +67,13 @@ class Case:
         return f"{self.target}/{self.name}"
 
 
-def LoadManifest(target: str, root: Path = CORPUS_DIR) -> dict[str, Any]:  # noqa: N802
+def load_manifest(target: str, root: Path = CORPUS_DIR) -> dict[str, Any]:
     return json.loads((root / target / "manifest.json").read_text())
 
 
-def LoadCases(target: str, root: Path = CORPUS_DIR) -> list[Case]:  # noqa: N802
+def load_cases(target: str, root: Path = CORPUS_DIR) -> list[Case]:
     """Every case of one target, with its file's bytes (b"" for cases that keep their value inline)."""
-    doc = LoadManifest(target, root)
+    doc = load_manifest(target, root)
     out = []
     for spec in doc["cases"]:
         data = (root / target / spec["file"]).read_bytes() if "file" in spec else b""

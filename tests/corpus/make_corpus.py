@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from msao.cloud_bridge.codec import PayloadFromTensors
+from msao.cloud_bridge.codec import payload_from_tensors
 from tests.corpus.corpus import (
     CORPUS_DIR,
     FAR_DEADLINE_UNIX_S,
@@ -36,7 +36,7 @@ from tests.corpus.corpus import (
     TARGETS,
 )
 
-__all__ = ["MakeCorpus"]
+__all__ = ["write_corpus"]
 
 REQ_LIMIT = REQUEST_MAX_PAYLOAD_BYTES
 Q = "what color is the shape?"
@@ -52,7 +52,7 @@ def _chunk(tag: bytes, data: bytes, crc: int | None = None) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", c)
 
 
-def Png(  # noqa: N802
+def png(
     w: int,
     h: int,
     *,
@@ -73,16 +73,16 @@ def Png(  # noqa: N802
     return PNG_SIG + _chunk(b"IHDR", head) + b"".join(before_idat) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
-def _GoodPng() -> bytes:  # noqa: N802
+def _good_png() -> bytes:
     rows = b"".join(b"\0" + bytes(v for x in range(16) for v in (x * 16, y * 16, 128)) for y in range(16))
-    return Png(16, 16, pixels=rows)
+    return png(16, 16, pixels=rows)
 
 
-GOOD_PNG = _GoodPng()
+GOOD_PNG = _good_png()
 GOOD_B64 = base64.b64encode(GOOD_PNG).decode("ascii")
 
 
-def _Pillow(fmt: str, **kw) -> bytes:  # noqa: N802
+def _pillow(fmt: str, **kw) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -90,34 +90,34 @@ def _Pillow(fmt: str, **kw) -> bytes:  # noqa: N802
     return buf.getvalue()
 
 
-def _Header65k() -> bytes:  # noqa: N802
-    return Png(65535, 65535, idat=zlib.compress(b"\0" * 64))
+def _header65k() -> bytes:
+    return png(65535, 65535, idat=zlib.compress(b"\0" * 64))
 
 
-def _PatchJpegSof(jpeg: bytes, h: int, w: int) -> bytes:  # noqa: N802
+def _patch_jpeg_sof(jpeg: bytes, h: int, w: int) -> bytes:
     i = jpeg.index(b"\xff\xc0")
     return jpeg[: i + 5] + struct.pack(">HH", h, w) + jpeg[i + 9 :]
 
 
-def _Bmp(w: int, h: int, pixels: bytes | None = None, bpp: int = 24) -> bytes:  # noqa: N802
+def _bmp(w: int, h: int, pixels: bytes | None = None, bpp: int = 24) -> bytes:
     row = (w * bpp // 8 + 3) & ~3
     data = pixels if pixels is not None else b""
     info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, bpp, 0, min(row * abs(h), 0xFFFFFFFF), 2835, 2835, 0, 0)
     return b"BM" + struct.pack("<IHHI", 14 + 40 + len(data), 0, 0, 54) + info + data
 
 
-def _Tiff(w: int, h: int) -> bytes:  # noqa: N802
+def _tiff(w: int, h: int) -> bytes:
     entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8), (278, 4, 1, h),
                (279, 4, 1, min(w * h, 0xFFFFFFFF))]  # fmt: skip
     ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + struct.pack("<I", 0)
     return b"II*\0" + struct.pack("<I", 8) + ifd
 
 
-def ImageCases() -> list[dict[str, Any]]:  # noqa: N802
-    """(name, bytes, what, match): bytes DecodeImage must refuse with an ImageError."""
-    jpeg = _Pillow("JPEG", quality=75)
-    gif = _Pillow("GIF")
-    webp = _Pillow("WEBP", lossless=True)
+def image_cases() -> list[dict[str, Any]]:
+    """(name, bytes, what, match): bytes decode_image must refuse with an ImageError."""
+    jpeg = _pillow("JPEG", quality=75)
+    gif = _pillow("GIF")
+    webp = _pillow("WEBP", lossless=True)
     rng = random.Random(20260101)
     bomb_rows = (b"\0" + bytes(4100)) * 4100  # 16.8 Mpx of grey, over MAX_IMAGE_PIXELS (16.7 Mpx)
     text_bomb = zlib.compress(bytes(8 << 20), 9)  # 8 MiB of zeros, over Pillow's 1 MiB text/ICC limit
@@ -139,16 +139,16 @@ def ImageCases() -> list[dict[str, Any]]:  # noqa: N802
         ("jpeg_cut_in_scan", jpeg[: len(jpeg) - 40], "JPEG cut inside the entropy-coded scan", "decode"),
         ("gif_header_only", b"GIF89a", "GIF signature only", "decode"),
         ("gif_cut_after_screen", gif[:13], "GIF signature and logical screen, no frame", "decode"),
-        ("bmp_cut_pixels", _Bmp(16, 16, bytes(100)), "BMP whose pixel data stops after 100 of 768 bytes", "decode"),
+        ("bmp_cut_pixels", _bmp(16, 16, bytes(100)), "BMP whose pixel data stops after 100 of 768 bytes", "decode"),
         ("tiff_header_only", b"II*\0\x08\0\0\0", "TIFF header pointing at a missing directory", "decode"),
         ("webp_cut", webp[:30], "WebP cut inside its VP8L header", "decode"),
         # corrupt
         ("png_bad_ihdr_crc", GOOD_PNG[:29] + b"\0\0\0\0" + GOOD_PNG[33:], "PNG whose IHDR checksum is wrong", "decode"),
-        ("png_zero_width", Png(0, 16, idat=zlib.compress(b"")), "PNG with width 0", "decode"),
-        ("png_bad_color_depth", Png(16, 16, ihdr=struct.pack(">IIBBBBB", 16, 16, 7, 2, 0, 0, 0)), "PNG with bit depth 7", "decode"),
-        ("png_corrupt_zlib", Png(16, 16, idat=b"\x78\x9c" + bytes(range(64))), "PNG whose IDAT is not a zlib stream", "decode"),
+        ("png_zero_width", png(0, 16, idat=zlib.compress(b"")), "PNG with width 0", "decode"),
+        ("png_bad_color_depth", png(16, 16, ihdr=struct.pack(">IIBBBBB", 16, 16, 7, 2, 0, 0, 0)), "PNG with bit depth 7", "decode"),
+        ("png_corrupt_zlib", png(16, 16, idat=b"\x78\x9c" + bytes(range(64))), "PNG whose IDAT is not a zlib stream", "decode"),
         ("png_idat_length_short", GOOD_PNG[:33] + struct.pack(">I", 5) + GOOD_PNG[37:], "PNG whose IDAT length is 5 (chunks misaligned)", "decode"),
-        ("jpeg_zero_size", _PatchJpegSof(jpeg, 0, 0), "JPEG whose frame header says 0x0 pixels", "decode"),
+        ("jpeg_zero_size", _patch_jpeg_sof(jpeg, 0, 0), "JPEG whose frame header says 0x0 pixels", "decode"),
         ("jpeg_garbage_after_soi", b"\xff\xd8" + bytes(rng.randrange(256) for _ in range(512)), "JPEG marker then random bytes", "decode"),
         ("ico_garbage", b"\0\0\1\0\1\0\0\0\0\0\1\0\x20\0" + struct.pack("<II", 1000, 22) + b"junk", "ICO (not an accepted format)", "decode"),
         ("eps_infinite_loop", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n{} loop\n", "EPS that would loop forever in Ghostscript", "decode"),
@@ -164,17 +164,17 @@ def ImageCases() -> list[dict[str, Any]]:  # noqa: N802
         ("polyglot_gif_js", b"GIF89a/*\x00\x00\x00\x00*/=1;alert(1)//", "GIF/JavaScript polyglot with no frame", "decode"),
         ("polyglot_pdf_jpeg", b"%PDF-1.4\n" + jpeg, "PDF header with a JPEG inside", "decode"),
         # decompression bombs (refused from the header, before pixels are decoded)
-        ("bomb_png_4100x4100", Png(4100, 4100, color=0, pixels=bomb_rows), "16.8 Mpx PNG (just over the limit) in 16 KB", "pixels"),
-        ("bomb_png_65535_header", _Header65k(), "PNG claiming 65535x65535 with 64 bytes of data", "pixels"),
-        ("bomb_png_rgba16_30000", Png(30000, 30000, color=6, depth=16, idat=zlib.compress(b"\0" * 64)), "PNG claiming 30000^2 RGBA16 (7 GB)", "pixels"),
-        ("bomb_png_1x2g", Png(1, 0x7FFFFFFF, color=0, idat=zlib.compress(b"\0" * 64)), "PNG 1 x 2^31-1", "pixels"),
-        ("bomb_png_ztxt", Png(16, 16, before_idat=(_chunk(b"zTXt", b"Comment\0\0" + text_bomb),)), "1x PNG with an 8 MiB zTXt comment in 8 KB", "decode"),
-        ("bomb_png_itxt", Png(16, 16, before_idat=(_chunk(b"iTXt", b"Comment\0\1\0\0\0" + text_bomb),)), "PNG with an 8 MiB compressed iTXt", "decode"),
-        ("bomb_png_iccp", Png(16, 16, before_idat=(_chunk(b"iCCP", b"icc\0\0" + text_bomb),)), "PNG with an 8 MiB ICC profile in 8 KB", "decode"),
-        ("bomb_jpeg_65500", _PatchJpegSof(jpeg, 65500, 65500), "JPEG whose frame header says 65500x65500", "pixels"),
+        ("bomb_png_4100x4100", png(4100, 4100, color=0, pixels=bomb_rows), "16.8 Mpx PNG (just over the limit) in 16 KB", "pixels"),
+        ("bomb_png_65535_header", _header65k(), "PNG claiming 65535x65535 with 64 bytes of data", "pixels"),
+        ("bomb_png_rgba16_30000", png(30000, 30000, color=6, depth=16, idat=zlib.compress(b"\0" * 64)), "PNG claiming 30000^2 RGBA16 (7 GB)", "pixels"),
+        ("bomb_png_1x2g", png(1, 0x7FFFFFFF, color=0, idat=zlib.compress(b"\0" * 64)), "PNG 1 x 2^31-1", "pixels"),
+        ("bomb_png_ztxt", png(16, 16, before_idat=(_chunk(b"zTXt", b"Comment\0\0" + text_bomb),)), "1x PNG with an 8 MiB zTXt comment in 8 KB", "decode"),
+        ("bomb_png_itxt", png(16, 16, before_idat=(_chunk(b"iTXt", b"Comment\0\1\0\0\0" + text_bomb),)), "PNG with an 8 MiB compressed iTXt", "decode"),
+        ("bomb_png_iccp", png(16, 16, before_idat=(_chunk(b"iCCP", b"icc\0\0" + text_bomb),)), "PNG with an 8 MiB ICC profile in 8 KB", "decode"),
+        ("bomb_jpeg_65500", _patch_jpeg_sof(jpeg, 65500, 65500), "JPEG whose frame header says 65500x65500", "pixels"),
         ("bomb_gif_65535", bytes(gif_huge), "GIF with a 65535x65535 logical screen", "pixels"),
-        ("bomb_bmp_100k", _Bmp(100000, 100000), "BMP header claiming 100000x100000", "pixels"),
-        ("bomb_tiff_100k", _Tiff(100000, 100000), "TIFF claiming 100000x100000, no strips", "pixels"),
+        ("bomb_bmp_100k", _bmp(100000, 100000), "BMP header claiming 100000x100000", "pixels"),
+        ("bomb_tiff_100k", _tiff(100000, 100000), "TIFF claiming 100000x100000, no strips", "pixels"),
         ("bomb_webp_16k", bytes(webp_huge), "WebP whose VP8L header says 16384x16384", "pixels"),
         # noise
         ("random_1k_a", bytes(rng.randrange(256) for _ in range(1024)), "1 KiB of random bytes", "decode"),
@@ -201,21 +201,21 @@ def ImageCases() -> list[dict[str, Any]]:  # noqa: N802
 # -- edge requests (MQTT JSON or raw image + user properties) ------------------------------------
 
 
-def _J(doc: dict) -> bytes:  # noqa: N802
+def _j(doc: dict) -> bytes:
     return json.dumps(doc).encode("utf-8")
 
 
-def _Q(**extra) -> dict:  # noqa: N802
+def _q(**extra) -> dict:
     return {"question": Q, "image": GOOD_B64, **extra}
 
 
-def _Sub(doc: dict, key: str, raw: str) -> bytes:  # noqa: N802
+def _sub(doc: dict, key: str, raw: str) -> bytes:
     """JSON text of ``doc`` with the value of ``key`` replaced by raw JSON text (NaN, Infinity, huge numbers)."""
-    return _J({**doc, key: "@@RAW@@"}).replace(b'"@@RAW@@"', raw.encode("utf-8"))
+    return _j({**doc, key: "@@RAW@@"}).replace(b'"@@RAW@@"', raw.encode("utf-8"))
 
 
-def EdgeRequestCases() -> list[dict[str, Any]]:  # noqa: N802
-    good = _J(_Q())
+def edge_request_cases() -> list[dict[str, Any]]:
+    good = _j(_q())
     B, I, D, TL = "bad_request", "bad_image", "deadline", "too_large"  # noqa: E741, N806
     P = (("question", Q),)  # noqa: N806
     # fmt: off
@@ -238,84 +238,84 @@ def EdgeRequestCases() -> list[dict[str, Any]]:  # noqa: N802
         ("mj_comment", b'{/* c */ "question": "q?"}', (), B, "not JSON", "C comment"),
         ("mj_nul_after", good + b"\x00", (), B, "not JSON", "NUL after the object"),
         ("mj_brace_then_garbage", b"  \n\t{ nope", (), B, "not JSON", "whitespace, {, garbage"),
-        ("mj_huge_int", _Sub(_Q(), "deadline_ms", "9" * 5000), (), B, "not JSON", "5000-digit integer (over Python's int digit limit)"),
-        ("mj_huge_int_4301", _Sub(_Q(), "split_layer", "1" * 4301), (), B, "not JSON", "4301-digit integer"),
-        ("mj_python_none", _Sub(_Q(), "keep_ratio", "None"), (), B, "not JSON", "Python None"),
-        ("mj_hex_number", _Sub(_Q(), "deadline_ms", "0x10"), (), B, "not JSON", "hex number"),
-        ("mj_plus_number", _Sub(_Q(), "deadline_ms", "+5"), (), B, "not JSON", "number with a + sign"),
-        ("mj_leading_zero", _Sub(_Q(), "deadline_ms", "05"), (), B, "not JSON", "number with a leading zero"),
-        ("mj_dot_number", _Sub(_Q(), "deadline_ms", ".5"), (), B, "not JSON", "number starting with ."),
-        ("mj_utf16", json.dumps(_Q()).encode("utf-16-le"), (), B, "not JSON", "JSON in UTF-16-LE (starts with '{', NULs between)"),
+        ("mj_huge_int", _sub(_q(), "deadline_ms", "9" * 5000), (), B, "not JSON", "5000-digit integer (over Python's int digit limit)"),
+        ("mj_huge_int_4301", _sub(_q(), "split_layer", "1" * 4301), (), B, "not JSON", "4301-digit integer"),
+        ("mj_python_none", _sub(_q(), "keep_ratio", "None"), (), B, "not JSON", "Python None"),
+        ("mj_hex_number", _sub(_q(), "deadline_ms", "0x10"), (), B, "not JSON", "hex number"),
+        ("mj_plus_number", _sub(_q(), "deadline_ms", "+5"), (), B, "not JSON", "number with a + sign"),
+        ("mj_leading_zero", _sub(_q(), "deadline_ms", "05"), (), B, "not JSON", "number with a leading zero"),
+        ("mj_dot_number", _sub(_q(), "deadline_ms", ".5"), (), B, "not JSON", "number starting with ."),
+        ("mj_utf16", json.dumps(_q()).encode("utf-16-le"), (), B, "not JSON", "JSON in UTF-16-LE (starts with '{', NULs between)"),
         # wrong types and values
-        ("wt_question_int", _J(_Q(question=5)), (), B, "question", "question is a number"),
-        ("wt_question_null", _J(_Q(question=None)), (), B, "question", "question is null"),
-        ("wt_question_list", _J(_Q(question=["q?"])), (), B, "question", "question is a list"),
-        ("wt_question_object", _J(_Q(question={"text": "q?"})), (), B, "question", "question is an object"),
-        ("wt_question_bool", _J(_Q(question=True)), (), B, "question", "question is true"),
-        ("wt_question_empty", _J(_Q(question="")), (), B, "question", "empty question"),
-        ("wt_question_blank", _J(_Q(question=" \t\n ")), (), B, "question", "whitespace question"),
-        ("wt_question_too_long", _J(_Q(question="q" * 1001)), (), B, "over the limit of 1000", "1001-character question"),
-        ("wt_question_lone_surrogate", _Sub(_Q(), "question", '"what \\ud800 color?"'), (), B, "surrogate", "question with an unpaired \\ud800 escape"),
-        ("wt_question_placeholder", _J(_Q(question="what is <image>?")), (), B, "placeholder", "question holding the prompt's image placeholder", "serve"),
-        ("wt_image_int", _J(_Q(image=5)), (), I, "image is missing", "image is a number"),
-        ("wt_image_null", _J(_Q(image=None)), (), I, "image is missing", "image is null"),
-        ("wt_image_list", _J(_Q(image=[GOOD_B64])), (), I, "image is missing", "image is a list"),
-        ("wt_image_object", _J(_Q(image={"data": GOOD_B64})), (), I, "image is missing", "image is an object"),
-        ("wt_image_bool", _J(_Q(image=True)), (), I, "image is missing", "image is true"),
-        ("wt_image_empty", _J(_Q(image="")), (), I, "image is missing", "empty image string"),
-        ("wt_no_image", _J({"question": Q}), (), I, "image is missing", "no image key"),
-        ("wt_no_question", _J({"image": GOOD_B64}), (), B, "question", "no question key"),
+        ("wt_question_int", _j(_q(question=5)), (), B, "question", "question is a number"),
+        ("wt_question_null", _j(_q(question=None)), (), B, "question", "question is null"),
+        ("wt_question_list", _j(_q(question=["q?"])), (), B, "question", "question is a list"),
+        ("wt_question_object", _j(_q(question={"text": "q?"})), (), B, "question", "question is an object"),
+        ("wt_question_bool", _j(_q(question=True)), (), B, "question", "question is true"),
+        ("wt_question_empty", _j(_q(question="")), (), B, "question", "empty question"),
+        ("wt_question_blank", _j(_q(question=" \t\n ")), (), B, "question", "whitespace question"),
+        ("wt_question_too_long", _j(_q(question="q" * 1001)), (), B, "over the limit of 1000", "1001-character question"),
+        ("wt_question_lone_surrogate", _sub(_q(), "question", '"what \\ud800 color?"'), (), B, "surrogate", "question with an unpaired \\ud800 escape"),
+        ("wt_question_placeholder", _j(_q(question="what is <image>?")), (), B, "placeholder", "question holding the prompt's image placeholder", "serve"),
+        ("wt_image_int", _j(_q(image=5)), (), I, "image is missing", "image is a number"),
+        ("wt_image_null", _j(_q(image=None)), (), I, "image is missing", "image is null"),
+        ("wt_image_list", _j(_q(image=[GOOD_B64])), (), I, "image is missing", "image is a list"),
+        ("wt_image_object", _j(_q(image={"data": GOOD_B64})), (), I, "image is missing", "image is an object"),
+        ("wt_image_bool", _j(_q(image=True)), (), I, "image is missing", "image is true"),
+        ("wt_image_empty", _j(_q(image="")), (), I, "image is missing", "empty image string"),
+        ("wt_no_image", _j({"question": Q}), (), I, "image is missing", "no image key"),
+        ("wt_no_question", _j({"image": GOOD_B64}), (), B, "question", "no question key"),
         ("wt_empty_object", b"{}", (), I, "image is missing", "empty object"),
-        ("wt_stream_int", _J(_Q(stream=5)), (), B, "stream must be a string", "stream is a number"),
-        ("wt_stream_list", _J(_Q(stream=["cam"])), (), B, "stream must be a string", "stream is a list"),
-        ("wt_stream_space", _J(_Q(stream="cam 1")), (), B, "stream id", "stream id with a space"),
-        ("wt_stream_slash", _J(_Q(stream="cam/1")), (), B, "stream id", "stream id with a topic separator"),
-        ("wt_stream_too_long", _J(_Q(stream="s" * 65)), (), B, "stream id", "65-character stream id"),
-        ("wt_deadline_string", _J(_Q(deadline_ms="5000")), (), B, "deadline_ms must be a number", "deadline as a string"),
-        ("wt_deadline_bool", _J(_Q(deadline_ms=True)), (), B, "deadline_ms must be a number", "deadline true"),
-        ("wt_deadline_list", _J(_Q(deadline_ms=[5000])), (), B, "deadline_ms must be a number", "deadline as a list"),
-        ("wt_deadline_zero", _J(_Q(deadline_ms=0)), (), D, "deadline", "deadline 0"),
-        ("wt_deadline_negative", _J(_Q(deadline_ms=-1)), (), D, "deadline", "deadline -1"),
-        ("wt_deadline_over_cap", _J(_Q(deadline_ms=600001)), (), D, "deadline", "deadline over the 600 s cap"),
-        ("wt_deadline_infinity", _Sub(_Q(), "deadline_ms", "Infinity"), (), D, "deadline", "deadline Infinity (Python's JSON extension)"),
-        ("wt_deadline_nan", _Sub(_Q(), "deadline_ms", "NaN"), (), D, "deadline", "deadline NaN"),
-        ("wt_deadline_1e400", _Sub(_Q(), "deadline_ms", "1e400"), (), D, "deadline", "deadline 1e400 (parses as inf)"),
-        ("wt_policy_int", _J(_Q(policy=5)), (), B, "policy", "policy is a number"),
-        ("wt_policy_unknown", _J(_Q(policy="fastest")), (), B, "policy", "unknown policy"),
-        ("wt_policy_list", _J(_Q(policy=["msao"])), (), B, "policy", "policy is a list"),
-        ("wt_policy_empty", _J(_Q(policy="")), (), B, "policy", "empty policy"),
-        ("wt_split_layer_string", _J(_Q(split_layer="1")), (), B, "split_layer", "split_layer as a string"),
-        ("wt_split_layer_float", _J(_Q(split_layer=1.5)), (), B, "split_layer", "split_layer 1.5"),
-        ("wt_split_layer_negative", _J(_Q(split_layer=-1)), (), B, "split_layer", "split_layer -1"),
-        ("wt_split_layer_bool", _J(_Q(split_layer=True)), (), B, "split_layer", "split_layer true"),
-        ("wt_keep_ratio_zero", _J(_Q(keep_ratio=0)), (), B, "keep_ratio", "keep_ratio 0"),
-        ("wt_keep_ratio_over_one", _J(_Q(keep_ratio=1.5)), (), B, "keep_ratio", "keep_ratio 1.5"),
-        ("wt_keep_ratio_string", _J(_Q(keep_ratio="0.5")), (), B, "keep_ratio", "keep_ratio as a string"),
-        ("wt_keep_ratio_bool", _J(_Q(keep_ratio=True)), (), B, "keep_ratio", "keep_ratio true"),
-        ("wt_keep_ratio_nan", _Sub(_Q(), "keep_ratio", "NaN"), (), B, "keep_ratio", "keep_ratio NaN"),
-        ("wt_request_id_list", _J(_Q(request_id=[1])), (), B, "request id", "request_id is a list"),
-        ("wt_unknown_key", _J(_Q(colour="red")), (), B, "unknown request keys", "unknown key"),
-        ("wt_unknown_key_case", _J({**_Q(), "Question": Q}), (), B, "unknown request keys", "key in the wrong case"),
-        ("wt_unknown_key_proto", _J(_Q(__proto__={})), (), B, "unknown request keys", "__proto__ key"),
-        ("wt_unknown_key_image_url", _J(_Q(image_url="http://x/y.png")), (), B, "unknown request keys", "OpenAI-style image_url key"),
+        ("wt_stream_int", _j(_q(stream=5)), (), B, "stream must be a string", "stream is a number"),
+        ("wt_stream_list", _j(_q(stream=["cam"])), (), B, "stream must be a string", "stream is a list"),
+        ("wt_stream_space", _j(_q(stream="cam 1")), (), B, "stream id", "stream id with a space"),
+        ("wt_stream_slash", _j(_q(stream="cam/1")), (), B, "stream id", "stream id with a topic separator"),
+        ("wt_stream_too_long", _j(_q(stream="s" * 65)), (), B, "stream id", "65-character stream id"),
+        ("wt_deadline_string", _j(_q(deadline_ms="5000")), (), B, "deadline_ms must be a number", "deadline as a string"),
+        ("wt_deadline_bool", _j(_q(deadline_ms=True)), (), B, "deadline_ms must be a number", "deadline true"),
+        ("wt_deadline_list", _j(_q(deadline_ms=[5000])), (), B, "deadline_ms must be a number", "deadline as a list"),
+        ("wt_deadline_zero", _j(_q(deadline_ms=0)), (), D, "deadline", "deadline 0"),
+        ("wt_deadline_negative", _j(_q(deadline_ms=-1)), (), D, "deadline", "deadline -1"),
+        ("wt_deadline_over_cap", _j(_q(deadline_ms=600001)), (), D, "deadline", "deadline over the 600 s cap"),
+        ("wt_deadline_infinity", _sub(_q(), "deadline_ms", "Infinity"), (), D, "deadline", "deadline Infinity (Python's JSON extension)"),
+        ("wt_deadline_nan", _sub(_q(), "deadline_ms", "NaN"), (), D, "deadline", "deadline NaN"),
+        ("wt_deadline_1e400", _sub(_q(), "deadline_ms", "1e400"), (), D, "deadline", "deadline 1e400 (parses as inf)"),
+        ("wt_policy_int", _j(_q(policy=5)), (), B, "policy", "policy is a number"),
+        ("wt_policy_unknown", _j(_q(policy="fastest")), (), B, "policy", "unknown policy"),
+        ("wt_policy_list", _j(_q(policy=["msao"])), (), B, "policy", "policy is a list"),
+        ("wt_policy_empty", _j(_q(policy="")), (), B, "policy", "empty policy"),
+        ("wt_split_layer_string", _j(_q(split_layer="1")), (), B, "split_layer", "split_layer as a string"),
+        ("wt_split_layer_float", _j(_q(split_layer=1.5)), (), B, "split_layer", "split_layer 1.5"),
+        ("wt_split_layer_negative", _j(_q(split_layer=-1)), (), B, "split_layer", "split_layer -1"),
+        ("wt_split_layer_bool", _j(_q(split_layer=True)), (), B, "split_layer", "split_layer true"),
+        ("wt_keep_ratio_zero", _j(_q(keep_ratio=0)), (), B, "keep_ratio", "keep_ratio 0"),
+        ("wt_keep_ratio_over_one", _j(_q(keep_ratio=1.5)), (), B, "keep_ratio", "keep_ratio 1.5"),
+        ("wt_keep_ratio_string", _j(_q(keep_ratio="0.5")), (), B, "keep_ratio", "keep_ratio as a string"),
+        ("wt_keep_ratio_bool", _j(_q(keep_ratio=True)), (), B, "keep_ratio", "keep_ratio true"),
+        ("wt_keep_ratio_nan", _sub(_q(), "keep_ratio", "NaN"), (), B, "keep_ratio", "keep_ratio NaN"),
+        ("wt_request_id_list", _j(_q(request_id=[1])), (), B, "request id", "request_id is a list"),
+        ("wt_unknown_key", _j(_q(colour="red")), (), B, "unknown request keys", "unknown key"),
+        ("wt_unknown_key_case", _j({**_q(), "Question": Q}), (), B, "unknown request keys", "key in the wrong case"),
+        ("wt_unknown_key_proto", _j(_q(__proto__={})), (), B, "unknown request keys", "__proto__ key"),
+        ("wt_unknown_key_image_url", _j(_q(image_url="http://x/y.png")), (), B, "unknown request keys", "OpenAI-style image_url key"),
         # request ids: wildcards, separators, traversal, control characters
-        *[(f"id_{n}", _J(_Q(request_id=v)), (), B, "request id", f"request_id {v!r}") for n, v in (
+        *[(f"id_{n}", _j(_q(request_id=v)), (), B, "request id", f"request_id {v!r}") for n, v in (
             ("space", "no spaces"), ("plus", "a+b"), ("hash", "a#b"), ("slash", "a/b"), ("dotdot", ".."), ("traversal", "../../etc/passwd"),
             ("dollar", "$SYS"), ("too_long", "r" * 65), ("trailing_newline", "req1\n"), ("nul", "req\u0000"), ("accent", "r\u00e9q"),
             ("fullwidth", "\uff52\uff45\uff51"), ("percent", "a%2Fb"),
         )],
         # nesting and size
-        ("nest_depth5_stream", _J(_Q(stream={"a": {"b": {"c": {}}}})), (), B, "nested deeper than 4", "5 levels of objects"),
-        ("nest_depth6_question", _J(_Q(question=[[[[["q?"]]]]])), (), B, "nested deeper than 4", "question in 5 nested lists"),
+        ("nest_depth5_stream", _j(_q(stream={"a": {"b": {"c": {}}}})), (), B, "nested deeper than 4", "5 levels of objects"),
+        ("nest_depth6_question", _j(_q(question=[[[[["q?"]]]]])), (), B, "nested deeper than 4", "question in 5 nested lists"),
         ("nest_recursion_lists", b'{"a": ' + b"[" * 20000, (), B, "not JSON", "20000 nested lists (recursion limit)"),
         ("nest_recursion_objects", b'{"a":' * 5000, (), B, "not JSON", "5000 nested objects"),
-        ("wide_many_keys", _J({f"k{i}": 0 for i in range(3000)}), (), B, "unknown request keys", "3000 unknown keys"),
-        ("wide_long_key", _J({**_Q(), "k" * 50000: 1}), (), B, "unknown request keys", "a 50000-character key"),
-        ("wide_big_array", _J(_Q(stream=[0] * 20000)), (), B, "stream must be a string", "stream is a 20000-item list"),
-        ("oversize_json", _J(_Q(image=GOOD_B64 + "A" * REQ_LIMIT)), (), TL, f"over the limit of {REQ_LIMIT}", "JSON just over the payload limit"),
-        ("oversize_question", _J(_Q(question="q" * 60000)), (), B, "over the limit of 1000", "60000-character question (under the payload limit)"),
+        ("wide_many_keys", _j({f"k{i}": 0 for i in range(3000)}), (), B, "unknown request keys", "3000 unknown keys"),
+        ("wide_long_key", _j({**_q(), "k" * 50000: 1}), (), B, "unknown request keys", "a 50000-character key"),
+        ("wide_big_array", _j(_q(stream=[0] * 20000)), (), B, "stream must be a string", "stream is a 20000-item list"),
+        ("oversize_json", _j(_q(image=GOOD_B64 + "A" * REQ_LIMIT)), (), TL, f"over the limit of {REQ_LIMIT}", "JSON just over the payload limit"),
+        ("oversize_question", _j(_q(question="q" * 60000)), (), B, "over the limit of 1000", "60000-character question (under the payload limit)"),
         # base64 garbage
-        *[(f"b64_{n}", _J(_Q(image=v)), (), I, m, f"image {w}") for n, v, m, w in (
+        *[(f"b64_{n}", _j(_q(image=v)), (), I, m, f"image {w}") for n, v, m, w in (
             ("stars", "***not base64***", "base64", "is not base64"), ("single_char", "A", "base64", "is one base64 character"),
             ("padding_middle", "AA==AA==", "base64", "has padding in the middle"), ("space_inside", "iVBO Rw0K", "base64", "has a space inside"),
             ("newline_inside", "iVBO\nRw0K", "base64", "has a newline inside"), ("non_ascii", "\u00c4\u00d6\u00dc", "base64", "is non-ASCII text"),
@@ -327,12 +327,12 @@ def EdgeRequestCases() -> list[dict[str, Any]]:  # noqa: N802
             ("percent_encoded", "iVBOR%3D%3D", "base64", "is percent-encoded"), ("html", "<img src=x onerror=alert(1)>", "base64", "is HTML"),
             ("big_garbage", "!" * 50000, "base64", "is 50000 '!'"),
         )],
-        *[(f"b64_decodes_to_{n}", _J(_Q(image=base64.b64encode(v).decode())), (), I, m, f"valid base64 of {w}", "decode") for n, v, m, w in (
+        *[(f"b64_decodes_to_{n}", _j(_q(image=base64.b64encode(v).decode())), (), I, m, f"valid base64 of {w}", "decode") for n, v, m, w in (
             ("text", b"hello, not a png", "cannot decode image", "text"), ("truncated_png", GOOD_PNG[:40], "cannot decode image", "a cut PNG"),
             ("gif_header", b"GIF89a", "cannot decode image", "a GIF signature"), ("zip", b"PK\x03\x04" + bytes(40), "cannot decode image", "a ZIP header"),
-            ("png_bomb", _Header65k(), "pixels", "a 65535x65535 PNG header"),
+            ("png_bomb", _header65k(), "pixels", "a 65535x65535 PNG header"),
         )],
-        ("b64_urlsafe_decodes_to_garbage", _J(_Q(image="-_-_-_-_")), (), I, "cannot decode image", "URL-safe base64 of 6 garbage bytes", "decode"),
+        ("b64_urlsafe_decodes_to_garbage", _j(_q(image="-_-_-_-_")), (), I, "cannot decode image", "URL-safe base64 of 6 garbage bytes", "decode"),
         # not UTF-8
         ("nu_ff", b'{"question": "what \xff color?", "image": "AAAA"}', (), B, "UTF-8", "0xFF byte in a string"),
         ("nu_latin1", '{"question": "caf\u00e9?", "image": "AAAA"}'.encode("latin-1"), (), B, "UTF-8", "Latin-1 text"),
@@ -384,7 +384,7 @@ def EdgeRequestCases() -> list[dict[str, Any]]:  # noqa: N802
 # -- HTTP chat-completion bodies ---------------------------------------------------------------
 
 
-def _Chat(question: Any = Q, url: Any = "data:image/png;base64," + GOOD_B64, *, content: Any = None, msao: Any = None, **extra) -> dict:  # noqa: N802
+def _chat(question: Any = Q, url: Any = "data:image/png;base64," + GOOD_B64, *, content: Any = None, msao: Any = None, **extra) -> dict:
     parts = content if content is not None else [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
     doc: dict[str, Any] = {"model": "msao", "messages": [{"role": "user", "content": parts}], **extra}
     if msao is not None:
@@ -392,7 +392,7 @@ def _Chat(question: Any = Q, url: Any = "data:image/png;base64," + GOOD_B64, *, 
     return doc
 
 
-def HttpChatCases() -> list[dict[str, Any]]:  # noqa: N802
+def http_chat_cases() -> list[dict[str, Any]]:
     B, I, TL = "bad_request", "bad_image", "too_large"  # noqa: E741, N806
     text = {"type": "text", "text": Q}
     img = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + GOOD_B64}}
@@ -405,67 +405,67 @@ def HttpChatCases() -> list[dict[str, Any]]:  # noqa: N802
         ("not_utf8_latin1", '{"model": "caf\u00e9"}'.encode("latin-1"), B, "UTF-8", "Latin-1 body"),
         ("not_json_brace", b"{", B, "not JSON", "a lone {"),
         ("not_json_empty", b"", B, "not JSON", "empty body"),
-        ("not_json_trailing", _J(_Chat()) + b"x", B, "not JSON", "text after the object"),
+        ("not_json_trailing", _j(_chat()) + b"x", B, "not JSON", "text after the object"),
         ("not_json_huge_int", b'{"messages": ' + b"9" * 5000 + b"}", B, "not JSON", "5000-digit integer"),
         ("not_json_recursion", b"[" * 20000, B, "not JSON", "20000 nested lists"),
         ("top_array", b"[]", B, "must be a JSON object", "a JSON array"),
         ("top_string", b'"hello"', B, "must be a JSON object", "a JSON string"),
         ("top_number", b"1", B, "must be a JSON object", "a JSON number"),
         ("top_null", b"null", B, "must be a JSON object", "JSON null"),
-        ("deep_11_levels", _J({**_Chat(), "x": deep}), B, "nested deeper than 10", "11 levels of objects"),
-        ("many_items", _J(_Chat(extra_list=[0] * 1001)), B, "more than 1000 values", "1001-item list"),
-        ("stream_true", _J(_Chat(stream=True)), B, "streaming", "stream: true"),
-        ("stream_string", _J(_Chat(stream="yes")), B, "streaming", 'stream: "yes"'),
-        ("msao_list", _J(_Chat(msao=[1])), B, "'msao' must be an object", "msao is a list"),
-        ("msao_string", _J(_Chat(msao="x")), B, "'msao' must be an object", "msao is a string"),
-        ("msao_unknown_key", _J(_Chat(msao={"colour": 1})), B, "unknown 'msao' keys", "unknown msao key"),
-        ("deadline_string", _J(_Chat(msao={"deadline_ms": "5000"})), B, "deadline_ms must be a number", "deadline as a string"),
-        ("deadline_zero", _J(_Chat(msao={"deadline_ms": 0})), B, "deadline_ms must be a number", "deadline 0"),
-        ("deadline_negative", _J(_Chat(msao={"deadline_ms": -1})), B, "deadline_ms must be a number", "deadline -1"),
-        ("deadline_bool", _J(_Chat(msao={"deadline_ms": True})), B, "deadline_ms must be a number", "deadline true"),
-        ("deadline_nan", _J(_Chat(msao={"deadline_ms": "@"})).replace(b'"@"', b"NaN"), B, "deadline_ms must be a number", "deadline NaN"),
-        ("deadline_over_cap", _J(_Chat(msao={"deadline_ms": 600001})), B, "deadline_ms must be a number", "deadline over the cap"),
-        ("stream_id_int", _J(_Chat(msao={"stream": 5})), B, "wrong type", "msao.stream is a number"),
-        ("policy_int", _J(_Chat(msao={"policy": 5})), B, "wrong type", "msao.policy is a number"),
-        ("request_id_int", _J(_Chat(msao={"request_id": 5})), B, "wrong type", "msao.request_id is a number"),
-        ("split_layer_float", _J(_Chat(msao={"split_layer": 1.5})), B, "wrong type", "msao.split_layer 1.5"),
-        ("keep_ratio_string", _J(_Chat(msao={"keep_ratio": "0.5"})), B, "wrong type", "msao.keep_ratio as a string"),
-        ("keep_ratio_bool", _J(_Chat(msao={"keep_ratio": True})), B, "wrong type", "msao.keep_ratio true"),
-        ("policy_unknown", _J(_Chat(msao={"policy": "fastest"})), B, "policy", "unknown policy"),
-        ("request_id_newline", _J(_Chat(msao={"request_id": "r1\n"})), B, "request id", "request id with a trailing newline"),
-        ("request_id_wildcards", _J(_Chat(msao={"request_id": "a/+/#"})), B, "request id", "request id with wildcards"),
-        ("keep_ratio_two", _J(_Chat(msao={"keep_ratio": 2})), B, "keep_ratio", "keep_ratio 2"),
-        ("question_surrogate", _J(_Chat(question="@")).replace(b'"@"', b'"what \\udc00?"'), B, "surrogate", "text with an unpaired \\udc00"),
-        ("question_placeholder", _J(_Chat(question="what is <image>?")), B, "placeholder", "text with the image placeholder", "serve"),
-        ("messages_missing", _J({"model": "msao"}), B, "'messages' must be a non-empty list", "no messages"),
-        ("messages_object", _J({"model": "msao", "messages": {}}), B, "'messages' must be a non-empty list", "messages is an object"),
-        ("messages_empty", _J({"model": "msao", "messages": []}), B, "'messages' must be a non-empty list", "messages is empty"),
-        ("messages_string", _J({"model": "msao", "messages": "hi"}), B, "'messages' must be a non-empty list", "messages is a string"),
-        ("no_user", _J({"messages": [{"role": "system", "content": "x"}]}), B, "no message has role 'user'", "system message only"),
-        ("messages_not_objects", _J({"messages": [1, 2]}), B, "no message has role 'user'", "messages are numbers"),
-        ("content_string", _J({"messages": [{"role": "user", "content": Q}]}), I, "no image", "content is a string"),
-        ("content_number", _J({"messages": [{"role": "user", "content": 5}]}), B, "content must be", "content is a number"),
-        ("content_object", _J({"messages": [{"role": "user", "content": {}}]}), B, "content must be", "content is an object"),
-        ("part_audio", _J(_Chat(content=[text, {"type": "input_audio"}])), B, "content part type", "an audio part"),
-        ("part_not_object", _J(_Chat(content=[1, img])), B, "content part type", "a part that is a number"),
-        ("part_text_not_string", _J(_Chat(content=[{"type": "text", "text": 5}, img])), B, "content part type", "text part holding a number"),
-        ("image_url_number", _J(_Chat(content=[text, {"type": "image_url", "image_url": 5}])), I, "image_url must be", "image_url is a number"),
-        ("image_url_empty_object", _J(_Chat(content=[text, {"type": "image_url", "image_url": {}}])), I, "image_url must be", "image_url {}"),
-        ("two_images", _J(_Chat(content=[text, img, img])), I, "2 images", "two images"),
-        ("no_image", _J(_Chat(content=[text])), I, "0 images", "text only"),
-        ("http_url", _J(_Chat(url="http://example.com/x.png")), I, "never fetches", "http URL"),
-        ("file_url", _J(_Chat(url="file:///etc/passwd")), I, "never fetches", "file URL"),
-        ("data_uri_not_base64", _J(_Chat(url="data:image/png,abc")), I, "data URI", "data URI without ;base64"),
-        ("data_uri_garbage", _J(_Chat(url="data:image/png;base64,!!!")), I, "base64", "data URI with garbage"),
-        ("data_uri_empty", _J(_Chat(url="data:image/png;base64,")), I, "empty", "empty data URI"),
-        ("no_text", _J(_Chat(content=[img])), B, "no question", "image only"),
-        ("blank_text", _J(_Chat(question="   ")), B, "no question", "whitespace text"),
-        ("question_too_long", _J(_Chat(question="q" * 1001)), B, "over the limit of 1000", "1001-character text"),
-        ("image_too_large", _J(_Chat(url="data:image/png;base64," + base64.b64encode(GOOD_PNG + bytes(REQ_LIMIT)).decode())), TL,
+        ("deep_11_levels", _j({**_chat(), "x": deep}), B, "nested deeper than 10", "11 levels of objects"),
+        ("many_items", _j(_chat(extra_list=[0] * 1001)), B, "more than 1000 values", "1001-item list"),
+        ("stream_true", _j(_chat(stream=True)), B, "streaming", "stream: true"),
+        ("stream_string", _j(_chat(stream="yes")), B, "streaming", 'stream: "yes"'),
+        ("msao_list", _j(_chat(msao=[1])), B, "'msao' must be an object", "msao is a list"),
+        ("msao_string", _j(_chat(msao="x")), B, "'msao' must be an object", "msao is a string"),
+        ("msao_unknown_key", _j(_chat(msao={"colour": 1})), B, "unknown 'msao' keys", "unknown msao key"),
+        ("deadline_string", _j(_chat(msao={"deadline_ms": "5000"})), B, "deadline_ms must be a number", "deadline as a string"),
+        ("deadline_zero", _j(_chat(msao={"deadline_ms": 0})), B, "deadline_ms must be a number", "deadline 0"),
+        ("deadline_negative", _j(_chat(msao={"deadline_ms": -1})), B, "deadline_ms must be a number", "deadline -1"),
+        ("deadline_bool", _j(_chat(msao={"deadline_ms": True})), B, "deadline_ms must be a number", "deadline true"),
+        ("deadline_nan", _j(_chat(msao={"deadline_ms": "@"})).replace(b'"@"', b"NaN"), B, "deadline_ms must be a number", "deadline NaN"),
+        ("deadline_over_cap", _j(_chat(msao={"deadline_ms": 600001})), B, "deadline_ms must be a number", "deadline over the cap"),
+        ("stream_id_int", _j(_chat(msao={"stream": 5})), B, "wrong type", "msao.stream is a number"),
+        ("policy_int", _j(_chat(msao={"policy": 5})), B, "wrong type", "msao.policy is a number"),
+        ("request_id_int", _j(_chat(msao={"request_id": 5})), B, "wrong type", "msao.request_id is a number"),
+        ("split_layer_float", _j(_chat(msao={"split_layer": 1.5})), B, "wrong type", "msao.split_layer 1.5"),
+        ("keep_ratio_string", _j(_chat(msao={"keep_ratio": "0.5"})), B, "wrong type", "msao.keep_ratio as a string"),
+        ("keep_ratio_bool", _j(_chat(msao={"keep_ratio": True})), B, "wrong type", "msao.keep_ratio true"),
+        ("policy_unknown", _j(_chat(msao={"policy": "fastest"})), B, "policy", "unknown policy"),
+        ("request_id_newline", _j(_chat(msao={"request_id": "r1\n"})), B, "request id", "request id with a trailing newline"),
+        ("request_id_wildcards", _j(_chat(msao={"request_id": "a/+/#"})), B, "request id", "request id with wildcards"),
+        ("keep_ratio_two", _j(_chat(msao={"keep_ratio": 2})), B, "keep_ratio", "keep_ratio 2"),
+        ("question_surrogate", _j(_chat(question="@")).replace(b'"@"', b'"what \\udc00?"'), B, "surrogate", "text with an unpaired \\udc00"),
+        ("question_placeholder", _j(_chat(question="what is <image>?")), B, "placeholder", "text with the image placeholder", "serve"),
+        ("messages_missing", _j({"model": "msao"}), B, "'messages' must be a non-empty list", "no messages"),
+        ("messages_object", _j({"model": "msao", "messages": {}}), B, "'messages' must be a non-empty list", "messages is an object"),
+        ("messages_empty", _j({"model": "msao", "messages": []}), B, "'messages' must be a non-empty list", "messages is empty"),
+        ("messages_string", _j({"model": "msao", "messages": "hi"}), B, "'messages' must be a non-empty list", "messages is a string"),
+        ("no_user", _j({"messages": [{"role": "system", "content": "x"}]}), B, "no message has role 'user'", "system message only"),
+        ("messages_not_objects", _j({"messages": [1, 2]}), B, "no message has role 'user'", "messages are numbers"),
+        ("content_string", _j({"messages": [{"role": "user", "content": Q}]}), I, "no image", "content is a string"),
+        ("content_number", _j({"messages": [{"role": "user", "content": 5}]}), B, "content must be", "content is a number"),
+        ("content_object", _j({"messages": [{"role": "user", "content": {}}]}), B, "content must be", "content is an object"),
+        ("part_audio", _j(_chat(content=[text, {"type": "input_audio"}])), B, "content part type", "an audio part"),
+        ("part_not_object", _j(_chat(content=[1, img])), B, "content part type", "a part that is a number"),
+        ("part_text_not_string", _j(_chat(content=[{"type": "text", "text": 5}, img])), B, "content part type", "text part holding a number"),
+        ("image_url_number", _j(_chat(content=[text, {"type": "image_url", "image_url": 5}])), I, "image_url must be", "image_url is a number"),
+        ("image_url_empty_object", _j(_chat(content=[text, {"type": "image_url", "image_url": {}}])), I, "image_url must be", "image_url {}"),
+        ("two_images", _j(_chat(content=[text, img, img])), I, "2 images", "two images"),
+        ("no_image", _j(_chat(content=[text])), I, "0 images", "text only"),
+        ("http_url", _j(_chat(url="http://example.com/x.png")), I, "never fetches", "http URL"),
+        ("file_url", _j(_chat(url="file:///etc/passwd")), I, "never fetches", "file URL"),
+        ("data_uri_not_base64", _j(_chat(url="data:image/png,abc")), I, "data URI", "data URI without ;base64"),
+        ("data_uri_garbage", _j(_chat(url="data:image/png;base64,!!!")), I, "base64", "data URI with garbage"),
+        ("data_uri_empty", _j(_chat(url="data:image/png;base64,")), I, "empty", "empty data URI"),
+        ("no_text", _j(_chat(content=[img])), B, "no question", "image only"),
+        ("blank_text", _j(_chat(question="   ")), B, "no question", "whitespace text"),
+        ("question_too_long", _j(_chat(question="q" * 1001)), B, "over the limit of 1000", "1001-character text"),
+        ("image_too_large", _j(_chat(url="data:image/png;base64," + base64.b64encode(GOOD_PNG + bytes(REQ_LIMIT)).decode())), TL,
          f"over the limit of {REQ_LIMIT}", "image just over the payload limit"),
-        ("decodes_to_text", _J(_Chat(url="data:image/png;base64," + base64.b64encode(b"hello").decode())), I, "cannot decode image",
+        ("decodes_to_text", _j(_chat(url="data:image/png;base64," + base64.b64encode(b"hello").decode())), I, "cannot decode image",
          "data URI of text", "decode"),
-        ("decodes_to_png_bomb", _J(_Chat(url="data:image/png;base64," + base64.b64encode(_Header65k()).decode())), I,
+        ("decodes_to_png_bomb", _j(_chat(url="data:image/png;base64," + base64.b64encode(_header65k()).decode())), I,
          "pixels", "data URI of a 65535x65535 PNG header", "decode"),
     ]
     # fmt: on
@@ -479,10 +479,10 @@ def HttpChatCases() -> list[dict[str, Any]]:  # noqa: N802
     return out
 
 
-def HttpRawCases() -> list[dict[str, Any]]:  # noqa: N802
+def http_raw_cases() -> list[dict[str, Any]]:
     """Whole HTTP requests (request line, headers, body) that the HTTP intake refuses."""
     P = b"POST /v1/chat/completions HTTP/1.0\r\n"  # noqa: N806
-    body = _J(_Chat())
+    body = _j(_chat())
     cl = b"Content-Length: %d\r\n" % len(body)
     # fmt: off
     c = [
@@ -515,7 +515,7 @@ def HttpRawCases() -> list[dict[str, Any]]:  # noqa: N802
 # -- cloud jobs ---------------------------------------------------------------------------------
 
 
-def _Feeds(d: int = 128, t: int = 2) -> dict[str, np.ndarray]:  # noqa: N802
+def _feeds(d: int = 128, t: int = 2) -> dict[str, np.ndarray]:
     return {
         "hidden_states": np.ones((1, t, d), np.float32),
         "position_ids": np.arange(t, dtype=np.int64)[None],
@@ -523,7 +523,7 @@ def _Feeds(d: int = 128, t: int = 2) -> dict[str, np.ndarray]:  # noqa: N802
     }
 
 
-def _Meta(job_id: str, **over) -> dict[str, str]:  # noqa: N802
+def _meta(job_id: str, **over) -> dict[str, str]:
     md = {"job_id": job_id, "model_hash": PLACEHOLDER_HASH, "kind": "split", "deadline_unix_s": repr(FAR_DEADLINE_UNIX_S),
           "segment": "decoder[3:4]", "layout": "1"}  # fmt: skip
     for k, v in over.items():
@@ -534,12 +534,12 @@ def _Meta(job_id: str, **over) -> dict[str, str]:  # noqa: N802
     return md
 
 
-def _Raw(header: Any, data: bytes = b"", hlen: int | None = None) -> bytes:  # noqa: N802
+def _raw(header: Any, data: bytes = b"", hlen: int | None = None) -> bytes:
     h = header if isinstance(header, bytes) else json.dumps(header).encode()
     return struct.pack("<Q", len(h) if hlen is None else hlen) + h + data
 
 
-def _ZstdZeros(total: int, declare: bool) -> bytes:  # noqa: N802
+def _zstd_zeros(total: int, declare: bool) -> bytes:
     buf = io.BytesIO()
     with zstandard.ZstdCompressor(level=19).stream_writer(buf, size=total if declare else -1, closefd=False) as w:
         for _ in range(total >> 20):
@@ -547,29 +547,29 @@ def _ZstdZeros(total: int, declare: bool) -> bytes:  # noqa: N802
     return buf.getvalue()
 
 
-def _ZstdLying(body: bytes) -> bytes:  # noqa: N802
+def _zstd_lying(body: bytes) -> bytes:
     """A frame whose header declares ``len(body)`` bytes but whose blocks hold 8 KiB more."""
     big = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(body + bytes(8192))
     small = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(body)
     return small[: zstandard.frame_header_size(small)] + big[zstandard.frame_header_size(big) :]
 
 
-def _ZstdHugeHeader() -> bytes:  # noqa: N802
+def _zstd_huge_header() -> bytes:
     # magic, frame header descriptor (FCS 8 bytes, single segment), 8-byte content size 2^40, then a raw empty last block
     return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", 1 << 40) + b"\x01\x00\x00"
 
 
-def JobCases() -> list[dict[str, Any]]:  # noqa: N802
+def job_cases() -> list[dict[str, Any]]:
     """Job payloads for a worker: (stage, error class, worker error code / drop)."""
     rng = np.random.default_rng(7)
     BP, TL, BJ = "bad_payload", "too_large", "bad_job"  # noqa: N806
     U8 = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}  # noqa: N806
-    good_md = _Meta("@")
-    compressed_job = PayloadFromTensors(_Feeds(), good_md, compress=True)
-    valid = PayloadFromTensors(_Feeds(), good_md)
+    good_md = _meta("@")
+    compressed_job = payload_from_tensors(_feeds(), good_md, compress=True)
+    valid = payload_from_tensors(_feeds(), good_md)
 
     def job(md_over: dict | None = None, tensors: dict | None = None, **kw) -> Any:
-        return lambda jid: PayloadFromTensors(_Feeds() if tensors is None else tensors, _Meta(jid, **(md_over or {})), **kw)
+        return lambda jid: payload_from_tensors(_feeds() if tensors is None else tensors, _meta(jid, **(md_over or {})), **kw)
 
     def ans(**over) -> dict:
         return {"kind": "answer", "segment": "", "question": Q, **over}
@@ -580,54 +580,54 @@ def JobCases() -> list[dict[str, Any]]:  # noqa: N802
         # codec: safetensors framing and header
         ("c_empty", "codec", "CodecError", BP, "shorter than the 8-byte", b"", "empty payload"),
         ("c_seven_bytes", "codec", "CodecError", BP, "shorter than the 8-byte", b"\x07" * 7, "7 bytes"),
-        ("c_hlen_past_payload", "codec", "CodecError", BP, "runs past the payload", _Raw({}, hlen=5000), "header length 5000, 2 bytes follow"),
+        ("c_hlen_past_payload", "codec", "CodecError", BP, "runs past the payload", _raw({}, hlen=5000), "header length 5000, 2 bytes follow"),
         ("c_hlen_over_limit", "codec", "PayloadTooLarge", TL, "over the limit", struct.pack("<Q", 1 << 40) + b"{}", "header length 2^40"),
         ("c_hlen_u64_max", "codec", "PayloadTooLarge", TL, "over the limit", b"\xff" * 8 + b"{}", "header length 2^64-1"),
-        ("c_header_not_json", "codec", "CodecError", BP, "not valid JSON", _Raw(b"{nope"), "header '{nope'"),
-        ("c_header_not_utf8", "codec", "CodecError", BP, "not valid JSON", _Raw(b"\xff\xfe{}"), "header in UTF-16 with BOM"),
-        ("c_header_array", "codec", "CodecError", BP, "must be a JSON object", _Raw([1, 2]), "header is an array"),
-        ("c_header_string", "codec", "CodecError", BP, "must be a JSON object", _Raw("x"), "header is a string"),
-        ("c_header_huge_int", "codec", "CodecError", BP, "not valid JSON", _Raw(b'{"a": ' + b"1" * 5000 + b"}"), "5000-digit integer in the header"),
-        ("c_header_nan", "codec", "CodecError", BP, "not JSON", _Raw(b'{"a": NaN}'), "NaN in the header"),
-        ("c_header_infinity", "codec", "CodecError", BP, "not JSON", _Raw(b'{"a": -Infinity}'), "-Infinity in the header"),
-        ("c_header_duplicate_key", "codec", "CodecError", BP, "repeats the key", _Raw(b'{"a": {}, "a": {}}'), "key 'a' twice"),
-        ("c_header_deep", "codec", "CodecError", BP, "not valid JSON", _Raw(b"[" * 5000), "5000 nested lists"),
-        ("c_metadata_not_strings", "codec", "CodecError", BP, "strings to strings", _Raw({"__metadata__": {"k": 1}}), "metadata value 1"),
-        ("c_metadata_list", "codec", "CodecError", BP, "strings to strings", _Raw({"__metadata__": ["k"]}), "metadata is a list"),
-        *[(f"c_dtype_{n}", "codec", "CodecError", BP, "is not supported", _Raw({"x": {**U8, "dtype": v}}, b"\0"), f"dtype {v!r}") for n, v in (
+        ("c_header_not_json", "codec", "CodecError", BP, "not valid JSON", _raw(b"{nope"), "header '{nope'"),
+        ("c_header_not_utf8", "codec", "CodecError", BP, "not valid JSON", _raw(b"\xff\xfe{}"), "header in UTF-16 with BOM"),
+        ("c_header_array", "codec", "CodecError", BP, "must be a JSON object", _raw([1, 2]), "header is an array"),
+        ("c_header_string", "codec", "CodecError", BP, "must be a JSON object", _raw("x"), "header is a string"),
+        ("c_header_huge_int", "codec", "CodecError", BP, "not valid JSON", _raw(b'{"a": ' + b"1" * 5000 + b"}"), "5000-digit integer in the header"),
+        ("c_header_nan", "codec", "CodecError", BP, "not JSON", _raw(b'{"a": NaN}'), "NaN in the header"),
+        ("c_header_infinity", "codec", "CodecError", BP, "not JSON", _raw(b'{"a": -Infinity}'), "-Infinity in the header"),
+        ("c_header_duplicate_key", "codec", "CodecError", BP, "repeats the key", _raw(b'{"a": {}, "a": {}}'), "key 'a' twice"),
+        ("c_header_deep", "codec", "CodecError", BP, "not valid JSON", _raw(b"[" * 5000), "5000 nested lists"),
+        ("c_metadata_not_strings", "codec", "CodecError", BP, "strings to strings", _raw({"__metadata__": {"k": 1}}), "metadata value 1"),
+        ("c_metadata_list", "codec", "CodecError", BP, "strings to strings", _raw({"__metadata__": ["k"]}), "metadata is a list"),
+        *[(f"c_dtype_{n}", "codec", "CodecError", BP, "is not supported", _raw({"x": {**U8, "dtype": v}}, b"\0"), f"dtype {v!r}") for n, v in (
             ("bf16", "BF16"), ("lowercase", "u8"), ("list", ["U8"]), ("object", {"U8": 1}), ("int", 8), ("null", None), ("f8", "F8_E4M3"),
         )],
-        *[(f"c_shape_{n}", "codec", "CodecError", BP, "shape must be", _Raw({"x": {**U8, "shape": v}}, b"\0"), f"shape {v!r}") for n, v in (
+        *[(f"c_shape_{n}", "codec", "CodecError", BP, "shape must be", _raw({"x": {**U8, "shape": v}}, b"\0"), f"shape {v!r}") for n, v in (
             ("negative", [-1]), ("bool", [True]), ("float", [1.0]), ("string", "1"), ("rank9", [1] * 9), ("object", {"0": 1}),
             ("huge_dim", [1 << 62]),
         )],
         ("c_shape_huge_zero_size", "codec", "CodecError", BP, "too large for an array",
-         _Raw({"x": {"dtype": "U8", "shape": [0, 1 << 61, 1 << 61], "data_offsets": [0, 0]}}), "zero-size tensor whose other dims overflow"),
-        *[(f"c_offsets_{n}", "codec", "CodecError", BP, "data_offsets must be", _Raw({"x": {**U8, "data_offsets": v}}, b"\0"), f"data_offsets {v!r}")
+         _raw({"x": {"dtype": "U8", "shape": [0, 1 << 61, 1 << 61], "data_offsets": [0, 0]}}), "zero-size tensor whose other dims overflow"),
+        *[(f"c_offsets_{n}", "codec", "CodecError", BP, "data_offsets must be", _raw({"x": {**U8, "data_offsets": v}}, b"\0"), f"data_offsets {v!r}")
           for n, v in (("reversed", [1, 0]), ("three", [0, 1, 1]), ("negative", [-1, 0]), ("float", [0, 1.0]), ("object", {"b": 0}))],
-        ("c_entry_extra_key", "codec", "CodecError", BP, "exactly dtype", _Raw({"x": {**U8, "x": 1}}, b"\0"), "entry with an extra key"),
-        ("c_entry_missing_key", "codec", "CodecError", BP, "exactly dtype", _Raw({"x": {"dtype": "U8", "shape": [1]}}, b"\0"), "entry without data_offsets"),
-        ("c_entry_not_object", "codec", "CodecError", BP, "exactly dtype", _Raw({"x": 5}, b"\0"), "entry is a number"),
-        ("c_empty_name", "codec", "CodecError", BP, "empty name", _Raw({"": U8}, b"\0"), "tensor named ''"),
+        ("c_entry_extra_key", "codec", "CodecError", BP, "exactly dtype", _raw({"x": {**U8, "x": 1}}, b"\0"), "entry with an extra key"),
+        ("c_entry_missing_key", "codec", "CodecError", BP, "exactly dtype", _raw({"x": {"dtype": "U8", "shape": [1]}}, b"\0"), "entry without data_offsets"),
+        ("c_entry_not_object", "codec", "CodecError", BP, "exactly dtype", _raw({"x": 5}, b"\0"), "entry is a number"),
+        ("c_empty_name", "codec", "CodecError", BP, "empty name", _raw({"": U8}, b"\0"), "tensor named ''"),
         ("c_too_many_tensors", "codec", "PayloadTooLarge", TL, "over the limit 256",
-         _Raw({f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(300)}), "300 empty tensors"),
+         _raw({f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(300)}), "300 empty tensors"),
         # shape / byte mismatches
         ("m_shape_bytes", "codec", "CodecError", BP, "needs 1024 bytes, data_offsets give 12",
-         _Raw({"__metadata__": _Meta("@"), "hidden_states": {"dtype": "F32", "shape": [1, 2, 128], "data_offsets": [0, 12]}}, bytes(12)),
+         _raw({"__metadata__": _meta("@"), "hidden_states": {"dtype": "F32", "shape": [1, 2, 128], "data_offsets": [0, 12]}}, bytes(12)),
          "hidden_states (1, 2, 128) F32 over 12 bytes"),
-        ("m_past_data", "codec", "CodecError", BP, "past the data", _Raw({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)), "16 bytes declared, 8 sent"),
+        ("m_past_data", "codec", "CodecError", BP, "past the data", _raw({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)), "16 bytes declared, 8 sent"),
         ("m_overlap", "codec", "CodecError", BP, "overlaps",
-         _Raw({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, bytes(3)),
+         _raw({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, bytes(3)),
          "two tensors sharing a byte"),
-        ("m_hole", "codec", "CodecError", BP, "leaves a hole", _Raw({"x": {**U8, "data_offsets": [1, 2]}}, bytes(2)), "data starts at byte 1"),
-        ("m_trailing_bytes", "codec", "CodecError", BP, "cover 1", _Raw({"x": U8}, bytes(5)), "4 bytes nobody owns"),
-        ("m_bool_bytes", "codec", "CodecError", BP, "BOOL bytes must be 0 or 1", _Raw({"x": {**U8, "dtype": "BOOL"}}, b"\x07"), "BOOL 7"),
+        ("m_hole", "codec", "CodecError", BP, "leaves a hole", _raw({"x": {**U8, "data_offsets": [1, 2]}}, bytes(2)), "data starts at byte 1"),
+        ("m_trailing_bytes", "codec", "CodecError", BP, "cover 1", _raw({"x": U8}, bytes(5)), "4 bytes nobody owns"),
+        ("m_bool_bytes", "codec", "CodecError", BP, "BOOL bytes must be 0 or 1", _raw({"x": {**U8, "dtype": "BOOL"}}, b"\x07"), "BOOL 7"),
         ("m_truncated_job", "codec", "CodecError", BP, "past the data|cover", lambda jid: job()(jid)[:-10], "valid split job cut by 10 bytes"),
         # zstd
-        ("z_bomb_declared", "codec", "PayloadTooLarge", TL, "declares 16777216 bytes, over the limit", _ZstdZeros(16 << 20, True), "16 MiB of zeros, size declared"),
-        ("z_bomb_undeclared", "codec", "CodecError", BP, "does not declare its content size", _ZstdZeros(16 << 20, False), "16 MiB of zeros, size not declared"),
-        ("z_declares_2_40", "codec", "PayloadTooLarge", TL, "declares 1099511627776 bytes", _ZstdHugeHeader(), "frame header claiming 1 TiB"),
-        ("z_lies_about_size", "codec", "CodecError", BP, "held more|corrupt", _ZstdLying(valid), "frame holding 8 KiB more than it declares"),
+        ("z_bomb_declared", "codec", "PayloadTooLarge", TL, "declares 16777216 bytes, over the limit", _zstd_zeros(16 << 20, True), "16 MiB of zeros, size declared"),
+        ("z_bomb_undeclared", "codec", "CodecError", BP, "does not declare its content size", _zstd_zeros(16 << 20, False), "16 MiB of zeros, size not declared"),
+        ("z_declares_2_40", "codec", "PayloadTooLarge", TL, "declares 1099511627776 bytes", _zstd_huge_header(), "frame header claiming 1 TiB"),
+        ("z_lies_about_size", "codec", "CodecError", BP, "held more|corrupt", _zstd_lying(valid), "frame holding 8 KiB more than it declares"),
         ("z_magic_then_garbage", "codec", "CodecError", BP, "frame header is invalid|corrupt|content size", b"\x28\xb5\x2f\xfd\x00garbage", "zstd magic then garbage"),
         ("z_truncated", "codec", "CodecError", BP, "corrupt|held", compressed_job[:-7], "compressed job cut by 7 bytes"),
         ("z_flipped_byte", "codec", "CodecError", BP, "corrupt|held|not valid|past the data|needs|cover|hole|shorter",
@@ -636,9 +636,9 @@ def JobCases() -> list[dict[str, Any]]:  # noqa: N802
          zstandard.ZstdCompressor(level=3, write_content_size=True).compress(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()),
          "valid frame of 4000 random bytes (a random header length)"),
         # oversize
-        ("o_wire_over_limit", "codec", "PayloadTooLarge", TL, "over the limit", job(tensors={**_Feeds(), "pad": np.zeros(JOB_MAX_PAYLOAD_BYTES, np.uint8)}), "job just over the payload limit"),
+        ("o_wire_over_limit", "codec", "PayloadTooLarge", TL, "over the limit", job(tensors={**_feeds(), "pad": np.zeros(JOB_MAX_PAYLOAD_BYTES, np.uint8)}), "job just over the payload limit"),
         # job header (payload metadata)
-        ("h_no_metadata", "header", "CodecError", BJ, "layout None", PayloadFromTensors(_Feeds()), "tensors without metadata"),
+        ("h_no_metadata", "header", "CodecError", BJ, "layout None", payload_from_tensors(_feeds()), "tensors without metadata"),
         ("h_layout_2", "header", "CodecError", BJ, "layout '2'", job({"layout": "2"}), "layout 2"),
         ("h_no_layout", "header", "CodecError", BJ, "layout None", job({"layout": None}), "no layout"),
         ("h_unknown_key", "header", "CodecError", BJ, "unknown metadata keys", job({"priority": "9"}), "unknown key 'priority'"),
@@ -657,7 +657,7 @@ def JobCases() -> list[dict[str, Any]]:  # noqa: N802
         ("h_logits_unknown", "header", "CodecError", BJ, "logits 'some'", job({"logits": "some"}), "logits 'some'"),
         ("h_result_dtype", "header", "CodecError", BJ, "result_dtype", job({"result_dtype": "float8"}), "result_dtype float8"),
         ("h_session_wildcard", "header", "CodecError", BJ, "session id", job({"session_id": "s/+"}), "session id 's/+'"),
-        ("h_job_id_newline", "header", "CodecError", BJ, "job id", lambda jid: PayloadFromTensors(_Feeds(), _Meta(jid + "\n")), "header job id with a trailing newline"),
+        ("h_job_id_newline", "header", "CodecError", BJ, "job id", lambda jid: payload_from_tensors(_feeds(), _meta(jid + "\n")), "header job id with a trailing newline"),
         ("h_model_hash_upper", "header", "CodecError", BJ, "model_hash", job({"model_hash": "A" * 64}), "upper-case model hash"),
         ("h_model_hash_short", "header", "CodecError", BJ, "model_hash", job({"model_hash": "a" * 63}), "63-digit model hash"),
         ("h_model_hash_wildcard", "header", "CodecError", BJ, "model_hash", job({"model_hash": "#"}), "model hash '#'"),
@@ -677,15 +677,15 @@ def JobCases() -> list[dict[str, Any]]:  # noqa: N802
         ("s_exit_head_missing", "server", None, "unknown_segment", "no segment exit_head@3", job({"segment": "decoder[2:3]", "head": "exit_head@3"}), "exit head the bundle lacks"),
         ("s_answer_exit_unknown", "server", None, "unknown_segment", "exit heads after layers", job(ans(exit_layer="3"), {"image": img}), "answer from exit layer 3"),
         ("s_probe_reply_over_limit", "server", None, "too_large", "reply bytes", job({"kind": "probe", "segment": "", "reply_bytes": str(200 << 20)}, {}), "probe asking 200 MiB"),
-        ("s_wrong_shape", "server", None, "bad_input", "hidden_states", job(tensors={**_Feeds(), "hidden_states": np.ones((1, 2, 7), np.float32)}), "hidden size 7, not 128"),
-        ("s_wrong_dtype", "server", None, "bad_input", "hidden_states", job(tensors={**_Feeds(), "hidden_states": np.ones((1, 2, 128), np.int8)}), "int8 hidden states"),
-        ("s_wrong_rank", "server", None, "bad_input", "hidden_states", job(tensors={**_Feeds(), "hidden_states": np.ones((256,), np.float32)}), "hidden states of rank 1"),
+        ("s_wrong_shape", "server", None, "bad_input", "hidden_states", job(tensors={**_feeds(), "hidden_states": np.ones((1, 2, 7), np.float32)}), "hidden size 7, not 128"),
+        ("s_wrong_dtype", "server", None, "bad_input", "hidden_states", job(tensors={**_feeds(), "hidden_states": np.ones((1, 2, 128), np.int8)}), "int8 hidden states"),
+        ("s_wrong_rank", "server", None, "bad_input", "hidden_states", job(tensors={**_feeds(), "hidden_states": np.ones((256,), np.float32)}), "hidden states of rank 1"),
         ("s_missing_tensor", "server", None, "bad_input", "exactly the tensors", job(tensors={"hidden_states": np.ones((1, 2, 128), np.float32)}), "no position_ids / attention_mask"),
-        ("s_extra_tensor", "server", None, "bad_input", "exactly the tensors", job(tensors={**_Feeds(), "extra": np.zeros(1, np.uint8)}), "an extra tensor"),
-        ("s_mask_length", "server", None, "bad_input", "attention_mask", job(tensors={**_Feeds(), "attention_mask": np.ones((1, 5), np.int64)}), "mask of 5 for 2 tokens"),
-        ("s_session_unknown", "server", None, "session_unknown", "holds no KV session", job({"session_id": "nope", "past_length": "4"}, {**_Feeds(t=1), "attention_mask": np.ones((1, 5), np.int64)}), "decode step of a session nobody holds"),
+        ("s_extra_tensor", "server", None, "bad_input", "exactly the tensors", job(tensors={**_feeds(), "extra": np.zeros(1, np.uint8)}), "an extra tensor"),
+        ("s_mask_length", "server", None, "bad_input", "attention_mask", job(tensors={**_feeds(), "attention_mask": np.ones((1, 5), np.int64)}), "mask of 5 for 2 tokens"),
+        ("s_session_unknown", "server", None, "session_unknown", "holds no KV session", job({"session_id": "nope", "past_length": "4"}, {**_feeds(t=1), "attention_mask": np.ones((1, 5), np.int64)}), "decode step of a session nobody holds"),
         ("s_answer_not_image", "server", None, "bad_input", "cannot decode image", job(ans(), {"image": np.frombuffer(b"GIF89a-nope", np.uint8)}), "answer job, image bytes not an image"),
-        ("s_answer_png_bomb", "server", None, "bad_input", "pixels", job(ans(), {"image": np.frombuffer(_Header65k(), np.uint8)}), "answer job, 65535x65535 PNG header"),
+        ("s_answer_png_bomb", "server", None, "bad_input", "pixels", job(ans(), {"image": np.frombuffer(_header65k(), np.uint8)}), "answer job, 65535x65535 PNG header"),
         ("s_answer_image_2d", "server", None, "bad_input", "image must be", job(ans(), {"image": np.zeros((2, 3), np.uint8)}), "image as a 2-D array"),
         ("s_answer_image_float", "server", None, "bad_input", "image must be", job(ans(), {"image": np.zeros(8, np.float32)}), "image as float32"),
         ("s_answer_wrong_names", "server", None, "bad_input", "answer job takes", job(ans(), {"pixels": np.zeros(8, np.uint8)}), "tensor 'pixels'"),
@@ -695,7 +695,7 @@ def JobCases() -> list[dict[str, Any]]:  # noqa: N802
         ("s_answer_keep_negative", "server", None, "bad_input", "keep indices", job(ans(), {"image_tokens": np.zeros((1, 128), np.float32), "keep": np.array([-1])}), "keep index -1"),
         ("s_answer_keep_duplicates", "server", None, "bad_input", "keep", job(ans(), {"image_tokens": np.zeros((2, 128), np.float32), "keep": np.array([1, 1])}), "keep index 1 twice"),
         ("s_answer_question_placeholder", "server", None, "bad_input", "placeholder", job(ans(question="what is <image>?"), {"image": img}), "question with the image placeholder"),
-        ("s_job_id_mismatch", "server", None, "bad_job", "differs from CorrelationData", lambda jid: PayloadFromTensors(_Feeds(), _Meta("someone-else")), "header job id differs from CorrelationData"),
+        ("s_job_id_mismatch", "server", None, "bad_job", "differs from CorrelationData", lambda jid: payload_from_tensors(_feeds(), _meta("someone-else")), "header job id differs from CorrelationData"),
     ]
     # fmt: on
     out = []
@@ -721,7 +721,7 @@ def JobCases() -> list[dict[str, Any]]:  # noqa: N802
         ("d_response_topic_hash", "ResponseTopic with #", "JOB", "REPLY/#"),
     )):  # fmt: skip
         jid = f"corpus-drop-{k}"
-        out.append({"name": name, "file": f"{name}.safetensors", "what": what, "data": PayloadFromTensors(_Feeds(), _Meta(jid)),
+        out.append({"name": name, "file": f"{name}.safetensors", "what": what, "data": payload_from_tensors(_feeds(), _meta(jid)),
                     "stage": "properties", "job_id": jid, "drop": True, "correlation_hex": jid.encode().hex() if corr == "JOB" else corr,
                     "response_topic": topic, "match": "no ResponseTopic or no valid CorrelationData", "needs_model_hash": True})  # fmt: skip
     return out
@@ -730,7 +730,7 @@ def JobCases() -> list[dict[str, Any]]:  # noqa: N802
 # -- chunks of chunked messages ----------------------------------------------------------------
 
 
-def ChunkCases() -> list[dict[str, Any]]:  # noqa: N802
+def chunk_cases() -> list[dict[str, Any]]:
     """Chunk sequences (msao-chunk property + size); the chunk at ``fail_at`` is refused, those before it accepted."""
     lim = JOB_MAX_PAYLOAD_BYTES
     # fmt: off
@@ -768,7 +768,7 @@ def ChunkCases() -> list[dict[str, Any]]:  # noqa: N802
 # -- ids and topics ---------------------------------------------------------------------------
 
 
-def TopicCases() -> list[dict[str, Any]]:  # noqa: N802
+def topic_cases() -> list[dict[str, Any]]:
     ids = [("empty", ""), ("plus", "a+b"), ("hash", "a#"), ("lone_plus", "+"), ("lone_hash", "#"), ("slash", "a/b"), ("dotdot", ".."),
            ("dot_dot_inside", "a..b"), ("traversal", "../x"), ("dollar", "$SYS"), ("space", "a b"), ("too_long", "x" * 65),
            ("newline", "id\n"), ("crlf", "id\r\n"), ("nul", "\u0000"), ("accent", "\u00e4"), ("fullwidth", "\uff49\uff44"), ("dot", "a.b"),
@@ -794,14 +794,14 @@ def TopicCases() -> list[dict[str, Any]]:  # noqa: N802
 # -- writing ------------------------------------------------------------------------------------
 
 PARSERS = {
-    "edge_request": "MqttIntake._parse: RequestFromJson when the payload starts with '{', else RequestFromRawImage (stage decode: "
-    "then DecodeImage; stage serve: then the runtime's prompt check)",
-    "http_chat": "http_api._RequestFromChat (raises _Refusal with a code; stage decode: then DecodeImage)",
+    "edge_request": "MqttIntake._parse: request_from_json when the payload starts with '{', else request_from_raw_image (stage decode: "
+    "then decode_image; stage serve: then the runtime's prompt check)",
+    "http_chat": "http_api._request_from_chat (raises _Refusal with a code; stage decode: then decode_image)",
     "http_raw": "the HTTP intake's request line, header and body handling (no in-process parser: live test only)",
-    "image": "msao.engines.images.DecodeImage",
-    "job": "TensorsFromPayload then JobHeader.from_metadata (stage server: the worker refuses it; stage properties: its MQTT properties)",
+    "image": "msao.engines.images.decode_image",
+    "job": "tensors_from_payload then JobHeader.from_metadata (stage server: the worker refuses it; stage properties: its MQTT properties)",
     "chunk": "ChunkHeader.from_property then Reassembler.add",
-    "topic": "CheckId (id), JobTopic (hash), ResponseTopicProblem (response_topic)",
+    "topic": "check_id (id), job_topic (hash), response_topic_problem (response_topic)",
 }
 WIRE = {
     "edge_request": "published to msao/v1/edge/<id>/request; answered with status error and error_code = code",
@@ -816,10 +816,10 @@ WIRE = {
 }
 
 
-def MakeCorpus(root: Path = CORPUS_DIR) -> dict[str, int]:  # noqa: N802
+def write_corpus(root: Path = CORPUS_DIR) -> dict[str, int]:
     """Rewrite every target folder under ``root``; return the number of cases per target."""
-    builders = {"edge_request": EdgeRequestCases, "http_chat": HttpChatCases, "http_raw": HttpRawCases, "image": ImageCases,
-                "job": JobCases, "chunk": ChunkCases, "topic": TopicCases}  # fmt: skip
+    builders = {"edge_request": edge_request_cases, "http_chat": http_chat_cases, "http_raw": http_raw_cases, "image": image_cases,
+                "job": job_cases, "chunk": chunk_cases, "topic": topic_cases}  # fmt: skip
     assert tuple(builders) == TARGETS
     counts = {}
     for target, build in builders.items():
@@ -846,7 +846,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=CORPUS_DIR, help="root folder (default: tests/corpus)")
     args = ap.parse_args()
-    counts = MakeCorpus(args.out)
+    counts = write_corpus(args.out)
     total_bytes = sum(f.stat().st_size for t in TARGETS for f in (args.out / t).iterdir())
     print(
         f"{sum(counts.values())} cases, {total_bytes / 1024:.0f} KiB under {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())

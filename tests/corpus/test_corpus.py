@@ -13,19 +13,19 @@ import pytest
 
 import msao.errors as errors
 from msao.cloud_bridge.chunking import ChunkHeader, Reassembler
-from msao.cloud_bridge.codec import CodecLimits, TensorsFromPayload
+from msao.cloud_bridge.codec import CodecLimits, tensors_from_payload
 from msao.cloud_bridge.messages import JobHeader
-from msao.cloud_bridge.topics import CheckId, JobTopic
-from msao.cloud_bridge.worker import _JobId
-from msao.edge_runtime.http_api import _STATUS, HttpOptions, _Refusal, _RequestFromChat
-from msao.edge_runtime.mqtt_intake import _JSON_START, ResponseTopicProblem
-from msao.edge_runtime.requests import ERROR_CODES, EdgeRequest, RequestFromJson, RequestFromRawImage, RequestLimits
-from msao.engines.images import DecodeImage
-from tests.corpus.corpus import CORPUS_DIR, JOB_MAX_PAYLOAD_BYTES, REQUEST_MAX_PAYLOAD_BYTES, TARGETS, Case, LoadCases, LoadManifest
+from msao.cloud_bridge.topics import check_id, job_topic
+from msao.cloud_bridge.worker import _job_id
+from msao.edge_runtime.http_api import _STATUS, HttpOptions, _Refusal, _request_from_chat
+from msao.edge_runtime.mqtt_intake import _JSON_START, response_topic_problem
+from msao.edge_runtime.requests import ERROR_CODES, EdgeRequest, RequestLimits, request_from_json, request_from_raw_image
+from msao.engines.images import decode_image
+from tests.corpus.corpus import CORPUS_DIR, JOB_MAX_PAYLOAD_BYTES, REQUEST_MAX_PAYLOAD_BYTES, TARGETS, Case, load_cases, load_manifest
 
 LIMITS = RequestLimits(max_payload_bytes=REQUEST_MAX_PAYLOAD_BYTES)
 CODEC_LIMITS = CodecLimits(max_payload_bytes=JOB_MAX_PAYLOAD_BYTES)
-CASES = {t: LoadCases(t) for t in TARGETS}
+CASES = {t: load_cases(t) for t in TARGETS}
 
 
 def _params(target: str) -> list:
@@ -38,11 +38,11 @@ def _matches(case: Case, message: str) -> None:
     assert re.search(case["match"], message, re.IGNORECASE), f"{case.id}: {message[:300]!r} does not match {case['match']!r}"
 
 
-def ParseEdgeRequest(payload: bytes, properties: dict[str, str]) -> EdgeRequest:  # noqa: N802
+def parse_edge_request(payload: bytes, properties: dict[str, str]) -> EdgeRequest:
     """What ``MqttIntake._parse`` does with a message: JSON when it starts with '{', else a raw image."""
     if _JSON_START.match(payload):
-        return RequestFromJson(payload, LIMITS)
-    return RequestFromRawImage(payload, properties, LIMITS)
+        return request_from_json(payload, LIMITS)
+    return request_from_raw_image(payload, properties, LIMITS)
 
 
 # -- the corpus itself -------------------------------------------------------------------------
@@ -62,16 +62,16 @@ def test_corpus_stays_small():
 
 
 def test_generator_is_deterministic_and_matches_the_committed_manifests(tmp_path):
-    from tests.corpus.make_corpus import MakeCorpus
+    from tests.corpus.make_corpus import write_corpus
 
-    MakeCorpus(tmp_path / "a")
-    MakeCorpus(tmp_path / "b")
+    write_corpus(tmp_path / "a")
+    write_corpus(tmp_path / "b")
     for t in TARGETS:
         files = sorted(p.name for p in (tmp_path / "a" / t).iterdir())
         assert files == sorted(p.name for p in (tmp_path / "b" / t).iterdir())
         assert all((tmp_path / "a" / t / f).read_bytes() == (tmp_path / "b" / t / f).read_bytes() for f in files), t
         # the committed manifests are what the generator writes (file bytes may differ with the Pillow/zlib build)
-        assert LoadManifest(t, tmp_path / "a") == LoadManifest(t), f"{t}: run `python -m tests.corpus.make_corpus`"
+        assert load_manifest(t, tmp_path / "a") == load_manifest(t), f"{t}: run `python -m tests.corpus.make_corpus`"
         assert files == sorted(p.name for p in (CORPUS_DIR / t).iterdir()), f"{t}: run `python -m tests.corpus.make_corpus`"
 
 
@@ -84,14 +84,14 @@ def test_edge_request_is_refused_with_a_typed_error(case: Case):
     assert case["code"] in ERROR_CODES
     if case["stage"] == "parse":
         with pytest.raises(errors.RequestError) as info:
-            ParseEdgeRequest(case.data, props)
+            parse_edge_request(case.data, props)
         assert info.value.code == case["code"], f"{case.id}: code {info.value.code}: {info.value}"
         _matches(case, str(info.value))
         return
-    request = ParseEdgeRequest(case.data, props)  # found later: by the worker's decoder, or the prompt check (live test)
+    request = parse_edge_request(case.data, props)  # found later: by the worker's decoder, or the prompt check (live test)
     if case["stage"] == "decode":
         with pytest.raises(errors.ImageError) as img:
-            DecodeImage(request.image)
+            decode_image(request.image)
         _matches(case, str(img.value))
 
 
@@ -102,14 +102,14 @@ def test_edge_request_is_refused_with_a_typed_error(case: Case):
 def test_http_chat_body_is_refused_with_a_typed_error(case: Case):
     if case["stage"] == "parse":
         with pytest.raises(_Refusal) as info:  # the HTTP intake's typed refusal: code -> status + OpenAI error
-            _RequestFromChat(case.data, LIMITS, HttpOptions(), "corpus")
+            _request_from_chat(case.data, LIMITS, HttpOptions(), "corpus")
         assert info.value.code == case["code"] and _STATUS[info.value.code][0] == case["status"], f"{case.id}: {info.value.code}"
         _matches(case, str(info.value))
         return
-    request = _RequestFromChat(case.data, LIMITS, HttpOptions(), "corpus")
+    request = _request_from_chat(case.data, LIMITS, HttpOptions(), "corpus")
     if case["stage"] == "decode":
         with pytest.raises(errors.ImageError) as img:
-            DecodeImage(request.image)
+            decode_image(request.image)
         _matches(case, str(img.value))
 
 
@@ -119,7 +119,7 @@ def test_http_chat_body_is_refused_with_a_typed_error(case: Case):
 @pytest.mark.parametrize("case", _params("image"))
 def test_image_is_refused_with_an_image_error(case: Case):
     with pytest.raises(errors.ImageError) as info:
-        DecodeImage(case.data)
+        decode_image(case.data)
     _matches(case, str(info.value))
 
 
@@ -132,11 +132,11 @@ def test_job_is_refused_with_a_typed_error(case: Case):
     if stage == "codec":
         cls = getattr(errors, case["error"])
         with pytest.raises(cls) as info:
-            TensorsFromPayload(case.data, CODEC_LIMITS)
+            tensors_from_payload(case.data, CODEC_LIMITS)
         assert case["code"] == ("too_large" if isinstance(info.value, errors.PayloadTooLarge) else "bad_payload"), case.id
         _matches(case, str(info.value))
         return
-    payload = TensorsFromPayload(case.data, CODEC_LIMITS)
+    payload = tensors_from_payload(case.data, CODEC_LIMITS)
     if stage == "header":
         with pytest.raises(errors.CodecError) as info:
             JobHeader.from_metadata(payload.metadata)
@@ -148,7 +148,7 @@ def test_job_is_refused_with_a_typed_error(case: Case):
     if stage == "properties":
         corr = case["correlation_hex"]
         topic = case["response_topic"]
-        assert corr is None or _JobId(bytes.fromhex(corr)) is None or topic is None or ResponseTopicProblem(topic), case.id
+        assert corr is None or _job_id(bytes.fromhex(corr)) is None or topic is None or response_topic_problem(topic), case.id
 
 
 # -- chunks ---------------------------------------------------------------------------------------
@@ -177,17 +177,17 @@ def test_id_hash_or_response_topic_is_refused(case: Case):
     value = case["value"]
     if case["kind"] == "id":
         with pytest.raises(errors.ConfigError) as info:
-            CheckId(value, "id")
+            check_id(value, "id")
         _matches(case, str(info.value))
-        assert _JobId(value.encode("utf-8")) is None  # as a job's CorrelationData: dropped
+        assert _job_id(value.encode("utf-8")) is None  # as a job's CorrelationData: dropped
         if value:  # "" means "no id given" to the intake, which then takes the transport's id or makes one
             with pytest.raises(errors.RequestError, match="request id"):
-                RequestFromJson(json.dumps({"question": "q?", "image": "iVBORw0K", "request_id": value}).encode(), LIMITS)
+                request_from_json(json.dumps({"question": "q?", "image": "iVBORw0K", "request_id": value}).encode(), LIMITS)
     elif case["kind"] == "hash":
         with pytest.raises(errors.ConfigError) as info:
-            JobTopic(value)
+            job_topic(value)
         _matches(case, str(info.value))
     else:
-        problem = ResponseTopicProblem(value)
+        problem = response_topic_problem(value)
         assert problem, f"{case.id}: ResponseTopic {value!r} accepted"
         _matches(case, problem)

@@ -5,21 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msao.datasets.streams import StreamFromSplit, StreamOptions
+from msao.datasets.streams import StreamOptions, stream_from_split
 from msao.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
 def stream(easyvqa_test):
-    return StreamFromSplit(easyvqa_test, StreamOptions(scenes=12, seed=5))
+    return stream_from_split(easyvqa_test, StreamOptions(scenes=12, seed=5))
 
 
 def test_same_seed_same_stream(easyvqa_test, stream):
-    again = StreamFromSplit(easyvqa_test, StreamOptions(scenes=12, seed=5))
+    again = stream_from_split(easyvqa_test, StreamOptions(scenes=12, seed=5))
     assert len(again) == len(stream)
     for a, b in zip(stream.frames, again.frames):
         assert (a.image_id, a.shift, a.question) == (b.image_id, b.shift, b.question) and np.array_equal(a.pixels, b.pixels)
-    other = StreamFromSplit(easyvqa_test, StreamOptions(scenes=12, seed=6))
+    other = stream_from_split(easyvqa_test, StreamOptions(scenes=12, seed=6))
     assert [f.image_id for f in other.frames] != [f.image_id for f in stream.frames]
 
 
@@ -56,4 +56,4 @@ def test_bad_options_are_refused_with_every_problem(easyvqa_test):
     with pytest.raises(ConfigError, match="min_frames <= max_frames.*question_prob"):
         StreamOptions(min_frames=5, max_frames=2, question_prob=1.5)
     with pytest.raises(ConfigError, match="2000 scenes asked, the test split has 1000 images"):
-        StreamFromSplit(easyvqa_test, StreamOptions(scenes=2000))
+        stream_from_split(easyvqa_test, StreamOptions(scenes=2000))

@@ -18,18 +18,18 @@ from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.edge_runtime.scheduler import SchedulerOptions
-from msao.engines.flops import RequestFlops
-from tests.mqtt_parts import StartBroker, StartWorkers, StopAll, WaitOnline
+from msao.engines.flops import request_flops
+from tests.mqtt_parts import start_broker, start_workers, stop_all, wait_online
 
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory, cloud_bundle_dir: Path):
     root = tmp_path_factory.mktemp("collab")
-    broker = StartBroker(root / "broker")
-    workers = StartWorkers(broker, cloud_bundle_dir, root, count=1)
+    broker = start_broker(root / "broker")
+    workers = start_workers(broker, cloud_bundle_dir, root, count=1)
     proxy = ShapingProxy("127.0.0.1", broker.port).start()
     yield broker, workers, proxy, root
-    StopAll(workers)
+    stop_all(workers)
     proxy.stop()
     broker.stop()
 
@@ -39,7 +39,7 @@ def link(cloud):
     broker, workers, proxy, _ = cloud
     edge_id = "edge-" + uuid.uuid4().hex[:8]
     lk = CloudLink(LinkOptions(edge_id, ClientOptions(f"mqtt://127.0.0.1:{proxy.port}", f"msao-{edge_id}", keepalive_s=5))).start()
-    WaitOnline(lk, workers)
+    wait_online(lk, workers)
     yield lk
     lk.close()
 
@@ -70,7 +70,7 @@ def test_cloud_only_answers_in_the_cloud_exactly_as_the_large_model_does_here(ru
         assert r.answer == here.text
         assert r.bytes_up >= len(easyvqa_test.image_pngs[easyvqa_test.image_ids[i]]) and r.bytes_down > 0
         assert r.timings_ms["cloud"] > 0
-        total = RequestFlops(large.manifest, image_tokens=64, text_tokens=here.text_tokens, new_tokens=len(here.token_ids))
+        total = request_flops(large.manifest, image_tokens=64, text_tokens=here.text_tokens, new_tokens=len(here.token_ids))
         assert (r.flops_edge, r.flops_cloud) == (0, total)  # cloud_only: the raw image goes up, nothing runs here
 
 
@@ -86,7 +86,7 @@ def test_static_split_ships_layer_k_hidden_states_and_agrees_with_the_large_mode
         d, tokens = large.manifest.model.hidden_size, large.n_tokens
         assert r.bytes_up >= tokens * d * 2  # fp16 hidden states of every prompt token crossed the link
         whole = large.answer(large.prepare(rgb, easyvqa_test.questions[i], analyse=False), easyvqa_test.questions[i])
-        total = RequestFlops(large.manifest, image_tokens=64, text_tokens=whole.text_tokens, new_tokens=len(whole.token_ids))
+        total = request_flops(large.manifest, image_tokens=64, text_tokens=whole.text_tokens, new_tokens=len(whole.token_ids))
         assert r.flops_edge + r.flops_cloud == total and r.flops_edge > 0 and r.flops_cloud > 0  # the split shares the work
     assert agree == 5  # fp16 transport of hidden states does not change these answers
 
@@ -111,14 +111,14 @@ def test_real_transfers_teach_the_link_estimate(runtime):
 def test_a_worker_killed_mid_request_is_answered_on_the_edge_within_the_deadline(
     models, calibration, tmp_path, cloud_bundle_dir, easyvqa_test
 ):
-    broker = StartBroker(tmp_path / "broker")  # its only worker is the one this test kills
-    (worker,) = StartWorkers(broker, cloud_bundle_dir, tmp_path, count=1)
+    broker = start_broker(tmp_path / "broker")  # its only worker is the one this test kills
+    (worker,) = start_workers(broker, cloud_bundle_dir, tmp_path, count=1)
     edge_id = "edge-" + uuid.uuid4().hex[:8]
     slow = ShapingProxy("127.0.0.1", broker.port, LinkShape(delay_ms=0)).start()
     lk = CloudLink(LinkOptions(edge_id, ClientOptions(f"mqtt://127.0.0.1:{slow.port}", f"msao-{edge_id}", keepalive_s=5))).start()
     rt = EdgeRuntime(*models, lk, calibration, RuntimeOptions(workers=1, probe_interval_s=0, profile_at_start=False))
     try:
-        WaitOnline(lk, [worker])
+        wait_online(lk, [worker])
         rt.start()
         slow.set_shape(LinkShape(delay_ms=300))  # the job needs 300 ms to reach the broker: time to kill the worker
         results = []
@@ -140,7 +140,7 @@ def test_a_worker_killed_mid_request_is_answered_on_the_edge_within_the_deadline
 
 
 def test_with_no_worker_on_the_broker_a_cloud_plan_falls_back_within_the_deadline(models, calibration, tmp_path, easyvqa_test):
-    empty = StartBroker(tmp_path / "empty")
+    empty = start_broker(tmp_path / "empty")
     edge_id = "edge-" + uuid.uuid4().hex[:8]
     lk = CloudLink(LinkOptions(edge_id, ClientOptions(empty.url, f"msao-{edge_id}"))).start()
     rt = EdgeRuntime(*models, lk, calibration, RuntimeOptions(workers=1, probe_interval_s=0, profile_at_start=False)).start()
@@ -166,7 +166,7 @@ def test_a_slow_link_is_measured_and_with_accuracy_no_object_work_stays_local(mo
     options = RuntimeOptions(workers=1, probe_interval_s=0, scheduler=SchedulerOptions(accuracy_slack=1.0))
     rt = EdgeRuntime(*models, lk, calibration, options).start()
     try:
-        WaitOnline(lk, workers)
+        wait_online(lk, workers)
         lk.probe(models[1].manifest.model_hash, 1024, deadline_s=5)  # the estimate learns the 400 ms RTT
         assert rt.link_estimate.snapshot().rtt_ms > 300
         for i in range(3):

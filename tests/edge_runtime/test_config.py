@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from msao.edge_runtime.config import ConfigToToml, EdgeConfig, EnvBool, EnvName, LoadEdgeConfig
+from msao.edge_runtime.config import EdgeConfig, config_to_toml, env_bool, env_name, load_edge_config
 from msao.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,29 +16,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("text", ["1", "true", "TRUE", " yes ", "On"])
 def test_env_bool_reads_true(text):
-    assert EnvBool(text) is True
+    assert env_bool(text) is True
 
 
 @pytest.mark.parametrize("text", ["0", "false", "No", "off", ""])
 def test_env_bool_reads_false(text):
-    assert EnvBool(text) is False
+    assert env_bool(text) is False
 
 
 @pytest.mark.parametrize("text", ["2", "maybe", "truee", "-1"])
 def test_env_bool_refuses_anything_else(text):
     with pytest.raises(ConfigError, match="not a boolean"):
-        EnvBool(text, "MSAO_X")
+        env_bool(text, "MSAO_X")
 
 
 def test_defaults_need_no_file_no_environment_no_flags():
-    assert LoadEdgeConfig(None, env={}) == EdgeConfig()
+    assert load_edge_config(None, env={}) == EdgeConfig()
 
 
 def test_flags_beat_environment_which_beats_the_file(tmp_path):
     f = tmp_path / "edge.toml"
     f.write_text('[edge]\nedge_id = "from-file"\nthreads = 3\n[runtime]\nworkers = 4\n[runtime.scheduler]\npolicy = "edge_only"\n')
     env = {"MSAO_EDGE_EDGE_ID": "from-env", "MSAO_RUNTIME_WORKERS": "5"}
-    c = LoadEdgeConfig(f, env=env, flags={"edge.edge_id": "from-flag", "runtime.queue_size": None})
+    c = load_edge_config(f, env=env, flags={"edge.edge_id": "from-flag", "runtime.queue_size": None})
     assert c.edge.edge_id == "from-flag"  # flag over env over file
     assert c.runtime.workers == 5  # env over file
     assert c.edge.threads == 3 and c.runtime.scheduler.policy == "edge_only"  # file over defaults
@@ -46,16 +46,16 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path):
 
 
 def test_every_key_has_one_environment_name():
-    assert EnvName(("runtime", "scheduler", "keep_ratios")) == "MSAO_RUNTIME_SCHEDULER_KEEP_RATIOS"
-    c = LoadEdgeConfig(None, env={"MSAO_RUNTIME_SCHEDULER_KEEP_RATIOS": "1, 0.5", "MSAO_RUNTIME_MAS_ALWAYS": "yes"})
+    assert env_name(("runtime", "scheduler", "keep_ratios")) == "MSAO_RUNTIME_SCHEDULER_KEEP_RATIOS"
+    c = load_edge_config(None, env={"MSAO_RUNTIME_SCHEDULER_KEEP_RATIOS": "1, 0.5", "MSAO_RUNTIME_MAS_ALWAYS": "yes"})
     assert c.runtime.scheduler.keep_ratios == (1.0, 0.5) and c.runtime.mas_always is True
 
 
 def test_print_config_output_loads_back_to_the_same_config(tmp_path):
-    c = LoadEdgeConfig(None, env={"MSAO_BROKER_URL": "mqtt://10.0.0.2:1883", "MSAO_RUNTIME_SCHEDULER_ACCURACY_SLACK": "0.02"})
+    c = load_edge_config(None, env={"MSAO_BROKER_URL": "mqtt://10.0.0.2:1883", "MSAO_RUNTIME_SCHEDULER_ACCURACY_SLACK": "0.02"})
     f = tmp_path / "printed.toml"
-    f.write_text(ConfigToToml(c))
-    assert LoadEdgeConfig(f, env={}) == c
+    f.write_text(config_to_toml(c))
+    assert load_edge_config(f, env={}) == c
 
 
 @pytest.mark.parametrize(
@@ -75,19 +75,19 @@ def test_bad_files_are_refused_with_what_and_where(tmp_path, toml, message):
     f = tmp_path / "bad.toml"
     f.write_text(toml)
     with pytest.raises(ConfigError, match=message):
-        LoadEdgeConfig(f, env={})
+        load_edge_config(f, env={})
 
 
 def test_bad_environment_values_name_the_variable():
     with pytest.raises(ConfigError, match="MSAO_RUNTIME_QUEUE_SIZE"):
-        LoadEdgeConfig(None, env={"MSAO_RUNTIME_QUEUE_SIZE": "lots"})
+        load_edge_config(None, env={"MSAO_RUNTIME_QUEUE_SIZE": "lots"})
 
 
 def test_the_password_is_never_a_config_key(tmp_path):
     f = tmp_path / "pw.toml"
     f.write_text('[broker]\npassword = "hunter2"\n')
     with pytest.raises(ConfigError, match="unknown key 'broker.password'"):
-        LoadEdgeConfig(f, env={})
+        load_edge_config(f, env={})
 
 
 def test_msao_edge_print_config_merges_flags_and_environment(tmp_path):

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from bench.shaping_proxy import LinkShape, ShapingProxy
-from bench.throttle import CpuThrottle, ThrottleUnavailableReason
+from bench.throttle import CpuThrottle, throttle_unavailable_reason
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.edge_runtime.edge_client import EdgeClient
 from tests.daemon_process import Daemon
-from tests.mqtt_parts import FreePort, StartBroker, StartWorkers, StopAll
+from tests.mqtt_parts import free_port, start_broker, start_workers, stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 EDGE_SHARE = 0.2  # the daemon gets a fifth of a core: about 5x slower than the unthrottled worker
@@ -32,15 +32,15 @@ EDGE_SHARE = 0.2  # the daemon gets a fifth of a core: about 5x slower than the 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, cloud_bundle_dir: Path):
-    reason = ThrottleUnavailableReason()
+    reason = throttle_unavailable_reason()
     if reason:
         pytest.skip(f"the daemon tests throttle the edge with a cgroup: {reason}")
     root = tmp_path_factory.mktemp("daemon")
-    broker = StartBroker(root / "broker")
-    workers = StartWorkers(broker, cloud_bundle_dir, root, count=1)
+    broker = start_broker(root / "broker")
+    workers = start_workers(broker, cloud_bundle_dir, root, count=1)
     proxy = ShapingProxy("127.0.0.1", broker.port).start()
     edge_id = "jetson-" + uuid.uuid4().hex[:6]
-    http_port = FreePort()
+    http_port = free_port()
     env = {**os.environ, "MSAO_RUNTIME_PROBE_INTERVAL_S": "1", "MSAO_RUNTIME_WORKERS": "1"}
     # The large model on both sides: every plan is equally accurate, so placement is decided by
     # latency alone, which is what this module tests (docs/scheduler.md).
@@ -57,7 +57,7 @@ def setup(tmp_path_factory, cloud_bundle_dir: Path):
         finally:
             client.close()
             daemon.stop()
-            StopAll(workers)
+            stop_all(workers)
             proxy.stop()
             broker.stop()
 

@@ -34,11 +34,11 @@ def intake(runtime):
         yield h
 
 
-def DataUri(png: bytes) -> str:  # noqa: N802
+def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def ChatBody(question: str, image_url, **extra) -> dict:  # noqa: N802
+def chat_body(question: str, image_url, **extra) -> dict:
     content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": image_url}]
     return {
         "model": "msao",
@@ -47,7 +47,7 @@ def ChatBody(question: str, image_url, **extra) -> dict:  # noqa: N802
     }
 
 
-def Call(h: HttpIntake, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):  # noqa: N802
+def http_call(h: HttpIntake, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
     """(status, headers, parsed JSON or text) from one real HTTP exchange."""
     conn = http.client.HTTPConnection("127.0.0.1", h.port, timeout=15)
     try:
@@ -61,7 +61,7 @@ def Call(h: HttpIntake, method: str, path: str, body: bytes | dict | None = None
         conn.close()
 
 
-def RawExchange(h: HttpIntake, head: bytes, timeout_s: float = 5.0) -> tuple[int, dict, float]:  # noqa: N802
+def raw_exchange(h: HttpIntake, head: bytes, timeout_s: float = 5.0) -> tuple[int, dict, float]:
     """Send ``head`` on a bare socket (no body follows) and read the answer: (status, JSON, seconds)."""
     t0 = time.monotonic()
     with socket.create_connection(("127.0.0.1", h.port), timeout=timeout_s) as s:
@@ -73,7 +73,7 @@ def RawExchange(h: HttpIntake, head: bytes, timeout_s: float = 5.0) -> tuple[int
     return int(head_text.split()[1]), json.loads(payload), time.monotonic() - t0
 
 
-def ColourQuestions(ds, n: int) -> list[int]:  # noqa: N802
+def colour_questions(ds, n: int) -> list[int]:
     return [i for i, q in enumerate(ds.questions) if q in COLOUR_QUESTIONS][:n]
 
 
@@ -91,8 +91,8 @@ def assert_error(status: int, body: dict, want_status: int, want_code: str, matc
 
 def test_answers_easyvqa_colour_questions_with_the_dataset_answer(intake, easyvqa_test):
     ds = easyvqa_test
-    for i in ColourQuestions(ds, 4):
-        status, _, body = Call(intake, "POST", CHAT, ChatBody(ds.questions[i], {"url": DataUri(ds.image_pngs[ds.image_ids[i]])}))
+    for i in colour_questions(ds, 4):
+        status, _, body = http_call(intake, "POST", CHAT, chat_body(ds.questions[i], {"url": data_uri(ds.image_pngs[ds.image_ids[i]])}))
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == ds.answers[i], (ds.questions[i], body["msao"])
 
@@ -102,7 +102,7 @@ def test_http_answer_equals_the_runtime_answer_for_the_same_request(intake, runt
     for i in range(8):
         png, q = ds.image_pngs[ds.image_ids[i]], ds.questions[i]
         reference = runtime.answer(EdgeRequest(f"ref{i}", q, png, policy="edge_only"))
-        status, _, body = Call(intake, "POST", CHAT, ChatBody(q, DataUri(png), msao={"policy": "edge_only"}))  # image_url as a plain string
+        status, _, body = http_call(intake, "POST", CHAT, chat_body(q, data_uri(png), msao={"policy": "edge_only"}))  # image_url as a plain string
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == reference.answer
         assert body["msao"]["confidence"] == pytest.approx(reference.confidence, abs=1e-4)
@@ -110,11 +110,11 @@ def test_http_answer_equals_the_runtime_answer_for_the_same_request(intake, runt
 
 def test_response_has_the_openai_shape_and_the_msao_extension(intake, easyvqa_test):
     ds = easyvqa_test
-    i = ColourQuestions(ds, 1)[0]
-    body = ChatBody(ds.questions[i], {"url": DataUri(ds.image_pngs[ds.image_ids[i]]), "detail": "low"}, max_tokens=8, temperature=0)
+    i = colour_questions(ds, 1)[0]
+    body = chat_body(ds.questions[i], {"url": data_uri(ds.image_pngs[ds.image_ids[i]]), "detail": "low"}, max_tokens=8, temperature=0)
     body["msao"] = {"request_id": "cam7-frame-42", "deadline_ms": 20000, "stream": "cam7"}
     t0 = int(time.time())
-    status, resp, out = Call(intake, "POST", CHAT, body)
+    status, resp, out = http_call(intake, "POST", CHAT, body)
     assert status == 200, out
     assert resp.getheader("Content-Type") == "application/json"
     assert resp.getheader("X-Request-Id") == "cam7-frame-42"
@@ -135,50 +135,50 @@ def test_response_has_the_openai_shape_and_the_msao_extension(intake, easyvqa_te
 
 def test_string_content_without_an_image_is_refused_with_400(intake, runtime):
     before = runtime.metrics.rejected.value(code="bad_image")
-    status, _, body = Call(intake, "POST", CHAT, {"messages": [{"role": "user", "content": "what color is the shape?"}]})
+    status, _, body = http_call(intake, "POST", CHAT, {"messages": [{"role": "user", "content": "what color is the shape?"}]})
     assert_error(status, body, 400, "bad_image", "image_url content part")
     assert runtime.metrics.rejected.value(code="bad_image") == before + 1
 
 
 def test_http_image_url_is_refused_because_msao_never_fetches(intake):
-    status, _, body = Call(intake, "POST", CHAT, ChatBody("what color is the shape?", {"url": "https://example.com/cat.png"}))
+    status, _, body = http_call(intake, "POST", CHAT, chat_body("what color is the shape?", {"url": "https://example.com/cat.png"}))
     assert_error(status, body, 400, "bad_image", "never fetches URLs")
 
 
 def test_two_images_are_refused(intake, easyvqa_test):
-    uri = DataUri(easyvqa_test.image_pngs[0])
-    body = ChatBody("what color is the shape?", uri)
+    uri = data_uri(easyvqa_test.image_pngs[0])
+    body = chat_body("what color is the shape?", uri)
     body["messages"][-1]["content"].append({"type": "image_url", "image_url": uri})
-    assert_error(*Call(intake, "POST", CHAT, body)[::2], 400, "bad_image", "one image")
+    assert_error(*http_call(intake, "POST", CHAT, body)[::2], 400, "bad_image", "one image")
 
 
 def test_body_that_is_not_json_is_refused(intake):
-    status, _, body = Call(intake, "POST", CHAT, b"question=what+color", {"Content-Type": "application/json"})
+    status, _, body = http_call(intake, "POST", CHAT, b"question=what+color", {"Content-Type": "application/json"})
     assert_error(status, body, 400, "bad_request", "not JSON")
 
 
 def test_body_that_is_not_utf8_is_refused(intake):
-    status, _, body = Call(intake, "POST", CHAT, b'{"messages": "\xff\xfe"}')
+    status, _, body = http_call(intake, "POST", CHAT, b'{"messages": "\xff\xfe"}')
     assert_error(status, body, 400, "bad_request", "UTF-8")
 
 
 def test_stream_true_is_refused(intake, easyvqa_test):
-    status, _, body = Call(intake, "POST", CHAT, ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0]), stream=True))
+    status, _, body = http_call(intake, "POST", CHAT, chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]), stream=True))
     assert_error(status, body, 400, "bad_request", "streaming is not supported; send stream=false")
 
 
 def test_unknown_msao_keys_are_refused(intake, easyvqa_test):
-    body = ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0]), msao={"deadline": 5})
-    assert_error(*Call(intake, "POST", CHAT, body)[::2], 400, "bad_request", "unknown 'msao' keys")
+    body = chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]), msao={"deadline": 5})
+    assert_error(*http_call(intake, "POST", CHAT, body)[::2], 400, "bad_request", "unknown 'msao' keys")
 
 
 def test_deeply_nested_json_is_refused(intake):
-    status, _, body = Call(intake, "POST", CHAT, b'{"messages": ' + b"[" * 50 + b"]" * 50 + b"}")
+    status, _, body = http_call(intake, "POST", CHAT, b'{"messages": ' + b"[" * 50 + b"]" * 50 + b"}")
     assert_error(status, body, 400, "bad_request", "nested deeper")
 
 
 def test_corrupt_image_gets_bad_image_with_the_runtime_response(intake):
-    status, _, body = Call(intake, "POST", CHAT, ChatBody("what color is the shape?", DataUri(os.urandom(600))))
+    status, _, body = http_call(intake, "POST", CHAT, chat_body("what color is the shape?", data_uri(os.urandom(600))))
     assert_error(status, body, 400, "bad_image")
     assert body["msao"]["status"] == "error" and body["msao"]["error_code"] == "bad_image"
 
@@ -187,19 +187,19 @@ def test_body_over_the_limit_gets_413_before_any_byte_of_it_is_read(intake, runt
     before = runtime.metrics.rejected.value(code="too_large")
     # No body follows the headers: a server that tried to read it would wait for the 10 s socket timeout.
     head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n"
-    status, body, seconds = RawExchange(intake, head.encode())
+    status, body, seconds = raw_exchange(intake, head.encode())
     assert_error(status, body, 413, "too_large", "over the limit")
     assert seconds < 2.0
     assert runtime.metrics.rejected.value(code="too_large") == before + 1
 
 
 def test_body_over_the_limit_sent_in_full_still_gets_413(intake):
-    status, _, body = Call(intake, "POST", CHAT, b"x" * (MAX_BODY_BYTES + 1000))
+    status, _, body = http_call(intake, "POST", CHAT, b"x" * (MAX_BODY_BYTES + 1000))
     assert_error(status, body, 413, "too_large")
 
 
 def test_missing_content_length_gets_411(intake):
-    status, body, _ = RawExchange(intake, f"POST {CHAT} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, body, _ = raw_exchange(intake, f"POST {CHAT} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert_error(status, body, 411, "length_required", "Content-Length")
 
 
@@ -218,8 +218,8 @@ def test_chunked_body_gets_411(intake):
 
 def test_full_admission_queue_gets_429_and_every_other_request_is_answered(models, easyvqa_test):
     ds = easyvqa_test
-    i = ColourQuestions(ds, 1)[0]
-    payload = json.dumps(ChatBody(ds.questions[i], DataUri(ds.image_pngs[ds.image_ids[i]]))).encode()
+    i = colour_questions(ds, 1)[0]
+    payload = json.dumps(chat_body(ds.questions[i], data_uri(ds.image_pngs[ds.image_ids[i]]))).encode()
     small = EdgeRuntime(*models, options=RuntimeOptions(workers=1, queue_size=1, probe_interval_s=0, drain_s=1)).start()
     results: list[tuple[int, str | None, dict]] = []
     failures: list[BaseException] = []
@@ -230,7 +230,7 @@ def test_full_admission_queue_gets_429_and_every_other_request_is_answered(model
             def client(barrier: threading.Barrier) -> None:
                 barrier.wait()
                 try:
-                    status, resp, body = Call(h, "POST", CHAT, payload)
+                    status, resp, body = http_call(h, "POST", CHAT, payload)
                 except Exception as exc:  # a reset connection would be a bug too
                     with lock:
                         failures.append(exc)
@@ -266,15 +266,15 @@ def test_connections_over_max_concurrent_get_503_but_probes_are_answered(runtime
     with HttpIntake(runtime, "127.0.0.1", 0, HttpOptions(max_concurrent=1, socket_timeout_s=10)) as h:
         with socket.create_connection(("127.0.0.1", h.port)):  # silent: holds the only slot
             time.sleep(0.1)
-            status, resp, body = Call(h, "POST", CHAT, ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0])))
+            status, resp, body = http_call(h, "POST", CHAT, chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0])))
             assert_error(status, body, 503, "unavailable", "retry")
             assert resp.getheader("Retry-After") == "1"
-            assert Call(h, "GET", "/healthz")[0] == 200
+            assert http_call(h, "GET", "/healthz")[0] == 200
         # the slot comes back once the silent connection closes (a handler frees it just after its
         # client has read the answer, so a call right behind another may still see 503 for a moment)
         deadline = time.monotonic() + 5
-        good = ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0]))
-        while (status := Call(h, "POST", CHAT, good)[0]) == 503 and time.monotonic() < deadline:
+        good = chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]))
+        while (status := http_call(h, "POST", CHAT, good)[0]) == 503 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert status == 200
 
@@ -283,12 +283,12 @@ def test_connections_over_max_concurrent_get_503_but_probes_are_answered(runtime
 
 
 def test_healthz_says_live(intake):
-    status, _, body = Call(intake, "GET", "/healthz")
+    status, _, body = http_call(intake, "GET", "/healthz")
     assert (status, body) == (200, {"live": True})
 
 
 def test_readyz_is_200_and_degraded_without_a_cloud(intake):
-    status, _, body = Call(intake, "GET", "/readyz")
+    status, _, body = http_call(intake, "GET", "/readyz")
     assert status == 200
     assert body["ready"] is True and body["degraded"] is True and body["mode"] == "edge-only"
 
@@ -296,30 +296,30 @@ def test_readyz_is_200_and_degraded_without_a_cloud(intake):
 def test_readyz_is_503_once_the_runtime_stops(models):
     rt = EdgeRuntime(*models, options=RuntimeOptions(workers=1, probe_interval_s=0, drain_s=0)).start()
     with HttpIntake(rt, "127.0.0.1", 0) as h:
-        assert Call(h, "GET", "/readyz")[0] == 200
+        assert http_call(h, "GET", "/readyz")[0] == 200
         rt.stop()
-        status, _, body = Call(h, "GET", "/readyz")
+        status, _, body = http_call(h, "GET", "/readyz")
         assert status == 503 and body["ready"] is False
-        assert Call(h, "GET", "/healthz")[0] == 200
+        assert http_call(h, "GET", "/healthz")[0] == 200
 
 
 def test_metrics_are_prometheus_text(intake, easyvqa_test):
-    Call(intake, "POST", CHAT, ChatBody("what color is the shape?", DataUri(easyvqa_test.image_pngs[0])))
-    status, resp, text = Call(intake, "GET", "/metrics")
+    http_call(intake, "POST", CHAT, chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0])))
+    status, resp, text = http_call(intake, "GET", "/metrics")
     assert status == 200
     assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
     assert "msao_requests_total{" in text and "# TYPE msao_requests_total counter" in text
 
 
 def test_unknown_path_gets_404_and_wrong_method_gets_405(intake):
-    status, _, body = Call(intake, "GET", "/v1/models")
+    status, _, body = http_call(intake, "GET", "/v1/models")
     assert_error(status, body, 404, "not_found", "no such endpoint")
-    status, resp, body = Call(intake, "GET", CHAT)
+    status, resp, body = http_call(intake, "GET", CHAT)
     assert_error(status, body, 405, "method_not_allowed", "takes POST")
     assert resp.getheader("Allow") == "POST"
-    assert Call(intake, "DELETE", "/healthz")[0] == 405
+    assert http_call(intake, "DELETE", "/healthz")[0] == 405
 
 
 def test_server_header_does_not_reveal_python(intake):
-    _, resp, _ = Call(intake, "GET", "/healthz")
+    _, resp, _ = http_call(intake, "GET", "/healthz")
     assert resp.getheader("Server") == "msao-edge"

@@ -26,8 +26,8 @@ import pytest
 
 from msao.cloud_bridge.client import BridgeClient
 from msao.cloud_bridge.mqtt_options import ClientOptions
-from msao.cloud_bridge.topics import EdgeRequestTopic, EdgeResponseTopic
-from msao.edge_runtime.mqtt_intake import IntakeClientId, IntakeOptions, MqttIntake, ResponseTopicProblem
+from msao.cloud_bridge.topics import edge_request_topic, edge_response_topic
+from msao.edge_runtime.mqtt_intake import IntakeOptions, MqttIntake, intake_client_id, response_topic_problem
 from msao.edge_runtime.requests import RequestLimits
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.errors import ConfigError
@@ -205,7 +205,7 @@ _TYPES = {
 }
 
 
-def SchemaErrors(schema: dict, value, path: str = "$") -> list[str]:  # noqa: N802
+def schema_errors(schema: dict, value, path: str = "$") -> list[str]:
     """Draft 2020-12 errors for the keywords our schemas use; an unsupported keyword fails loudly."""
     unknown = set(schema) - _KEYWORDS
     assert not unknown, f"the test's validator does not know {unknown} (at {path}); extend it or install jsonschema"
@@ -234,17 +234,17 @@ def SchemaErrors(schema: dict, value, path: str = "$") -> list[str]:  # noqa: N8
         errs += [f"{path}: missing {k!r}" for k in schema.get("required", ()) if k not in value]
         for k, v in value.items():
             if k in props:
-                errs += SchemaErrors(props[k], v, f"{path}.{k}")
+                errs += schema_errors(props[k], v, f"{path}.{k}")
             elif schema.get("additionalProperties") is False:
                 errs.append(f"{path}: unexpected key {k!r}")
             elif isinstance(schema.get("additionalProperties"), dict):
-                errs += SchemaErrors(schema["additionalProperties"], v, f"{path}.{k}")
+                errs += schema_errors(schema["additionalProperties"], v, f"{path}.{k}")
     for sub in schema.get("allOf", ()):
         if "if" in sub:
-            if not SchemaErrors(sub["if"], value, path):
-                errs += SchemaErrors(sub.get("then", {}), value, path)
+            if not schema_errors(sub["if"], value, path):
+                errs += schema_errors(sub.get("then", {}), value, path)
         else:
-            errs += SchemaErrors(sub, value, path)
+            errs += schema_errors(sub, value, path)
     return errs
 
 
@@ -260,7 +260,7 @@ def schemas() -> dict[str, dict]:
 
 
 def _valid_response(schemas, body: dict) -> dict:
-    errs = SchemaErrors(schemas["edge-response"], body)
+    errs = schema_errors(schemas["edge-response"], body)
     assert not errs, f"response does not match docs/schemas/edge-response.schema.json: {errs}"
     return body
 
@@ -280,15 +280,15 @@ def _doc_command(marker: str, broker: Broker, edge_id: str) -> str:
 def test_json_requests_are_answered_with_the_dataset_answer_on_the_asked_topic(broker, edge_model, colour_samples, schemas):
     s = Served(broker, _runtime(edge_model))
     mine = f"clients/{uuid.uuid4().hex[:8]}/answers"
-    req = Requester(broker, mine, EdgeResponseTopic(s.edge_id))
+    req = Requester(broker, mine, edge_response_topic(s.edge_id))
     try:
         samples = colour_samples[:4]
         for i, sample in enumerate(samples[:3]):
             doc = sample.json_request(f"json-{i}", deadline_ms=20000)
-            assert not SchemaErrors(schemas["edge-request"], doc)
-            req.publish(EdgeRequestTopic(s.edge_id), json.dumps(doc), response_topic=mine, correlation_data=f"corr-{i}".encode())
+            assert not schema_errors(schemas["edge-request"], doc)
+            req.publish(edge_request_topic(s.edge_id), json.dumps(doc), response_topic=mine, correlation_data=f"corr-{i}".encode())
         # no ResponseTopic, no CorrelationData, no request_id: default topic, new id echoed as correlation data
-        req.publish(EdgeRequestTopic(s.edge_id), json.dumps(samples[3].json_request()))
+        req.publish(edge_request_topic(s.edge_id), json.dumps(samples[3].json_request()))
         got = req.wait_count(4)
         for i, sample in enumerate(samples[:3]):
             (g,) = [g for g in got if g.correlation_data == f"corr-{i}".encode()]
@@ -297,7 +297,7 @@ def test_json_requests_are_answered_with_the_dataset_answer_on_the_asked_topic(b
             assert (body["request_id"], body["status"], body["error_code"]) == (f"json-{i}", "ok", "")
             assert body["answer"] == sample.answer, f"{sample.question!r}: got {body['answer']!r}, dataset says {sample.answer!r}"
             assert body["answered_by"] == "edge" and body["timings_ms"]["total"] > 0
-        (g,) = [g for g in got if g.topic == EdgeResponseTopic(s.edge_id)]
+        (g,) = [g for g in got if g.topic == edge_response_topic(s.edge_id)]
         body = _valid_response(schemas, g.body)
         assert g.correlation_data == body["request_id"].encode() and body["answer"] == samples[3].answer
         _wait_until(lambda: s.intake.counters().acked == 4, what="4 requests acknowledged after their answers")
@@ -315,12 +315,12 @@ def test_raw_png_with_the_question_in_a_user_property_as_documented_for_mosquitt
     sample = next(x for x in colour_samples if x.question == "what color is the shape?")
     (tmp_path / "shape.png").write_bytes(sample.png)
     s = Served(broker, _runtime(edge_model))
-    req = Requester(broker, EdgeResponseTopic(s.edge_id))
+    req = Requester(broker, edge_response_topic(s.edge_id))
     try:
         subprocess.run(["bash", "-c", _doc_command("mosquitto_pub", broker, s.edge_id)], cwd=tmp_path, check=True, timeout=30)
         # the same form from Python, with a deadline and a stream id as user properties
         user = [("question", sample.question), ("deadline_ms", "20000"), ("stream", "cam-1")]
-        req.publish(EdgeRequestTopic(s.edge_id), sample.png, correlation_data=b"py-raw", user=user)
+        req.publish(edge_request_topic(s.edge_id), sample.png, correlation_data=b"py-raw", user=user)
         got = req.wait_count(2)
         for g in got:
             body = _valid_response(schemas, g.body)
@@ -352,7 +352,7 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_intake_keeps_servi
     limits = RequestLimits(max_payload_bytes=4096)
     s = Served(broker, _runtime(edge_model), limits=limits)
     mine = f"clients/{uuid.uuid4().hex[:8]}/answers"
-    default = EdgeResponseTopic(s.edge_id)
+    default = edge_response_topic(s.edge_id)
     req = Requester(broker, mine, default)
     sample = colour_samples[0]
     b64 = base64.b64encode(sample.png).decode()
@@ -377,7 +377,7 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_intake_keeps_servi
     ]  # fmt: skip
     try:
         for name, payload, user, topic, _code, _words in cases:
-            req.publish(EdgeRequestTopic(s.edge_id), payload, response_topic=topic, correlation_data=name.encode(), user=user)
+            req.publish(edge_request_topic(s.edge_id), payload, response_topic=topic, correlation_data=name.encode(), user=user)
         got = req.wait_count(len(cases))
         for name, _payload, _user, topic, code, words in cases:
             copies = [g for g in got if g.correlation_data == name.encode()]
@@ -390,9 +390,9 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_intake_keeps_servi
         # the JSON schema refuses what the intake refuses (for the cases a schema can see)
         for name in ("no_question", "empty_question", "unknown_key", "deadline_zero", "deadline_negative", "bad_request_id"):
             payload = next(c[1] for c in cases if c[0] == name)
-            assert SchemaErrors(schemas["edge-request"], json.loads(payload)), f"{name} passes the request schema"
+            assert schema_errors(schemas["edge-request"], json.loads(payload)), f"{name} passes the request schema"
         # ... and the intake still serves
-        req.publish(EdgeRequestTopic(s.edge_id), json.dumps(sample.json_request("after-errors")), response_topic=mine)
+        req.publish(edge_request_topic(s.edge_id), json.dumps(sample.json_request("after-errors")), response_topic=mine)
         (g,) = [
             g
             for g in req.wait(lambda got: any(x.correlation_data == b"after-errors" for x in got))
@@ -411,11 +411,11 @@ def test_a_flooded_daemon_answers_busy_at_once_and_every_request_exactly_once(br
     # one worker, one queue slot, workers not yet running: the first request waits, the rest are busy
     rt = _runtime(edge_model, start=False, workers=1, queue_size=1)
     s = Served(broker, rt)
-    req = Requester(broker, EdgeResponseTopic(s.edge_id))
+    req = Requester(broker, edge_response_topic(s.edge_id))
     n = 6
     try:
         for i in range(n):
-            req.publish(EdgeRequestTopic(s.edge_id), json.dumps(colour_samples[i].json_request(f"flood-{i}")))
+            req.publish(edge_request_topic(s.edge_id), json.dumps(colour_samples[i].json_request(f"flood-{i}")))
         busy = req.wait_count(n - 1)
         assert all(_valid_response(schemas, g.body)["status"] == "busy" and g.body["error_code"] == "busy" for g in busy)
         assert "retry later" in busy[0].body["error"]
@@ -436,13 +436,13 @@ def test_a_flooded_daemon_answers_busy_at_once_and_every_request_exactly_once(br
 
 def test_requests_unanswered_at_stop_are_redelivered_to_the_restarted_daemon_and_answered_once(broker, edge_model, colour_samples, schemas):
     edge_id = "e-" + uuid.uuid4().hex[:10]
-    req = Requester(broker, EdgeResponseTopic(edge_id))
+    req = Requester(broker, edge_response_topic(edge_id))
     opts = IntakeOptions(session_expiry_s=60, drain_s=0.2)
     try:
         # 1. a daemon answers one request, which is therefore acknowledged and never comes back
         first = Served(broker, _runtime(edge_model), edge_id, options=opts)
-        assert first.intake.client.options.client_id == IntakeClientId(edge_id) == f"msao-edge-{edge_id}-intake"
-        req.publish(EdgeRequestTopic(edge_id), json.dumps(colour_samples[0].json_request("early")))
+        assert first.intake.client.options.client_id == intake_client_id(edge_id) == f"msao-edge-{edge_id}-intake"
+        req.publish(edge_request_topic(edge_id), json.dumps(colour_samples[0].json_request("early")))
         req.wait_count(1)
         _wait_until(lambda: first.intake.counters().acked == 1, what="the early request's ack")
         first.close()
@@ -450,7 +450,7 @@ def test_requests_unanswered_at_stop_are_redelivered_to_the_restarted_daemon_and
         stalled = Served(broker, _runtime(edge_model, start=False), edge_id, options=opts)
         late = [f"late-{i}" for i in range(4)]
         for i, rid in enumerate(late, start=1):
-            req.publish(EdgeRequestTopic(edge_id), json.dumps(colour_samples[i].json_request(rid)))
+            req.publish(edge_request_topic(edge_id), json.dumps(colour_samples[i].json_request(rid)))
         _wait_until(lambda: stalled.intake.counters().requests_in == 4, what="4 requests delivered to the stalled daemon")
         stalled.close()
         assert [g.body["request_id"] for g in req.settle()] == ["early"], "the stalled daemon answered something"
@@ -477,18 +477,18 @@ def test_requests_unanswered_at_stop_are_redelivered_to_the_restarted_daemon_and
 def test_a_repeated_request_id_is_computed_once_and_each_copy_gets_the_same_response(broker, edge_model, colour_samples, schemas):
     rt = _runtime(edge_model, start=False)
     s = Served(broker, rt)
-    req = Requester(broker, EdgeResponseTopic(s.edge_id))
+    req = Requester(broker, edge_response_topic(s.edge_id))
     payload = json.dumps(colour_samples[0].json_request("dup-1"))
     try:
         # two copies while the first is still queued: the second waits for the first's answer
-        req.publish(EdgeRequestTopic(s.edge_id), payload, correlation_data=b"copy-a")
-        req.publish(EdgeRequestTopic(s.edge_id), payload, correlation_data=b"copy-b")
+        req.publish(edge_request_topic(s.edge_id), payload, correlation_data=b"copy-a")
+        req.publish(edge_request_topic(s.edge_id), payload, correlation_data=b"copy-b")
         _wait_until(lambda: s.intake.counters().requests_in == 2, what="both copies delivered")
         assert req.got == []
         rt.start()
         got = req.wait_count(2)
         # a third copy after the answer: sent from memory
-        req.publish(EdgeRequestTopic(s.edge_id), payload, correlation_data=b"copy-c")
+        req.publish(edge_request_topic(s.edge_id), payload, correlation_data=b"copy-c")
         got = req.wait_count(3)
         got = req.settle()
         assert sorted(g.correlation_data for g in got) == [b"copy-a", b"copy-b", b"copy-c"]
@@ -506,15 +506,15 @@ def test_a_repeated_request_id_is_computed_once_and_each_copy_gets_the_same_resp
 
 def test_retained_messages_on_the_request_topic_are_not_answered(broker, edge_model, colour_samples):
     edge_id = "e-" + uuid.uuid4().hex[:10]
-    req = Requester(broker, EdgeResponseTopic(edge_id))
-    req.publish(EdgeRequestTopic(edge_id), json.dumps(colour_samples[0].json_request("stale")), retain=True)
+    req = Requester(broker, edge_response_topic(edge_id))
+    req.publish(edge_request_topic(edge_id), json.dumps(colour_samples[0].json_request("stale")), retain=True)
     s = Served(broker, _runtime(edge_model), edge_id)
     try:
         _wait_until(lambda: s.intake.counters().ignored == 1, what="the retained request to be ignored")
         assert req.settle() == []
     finally:
         s.close()
-        req.publish(EdgeRequestTopic(edge_id), b"", retain=True)  # clear the retained message
+        req.publish(edge_request_topic(edge_id), b"", retain=True)  # clear the retained message
         req.close()
 
 
@@ -532,7 +532,7 @@ def test_retained_messages_on_the_request_topic_are_not_answered(broker, edge_mo
     ],
 )
 def test_response_topic_rules(topic, problem):
-    got = ResponseTopicProblem(topic)
+    got = response_topic_problem(topic)
     assert (problem in got) if problem else got == ""
 
 

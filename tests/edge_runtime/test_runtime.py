@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from msao.edge_runtime.app import EdgeApp
-from msao.edge_runtime.config import LoadEdgeConfig
+from msao.edge_runtime.config import load_edge_config
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.edge_runtime.scheduler import SchedulerOptions
@@ -117,7 +117,7 @@ def test_stop_hands_back_what_it_could_not_serve_with_none(models, easyvqa_test)
 
 def test_the_python_api_answers_with_the_built_in_bundles(edge_bundle_dir, cloud_bundle_dir, easyvqa_test):
     flags = {"edge.bundle": str(edge_bundle_dir), "edge.large_bundle": str(cloud_bundle_dir), "edge.calibration": "", "runtime.workers": 1}
-    with EdgeApp(LoadEdgeConfig(None, env={}, flags=flags)) as app:
+    with EdgeApp(load_edge_config(None, env={}, flags=flags)) as app:
         colour = next(i for i in range(100) if easyvqa_test.questions[i] == "what color is the shape?")
         r = app.ask(easyvqa_test.image_pngs[easyvqa_test.image_ids[colour]], easyvqa_test.questions[colour])
         assert r.status == "ok" and r.answer == easyvqa_test.answers[colour]

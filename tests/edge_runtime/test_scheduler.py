@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msao.edge_runtime.calibration import LoadCalibration
+from msao.edge_runtime.calibration import load_calibration
 from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
 from msao.edge_runtime.scheduler import ALWAYS_VERIFY, CostInputs, Scheduler, SchedulerOptions
 from msao.errors import ConfigError
@@ -135,12 +135,12 @@ def test_a_damaged_calibration_file_is_refused_with_the_fix(calibration, tmp_pat
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=message):
-        LoadCalibration(path)
+        load_calibration(path)
 
 
 def test_a_missing_calibration_file_says_how_to_make_one(tmp_path):
     with pytest.raises(ConfigError, match="msao calibrate"):
-        LoadCalibration(tmp_path / "none.json")
+        load_calibration(tmp_path / "none.json")
 
 
 def test_on_a_thin_link_sequential_verification_saves_most_of_the_uplink(models, calibration):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msao.engines.backend import CheckFeeds
-from msao.engines.bundle import LoadBundle
+from msao.engines.backend import check_feeds
+from msao.engines.bundle import load_bundle
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import FeedError
 
 
 @pytest.fixture(scope="module")
 def chunk(edge_bundle_dir):
-    bundle = LoadBundle(edge_bundle_dir)
+    bundle = load_bundle(edge_bundle_dir)
     return bundle, bundle.segment("decoder[0:1]")
 
 
@@ -38,7 +38,7 @@ def _feeds(batch=1, seq=4, past=2, geometry=(32, 1, 16)):
 
 def test_good_feeds_bind_symbolic_dims(chunk, geometry):
     _, spec = chunk
-    assert CheckFeeds(spec, _feeds(batch=3, seq=4, past=2, geometry=geometry)) == {"batch": 3, "seq": 4, "past": 2, "past+seq": 6}
+    assert check_feeds(spec, _feeds(batch=3, seq=4, past=2, geometry=geometry)) == {"batch": 3, "seq": 4, "past": 2, "past+seq": 6}
 
 
 def test_wrong_dtype_is_named_with_got_and_expected(chunk, geometry):
@@ -46,7 +46,7 @@ def test_wrong_dtype_is_named_with_got_and_expected(chunk, geometry):
     f = _feeds(geometry=geometry)
     f["position_ids"] = f["position_ids"].astype(np.int32)
     with pytest.raises(FeedError, match=r"input position_ids: got dtype int32, expected int64"):
-        CheckFeeds(spec, f)
+        check_feeds(spec, f)
 
 
 def test_wrong_fixed_dim_is_reported_with_symbolic_shape(chunk, geometry):
@@ -55,7 +55,7 @@ def test_wrong_fixed_dim_is_reported_with_symbolic_shape(chunk, geometry):
     f = _feeds(geometry=geometry)
     f["past_key_0"] = np.zeros((1, 1, 2, 2 * hd), np.float32)
     with pytest.raises(FeedError, match=rf"past_key_0: got shape \(1, 1, 2, {2 * hd}\), expected \(batch, 1, past, {hd}\)"):
-        CheckFeeds(spec, f)
+        check_feeds(spec, f)
 
 
 def test_inconsistent_batch_and_mask_length_are_all_reported_at_once(chunk, geometry):
@@ -66,7 +66,7 @@ def test_inconsistent_batch_and_mask_length_are_all_reported_at_once(chunk, geom
     del f["past_key_0"]
     f["extra"] = np.zeros(1)
     with pytest.raises(FeedError, match=r"4 feed problem\(s\)") as err:
-        CheckFeeds(spec, f)
+        check_feeds(spec, f)
     msg = str(err.value)
     assert "unexpected input 'extra'" in msg and "missing input 'past_key_0'" in msg
     assert "dim 'batch' is 2 here but 1 in hidden_states" in msg

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.manifest import MANIFEST_NAME, Manifest
 from msao.errors import BundleError, HashMismatch
 
@@ -21,7 +21,7 @@ def _edit_manifest(root: Path, edit) -> None:
 
 
 def test_loads_a_fresh_export(edge_bundle_dir: Path):
-    b = LoadBundle(edge_bundle_dir)
+    b = load_bundle(edge_bundle_dir)
     assert b.manifest.name == "msao-tiny-edge"
     assert [s.kind for s in b.manifest.segments][:2] == ["vision_encoder", "text_embed"]
     listed = {f.path for f in b.manifest.files}
@@ -34,14 +34,14 @@ def test_rejects_bundle_with_one_flipped_byte(edge_bundle_copy: Path):
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(HashMismatch, match=r"(?s)decoder_0_1\.onnx: sha256 .*re-run `msao export`"):
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
 
 
 def test_rejects_bundle_with_missing_file_and_lists_every_problem(edge_bundle_copy: Path):
     (edge_bundle_copy / "lm_head.onnx").unlink()
     (edge_bundle_copy / "tokenizer.json").write_text("{}")
     with pytest.raises(BundleError, match=r"2 problem\(s\)") as err:
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
     assert "lm_head.onnx: missing" in str(err.value)
     assert "tokenizer.json:" in str(err.value)
 
@@ -49,13 +49,13 @@ def test_rejects_bundle_with_missing_file_and_lists_every_problem(edge_bundle_co
 def test_rejects_unknown_manifest_key(edge_bundle_copy: Path):
     _edit_manifest(edge_bundle_copy, lambda d: d.__setitem__("surprise", 1))
     with pytest.raises(BundleError, match=r"unknown keys \['surprise'\]"):
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
 
 
 def test_rejects_unknown_nested_key(edge_bundle_copy: Path):
     _edit_manifest(edge_bundle_copy, lambda d: d["segments"][0]["inputs"][0].__setitem__("layout", "nchw"))
     with pytest.raises(BundleError, match=r"TensorSpec: unknown keys \['layout'\]"):
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
 
 
 @pytest.mark.parametrize("evil", ["../outside.onnx", "/etc/passwd", "a/../../b", "sub\\x.onnx", ""])
@@ -70,7 +70,7 @@ def test_rejects_paths_outside_the_bundle(edge_bundle_copy: Path, evil: str):
 
     _edit_manifest(edge_bundle_copy, point_lm_head_at)
     with pytest.raises(BundleError, match="not a plain relative path inside the bundle"):
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
 
 
 def test_rejects_symlinked_file(edge_bundle_copy: Path, tmp_path: Path):
@@ -80,28 +80,28 @@ def test_rejects_symlinked_file(edge_bundle_copy: Path, tmp_path: Path):
     target.unlink()
     os.symlink(outside, target)
     with pytest.raises(BundleError, match="symbolic link"):
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
 
 
 def test_rejects_folder_without_manifest(tmp_path: Path):
     with pytest.raises(BundleError, match="no manifest.json; not a bundle. run `make export`"):
-        LoadBundle(tmp_path)
+        load_bundle(tmp_path)
 
 
 def test_rejects_manifest_that_is_not_json(edge_bundle_copy: Path):
     (edge_bundle_copy / MANIFEST_NAME).write_bytes(b"\xff\xfe not json")
     with pytest.raises(BundleError, match="not valid JSON"):
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
 
 
 def test_rejects_segment_file_not_listed_with_a_hash(edge_bundle_copy: Path):
     _edit_manifest(edge_bundle_copy, lambda d: d.__setitem__("files", [f for f in d["files"] if f["path"] != "lm_head.onnx"]))
     with pytest.raises(BundleError, match=r"not listed with a hash: \['lm_head.onnx'\]"):
-        LoadBundle(edge_bundle_copy)
+        load_bundle(edge_bundle_copy)
 
 
 def test_read_verified_notices_a_file_changed_after_loading(edge_bundle_copy: Path):
-    b = LoadBundle(edge_bundle_copy)
+    b = load_bundle(edge_bundle_copy)
     (edge_bundle_copy / "lm_head.onnx").write_bytes(b"swapped")
     with pytest.raises(HashMismatch, match="changed since the bundle was verified"):
         b.read_verified("lm_head.onnx")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.generation import Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import FeedError, ImageError
@@ -13,7 +13,7 @@ from msao.errors import FeedError, ImageError
 
 @pytest.fixture(scope="module")
 def cloud(cloud_bundle_dir):
-    gen = Generator(LoadBundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=2)))
+    gen = Generator(load_bundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=2)))
     yield gen
     gen.close()
 

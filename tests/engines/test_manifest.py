@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from msao.engines.backend import CheckFeeds
+from msao.engines.backend import check_feeds
 from msao.engines.manifest import FlopsModel, SegmentSpec, TensorSpec
 from msao.errors import FeedError
 
@@ -49,7 +49,7 @@ def test_feeds_built_from_the_spec_always_pass_and_bind_every_symbol(inputs, bat
     spec = SegmentSpec("text_embed", "text_embed", "t.onnx", inputs=tuple(inputs), outputs=())
     sizes = {"batch": batch, "seq": seq, "past": past}
     feeds = {t.name: np.zeros([sizes.get(d, d) for d in t.shape], dtype=t.dtype) for t in inputs}  # type: ignore[misc]
-    bound = CheckFeeds(spec, feeds)
+    bound = check_feeds(spec, feeds)
     used = {d for t in inputs for d in t.shape if isinstance(d, str)}
     assert bound == {k: v for k, v in sizes.items() if k in used}
 
@@ -59,4 +59,4 @@ def test_feed_with_one_extra_dimension_is_always_refused(t):
     spec = SegmentSpec("text_embed", "text_embed", "t.onnx", inputs=(t,), outputs=())
     shape = [2 if isinstance(d, str) else d for d in t.shape] + [1]
     with pytest.raises(FeedError, match="input x: got shape"):
-        CheckFeeds(spec, {"x": np.zeros(shape, dtype=t.dtype)})
+        check_feeds(spec, {"x": np.zeros(shape, dtype=t.dtype)})

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msao.engines.mas import MasFromScores, MasOptions, MasScoresFromTensors
-from msao.engines.mas_cuda import KERNEL_NAME, KERNEL_SOURCE, CudaMas, CudaMasUnavailableReason
+from msao.engines.mas import MasOptions, mas_from_scores, mas_scores_from_tensors
+from msao.engines.mas_cuda import KERNEL_NAME, KERNEL_SOURCE, CudaMas, cuda_mas_unavailable_reason
 from msao.errors import GpuUnavailable
 
 ARCHS = ("sm_87", "sm_90")  # Jetson Orin, Hopper
@@ -27,7 +27,7 @@ def _nvcc() -> str | None:
 
 
 NVCC = _nvcc()
-GPU_REASON = CudaMasUnavailableReason()
+GPU_REASON = cuda_mas_unavailable_reason()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile mas.cu)")
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"no usable CUDA GPU: {GPU_REASON}")
 
@@ -67,7 +67,7 @@ def test_without_a_gpu_the_binding_says_why():
 
 
 def _compare(kernel: CudaMas, f, t, q, prev, opts: MasOptions) -> None:
-    ref = MasScoresFromTensors(f, t, q, prev)
+    ref = mas_scores_from_tensors(f, t, q, prev)
     got = kernel.scores(f, t, q, prev)
     scale = max(ref.saliency_max, 1e-300)
     err = np.abs(got.saliency - ref.saliency) / scale
@@ -78,7 +78,7 @@ def _compare(kernel: CudaMas, f, t, q, prev, opts: MasOptions) -> None:
         err = np.abs(got.change - ref.change) / np.maximum(np.abs(ref.change), 1e-12)
         assert err.max() <= SCORE_RTOL, f"change: max rel err {err.max():.3g}, mean {err.mean():.3g}"
     assert abs(got.saliency_max - ref.saliency_max) <= SCORE_RTOL * scale and abs(got.grounding - ref.grounding) <= SCORE_RTOL
-    a, b = MasFromScores(ref, opts), MasFromScores(got, opts)
+    a, b = mas_from_scores(ref, opts), mas_from_scores(got, opts)
     assert np.array_equal(a.keep.indices, b.keep.indices), f"keep-sets differ: {a.keep.indices} vs {b.keep.indices}"
     assert a.values == b.values
 
@@ -112,12 +112,12 @@ def test_kernel_matches_reference_on_random_inputs(kernel, shape):
 @needs_gpu
 @pytest.mark.gpu
 def test_kernel_matches_reference_on_real_encodings(kernel, edge_bundle_dir, easyvqa_test):
-    from msao.engines.bundle import LoadBundle
+    from msao.engines.bundle import load_bundle
     from msao.engines.generation import Generator
     from msao.engines.mas_text import QuestionEmbedder
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 
-    gen = Generator(LoadBundle(edge_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    gen = Generator(load_bundle(edge_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
     embed = QuestionEmbedder(gen)
     try:
         prev = None

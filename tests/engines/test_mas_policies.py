@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.generation import Generator
-from msao.engines.keep_policy import KEEP_POLICIES, KeepPolicyFromName
+from msao.engines.keep_policy import KEEP_POLICIES, keep_policy_from_name
 from msao.engines.mas import MasOptions
-from msao.engines.mas_text import ContentTokenMask, MasQuestionFromText, QuestionEmbedder
+from msao.engines.mas_text import QuestionEmbedder, content_token_mask, mas_question_from_text
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import ConfigError, MasInputError
 
@@ -18,7 +18,7 @@ TESTED_POLICIES = {"mas", "mas-blind", "saliency", "random"}
 
 @pytest.fixture(scope="module")
 def edge(edge_bundle_dir):
-    gen = Generator(LoadBundle(edge_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    gen = Generator(load_bundle(edge_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
     yield gen
     gen.close()
 
@@ -36,7 +36,7 @@ def test_every_registered_policy_is_tested():
 @pytest.mark.parametrize("name", sorted(TESTED_POLICIES))
 @pytest.mark.parametrize("ratio", [1.0, 0.25, 1 / 64])
 def test_policy_returns_a_valid_keep_set_of_the_budget(name, ratio, edge, encodings, easyvqa_test):
-    policy = KeepPolicyFromName(name, MasOptions(keep_ratio=ratio))
+    policy = keep_policy_from_name(name, MasOptions(keep_ratio=ratio))
     embed = QuestionEmbedder(edge)
     for enc, i in encodings[:10]:
         q = embed(easyvqa_test.questions[i])
@@ -47,21 +47,21 @@ def test_policy_returns_a_valid_keep_set_of_the_budget(name, ratio, edge, encodi
 
 def test_random_policy_repeats_per_request_and_differs_across_requests(encodings):
     enc, _ = encodings[0]
-    p = KeepPolicyFromName("random", MasOptions(keep_ratio=0.25), seed=3)
+    p = keep_policy_from_name("random", MasOptions(keep_ratio=0.25), seed=3)
     a = p.decide(enc.tokens, enc.mas_features, request_id=7).keep.indices
     assert np.array_equal(
-        a, KeepPolicyFromName("random", MasOptions(keep_ratio=0.25), seed=3).decide(enc.tokens, enc.mas_features, request_id=7).keep.indices
+        a, keep_policy_from_name("random", MasOptions(keep_ratio=0.25), seed=3).decide(enc.tokens, enc.mas_features, request_id=7).keep.indices
     )
     assert not np.array_equal(a, p.decide(enc.tokens, enc.mas_features, request_id=8).keep.indices)
 
 
 def test_saliency_keeps_the_shape_and_mas_adds_context(edge, encodings, easyvqa_test):
-    from msao.export.train import ForegroundFromImages
+    from msao.export.train import foreground_from_images
 
-    fg = ForegroundFromImages(easyvqa_test.images)  # (N, 64, 64): the shape's pixels
+    fg = foreground_from_images(easyvqa_test.images)  # (N, 64, 64): the shape's pixels
     fg_tokens = fg.reshape(-1, 8, 8, 8, 8).transpose(0, 1, 3, 2, 4).reshape(-1, 64, 64).any(-1)  # (N, 64)
-    sal = KeepPolicyFromName("saliency", MasOptions(keep_ratio=0.125))
-    mas = KeepPolicyFromName("mas", MasOptions(keep_ratio=0.125))
+    sal = keep_policy_from_name("saliency", MasOptions(keep_ratio=0.125))
+    mas = keep_policy_from_name("mas", MasOptions(keep_ratio=0.125))
     embed = QuestionEmbedder(edge)
     on_shape_sal, on_shape_mas = [], []
     for enc, i in encodings:
@@ -74,7 +74,7 @@ def test_saliency_keeps_the_shape_and_mas_adds_context(edge, encodings, easyvqa_
 
 def test_pruned_answers_stay_sane(edge, encodings, easyvqa_test):
     # loose bounds only: the checkpoints get retrained; docs/mas.md holds the measured numbers
-    mas = KeepPolicyFromName("mas", MasOptions(keep_ratio=0.25))
+    mas = keep_policy_from_name("mas", MasOptions(keep_ratio=0.25))
     embed = QuestionEmbedder(edge)
     full = pruned = 0
     for enc, i in encodings:
@@ -88,17 +88,17 @@ def test_pruned_answers_stay_sane(edge, encodings, easyvqa_test):
 def test_mas_needs_the_question_and_unknown_policies_are_named(encodings):
     enc, _ = encodings[0]
     with pytest.raises(MasInputError, match="needs the question"):
-        KeepPolicyFromName("mas").decide(enc.tokens, enc.mas_features)
+        keep_policy_from_name("mas").decide(enc.tokens, enc.mas_features)
     with pytest.raises(ConfigError, match=r"unknown keep policy 'best'; choose one of \['mas', 'mas-blind', 'random', 'saliency'\]"):
-        KeepPolicyFromName("best")
+        keep_policy_from_name("best")
 
 
 # -- the question side ----------------------------------------------------------------------------
 
 
 def test_content_words_skip_function_words_and_piece_marks():
-    assert ContentTokenMask(["what", "color", "is", "the", "shape", "?"]).tolist() == [False, True, False, False, True, False]
-    assert ContentTokenMask(["\u2581Is", "\u2581there", "\u2581a", "\u2581red", "##dish", "<image>"]).tolist() == [
+    assert content_token_mask(["what", "color", "is", "the", "shape", "?"]).tolist() == [False, True, False, False, True, False]
+    assert content_token_mask(["\u2581Is", "\u2581there", "\u2581a", "\u2581red", "##dish", "<image>"]).tolist() == [
         False,
         False,
         False,
@@ -109,7 +109,7 @@ def test_content_words_skip_function_words_and_piece_marks():
 
 
 def test_question_embeddings_are_the_content_words_rows(edge):
-    q = MasQuestionFromText(edge, "is there a red circle in the image?")
+    q = mas_question_from_text(edge, "is there a red circle in the image?")
     assert q.content_words == 2 and q.visual_words == 2 and q.question_tokens == 9
     ids = [edge.tokenizer.token_to_id(w) for w in ("red", "circle")]
     rows = edge.runners["text_embed"].infer({"input_ids": np.asarray([ids], np.int64)})["embeddings"][0]
@@ -120,11 +120,11 @@ def test_question_embeddings_are_the_content_words_rows(edge):
 
 
 def test_deictic_question_uses_every_token(edge):
-    q = MasQuestionFromText(edge, "what is this?")
+    q = mas_question_from_text(edge, "what is this?")
     assert q.content_words == 0 and q.embeddings.shape[0] == q.question_tokens
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n"])
 def test_empty_question_is_refused(edge, text):
     with pytest.raises(MasInputError, match="empty question"):
-        MasQuestionFromText(edge, text)
+        mas_question_from_text(edge, text)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.generation import Generator
-from msao.engines.images import PixelsFromImage
+from msao.engines.images import pixels_from_image
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.engines.token_cache import StreamTokenCache, TokenCacheOptions, TokenDelta, TokenMirror
 from msao.errors import ConfigError, StreamError
@@ -15,7 +15,7 @@ from msao.errors import ConfigError, StreamError
 
 @pytest.fixture(scope="module")
 def edge(edge_bundle_dir):
-    gen = Generator(LoadBundle(edge_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    gen = Generator(load_bundle(edge_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)))
     yield gen
     gen.close()
 
@@ -69,7 +69,7 @@ def test_every_token_within_threshold_of_a_fresh_encoding(edge, easyvqa_test):
     for seed in range(4):
         frame = _noisy(img, seed)
         step = cache.step(frame)
-        fresh = edge.encode_image(PixelsFromImage(frame, edge.bundle.manifest.preprocess)).tokens
+        fresh = edge.encode_image(pixels_from_image(frame, edge.bundle.manifest.preprocess)).tokens
         rel = np.linalg.norm(step.encoding.tokens - fresh, axis=1) / np.linalg.norm(step.encoding.tokens, axis=1)
         assert rel.max() <= 0.05 * (1 + 1e-4)
 

@@ -1,7 +1,7 @@
 """Where local segments run: TensorRT where a matching engine exists and TensorRT starts, ONNX Runtime
 otherwise, with the reason logged once. The engine backend here is a small real implementation
-of msao's Backend interface that does the same bookkeeping as TensorRTBackend (FindEngine,
-ReadEngineVerified) and then runs the segment with ONNX Runtime."""
+of msao's Backend interface that does the same bookkeeping as TensorRTBackend (find_engine,
+read_engine_verified) and then runs the segment with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 from msao.edge_runtime.local_model import LocalModel
 from msao.engines.backend import Backend, Runner
 from msao.engines.backend_select import AutoBackend
-from msao.engines.bundle import Bundle, LoadBundle
-from msao.engines.engine_records import EngineTarget, FindEngine, ReadEngineVerified
+from msao.engines.bundle import Bundle, load_bundle
+from msao.engines.engine_records import EngineTarget, find_engine, read_engine_verified
 from msao.engines.manifest import SegmentSpec
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
-from msao.engines.tensorrt_backend import TensorRTUnavailableReason
+from msao.engines.tensorrt_backend import tensorrt_unavailable_reason
 from msao.errors import MissingDependency
-from tests.engines.trt_parts import ORIN_TRT10, WriteEngineSet
+from tests.engines.trt_parts import ORIN_TRT10, write_engine_set
 
 LOGGER = "msao.engines.backend_select"
 
@@ -36,8 +36,8 @@ class EngineBookkeepingBackend(Backend):
         self.opened: list[str] = []
 
     def open(self, bundle: Bundle, spec: SegmentSpec) -> Runner:
-        _, record = FindEngine(bundle, spec, self.target)
-        ReadEngineVerified(bundle.root, record)
+        _, record = find_engine(bundle, spec, self.target)
+        read_engine_verified(bundle.root, record)
         self.opened.append(spec.name)
         return self._ort.open(bundle, spec)
 
@@ -59,7 +59,7 @@ def _open_all(backend: Backend, bundle: Bundle) -> dict[str, Runner]:
 
 
 def test_without_engines_every_segment_runs_on_onnx_runtime_and_says_why_once(edge_bundle_copy, ort, caplog):
-    bundle = LoadBundle(edge_bundle_copy)
+    bundle = load_bundle(edge_bundle_copy)
     auto = AutoBackend(ort, engines=_no_tensorrt)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         _open_all(auto, bundle)
@@ -70,8 +70,8 @@ def test_without_engines_every_segment_runs_on_onnx_runtime_and_says_why_once(ed
 
 
 def test_engines_without_tensorrt_fall_back_with_the_install_hint_logged_once(edge_bundle_copy, ort, caplog):
-    WriteEngineSet(edge_bundle_copy)
-    bundle = LoadBundle(edge_bundle_copy)
+    write_engine_set(edge_bundle_copy)
+    bundle = load_bundle(edge_bundle_copy)
     auto = AutoBackend(ort, engines=_no_tensorrt)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         _open_all(auto, bundle)
@@ -82,21 +82,21 @@ def test_engines_without_tensorrt_fall_back_with_the_install_hint_logged_once(ed
 
 
 @pytest.mark.skipif(
-    TensorRTUnavailableReason() is None, reason="TensorRT and a GPU are present: the missing-TensorRT path is not reachable"
+    tensorrt_unavailable_reason() is None, reason="TensorRT and a GPU are present: the missing-TensorRT path is not reachable"
 )
 def test_the_default_engine_backend_without_tensorrt_falls_back(edge_bundle_copy, ort, caplog):
-    WriteEngineSet(edge_bundle_copy)
+    write_engine_set(edge_bundle_copy)
     auto = AutoBackend(ort)  # the real TensorRTBackend loader
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        _open_all(auto, LoadBundle(edge_bundle_copy))
+        _open_all(auto, load_bundle(edge_bundle_copy))
     assert set(auto.placement.values()) == {"onnxruntime"}
     (line,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert "python3-libnvinfer" in line or "GPU" in line or "CUDA" in line
 
 
 def test_segments_with_matching_engines_run_on_them_and_the_rest_fall_back(edge_bundle_copy, ort, caplog):
-    WriteEngineSet(edge_bundle_copy, segments=("vision_encoder", "decoder[0:1]", "decoder[1:2]"))
-    bundle = LoadBundle(edge_bundle_copy)
+    write_engine_set(edge_bundle_copy, segments=("vision_encoder", "decoder[0:1]", "decoder[1:2]"))
+    bundle = load_bundle(edge_bundle_copy)
     engines = EngineBookkeepingBackend()
     auto = AutoBackend(ort, engines=lambda: engines)
     with caplog.at_level(logging.INFO, logger=LOGGER):
@@ -111,8 +111,8 @@ def test_segments_with_matching_engines_run_on_them_and_the_rest_fall_back(edge_
 
 
 def test_engines_for_another_tensorrt_fall_back_with_the_rebuild_hint(edge_bundle_copy, ort, caplog):
-    WriteEngineSet(edge_bundle_copy, target=dataclasses.replace(ORIN_TRT10, tensorrt_version="8.6.2"))
-    bundle = LoadBundle(edge_bundle_copy)
+    write_engine_set(edge_bundle_copy, target=dataclasses.replace(ORIN_TRT10, tensorrt_version="8.6.2"))
+    bundle = load_bundle(edge_bundle_copy)
     auto = AutoBackend(ort, engines=lambda: EngineBookkeepingBackend(ORIN_TRT10))
     with caplog.at_level(logging.INFO, logger=LOGGER):
         _open_all(auto, bundle)
@@ -122,9 +122,9 @@ def test_engines_for_another_tensorrt_fall_back_with_the_rebuild_hint(edge_bundl
 
 
 def test_an_altered_engine_falls_back_for_that_segment_only(edge_bundle_copy, ort):
-    folder, _ = WriteEngineSet(edge_bundle_copy)
+    folder, _ = write_engine_set(edge_bundle_copy)
     (folder / "lm_head.engine").write_bytes(b"tampered")
-    bundle = LoadBundle(edge_bundle_copy)
+    bundle = load_bundle(edge_bundle_copy)
     auto = AutoBackend(ort, engines=lambda: EngineBookkeepingBackend())
     _open_all(auto, bundle)
     fell_back = {seg for (_, seg), b in auto.placement.items() if b == "onnxruntime"}
@@ -132,8 +132,8 @@ def test_an_altered_engine_falls_back_for_that_segment_only(edge_bundle_copy, or
 
 
 def test_the_edge_model_answers_through_the_chosen_backends(edge_bundle_copy, ort):
-    WriteEngineSet(edge_bundle_copy, segments=("vision_encoder", "decoder[0:1]"))
-    bundle = LoadBundle(edge_bundle_copy)
+    write_engine_set(edge_bundle_copy, segments=("vision_encoder", "decoder[0:1]"))
+    bundle = load_bundle(edge_bundle_copy)
     mixed = LocalModel(bundle, AutoBackend(ort, engines=lambda: EngineBookkeepingBackend()))
     plain = LocalModel(bundle, ort)
     rgb = np.full((64, 64, 3), 200, np.uint8)

@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from msao.engines.cuda_buffers import DeviceProperties, DeviceTensor
-from msao.engines.mas_cuda import DeviceMatrix
-from msao.engines.tensorrt_backend import TensorRTUnavailableReason
+from msao.engines.cuda_buffers import DeviceTensor, device_properties
+from msao.engines.mas_cuda import device_matrix
+from msao.engines.tensorrt_backend import tensorrt_unavailable_reason
 from msao.errors import GpuUnavailable, MasInputError, MissingDependency
 
-TRT_REASON = TensorRTUnavailableReason()
+TRT_REASON = tensorrt_unavailable_reason()
 _skip = pytest.mark.skipif(TRT_REASON is not None, reason=f"needs TensorRT and an NVIDIA GPU: {TRT_REASON}")
 
 
@@ -41,19 +41,19 @@ def test_one_image_of_a_batched_device_tensor_is_found_at_its_byte_offset():
 
 
 def test_the_mas_kernel_takes_float32_matrices_only():
-    assert DeviceMatrix(DeviceTensor("t", 4096, (64, 32), "float32")).shape == (64, 32)
-    assert DeviceMatrix(DeviceTensor("t", 4096, (1, 64, 32), "float32")).ptr == 4096
+    assert device_matrix(DeviceTensor("t", 4096, (64, 32), "float32")).shape == (64, 32)
+    assert device_matrix(DeviceTensor("t", 4096, (1, 64, 32), "float32")).ptr == 4096
     with pytest.raises(MasInputError, match="reads float32, the device tensor is float16"):
-        DeviceMatrix(DeviceTensor("t", 4096, (1, 64, 32), "float16"))
+        device_matrix(DeviceTensor("t", 4096, (1, 64, 32), "float16"))
     with pytest.raises(MasInputError, match=r"expected a \(N, D\) or \(B, N, D\)"):
-        DeviceMatrix(DeviceTensor("t", 4096, (1, 1, 64, 32), "float32"))
+        device_matrix(DeviceTensor("t", 4096, (1, 1, 64, 32), "float32"))
 
 
 @pytest.mark.skipif(TRT_REASON is None, reason="a GPU is present: the failure path is not reachable")
 def test_without_tensorrt_or_a_gpu_the_reason_is_given():
     assert TRT_REASON
     try:
-        DeviceProperties()
+        device_properties()
     except (GpuUnavailable, MissingDependency) as exc:
         assert "GPU" in str(exc) or "CUDA" in str(exc) or "cuda-python" in str(exc)
 
@@ -65,30 +65,30 @@ def test_without_tensorrt_or_a_gpu_the_reason_is_given():
 def built(edge_bundle_dir, tmp_path_factory):
     if TRT_REASON is not None:
         pytest.skip(TRT_REASON)
-    from msao.engines.bundle import LoadBundle
-    from msao.engines.engine_builder import BuildEngines, BuildOptions
+    from msao.engines.bundle import load_bundle
+    from msao.engines.engine_builder import BuildOptions, build_engines
     from msao.engines.tensorrt_profiles import ProfileLimits
 
     root = tmp_path_factory.mktemp("trt") / "bundle"
     shutil.copytree(edge_bundle_dir, root)
-    folder, engine_set = BuildEngines(root, BuildOptions(workspace_mb=256, limits=ProfileLimits(max_seq=128, max_past=128)), progress=print)
-    return LoadBundle(root), folder, engine_set
+    folder, engine_set = build_engines(root, BuildOptions(workspace_mb=256, limits=ProfileLimits(max_seq=128, max_past=128)), progress=print)
+    return load_bundle(root), folder, engine_set
 
 
 @needs_trt_gpu
 def test_every_segment_has_a_recorded_engine_for_this_gpu(built):
-    from msao.engines.tensorrt_backend import CurrentTarget, ImportTensorRT
+    from msao.engines.tensorrt_backend import current_target, import_tensorrt
 
     bundle, folder, engine_set = built
     assert {e.segment for e in engine_set.engines} == {s.name for s in bundle.manifest.segments}
-    assert engine_set.target.mismatches(CurrentTarget(ImportTensorRT())) == []
+    assert engine_set.target.mismatches(current_target(import_tensorrt())) == []
     assert (folder / "timing.cache").stat().st_size > 0
 
 
 @needs_trt_gpu
 def test_every_segment_matches_onnx_runtime(built):
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend
-    from msao.engines.profile import SyntheticFeeds
+    from msao.engines.profile import synthetic_feeds
     from msao.engines.tensorrt_backend import TensorRTBackend
 
     bundle, _, _ = built
@@ -97,7 +97,7 @@ def test_every_segment_matches_onnx_runtime(built):
     for spec in bundle.manifest.segments:
         with trt.open(bundle, spec) as a, ort.open(bundle, spec) as b:
             for seq, past in ((20, 0), (1, 40), (64, 0)):
-                feeds = SyntheticFeeds(spec, batch=1, seq=seq, past=past, vocab=bundle.manifest.model.vocab_size, rng=rng)
+                feeds = synthetic_feeds(spec, batch=1, seq=seq, past=past, vocab=bundle.manifest.model.vocab_size, rng=rng)
                 got, want = a.infer(feeds), b.infer(feeds)
                 for name in want:
                     diff = np.abs(got[name].astype(np.float64) - want[name])
@@ -122,20 +122,20 @@ def test_answers_match_onnx_runtime_with_the_kv_cache_kept_on_device(built, easy
 
 @needs_trt_gpu
 def test_mas_kernel_reads_the_vision_engine_output_in_place(built):
-    from msao.engines.mas import MasScoresFromTensors
-    from msao.engines.mas_cuda import CudaMas, CudaMasUnavailableReason, EncodeAndScoreOnDevice
+    from msao.engines.mas import mas_scores_from_tensors
+    from msao.engines.mas_cuda import CudaMas, cuda_mas_unavailable_reason, encode_and_score_on_device
     from msao.engines.tensorrt_backend import TensorRTBackend
 
-    if CudaMasUnavailableReason() is not None:
-        pytest.skip(f"MAS kernel unavailable: {CudaMasUnavailableReason()}")
+    if cuda_mas_unavailable_reason() is not None:
+        pytest.skip(f"MAS kernel unavailable: {cuda_mas_unavailable_reason()}")
     bundle, _, _ = built
     p = bundle.manifest.preprocess
     pixels = np.random.default_rng(1).standard_normal((3, p.crop_height, p.crop_width)).astype(np.float32)
     question = np.random.default_rng(2).standard_normal((3, bundle.manifest.model.hidden_size)).astype(np.float32)
     with TensorRTBackend().open(bundle, bundle.segment("vision_encoder")) as runner, CudaMas() as kernel:
         host = runner.infer({"pixel_values": pixels[None]})
-        ref = MasScoresFromTensors(host["mas_features"][0], host["image_tokens"][0], question)
-        tokens, got = EncodeAndScoreOnDevice(runner, kernel, pixels, question)
+        ref = mas_scores_from_tensors(host["mas_features"][0], host["image_tokens"][0], question)
+        tokens, got = encode_and_score_on_device(runner, kernel, pixels, question)
     np.testing.assert_array_equal(tokens, host["image_tokens"][0])
     scale = max(ref.saliency_max, 1e-300)
     err = np.abs(got.saliency - ref.saliency) / scale

@@ -10,18 +10,18 @@ import pytest
 
 onnx = pytest.importorskip("onnx", reason="the operator check reads ONNX graphs: pip install 'msao[export]'")
 
-from msao.engines.bundle import LoadBundle  # noqa: E402
-from msao.engines.tensorrt_ops import SUPPORTED_OPS, TRT_LINES, CheckOnnxOps, OpsFromOperatorsMd  # noqa: E402
+from msao.engines.bundle import load_bundle  # noqa: E402
+from msao.engines.tensorrt_ops import SUPPORTED_OPS, TRT_LINES, check_onnx_ops, ops_from_operators_md  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.parent for p in (ROOT / "bundles").glob("*/manifest.json"))  # `make export` output, when present
 
 
 def _check_bundle(root: Path) -> None:
-    bundle = LoadBundle(root)
+    bundle = load_bundle(root)
     offending = []
     for spec in bundle.manifest.segments:
-        report = CheckOnnxOps(bundle.path_of(spec.file))
+        report = check_onnx_ops(bundle.path_of(spec.file))
         for line in TRT_LINES:
             offending += [f"{bundle.manifest.name} {spec.name} ({spec.file}), TensorRT {line}: {p}" for p in report.problems[line]]
     assert not offending, "segments TensorRT would refuse:\n  " + "\n  ".join(offending)
@@ -60,7 +60,7 @@ def test_the_check_refuses_unsupported_ops_custom_domains_and_new_opsets(tmp_pat
     ]
     path = tmp_path / "bad.onnx"
     onnx.save(_model(nodes, opset=18), path)
-    report = CheckOnnxOps(path)
+    report = check_onnx_ops(path)
     assert "Unique x1 not supported" in report.problems["8.6"] and "Unique x1 not supported" in report.problems["10"]
     assert any("com.microsoft::FusedGemm" in p for p in report.problems["10"])
     assert "opset 18 outside 7..17" in report.problems["8.6"] and not any("opset" in p for p in report.problems["10"])
@@ -77,7 +77,7 @@ def test_the_check_refuses_axes_that_are_not_build_time_constants(tmp_path):
     ]
     path = tmp_path / "dynamic_axes.onnx"
     onnx.save(_model(nodes), path)
-    report = CheckOnnxOps(path)
+    report = check_onnx_ops(path)
     for line in TRT_LINES:
         assert any("Unsqueeze" in p and "input 1 must be a build-time constant" in p for p in report.problems[line]), line
 
@@ -90,7 +90,7 @@ def test_local_functions_are_refused_for_8_6_only(tmp_path):
     )
     path = tmp_path / "fn.onnx"
     onnx.save(_model([helper.make_node("Twice", ["x"], ["y"], domain="msao.test")], functions=[fn]), path)
-    report = CheckOnnxOps(path)
+    report = check_onnx_ops(path)
     assert any("local functions ['Twice']" in p for p in report.problems["8.6"])
     assert not any("local functions" in p for p in report.problems["10"])
 
@@ -111,7 +111,7 @@ def test_operators_md_tables_parse_into_support_and_restrictions():
 | Slice                     | Y          | FP32, FP16 | `axes` must be an initializer |
 | NonMaxSuppression         | Y [EXPERIMENTAL] | FP32, FP16 |
 """
-    ops = OpsFromOperatorsMd(text)
+    ops = ops_from_operators_md(text)
     assert ops == {
         "Abs": (True, ""),
         "BitShift": (False, ""),

@@ -8,16 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.manifest import SegmentSpec, TensorSpec
 from msao.engines.profile import TEXT_TOKENS
-from msao.engines.tensorrt_profiles import ChooseProfile, InputRange, ProfileLimits, ProfilesForSegment, ShapeProfile
+from msao.engines.tensorrt_profiles import InputRange, ProfileLimits, ShapeProfile, choose_profile, profiles_for_segment
 from msao.errors import ConfigError, FeedError
 
 
 @pytest.fixture(scope="module")
 def edge(edge_bundle_dir):
-    return LoadBundle(edge_bundle_dir)
+    return load_bundle(edge_bundle_dir)
 
 
 def _ranges(profile: ShapeProfile) -> dict[str, InputRange]:
@@ -27,7 +27,7 @@ def _ranges(profile: ShapeProfile) -> dict[str, InputRange]:
 def test_decoder_chunks_get_a_decode_profile_then_a_general_one(edge):
     m = edge.manifest
     spec = edge.segment("decoder[0:1]")
-    decode, prefill = ProfilesForSegment(spec, m.model, ProfileLimits(max_seq=128, max_past=200))
+    decode, prefill = profiles_for_segment(spec, m.model, ProfileLimits(max_seq=128, max_past=200))
     assert (decode.name, prefill.name) == ("decode", "prefill")
     d, p = _ranges(decode), _ranges(prefill)
     hd = m.model.head_dim
@@ -42,25 +42,25 @@ def test_decoder_chunks_get_a_decode_profile_then_a_general_one(edge):
 
 def test_defaults_cover_every_position_of_the_model(edge):
     m = edge.manifest
-    (profile,) = ProfilesForSegment(edge.segment("text_embed"), m.model)
+    (profile,) = profiles_for_segment(edge.segment("text_embed"), m.model)
     assert _ranges(profile)["input_ids"].max == (1, m.model.max_positions)
     assert _ranges(profile)["input_ids"].opt == (1, TEXT_TOKENS)
 
 
 def test_heads_are_tuned_for_the_last_token_and_the_encoder_for_batch_only(edge):
     m = edge.manifest
-    (head,) = ProfilesForSegment(edge.segment("lm_head"), m.model, ProfileLimits(max_batch=4, opt_batch=2))
+    (head,) = profiles_for_segment(edge.segment("lm_head"), m.model, ProfileLimits(max_batch=4, opt_batch=2))
     assert _ranges(head)["hidden_states"].opt == (2, 1, m.model.hidden_size)
-    (vision,) = ProfilesForSegment(edge.segment("vision_encoder"), m.model, ProfileLimits(max_batch=4))
+    (vision,) = profiles_for_segment(edge.segment("vision_encoder"), m.model, ProfileLimits(max_batch=4))
     r = _ranges(vision)["pixel_values"]
     assert r.min[0] == 1 and r.max[0] == 4 and r.min[1:] == r.max[1:]  # only the batch is dynamic
 
 
 def test_every_segment_of_both_bundles_gets_profiles(edge_bundle_dir, cloud_bundle_dir):
     for root in (edge_bundle_dir, cloud_bundle_dir):
-        b = LoadBundle(root)
+        b = load_bundle(root)
         for spec in b.manifest.segments:
-            profiles = ProfilesForSegment(spec, b.manifest.model)
+            profiles = profiles_for_segment(spec, b.manifest.model)
             dynamic = {t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)}
             assert profiles and all({r.name for r in p.inputs} == dynamic for p in profiles), spec.name
 
@@ -68,8 +68,8 @@ def test_every_segment_of_both_bundles_gets_profiles(edge_bundle_dir, cloud_bund
 def test_unknown_symbolic_dim_is_refused_with_the_flag_to_set_it(edge):
     spec = SegmentSpec("vision_encoder", "vision_encoder", "v.onnx", (TensorSpec("frames", "float32", ("batch", "clips", 3)),), ())
     with pytest.raises(ConfigError, match=r"\['clips'\].*--dim NAME=MIN:OPT:MAX"):
-        ProfilesForSegment(spec, edge.manifest.model)
-    (p,) = ProfilesForSegment(spec, edge.manifest.model, ProfileLimits(extra=(("clips", 1, 2, 8),)))
+        profiles_for_segment(spec, edge.manifest.model)
+    (p,) = profiles_for_segment(spec, edge.manifest.model, ProfileLimits(extra=(("clips", 1, 2, 8),)))
     assert p.inputs[0].min == (1, 1, 3) and p.inputs[0].opt == (1, 2, 3) and p.inputs[0].max == (1, 8, 3)
 
 
@@ -91,7 +91,7 @@ def test_bad_limits_are_refused(kwargs, match):
 
 def test_decode_steps_pick_the_decode_profile_and_prefill_the_general_one(edge):
     spec = edge.segment("decoder[0:1]")
-    profiles = ProfilesForSegment(spec, edge.manifest.model, ProfileLimits(max_seq=128, max_past=200))
+    profiles = profiles_for_segment(spec, edge.manifest.model, ProfileLimits(max_seq=128, max_past=200))
 
     def shapes(seq, past):
         return {
@@ -102,14 +102,14 @@ def test_decode_steps_pick_the_decode_profile_and_prefill_the_general_one(edge):
             "past_value_0": (1, 1, past, 16),
         }
 
-    assert ChooseProfile(profiles, shapes(1, 90)) == 0
-    assert ChooseProfile(profiles, shapes(80, 0)) == 1
-    assert ChooseProfile(profiles, shapes(1, 0)) == 0
+    assert choose_profile(profiles, shapes(1, 90)) == 0
+    assert choose_profile(profiles, shapes(80, 0)) == 1
+    assert choose_profile(profiles, shapes(1, 0)) == 0
 
 
 def test_shapes_beyond_every_profile_name_the_limit_to_raise(edge):
     spec = edge.segment("decoder[0:1]")
-    profiles = ProfilesForSegment(spec, edge.manifest.model, ProfileLimits(max_seq=128, max_past=200))
+    profiles = profiles_for_segment(spec, edge.manifest.model, ProfileLimits(max_seq=128, max_past=200))
     too_long = {
         "hidden_states": (1, 129, 32),
         "position_ids": (1, 129),
@@ -118,7 +118,7 @@ def test_shapes_beyond_every_profile_name_the_limit_to_raise(edge):
         "past_value_0": (1, 1, 0, 16),
     }
     with pytest.raises(FeedError, match=r"decoder\[0:1\].*hidden_states \(1, 129, 32\).*--max-seq"):
-        ChooseProfile(profiles, too_long, "decoder[0:1]")
+        choose_profile(profiles, too_long, "decoder[0:1]")
 
 
 @given(

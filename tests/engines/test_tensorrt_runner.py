@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from msao.engines.backend import Backend, Runner
-from msao.engines.bundle import Bundle, LoadBundle
+from msao.engines.bundle import Bundle, load_bundle
 from msao.engines.generation import Generator
 from msao.engines.manifest import SegmentSpec
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.engines.tensorrt_backend import TrtRunner
-from msao.engines.tensorrt_profiles import ProfileLimits, ProfilesForSegment
+from msao.engines.tensorrt_profiles import ProfileLimits, profiles_for_segment
 from msao.errors import FeedError
 from tests.engines.trt_standin import TRT, HostBuffers, HostStream, OrtEngine
 
@@ -31,7 +31,7 @@ class StandInBackend(Backend):
         self.runners: dict[str, TrtRunner] = {}
 
     def open(self, bundle: Bundle, spec: SegmentSpec) -> Runner:
-        engine = OrtEngine(bundle, spec, ProfilesForSegment(spec, bundle.manifest.model, self.limits), self.int64_as_int32)
+        engine = OrtEngine(bundle, spec, profiles_for_segment(spec, bundle.manifest.model, self.limits), self.int64_as_int32)
         buffers = self.buffers[spec.name] = HostBuffers()
         runner = self.runners[spec.name] = TrtRunner(spec, engine, TRT, stream=HostStream(), buffers=buffers)
         return runner
@@ -39,7 +39,7 @@ class StandInBackend(Backend):
 
 @pytest.fixture(scope="module")
 def bundle(edge_bundle_dir):
-    return LoadBundle(edge_bundle_dir)
+    return load_bundle(edge_bundle_dir)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from msao.datasets.easyvqa import LoadEasyVqa
+from msao.datasets.easyvqa import load_easy_vqa
 from msao.export.builtin import BUILTIN_MODELS
-from msao.export.checkpoint import LoadCheckpoint
-from msao.export.train import COLOURS, RECIPES, SHAPES, AuxLabelsFromImages, TrainBuiltin
+from msao.export.checkpoint import load_checkpoint
+from msao.export.train import COLOURS, RECIPES, SHAPES, aux_labels_from_images, train_builtin
 
 
 def test_aux_labels_agree_with_every_answer_that_names_the_shape_or_colour():
-    data = LoadEasyVqa("train")
-    shape_ids, colour_ids = AuxLabelsFromImages(data.images)
+    data = load_easy_vqa("train")
+    shape_ids, colour_ids = aux_labels_from_images(data.images)
     checked = 0
     for q, a, img in zip(data.questions, data.answers, data.image_ids):
         if a in SHAPES:
@@ -30,10 +30,10 @@ def test_aux_labels_agree_with_every_answer_that_names_the_shape_or_colour():
 def test_recipe_trains_a_few_steps_and_writes_a_loadable_checkpoint(tmp_path: Path):
     spec = BUILTIN_MODELS["msao-tiny-edge"]
     options = replace(RECIPES[spec.name], steps=60, batch_size=32, warmup_steps=10, eval_every=60, eval_questions=200)
-    report = TrainBuiltin(spec, tmp_path / "ck", options, progress=lambda _m: None)
+    report = train_builtin(spec, tmp_path / "ck", options, progress=lambda _m: None)
     assert report.final_loss < 0.8 * report.first_loss
     assert report.eval_accuracy["final"] > 0.3  # above chance after 60 small steps
-    ck = LoadCheckpoint(tmp_path / "ck")
+    ck = load_checkpoint(tmp_path / "ck")
     assert ck.exit_heads is not None and ck.exit_heads.layers == spec.exit_layers
     assert (tmp_path / "ck" / "train_report.json").exists()
 
@@ -41,8 +41,8 @@ def test_recipe_trains_a_few_steps_and_writes_a_loadable_checkpoint(tmp_path: Pa
 def test_training_is_deterministic_for_a_seed(tmp_path: Path):
     spec = BUILTIN_MODELS["msao-tiny-edge"]
     options = replace(RECIPES[spec.name], steps=5, batch_size=8, warmup_steps=2, eval_every=5, eval_questions=16)
-    a = TrainBuiltin(spec, tmp_path / "a", options, progress=lambda _m: None)
-    b = TrainBuiltin(spec, tmp_path / "b", options, progress=lambda _m: None)
+    a = train_builtin(spec, tmp_path / "a", options, progress=lambda _m: None)
+    b = train_builtin(spec, tmp_path / "b", options, progress=lambda _m: None)
     assert a.final_loss == b.final_loss
     wa = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert wa == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from msao.engines.images import ImagePreprocess
-from msao.export.builtin import TokenizerForEasyVqa
-from msao.export.checkpoint import SaveCheckpoint
+from msao.export.builtin import tokenizer_for_easy_vqa
+from msao.export.checkpoint import save_checkpoint
 
 ARCHS = ("clip-llama-gqa", "siglip-qwen2")
 
 
-def MakeTinyLlava(folder: Path, arch: str, seed: int = 0) -> Path:  # noqa: N802
+def make_tiny_llava(folder: Path, arch: str, seed: int = 0) -> Path:
     """Write a random-init ``LlavaForConditionalGeneration`` checkpoint to ``folder``.
 
     clip-llama-gqa: LLaVA-1.5 geometry scaled down (CLIP, feature layer -2, CLS dropped;
@@ -55,5 +55,5 @@ def MakeTinyLlava(folder: Path, arch: str, seed: int = 0) -> Path:  # noqa: N802
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # spread the logits so greedy choices are not coin flips between runtimes
         model.lm_head.weight.normal_(0.0, 1.0)
-    SaveCheckpoint(folder, model, TokenizerForEasyVqa(), ImagePreprocess(shortest_edge=32, crop_height=32, crop_width=32), None)
+    save_checkpoint(folder, model, tokenizer_for_easy_vqa(), ImagePreprocess(shortest_edge=32, crop_height=32, crop_width=32), None)
     return folder

@@ -3,7 +3,7 @@
 A ``Ledger`` publishes JSON requests to an edge daemon at QoS 1 (as any MQTT 5 client would) and
 keeps *every* response it receives, so a test can prove the suite's promise for each fault:
 each accepted request gets exactly one answer (redeliveries may repeat it, never change it),
-within its deadline or as an explicit error. ``ComputedCounts`` reads the daemons' logs to show
+within its deadline or as an explicit error. ``computed_counts`` reads the daemons' logs to show
 that a request was computed once, not merely answered once.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from msao.cloud_bridge.client import BridgeClient
 from msao.cloud_bridge.mqtt_options import ClientOptions, InboundMessage
 
-__all__ = ["ComputedCounts", "Ledger", "Sent"]
+__all__ = ["computed_counts", "Ledger", "Sent"]
 
 EXPLICIT_ERRORS = ("deadline", "busy", "unavailable")  # what a fault may cause; "internal" is a bug
 
@@ -128,7 +128,7 @@ class Ledger:
         return out
 
 
-def ComputedCounts(logs: list[Path], ids: list[str]) -> dict[str, int]:  # noqa: N802
+def computed_counts(logs: list[Path], ids: list[str]) -> dict[str, int]:
     """How many times each request was computed, from the daemons' one INFO line per served request."""
     text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
     return {rid: len(re.findall(rf"msao\.edge_runtime\.runtime: request {re.escape(rid)}: ", text)) for rid in ids}

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from bench.shaping_proxy import LinkShape, ShapingProxy
-from bench.throttle import CpuThrottle, ThrottleUnavailableReason
+from bench.throttle import CpuThrottle, throttle_unavailable_reason
 from msao.cloud_bridge.link import CloudLink, LinkOptions
 from msao.cloud_bridge.mqtt_options import ClientOptions
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from tests.daemon_process import Daemon
-from tests.faults.ledger import ComputedCounts, Ledger
-from tests.mqtt_parts import FreePort, StartBroker, StartWorkers, StopAll, WorkerProcess
+from tests.faults.ledger import Ledger, computed_counts
+from tests.mqtt_parts import WorkerProcess, free_port, start_broker, start_workers, stop_all
 
 BROKER_MAX_PACKET = 1024 * 1024  # as EMQX: multi-megabyte results travel in chunks
 
@@ -37,11 +37,11 @@ class Stack:
     def __init__(self, root: Path, edge_bundle: Path, cloud_bundle: Path, throttle: CpuThrottle):
         self.root = root
         self.cloud_bundle = cloud_bundle
-        self.broker = StartBroker(root / "broker", max_packet_bytes=BROKER_MAX_PACKET)
-        self.workers: list[WorkerProcess] = StartWorkers(self.broker, cloud_bundle, root, count=2)
+        self.broker = start_broker(root / "broker", max_packet_bytes=BROKER_MAX_PACKET)
+        self.workers: list[WorkerProcess] = start_workers(self.broker, cloud_bundle, root, count=2)
         self.proxy = ShapingProxy("127.0.0.1", self.broker.port).start()
         self.edge_id = "faults-" + uuid.uuid4().hex[:6]
-        http_port = FreePort()
+        http_port = free_port()
         args = [
             "--broker", f"mqtt://127.0.0.1:{self.proxy.port}", "--edge-id", self.edge_id, "--http", f"127.0.0.1:{http_port}",
             "--bundle", str(edge_bundle), "--large-bundle", str(cloud_bundle), "--calibration", "", "--keepalive-s", "5",
@@ -56,8 +56,8 @@ class Stack:
         self.daemon = self.daemon.restarted(self.logs[-1])
 
     def replace_workers(self) -> None:
-        StopAll(self.workers)
-        self.workers[:] = StartWorkers(self.broker, self.cloud_bundle, self.root, count=2)
+        stop_all(self.workers)
+        self.workers[:] = start_workers(self.broker, self.cloud_bundle, self.root, count=2)
 
     def healthy(self, timeout_s: float = 60.0) -> dict:
         """The daemon is alive, ready, and back in collaborative mode (it sees a worker again)."""
@@ -66,14 +66,14 @@ class Stack:
     def close(self) -> None:
         self.ledger.close()
         self.daemon.stop()
-        StopAll(self.workers)
+        stop_all(self.workers)
         self.proxy.stop()
         self.broker.stop()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, edge_bundle_dir, cloud_bundle_dir):
-    reason = ThrottleUnavailableReason()
+    reason = throttle_unavailable_reason()
     if reason:
         pytest.skip(f"the fault suite slows the daemon with a cgroup in one test: {reason}")
     with CpuThrottle(1.0) as throttle:  # a full core until a test asks for a slower edge
@@ -110,7 +110,7 @@ def _ask(s: Stack, data, indices, tag: str, **fields) -> list[str]:
 
 def _promise_kept(s: Stack, ids: list[str], max_computed: int = 1, slack_s: float = 0.0) -> dict[str, int]:
     problems = s.ledger.problems(ids, slack_s)
-    computed = ComputedCounts(s.logs, ids)
+    computed = computed_counts(s.logs, ids)
     problems += [f"{rid}: computed {n} times" for rid, n in computed.items() if not 1 <= n <= max_computed]
     assert not problems, "\n".join(problems) + f"\nlast daemon log:\n{s.daemon.log()[-3000:]}"
     return s.ledger.statuses(ids)
@@ -171,7 +171,7 @@ def test_a_ten_second_partition_between_edge_and_broker_loses_nothing(fresh, eas
 def test_a_slow_link_returning_a_multi_megabyte_result_stalls_no_request(fresh, easyvqa_test):
     s = fresh
     s.proxy.set_shape(LinkShape(delay_ms=25.0, jitter_ms=5.0, bandwidth_bps=20e6))  # the lte profile
-    model_hash = LoadBundle(s.cloud_bundle).manifest.model_hash
+    model_hash = load_bundle(s.cloud_bundle).manifest.model_hash
     options = ClientOptions(f"mqtt://127.0.0.1:{s.proxy.port}", "big-" + uuid.uuid4().hex[:6], session_expiry_s=30)
     link = CloudLink(LinkOptions("big-" + uuid.uuid4().hex[:6], options)).start(timeout_s=10.0)
     reply_bytes = 4 * 1024 * 1024
@@ -220,7 +220,7 @@ def test_the_daemon_killed_and_restarted_answers_every_request_it_had_taken(fres
     s.ledger.wait(ids, 60)
     statuses = _promise_kept(s, ids, max_computed=2)
     assert statuses == {"ok": 12}, statuses
-    redelivered = ComputedCounts(s.logs[-1:], unanswered_at_kill)
+    redelivered = computed_counts(s.logs[-1:], unanswered_at_kill)
     assert all(n == 1 for n in redelivered.values()), redelivered  # the new process served what the old one left
 
 

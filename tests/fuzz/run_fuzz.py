@@ -28,39 +28,39 @@ RSS_LIMIT_MB = 2048  # libFuzzer kills (and reports) a run above this
 PER_INPUT_TIMEOUT_S = 10
 
 
-def Seeds(target: str) -> list[bytes]:  # noqa: N802
+def seed_inputs(target: str) -> list[bytes]:
     """The corpus cases and valid inputs a target starts from."""
-    from tests.corpus.corpus import LoadCases
+    from tests.corpus.corpus import load_cases
     from tests.corpus.make_corpus import GOOD_B64, GOOD_PNG, Q
 
     good_request = json.dumps({"question": Q, "image": GOOD_B64, "deadline_ms": 2000}).encode()
     if target == "edge_request":
-        out = [b"\n".join(f"{k}={v}".encode() for k, v in c["properties"]) + b"\n\n" + c.data for c in LoadCases("edge_request")]
+        out = [b"\n".join(f"{k}={v}".encode() for k, v in c["properties"]) + b"\n\n" + c.data for c in load_cases("edge_request")]
         return out + [good_request, b"question=" + Q.encode() + b"\n\n" + GOOD_PNG]
     if target == "chat_body":
-        return [c.data for c in LoadCases("http_chat")]
+        return [c.data for c in load_cases("http_chat")]
     if target == "codec":
         import numpy as np
 
-        from msao.cloud_bridge.codec import PayloadFromTensors
+        from msao.cloud_bridge.codec import payload_from_tensors
         from msao.cloud_bridge.messages import JobHeader
 
         md = JobHeader("fuzz-job", "ab" * 32, "split", 4e9, segment="decoder[1:2]").to_metadata()
-        good = PayloadFromTensors({"hidden_states": np.ones((1, 2, 8), np.float32), "position_ids": np.arange(2)[None]}, md)
-        return [c.data for c in LoadCases("job")] + [good, PayloadFromTensors({"x": np.arange(300, dtype=np.float16)}, md, compress=True)]
+        good = payload_from_tensors({"hidden_states": np.ones((1, 2, 8), np.float32), "position_ids": np.arange(2)[None]}, md)
+        return [c.data for c in load_cases("job")] + [good, payload_from_tensors({"x": np.arange(300, dtype=np.float16)}, md, compress=True)]
     if target == "chunks":
-        return [b"\n".join(f"{ch['property']}|{ch['bytes']}".encode() for ch in c["chunks"]) for c in LoadCases("chunk")] + [
+        return [b"\n".join(f"{ch['property']}|{ch['bytes']}".encode() for ch in c["chunks"]) for c in load_cases("chunk")] + [
             b"m:0:2:10:5|5\nm:1:2:10:5|5"
         ]
     if target == "image":
-        return [c.data for c in LoadCases("image")] + [GOOD_PNG]
-    return [c["value"].encode("utf-8", "surrogatepass") for c in LoadCases("topic")] + [b"cam-1", b"ab" * 32]
+        return [c.data for c in load_cases("image")] + [GOOD_PNG]
+    return [c["value"].encode("utf-8", "surrogatepass") for c in load_cases("topic")] + [b"cam-1", b"ab" * 32]
 
 
 # -- atheris ------------------------------------------------------------------------------------
 
 
-def AtherisUnavailableReason() -> str:  # noqa: N802
+def atheris_unavailable_reason() -> str:
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"atheris runs on x86-64 here, this is {platform.machine()}"
     try:
@@ -70,21 +70,21 @@ def AtherisUnavailableReason() -> str:  # noqa: N802
     return ""
 
 
-def _AtherisChild(target: str, seconds: float, out: Path, work: Path) -> None:  # noqa: N802
+def _atheris_child(target: str, seconds: float, out: Path, work: Path) -> None:
     """In a fresh process: instrument msao, then libFuzzer over one target until ``seconds`` pass."""
     import atheris
 
     with atheris.instrument_imports(include=["msao", "tests.fuzz.targets", "PIL"]):
         from tests.fuzz.targets import TARGETS
 
-        if target == "image":  # Pillow's format plugins are Python: instrument them too (DecodeImage imports PIL lazily)
+        if target == "image":  # Pillow's format plugins are Python: instrument them too (decode_image imports PIL lazily)
             from PIL import Image
 
             Image.init()
     fn = TARGETS[target]
     seeds = work / "seeds"
     seeds.mkdir()
-    for i, data in enumerate(Seeds(target)):
+    for i, data in enumerate(seed_inputs(target)):
         (seeds / f"seed-{i:04d}").write_bytes(data)
     (work / "new").mkdir()
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def _AtherisChild(target: str, seconds: float, out: Path, work: Path) -> None:  
     atheris.Fuzz()
 
 
-def RunAtheris(target: str, seconds: float, out: Path) -> dict:  # noqa: N802
+def run_atheris(target: str, seconds: float, out: Path) -> dict:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"msao-fuzz-{target}-") as work:
         cmd = [sys.executable, "-m", "tests.fuzz.run_fuzz", "--child", target, "--seconds", str(seconds), "--out", str(out), "--work", work]
@@ -121,7 +121,7 @@ def RunAtheris(target: str, seconds: float, out: Path) -> dict:  # noqa: N802
 # -- Hypothesis fallback -------------------------------------------------------------------------
 
 
-def RunHypothesis(target: str, seconds: float, out: Path) -> dict:  # noqa: N802
+def run_hypothesis(target: str, seconds: float, out: Path) -> dict:
     """Batches of Hypothesis examples (random bytes, mutated seeds) until ``seconds`` pass."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
@@ -130,7 +130,7 @@ def RunHypothesis(target: str, seconds: float, out: Path) -> dict:  # noqa: N802
     from tests.strategies import mutated
 
     fn = TARGETS[target]
-    seeds = Seeds(target)
+    seeds = seed_inputs(target)
     count = [0]
 
     def run(data: bytes) -> None:
@@ -160,7 +160,7 @@ def main() -> int:
         for flag, kind in (("--child", str), ("--seconds", float), ("--out", Path), ("--work", Path)):
             child.add_argument(flag, type=kind, required=True)
         a, _ = child.parse_known_args()
-        _AtherisChild(a.child, a.seconds, a.out, a.work)
+        _atheris_child(a.child, a.seconds, a.out, a.work)
         return 0
     from tests.fuzz.targets import TARGETS
 
@@ -179,7 +179,7 @@ def main() -> int:
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         ap.error(f"unknown targets {unknown}; choose from {list(TARGETS)}")
-    reason = AtherisUnavailableReason()
+    reason = atheris_unavailable_reason()
     engine = args.engine if args.engine != "auto" else ("hypothesis" if reason else "atheris")
     if engine == "atheris" and reason:
         ap.error(reason)
@@ -188,7 +188,7 @@ def main() -> int:
     results = []
     for t in targets:
         print(f"fuzz: {t} with {engine} for {args.seconds:g} s ...", flush=True)
-        results.append((RunAtheris if engine == "atheris" else RunHypothesis)(t, args.seconds, args.out))
+        results.append((run_atheris if engine == "atheris" else run_hypothesis)(t, args.seconds, args.out))
     print(f"\n{'target':<14}{'engine':<12}{'seconds':>9}{'executions':>12}{'exec/s':>9}{'coverage':>10}  finding")
     for r in results:
         rate = r["executions"] / r["seconds"] if r["seconds"] else 0.0

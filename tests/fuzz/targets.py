@@ -5,12 +5,12 @@ Shared by the Hypothesis properties (``test_fuzz_properties.py``) and the atheri
 with its typed error (checking the invariants of either outcome), and raises anything else.
 
     target          parser                                             allowed error
-    edge_request    RequestFromJson / RequestFromRawImage (+ props)    RequestError (code in ERROR_CODES)
-    chat_body       http_api._RequestFromChat                          _Refusal (code with an HTTP status)
-    codec           TensorsFromPayload, then Job/ResultHeader          CodecError (PayloadTooLarge included)
+    edge_request    request_from_json / request_from_raw_image (+ props)    RequestError (code in ERROR_CODES)
+    chat_body       http_api._request_from_chat                          _Refusal (code with an HTTP status)
+    codec           tensors_from_payload, then Job/ResultHeader          CodecError (PayloadTooLarge included)
     chunks          ChunkHeader.from_property + Reassembler.add        CodecError
-    image           DecodeImage (1 Mpx limit)                          ImageError
-    ids             CheckId, JobTopic, ResponseTopicProblem            ConfigError
+    image           decode_image (1 Mpx limit)                          ImageError
+    ids             check_id, job_topic, response_topic_problem            ConfigError
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import re
 from collections.abc import Callable
 
 from msao.cloud_bridge.chunking import MAX_CHUNKS, ChunkHeader, Reassembler
-from msao.cloud_bridge.codec import CodecLimits, TensorsFromPayload
+from msao.cloud_bridge.codec import CodecLimits, tensors_from_payload
 from msao.cloud_bridge.messages import JobHeader, ResultHeader
-from msao.cloud_bridge.topics import CheckId, JobTopic
-from msao.edge_runtime.http_api import _STATUS, HttpOptions, _Refusal, _RequestFromChat
-from msao.edge_runtime.mqtt_intake import _JSON_START, ResponseTopicProblem
-from msao.edge_runtime.requests import ERROR_CODES, EdgeRequest, RequestFromJson, RequestFromRawImage, RequestLimits
-from msao.engines.images import DecodeImage
+from msao.cloud_bridge.topics import check_id, job_topic
+from msao.edge_runtime.http_api import _STATUS, HttpOptions, _Refusal, _request_from_chat
+from msao.edge_runtime.mqtt_intake import _JSON_START, response_topic_problem
+from msao.edge_runtime.requests import ERROR_CODES, EdgeRequest, RequestLimits, request_from_json, request_from_raw_image
+from msao.engines.images import decode_image
 from msao.errors import CodecError, ConfigError, ImageError, RequestError
 
-__all__ = ["TARGETS", "FuzzChatBody", "FuzzChunks", "FuzzCodec", "FuzzEdgeRequest", "FuzzIds", "FuzzImage", "PropsAndPayload"]
+__all__ = ["TARGETS", "fuzz_chat_body", "fuzz_chunks", "fuzz_codec", "fuzz_edge_request", "fuzz_ids", "fuzz_image", "props_and_payload"]
 
 LIMITS = RequestLimits(max_payload_bytes=64 * 1024)
 CODEC_LIMITS = CodecLimits(max_payload_bytes=64 * 1024)
@@ -45,7 +45,7 @@ def _check(ok: object, what: str) -> None:
         raise FuzzFinding(what)
 
 
-def PropsAndPayload(data: bytes) -> tuple[dict[str, str], bytes]:  # noqa: N802
+def props_and_payload(data: bytes) -> tuple[dict[str, str], bytes]:
     """``key=value`` lines, a blank line, then the payload (no blank line: the whole input is the payload)."""
     head, sep, payload = data.partition(b"\n\n")
     if not sep:
@@ -57,7 +57,7 @@ def PropsAndPayload(data: bytes) -> tuple[dict[str, str], bytes]:  # noqa: N802
     return props, payload
 
 
-def _CheckRequest(r: EdgeRequest) -> None:  # noqa: N802
+def _check_request(r: EdgeRequest) -> None:
     _check(_SAFE_ID.fullmatch(r.request_id), f"accepted request id {r.request_id!r}")
     _check(isinstance(r.question, str) and r.question.strip() and len(r.question) <= LIMITS.max_question_chars, "accepted question")
     _check(isinstance(r.image, bytes) and 0 < len(r.image) <= LIMITS.max_payload_bytes, "accepted image")
@@ -65,31 +65,31 @@ def _CheckRequest(r: EdgeRequest) -> None:  # noqa: N802
     _check(r.stream_id is None or _SAFE_ID.fullmatch(r.stream_id), f"accepted stream id {r.stream_id!r}")
 
 
-def FuzzEdgeRequest(data: bytes) -> None:  # noqa: N802
+def fuzz_edge_request(data: bytes) -> None:
     """An MQTT request (user properties, then the payload) as ``MqttIntake._parse`` reads it."""
-    props, payload = PropsAndPayload(data)
+    props, payload = props_and_payload(data)
     try:
-        r = RequestFromJson(payload, LIMITS) if _JSON_START.match(payload) else RequestFromRawImage(payload, props, LIMITS)
+        r = request_from_json(payload, LIMITS) if _JSON_START.match(payload) else request_from_raw_image(payload, props, LIMITS)
     except RequestError as exc:
         _check(exc.code in ERROR_CODES and str(exc).strip(), f"RequestError code {exc.code!r}, message {str(exc)!r}")
         return
-    _CheckRequest(r)
+    _check_request(r)
 
 
-def FuzzChatBody(data: bytes) -> None:  # noqa: N802
+def fuzz_chat_body(data: bytes) -> None:
     """A POST /v1/chat/completions body."""
     try:
-        r = _RequestFromChat(data, LIMITS, HttpOptions(), "fuzz")
+        r = _request_from_chat(data, LIMITS, HttpOptions(), "fuzz")
     except _Refusal as exc:
         _check(exc.code in _STATUS and str(exc).strip(), f"_Refusal code {exc.code!r}, message {str(exc)!r}")
         return
-    _CheckRequest(r)
+    _check_request(r)
 
 
-def FuzzCodec(data: bytes) -> None:  # noqa: N802
+def fuzz_codec(data: bytes) -> None:
     """A job or result payload: codec, then both header parsers on its metadata."""
     try:
-        out = TensorsFromPayload(data, CODEC_LIMITS)
+        out = tensors_from_payload(data, CODEC_LIMITS)
     except CodecError as exc:
         _check(str(exc).strip(), "CodecError without a message")
         return
@@ -103,7 +103,7 @@ def FuzzCodec(data: bytes) -> None:  # noqa: N802
             _check(str(exc).strip(), f"{cls.__name__}: CodecError without a message")
 
 
-def FuzzChunks(data: bytes) -> None:  # noqa: N802
+def fuzz_chunks(data: bytes) -> None:
     """Lines ``<msao-chunk property>|<n>``: n zero bytes with that property, into one Reassembler."""
     r = Reassembler(4096, max_partial_messages=4, max_buffered_bytes=8192)
     for i, line in enumerate(data.split(b"\n")[:64]):
@@ -120,38 +120,38 @@ def FuzzChunks(data: bytes) -> None:  # noqa: N802
         _check(len(r) <= r.max_partial_messages and r.buffered_bytes <= r.max_buffered_bytes, "reassembly over its bounds")
 
 
-def FuzzImage(data: bytes) -> None:  # noqa: N802
+def fuzz_image(data: bytes) -> None:
     """Image bytes as the edge's and the worker's decoder sees them (1 Mpx limit keeps each run fast)."""
     try:
-        rgb = DecodeImage(data, max_pixels=1 << 20)
+        rgb = decode_image(data, max_pixels=1 << 20)
     except ImageError as exc:
         _check(str(exc).strip(), "ImageError without a message")
         return
     _check(rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[0] * rgb.shape[1] <= 1 << 20, f"decoded {rgb.shape}")
 
 
-def FuzzIds(data: bytes) -> None:  # noqa: N802
+def fuzz_ids(data: bytes) -> None:
     """Text as an id, a model hash and a ResponseTopic."""
     text = data.decode("utf-8", "replace")
     try:
-        CheckId(text)
+        check_id(text)
         _check(_SAFE_ID.fullmatch(text), f"id {text!r} accepted")
     except ConfigError as exc:
         _check(str(exc).strip(), "ConfigError without a message")
     try:
-        JobTopic(text)
+        job_topic(text)
         _check(re.fullmatch(r"[0-9a-f]{64}", text), f"model hash {text!r} accepted")
     except ConfigError:
         pass
-    problem = ResponseTopicProblem(text)
+    problem = response_topic_problem(text)
     _check(problem or not (set(text) & {"+", "#", "\x00"} or text.startswith("$") or not text), f"ResponseTopic {text!r} accepted")
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
-    "edge_request": FuzzEdgeRequest,
-    "chat_body": FuzzChatBody,
-    "codec": FuzzCodec,
-    "chunks": FuzzChunks,
-    "image": FuzzImage,
-    "ids": FuzzIds,
+    "edge_request": fuzz_edge_request,
+    "chat_body": fuzz_chat_body,
+    "codec": fuzz_codec,
+    "chunks": fuzz_chunks,
+    "image": fuzz_image,
+    "ids": fuzz_ids,
 }

@@ -17,25 +17,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msao.cloud_bridge.chunking import ChunkHeader
-from msao.cloud_bridge.codec import PayloadFromTensors
+from msao.cloud_bridge.codec import payload_from_tensors
 from msao.cloud_bridge.messages import JobHeader
 from msao.errors import CodecError
-from tests.corpus.corpus import LoadCases
+from tests.corpus.corpus import load_cases
 from tests.corpus.make_corpus import GOOD_B64, GOOD_PNG, Q
-from tests.fuzz.targets import FuzzChatBody, FuzzChunks, FuzzCodec, FuzzEdgeRequest, FuzzIds, FuzzImage
+from tests.fuzz.targets import fuzz_chat_body, fuzz_chunks, fuzz_codec, fuzz_edge_request, fuzz_ids, fuzz_image
 from tests.strategies import json_values, mutated, request_docs, wire_metadata, wire_tensor_dicts
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 VALID = {"request_id": "fuzz-1", "question": Q, "image": GOOD_B64, "stream": "cam-1", "deadline_ms": 2000, "policy": "edge_only",
          "split_layer": 1, "keep_ratio": 0.5}  # fmt: skip
-GOOD_JOB = PayloadFromTensors(
+GOOD_JOB = payload_from_tensors(
     {"hidden_states": np.ones((1, 2, 8), np.float32), "position_ids": np.arange(2)[None]},
     JobHeader("fuzz-job", "ab" * 32, "split", 4e9, segment="decoder[1:2]").to_metadata(),
 )
-EDGE_SEEDS = [c.data for c in LoadCases("edge_request")] + [json.dumps(VALID).encode(), b"question=" + Q.encode() + b"\n\n" + GOOD_PNG]
-CHAT_SEEDS = [c.data for c in LoadCases("http_chat")]
-JOB_SEEDS = [c.data for c in LoadCases("job")] + [GOOD_JOB, PayloadFromTensors({}, {"job_id": "x"}, compress=True)]
-IMAGE_SEEDS = [c.data for c in LoadCases("image")] + [GOOD_PNG]
+EDGE_SEEDS = [c.data for c in load_cases("edge_request")] + [json.dumps(VALID).encode(), b"question=" + Q.encode() + b"\n\n" + GOOD_PNG]
+CHAT_SEEDS = [c.data for c in load_cases("http_chat")]
+JOB_SEEDS = [c.data for c in load_cases("job")] + [GOOD_JOB, payload_from_tensors({}, {"job_id": "x"}, compress=True)]
+IMAGE_SEEDS = [c.data for c in load_cases("image")] + [GOOD_PNG]
 
 
 def _chat(content, msao=None, **extra) -> dict:
@@ -49,13 +49,13 @@ def _chat(content, msao=None, **extra) -> dict:
 @FUZZ
 @given(st.binary(max_size=2048))
 def test_edge_request_parser_refuses_arbitrary_bytes_with_a_request_error(data):
-    FuzzEdgeRequest(data)
+    fuzz_edge_request(data)
 
 
 @FUZZ
 @given(request_docs(VALID))
 def test_edge_request_parser_on_json_with_known_keys_and_any_values(doc):
-    FuzzEdgeRequest(json.dumps(doc, allow_nan=True).encode())
+    fuzz_edge_request(json.dumps(doc, allow_nan=True).encode())
 
 
 @FUZZ
@@ -63,13 +63,13 @@ def test_edge_request_parser_on_json_with_known_keys_and_any_values(doc):
        st.sampled_from((GOOD_PNG, b"", b"\0" * 64, b"GIF89a")))  # fmt: skip
 def test_edge_request_parser_on_raw_images_with_any_properties(props, payload):
     head = "\n".join(f"{k}={v}" for k, v in props.items() if "\n" not in v and "=" not in k).encode("utf-8", "replace")
-    FuzzEdgeRequest(head + b"\n\n" + payload)
+    fuzz_edge_request(head + b"\n\n" + payload)
 
 
 @FUZZ
 @given(st.sampled_from(EDGE_SEEDS).flatmap(mutated))
 def test_edge_request_parser_on_mutated_corpus_and_valid_requests(data):
-    FuzzEdgeRequest(data)
+    fuzz_edge_request(data)
 
 
 # -- HTTP chat bodies ----------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_edge_request_parser_on_mutated_corpus_and_valid_requests(data):
 @FUZZ
 @given(st.binary(max_size=2048) | st.sampled_from(CHAT_SEEDS).flatmap(mutated))
 def test_chat_body_parser_refuses_bytes_and_mutations_with_a_refusal(data):
-    FuzzChatBody(data)
+    fuzz_chat_body(data)
 
 
 @FUZZ
@@ -96,7 +96,7 @@ def test_chat_body_parser_refuses_bytes_and_mutations_with_a_refusal(data):
     stream=st.none() | json_values,
 )  # fmt: skip
 def test_chat_body_parser_on_openai_shapes_with_wrong_parts(content, msao, stream):
-    FuzzChatBody(json.dumps(_chat(content, msao, stream=stream), allow_nan=True).encode())
+    fuzz_chat_body(json.dumps(_chat(content, msao, stream=stream), allow_nan=True).encode())
 
 
 # -- codec and job headers ---------------------------------------------------------------------
@@ -105,19 +105,19 @@ def test_chat_body_parser_on_openai_shapes_with_wrong_parts(content, msao, strea
 @FUZZ
 @given(st.binary(max_size=2048) | st.binary(max_size=256).map(lambda b: b"\x28\xb5\x2f\xfd" + b))
 def test_codec_refuses_arbitrary_bytes_with_a_codec_error(data):
-    FuzzCodec(data)
+    fuzz_codec(data)
 
 
 @FUZZ
 @given(wire_tensor_dicts, wire_metadata, st.booleans(), st.data())
 def test_codec_on_mutated_valid_payloads(tensors, metadata, compress, data):
-    FuzzCodec(data.draw(mutated(PayloadFromTensors(tensors, metadata, compress=compress))))
+    fuzz_codec(data.draw(mutated(payload_from_tensors(tensors, metadata, compress=compress))))
 
 
 @FUZZ
 @given(st.sampled_from(JOB_SEEDS).flatmap(mutated))
 def test_codec_on_mutated_corpus_jobs(data):
-    FuzzCodec(data)
+    fuzz_codec(data)
 
 
 @FUZZ
@@ -128,7 +128,7 @@ def test_job_header_parser_refuses_any_metadata_with_a_codec_error(md):
         JobHeader.from_metadata(md)
     except CodecError as exc:
         assert str(exc).strip()
-    FuzzCodec(PayloadFromTensors({}, md))
+    fuzz_codec(payload_from_tensors({}, md))
 
 
 # -- chunks, images, ids -----------------------------------------------------------------------------
@@ -147,16 +147,16 @@ def test_chunk_header_parser_refuses_any_property_with_a_codec_error(prop):
 @given(st.lists(st.tuples(st.sampled_from(("a", "b", "c", "d", "e")), st.integers(0, 4), st.integers(0, 4), st.integers(0, 9000),
                           st.integers(1, 5000), st.integers(0, 5000)), max_size=20))  # fmt: skip
 def test_reassembly_stays_within_its_bounds_for_any_chunk_sequence(chunks):
-    FuzzChunks(b"\n".join(f"{m}:{i}:{c}:{t}:{b}|{n}".encode() for m, i, c, t, b, n in chunks))
+    fuzz_chunks(b"\n".join(f"{m}:{i}:{c}:{t}:{b}|{n}".encode() for m, i, c, t, b, n in chunks))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(IMAGE_SEEDS).flatmap(mutated))
 def test_image_decoder_refuses_mutated_images_with_an_image_error(data):
-    FuzzImage(data)
+    fuzz_image(data)
 
 
 @FUZZ
 @given(st.text(max_size=80) | st.binary(max_size=80).map(lambda b: base64.b16encode(b).decode().lower()))
 def test_ids_hashes_and_response_topics_are_checked(text):
-    FuzzIds(text.encode("utf-8", "surrogatepass"))
+    fuzz_ids(text.encode("utf-8", "surrogatepass"))

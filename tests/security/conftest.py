@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.security.probe import Probe
-from tests.security.secure_broker import SecureBroker, StartSecureBroker
+from tests.security.secure_broker import SecureBroker, start_secure_broker
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory) -> Iterator[SecureBroker]:
-    b = StartSecureBroker(tmp_path_factory.mktemp("secure-broker"))
+    b = start_secure_broker(tmp_path_factory.mktemp("secure-broker"))
     yield b
     b.stop()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["MakePki", "Pki", "RenewServerCert"]
+__all__ = ["make_pki", "Pki", "renew_server_cert"]
 
 _EXTENSIONS = """\
 [server_ext]
@@ -81,7 +81,7 @@ def _leaf(root: Path, ca: str, name: str, cn: str, ext: str) -> None:
     )  # fmt: skip
 
 
-def MakePki(root: Path, clients: tuple[str, ...]) -> Pki:  # noqa: N802
+def make_pki(root: Path, clients: tuple[str, ...]) -> Pki:
     """Write a CA, a server certificate for 127.0.0.1/localhost and one client certificate per CN in ``clients``,
     plus the same again under a rogue CA (files ``rogue-*``)."""
     if shutil.which("openssl") is None:
@@ -104,6 +104,6 @@ def MakePki(root: Path, clients: tuple[str, ...]) -> Pki:  # noqa: N802
     )
 
 
-def RenewServerCert(pki: Pki) -> None:  # noqa: N802
+def renew_server_cert(pki: Pki) -> None:
     """Replace the broker's key and certificate in place with new ones from the same CA (a rotation)."""
     _leaf(pki.root, "ca", "server", "localhost", "server_ext")

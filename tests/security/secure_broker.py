@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.mqtt_parts import Broker, FreePort, _launch
-from tests.security.pki import MakePki, Pki
+from tests.mqtt_parts import Broker, _launch, free_port
+from tests.security.pki import Pki, make_pki
 
-__all__ = ["CLOUD_USER", "EDGES", "SHIPPED_ACL", "SHIPPED_CONF", "SecureBroker", "StartSecureBroker", "ConfForTest"]
+__all__ = ["CLOUD_USER", "EDGES", "SHIPPED_ACL", "SHIPPED_CONF", "SecureBroker", "start_secure_broker", "conf_for_test"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONF = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -51,7 +51,7 @@ class SecureBroker:
         self.broker.stop()
 
 
-def ConfForTest(text: str, folder: Path, tls_port: int, mtls_port: int) -> str:  # noqa: N802
+def conf_for_test(text: str, folder: Path, tls_port: int, mtls_port: int) -> str:
     """The shipped configuration with ports and paths moved to this test (see the module docstring); comments dropped."""
     text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")) + "\n"
     subs = [
@@ -71,22 +71,22 @@ def ConfForTest(text: str, folder: Path, tls_port: int, mtls_port: int) -> str: 
     return text
 
 
-def StartSecureBroker(root: Path) -> SecureBroker:  # noqa: N802
+def start_secure_broker(root: Path) -> SecureBroker:
     if shutil.which("mosquitto_passwd") is None:
         pytest.fail("mosquitto_passwd is not installed: run `make broker` (Debian package mosquitto)")
     root.mkdir(parents=True, exist_ok=True)
-    pki = MakePki(root, clients=(*EDGES, CLOUD_USER))
+    pki = make_pki(root, clients=(*EDGES, CLOUD_USER))
     passwords = {user: secrets.token_urlsafe(12) for user in (*EDGES, CLOUD_USER)}
     passwd = root / "passwd"
     passwd.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
     r = subprocess.run(["mosquitto_passwd", "-U", str(passwd)], capture_output=True, text=True, timeout=30)
     if r.returncode != 0 or not ("$7$" in passwd.read_text() or "$6$" in passwd.read_text()):  # hashed, not clear text
         pytest.fail(f"mosquitto_passwd -U failed ({r.returncode}): {r.stderr}")
-    tls_port, mtls_port = FreePort(), FreePort()
+    tls_port, mtls_port = free_port(), free_port()
     while mtls_port == tls_port:
-        mtls_port = FreePort()
+        mtls_port = free_port()
     conf = root / "mosquitto.conf"
-    conf.write_text(ConfForTest(SHIPPED_CONF.read_text(), root, tls_port, mtls_port))
+    conf.write_text(conf_for_test(SHIPPED_CONF.read_text(), root, tls_port, mtls_port))
     log_path = root / "mosquitto.log"
     url = f"mqtts://127.0.0.1:{tls_port}"
     broker = Broker(url, tls_port, 2_000_000, conf, log_path, _launch(conf, log_path, tls_port))

@@ -22,7 +22,7 @@ from msao.cloud_bridge.client import BridgeClient
 from msao.cloud_bridge.mqtt_options import ClientOptions, TlsOptions
 from msao.edge_runtime.edge_client import EdgeClient
 from msao.errors import CloudUnavailable
-from tests.security.pki import RenewServerCert
+from tests.security.pki import renew_server_cert
 from tests.security.probe import Probe
 from tests.security.secure_broker import SecureBroker
 
@@ -141,7 +141,7 @@ def _served_certificate_serial(secure: SecureBroker) -> str:
 def test_server_certificate_rotates_on_sighup_without_dropping_connected_clients(secure: SecureBroker):
     before = _served_certificate_serial(secure)
     with Probe(secure.tls_url, "edge-a", secure.passwords["edge-a"], secure.pki.ca) as connected:
-        RenewServerCert(secure.pki)
+        renew_server_cert(secure.pki)
         secure.broker.process.send_signal(signal.SIGHUP)
         end = time.monotonic() + 5
         while (after := _served_certificate_serial(secure)) == before and time.monotonic() < end:

@@ -21,7 +21,7 @@ import onnxruntime
 import pytest
 
 from msao.edge_runtime.local_model import LocalModel
-from msao.engines.bundle import LoadBundle
+from msao.engines.bundle import load_bundle
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import HashMismatch
 
@@ -62,10 +62,10 @@ def sessions(monkeypatch) -> list[object]:
 def test_swapped_segment_is_refused_before_any_onnx_session(tampered, sessions):
     bundle, name, original = tampered
     with pytest.raises(HashMismatch, match=rf"{name}: sha256 .*manifest says"):
-        LocalModel(LoadBundle(bundle), OnnxRuntimeBackend(OrtOptions(threads=1)))
+        LocalModel(load_bundle(bundle), OnnxRuntimeBackend(OrtOptions(threads=1)))
     assert sessions == [], f"{len(sessions)} ONNX Runtime session(s) were created from a bundle that failed verification"
     (bundle / name).write_bytes(original)  # control: the intact bundle does open sessions, and the counter sees them
-    model = LocalModel(LoadBundle(bundle), OnnxRuntimeBackend(OrtOptions(threads=1)))
+    model = LocalModel(load_bundle(bundle), OnnxRuntimeBackend(OrtOptions(threads=1)))
     model.close()
     assert len(sessions) >= 4, len(sessions)
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msao.cloud_bridge.codec import PayloadFromTensors, TensorsFromPayload
-from msao.cloud_bridge.link import CloudLink, LinkOptions, NewJobId
+from msao.cloud_bridge.codec import payload_from_tensors, tensors_from_payload
+from msao.cloud_bridge.link import CloudLink, LinkOptions, new_job_id
 from msao.cloud_bridge.messages import JobHeader, ResultHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions, TlsOptions
-from msao.cloud_bridge.topics import EdgeRequestTopic, EdgeResponseTopic, EdgeResultsTopic, JobTopic, WorkerStatusTopic
-from msao.engines.bundle import LoadBundle
+from msao.cloud_bridge.topics import edge_request_topic, edge_response_topic, edge_results_topic, job_topic, worker_status_topic
+from msao.engines.bundle import load_bundle
 from tests.security.probe import Probe
 from tests.security.secure_broker import CLOUD_USER, SecureBroker
 
@@ -87,10 +87,10 @@ def fleet(secure: SecureBroker, built_bundles, easyvqa_test, tmp_path_factory) -
         images[i].write_bytes(easyvqa_test.image_pngs[int(easyvqa_test.image_ids[i])])
     try:
         with Probe(secure.tls_url, "edge-a", secure.passwords["edge-a"], secure.pki.ca) as watcher:
-            watcher.subscribe(WorkerStatusTopic(WORKER_ID))  # edges may read worker statuses
+            watcher.subscribe(worker_status_topic(WORKER_ID))  # edges may read worker statuses
             end = time.monotonic() + 90
             while True:
-                online = any(b'"online"' in m.payload for m in watcher.received(WorkerStatusTopic(WORKER_ID)))
+                online = any(b'"online"' in m.payload for m in watcher.received(worker_status_topic(WORKER_ID)))
                 edge_log = (logs / "edge.log").read_text(errors="replace")
                 if online and "MQTT intake of edge edge-a" in edge_log and "as msao-edge-edge-a-link" in edge_log:
                     break
@@ -100,7 +100,7 @@ def fleet(secure: SecureBroker, built_bundles, easyvqa_test, tmp_path_factory) -
                 if time.monotonic() > end:
                     pytest.fail(f"fleet not up after 90 s (worker online: {online}):\n{edge_log[-3000:]}")
                 time.sleep(0.1)
-        yield Fleet(secure, logs / "worker.log", logs / "edge.log", LoadBundle(cloud_bundle).manifest.model_hash, images)
+        yield Fleet(secure, logs / "worker.log", logs / "edge.log", load_bundle(cloud_bundle).manifest.model_hash, images)
     finally:
         _stop(edge)
         _stop(worker)
@@ -154,12 +154,12 @@ def test_another_edge_cannot_ask_this_edges_daemon(fleet: Fleet, easyvqa_test):
         Probe(s.tls_url, "edge-b", s.passwords["edge-b"], s.pki.ca) as b,
         Probe(s.tls_url, "edge-a", s.passwords["edge-a"], s.pki.ca) as a_app,
     ):
-        b.subscribe(EdgeResponseTopic("edge-b") + "/#")
-        a_app.subscribe(EdgeResponseTopic("edge-a") + "/app")
-        evil_id, own_id = "intruder-" + NewJobId(), "own-" + NewJobId()
-        reason = b.publish(EdgeRequestTopic("edge-a"), request(evil_id), response_topic=EdgeResponseTopic("edge-b") + "/x")
+        b.subscribe(edge_response_topic("edge-b") + "/#")
+        a_app.subscribe(edge_response_topic("edge-a") + "/app")
+        evil_id, own_id = "intruder-" + new_job_id(), "own-" + new_job_id()
+        reason = b.publish(edge_request_topic("edge-a"), request(evil_id), response_topic=edge_response_topic("edge-b") + "/x")
         assert reason == "Not authorized"
-        assert a_app.publish(EdgeRequestTopic("edge-a"), request(own_id), response_topic=EdgeResponseTopic("edge-a") + "/app") == "Success"
+        assert a_app.publish(edge_request_topic("edge-a"), request(own_id), response_topic=edge_response_topic("edge-a") + "/app") == "Success"
         answers = a_app.wait_for(own_id.encode(), timeout_s=60)
         assert answers and json.loads(answers[0].payload)["status"] == "ok", "edge-a's daemon did not answer its own client"
         log = fleet.edge_log.read_text(errors="replace")
@@ -171,17 +171,17 @@ def test_another_edge_cannot_ask_this_edges_daemon(fleet: Fleet, easyvqa_test):
 def _send_job(fleet: Fleet, tensors: dict[str, np.ndarray], metadata: dict[str, str], job_id: str) -> ResultHeader:
     s = fleet.secure
     with Probe(s.tls_url, "edge-a", s.passwords["edge-a"], s.pki.ca) as edge:
-        edge.subscribe(EdgeResultsTopic("edge-a"))
-        payload = PayloadFromTensors(tensors, metadata)
+        edge.subscribe(edge_results_topic("edge-a"))
+        payload = payload_from_tensors(tensors, metadata)
         reason = edge.publish(
-            JobTopic(fleet.model_hash), payload, response_topic=EdgeResultsTopic("edge-a"), correlation_data=job_id.encode()
+            job_topic(fleet.model_hash), payload, response_topic=edge_results_topic("edge-a"), correlation_data=job_id.encode()
         )
         assert reason == "Success", reason
         end = time.monotonic() + 30
         while time.monotonic() < end:
-            for m in edge.received(EdgeResultsTopic("edge-a")):
+            for m in edge.received(edge_results_topic("edge-a")):
                 if m.correlation_data == job_id.encode():
-                    return ResultHeader.from_metadata(TensorsFromPayload(m.payload).metadata)
+                    return ResultHeader.from_metadata(tensors_from_payload(m.payload).metadata)
             time.sleep(0.02)
     pytest.fail(f"no result for job {job_id} in 30 s:\n{fleet.worker_log.read_text()[-3000:]}")
 
@@ -190,7 +190,7 @@ def test_worker_refuses_a_job_that_carries_a_model_file(fleet: Fleet, built_bund
     """A job is named tensors + string metadata; a model file riding along as a tensor is refused, never loaded."""
     onnx = np.frombuffer((built_bundles[0] / "lm_head.onnx").read_bytes(), np.uint8)
     image = np.frombuffer(fleet.images[SAMPLES[0]].read_bytes(), np.uint8)
-    job_id = NewJobId()
+    job_id = new_job_id()
     header = JobHeader(job_id, fleet.model_hash, "answer", time.time() + 30, question="what shape is this?")
     result = _send_job(fleet, {"image": image, "model": onnx}, header.to_metadata(), job_id)
     assert (result.status, result.error_code) == ("error", "bad_input"), result
@@ -198,7 +198,7 @@ def test_worker_refuses_a_job_that_carries_a_model_file(fleet: Fleet, built_bund
 
 
 def test_worker_refuses_a_job_naming_a_bundle_in_its_metadata(fleet: Fleet):
-    job_id = NewJobId()
+    job_id = new_job_id()
     header = JobHeader(job_id, fleet.model_hash, "answer", time.time() + 30, question="what shape is this?")
     image = np.frombuffer(fleet.images[SAMPLES[0]].read_bytes(), np.uint8)
     metadata = {**header.to_metadata(), "bundle": "/tmp/evil-bundle"}
@@ -225,10 +225,10 @@ def test_a_result_redirected_to_another_edge_is_ignored_there(fleet: Fleet):
     try:
         assert link.client.wait_subscribed(5.0), link.client.last_connect_error
         with Probe(s.tls_url, "edge-a", s.passwords["edge-a"], s.pki.ca) as a:
-            job_id = NewJobId()
+            job_id = new_job_id()
             header = JobHeader(job_id, fleet.model_hash, "probe", time.time() + 30)
-            reason = a.publish(JobTopic(fleet.model_hash), PayloadFromTensors({}, header.to_metadata()),
-                               response_topic=EdgeResultsTopic("edge-b"), correlation_data=job_id.encode())  # fmt: skip
+            reason = a.publish(job_topic(fleet.model_hash), payload_from_tensors({}, header.to_metadata()),
+                               response_topic=edge_results_topic("edge-b"), correlation_data=job_id.encode())  # fmt: skip
             assert reason == "Success", reason
             end = time.monotonic() + 10
             while link.late_results == 0 and time.monotonic() < end:

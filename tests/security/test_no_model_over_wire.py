@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msao.cloud_bridge.codec import DTYPE_NAMES, PayloadFromTensors, TensorsFromPayload
+from msao.cloud_bridge.codec import DTYPE_NAMES, payload_from_tensors, tensors_from_payload
 from msao.errors import CodecError
 
 PACKAGE = Path(__file__).resolve().parents[2] / "msao"
@@ -34,9 +34,9 @@ FORBIDDEN_IMPORTS = {
     "onnx", "onnxruntime", "tensorrt", "subprocess", "tempfile", "zipfile", "tarfile", "shutil", "importlib",
     "urllib.request", "http.client", "requests",
 }  # fmt: skip
-FORBIDDEN_NAMES = {"open", "exec", "eval", "compile", "__import__", "LoadBundle", "InferenceSession"}  # called as bare names
+FORBIDDEN_NAMES = {"open", "exec", "eval", "compile", "__import__", "load_bundle", "InferenceSession"}  # called as bare names
 FORBIDDEN_METHODS = {
-    "read_bytes", "read_text", "write_bytes", "write_text", "mkdir", "unlink", "LoadBundle", "InferenceSession",
+    "read_bytes", "read_text", "write_bytes", "write_text", "mkdir", "unlink", "load_bundle", "InferenceSession",
     "load_model", "deserialize_cuda_engine", "from_file", "load_from_string",
 }  # fmt: skip
 
@@ -55,7 +55,7 @@ def _violations(path: Path, root: Path = PACKAGE.parent) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             if _forbidden_module(node.module):
                 out.append(f"{where}: imports from {node.module}")
-            out += [f"{where}: imports {a.name} from {node.module}" for a in node.names if a.name in ("LoadBundle", "InferenceSession")]
+            out += [f"{where}: imports {a.name} from {node.module}" for a in node.names if a.name in ("load_bundle", "InferenceSession")]
         elif isinstance(node, ast.Call):
             f = node.func
             if isinstance(f, ast.Name) and f.id in FORBIDDEN_NAMES:
@@ -75,13 +75,13 @@ def test_the_source_check_notices_a_model_loaded_from_a_message(tmp_path: Path):
     bad = tmp_path / "msao" / "evil.py"
     bad.parent.mkdir()
     bad.write_text(
-        "import onnxruntime as ort\nfrom msao.engines.bundle import LoadBundle\n"
-        "def on_message(msg):\n    open('/tmp/m.onnx', 'wb').write(msg.payload)\n    LoadBundle(msg.topic)\n"
+        "import onnxruntime as ort\nfrom msao.engines.bundle import load_bundle\n"
+        "def on_message(msg):\n    open('/tmp/m.onnx', 'wb').write(msg.payload)\n    load_bundle(msg.topic)\n"
         "    ort.InferenceSession(bytes(msg.payload))\n"
     )
     found = _violations(bad, tmp_path)
     assert {v.split(": ", 1)[1] for v in found} == {
-        "imports onnxruntime", "imports LoadBundle from msao.engines.bundle", "calls open()", "calls LoadBundle()",
+        "imports onnxruntime", "imports load_bundle from msao.engines.bundle", "calls open()", "calls load_bundle()",
         "calls .InferenceSession()",
     }, found  # fmt: skip
 
@@ -96,11 +96,11 @@ def test_payload_declaring_an_object_dtype_is_refused(tag: str):
     header = json.dumps({"m": {"dtype": tag, "shape": [1], "data_offsets": [0, 8]}}).encode()
     header += b" " * (-len(header) % 8)
     with pytest.raises(CodecError, match="is not supported"):
-        TensorsFromPayload(struct.pack("<Q", len(header)) + header + bytes(8))
+        tensors_from_payload(struct.pack("<Q", len(header)) + header + bytes(8))
 
 
 def test_encoder_refuses_objects_and_non_string_metadata():
     with pytest.raises(CodecError, match="cannot be sent"):
-        PayloadFromTensors({"m": np.array([object()], dtype=object)})
+        payload_from_tensors({"m": np.array([object()], dtype=object)})
     with pytest.raises(CodecError):
-        PayloadFromTensors({}, {"bundle": b"\x00model"})  # type: ignore[dict-item]
+        payload_from_tensors({}, {"bundle": b"\x00model"})  # type: ignore[dict-item]

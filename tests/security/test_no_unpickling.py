@@ -49,7 +49,7 @@ def _is_true(node: ast.expr | None) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
-def FindUnpickling(source: str, filename: str = "<source>") -> list[str]:  # noqa: N802
+def find_unpickling(source: str, filename: str = "<source>") -> list[str]:
     """Every line of ``source`` that unpickles or imports an unpickler, as ``file:line: why: code``."""
     tree = ast.parse(source, filename)
     lines = source.splitlines()
@@ -94,7 +94,7 @@ def FindUnpickling(source: str, filename: str = "<source>") -> list[str]:  # noq
 def test_msao_package_never_unpickles():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 50, f"found only {len(files)} Python files under {PACKAGE}"
-    offending = [hit for f in files for hit in FindUnpickling(f.read_text(encoding="utf-8"), str(f.relative_to(PACKAGE.parent)))]
+    offending = [hit for f in files for hit in find_unpickling(f.read_text(encoding="utf-8"), str(f.relative_to(PACKAGE.parent)))]
     assert not offending, "unpickling in the msao package (load safetensors / JSON / ONNX instead):\n" + "\n".join(offending)
 
 
@@ -131,10 +131,10 @@ GOOD = [
 
 @pytest.mark.parametrize("source", list(BAD))
 def test_scan_flags_each_way_to_unpickle(source: str):
-    hits = FindUnpickling(source)
+    hits = find_unpickling(source)
     assert hits and BAD[source] in hits[0], hits
 
 
 @pytest.mark.parametrize("source", GOOD)
 def test_scan_leaves_safe_loading_alone(source: str):
-    assert FindUnpickling(source) == []
+    assert find_unpickling(source) == []
