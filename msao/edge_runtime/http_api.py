@@ -5,11 +5,12 @@
     GET  /readyz                200 with ``EdgeRuntime.health()`` when the runtime serves, else 503
     GET  /metrics               Prometheus text exposition of the runtime's metrics
 
-Owns HTTP: connection limits, size checks before any body byte is read, turning an OpenAI chat
-body into one ``EdgeRequest`` and an ``EdgeResponse`` into a ``chat.completion`` (or an
-OpenAI-shaped error), and the status codes. Knows nothing of models, placement or MQTT: every
-request goes through ``EdgeRuntime.submit`` like any other intake. Standard library only, so the
-edge install stays small.
+Owns HTTP: routing, connection limits, size checks before any body byte is read, and which
+status each outcome gets. The body's meaning is ``openai_chat``'s (chat JSON -> ``EdgeRequest``,
+``EdgeResponse`` -> ``chat.completion`` or an OpenAI-shaped error, and each error code's status);
+the answer is the runtime's (``EdgeRuntime.submit_and_wait``, the same admission as every other
+intake). Knows nothing of models, placement or MQTT. Standard library only, so the edge install
+stays small.
 
 Connections are HTTP/1.0 (one request each, then closed): an idle keep-alive connection would
 hold one of the ``max_concurrent`` handler slots until its socket timeout.
@@ -30,7 +31,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits, image_bytes_from_base64, new_request_id
+from msao.edge_runtime.openai_chat import (
+    MAX_JSON_DEPTH,
+    MAX_JSON_ITEMS,
+    OPENAI_ERRORS,
+    completion_from_response,
+    error_body,
+    request_from_chat,
+)
+from msao.edge_runtime.requests import new_request_id
 from msao.edge_runtime.runtime import EdgeRuntime
 from msao.errors import ConfigError, RequestError
 
@@ -42,21 +51,6 @@ CHAT_PATH = "/v1/chat/completions"
 _ROUTES = {CHAT_PATH: "POST", "/healthz": "GET", "/readyz": "GET", "/metrics": "GET"}
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
-_MSAO_KEYS = {"deadline_ms", "stream", "policy", "split_layer", "keep_ratio", "request_id"}
-# HTTP status and OpenAI error type per msao error code (requests.ERROR_CODES, plus HTTP-only ones).
-_STATUS = {
-    "bad_request": (400, "invalid_request_error"),
-    "bad_image": (400, "invalid_request_error"),
-    "too_large": (413, "invalid_request_error"),
-    "busy": (429, "rate_limit_error"),
-    "unavailable": (503, "server_error"),
-    "deadline": (504, "timeout_error"),
-    "internal": (500, "server_error"),
-    "not_found": (404, "invalid_request_error"),
-    "method_not_allowed": (405, "invalid_request_error"),
-    "length_required": (411, "invalid_request_error"),
-    "timeout": (408, "invalid_request_error"),
-}
 _REFUSERS = 8  # threads that may answer 503 once every handler slot is taken
 _REFUSE_TIMEOUT_S = 2.0  # how long a refused client may take to send its request line and headers
 _LINGER_BYTES = 1 << 20  # an unread body drained (up to this) so closing does not reset the connection
@@ -85,8 +79,8 @@ class HttpOptions:
     max_concurrent: int = 64
     socket_timeout_s: float = 30.0
     deadline_margin_s: float = 5.0
-    max_json_depth: int = 10
-    max_json_items: int = 1000
+    max_json_depth: int = MAX_JSON_DEPTH
+    max_json_items: int = MAX_JSON_ITEMS
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1 or self.max_concurrent < 1 or self.max_json_depth < 1 or self.max_json_items < 1:
@@ -250,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         # a request line the base class could not parse leaves "HTTP/0.9", which would send the body without a status line
         self.request_version = "HTTP/1.0"
-        self._send_json(code, _error_body(message or self.responses.get(code, ("error",))[0], _code_for_status(code), None))
+        self._send_json(code, error_body(message or self.responses.get(code, ("error",))[0], _code_for_status(code), None))
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -304,18 +298,19 @@ class _Handler(BaseHTTPRequestHandler):
         return self._chat()
 
     def _chat(self) -> int:
-        runtime = self.server.runtime
-        limits = runtime.options.limits
-        request = _request_from_chat(self._read_body(), limits, self.server.options, self.request_id)
+        runtime, options = self.server.runtime, self.server.options
+        try:
+            request = request_from_chat(
+                self._read_body(), runtime.options.limits, self.request_id, options.max_json_depth, options.max_json_items
+            )
+        except RequestError as exc:
+            raise _Refusal(exc.code, str(exc)) from None
         self.request_id = request.request_id
-        fut: concurrent.futures.Future[EdgeResponse | None] = concurrent.futures.Future()
+        wait_s = request.deadline_ms / 1e3 + options.deadline_margin_s
         try:
-            runtime.submit(request, fut.set_result)
-        except RequestError as exc:  # the runtime counted it already
+            response = runtime.submit_and_wait(request, wait_s)
+        except RequestError as exc:  # refused at admission; the runtime counted it already
             raise _Refusal(exc.code, str(exc), {"Retry-After": "1"}, count=False) from None
-        wait_s = request.deadline_ms / 1e3 + self.server.options.deadline_margin_s
-        try:
-            response = fut.result(timeout=wait_s)
         except concurrent.futures.TimeoutError:
             raise _Refusal(
                 "deadline", f"no answer within {wait_s:.1f} s (deadline {request.deadline_ms:.0f} ms + margin)", count=False
@@ -325,10 +320,10 @@ class _Handler(BaseHTTPRequestHandler):
                 "unavailable", "the edge daemon stopped before serving this request; send it again", {"Retry-After": "1"}, count=False
             )
         if response.status != "ok":
-            status, _ = _STATUS.get(response.error_code, _STATUS["internal"])
-            body = _error_body(response.error or "request failed", response.error_code or "internal", response)
+            status = OPENAI_ERRORS.get(response.error_code, OPENAI_ERRORS["internal"]).http_status
+            body = error_body(response.error or "request failed", response.error_code or "internal", response)
             return self._send_json(status, body, {"Retry-After": "1"} if status in (429, 503) else None)
-        return self._send_json(200, _completion_from_response(response))
+        return self._send_json(200, completion_from_response(response))
 
     def _read_body(self) -> bytes:
         """The body, after checking its declared size; nothing is read when it is refused."""
@@ -359,12 +354,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self, r: _Refusal) -> int:
         if r.count and r.code in ("bad_request", "bad_image", "too_large", "length_required", "unavailable"):
             self.server.runtime.metrics.rejected.inc(code="bad_request" if r.code == "length_required" else r.code)
-        status = _STATUS.get(r.code, _STATUS["internal"])[0]
+        status = OPENAI_ERRORS.get(r.code, OPENAI_ERRORS["internal"]).http_status
         if status >= 500:
             log.info("request %s: %d %s", self.request_id, status, r)
         if self._answered:
             return status
-        return self._send_json(status, _error_body(str(r), r.code, None), r.headers)
+        return self._send_json(status, error_body(str(r), r.code, None), r.headers)
 
     def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> int:
         return self._send(status, json.dumps(body, separators=(",", ":")).encode("utf-8"), "application/json", headers)
@@ -401,149 +396,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-# -- OpenAI <-> msao --------------------------------------------------------------------------------
-
-
-def _request_from_chat(body: bytes, limits: RequestLimits, options: HttpOptions, request_id: str) -> EdgeRequest:
-    """An OpenAI chat body -> ``EdgeRequest``: the last user message's text parts and its one image.
-
-    Raises:
-        _Refusal: ``bad_request`` (not UTF-8/JSON, wrong shape, streaming), ``bad_image`` (no image,
-            two images, a URL instead of a data: URI, bad base64), ``too_large`` (decoded image).
-    """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _Refusal("bad_request", f"body is not UTF-8 text (byte {exc.start}); encode the JSON as UTF-8") from None
-    try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and ints over 4300 digits (plain ValueError)
-        raise _Refusal("bad_request", f"body is not JSON ({str(exc)[:80]}); send an OpenAI chat completion request") from None
-    if not isinstance(doc, dict):
-        raise _Refusal("bad_request", f"body must be a JSON object, got {type(doc).__name__}")
-    _check_shape(doc, options)
-    if doc.get("stream") not in (None, False):
-        raise _Refusal("bad_request", "streaming is not supported; send stream=false")
-    ext = doc.get("msao") or {}
-    if not isinstance(ext, dict):
-        raise _Refusal("bad_request", f"'msao' must be an object with keys {sorted(_MSAO_KEYS)}")
-    unknown = sorted(set(ext) - _MSAO_KEYS)
-    if unknown:
-        raise _Refusal("bad_request", f"unknown 'msao' keys {[str(k)[:40] for k in unknown[:8]]}; known: {sorted(_MSAO_KEYS)}")
-    question, image = _last_user_turn(doc.get("messages"), limits)
-    deadline = ext.get("deadline_ms", limits.default_deadline_ms)
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline <= limits.max_deadline_ms:
-        raise _Refusal("bad_request", f"msao.deadline_ms must be a number in (0, {limits.max_deadline_ms:g}], got {str(deadline)[:40]}")
-    for key, kind in (("stream", str), ("policy", str), ("request_id", str), ("split_layer", int), ("keep_ratio", (int, float))):
-        value = ext.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            raise _Refusal("bad_request", f"msao.{key} has the wrong type ({type(value).__name__})")
-    try:
-        return EdgeRequest(
-            request_id=ext.get("request_id") or request_id,
-            question=question,
-            image=image,
-            stream_id=ext.get("stream"),
-            deadline_ms=float(deadline),
-            policy=ext.get("policy"),
-            split_layer=ext.get("split_layer"),
-            keep_ratio=ext.get("keep_ratio"),
-        )
-    except RequestError as exc:
-        raise _Refusal(exc.code, str(exc)) from None
-
-
-def _last_user_turn(messages: Any, limits: RequestLimits) -> tuple[str, bytes]:
-    if not isinstance(messages, list) or not messages:
-        raise _Refusal("bad_request", "'messages' must be a non-empty list of chat messages")
-    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    if not user:
-        raise _Refusal("bad_request", "no message has role 'user'; put the question and the image in a user message")
-    content = user[-1].get("content")
-    if isinstance(content, str):
-        raise _Refusal("bad_image", "the user message has no image; send the image as an image_url content part (a data: URI)")
-    if not isinstance(content, list):
-        raise _Refusal("bad_request", "the user message's content must be a string or a list of text and image_url parts")
-    texts, urls = [], []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str):
-                raise _Refusal("bad_image", "image_url must be a data: URI string or {'url': 'data:image/png;base64,...'}")
-            urls.append(url)
-        else:
-            raise _Refusal("bad_request", f"content part type {str(kind)[:40]!r} is not supported; send 'text' and one 'image_url' part")
-    if len(urls) != 1:
-        hint = "send the image as an image_url content part" if not urls else "msao answers about one image per request; send one"
-        raise _Refusal("bad_image", f"the user message has {len(urls)} images; {hint}")
-    url = urls[0]
-    if not url.startswith("data:"):
-        raise _Refusal("bad_image", "msao never fetches URLs; send the image inline as a data: URI (data:image/png;base64,...)")
-    try:
-        image = image_bytes_from_base64(url)
-    except RequestError as exc:
-        raise _Refusal(exc.code, str(exc)) from None
-    if len(image) > limits.max_payload_bytes:
-        raise _Refusal(
-            "too_large", f"image is {len(image)} bytes, over the limit of {limits.max_payload_bytes}; send a smaller (e.g. JPEG) image"
-        )
-    question = " ".join(t.strip() for t in texts if t.strip())
-    if not question:
-        raise _Refusal("bad_request", "the user message has no question; add a text part")
-    if len(question) > limits.max_question_chars:
-        raise _Refusal("bad_request", f"question is {len(question)} characters, over the limit of {limits.max_question_chars}")
-    return question, image
-
-
-def _check_shape(doc: Any, options: HttpOptions) -> None:
-    """Bound nesting and size of parsed JSON, level by level (no recursion on hostile input)."""
-    depth, items, level = 0, 0, [doc]
-    while level:
-        depth += 1
-        if depth > options.max_json_depth:
-            raise _Refusal("bad_request", f"body JSON is nested deeper than {options.max_json_depth} levels")
-        nxt: list[Any] = []
-        for o in level:
-            if isinstance(o, dict):
-                nxt.extend(o.values())
-            elif isinstance(o, list):
-                nxt.extend(o)
-        items += len(nxt)
-        if items > options.max_json_items:
-            raise _Refusal("bad_request", f"body JSON has more than {options.max_json_items} values; send one question and one image")
-        level = nxt
-
-
-def _completion_from_response(response: EdgeResponse) -> dict[str, Any]:
-    """An answered ``EdgeResponse`` as an OpenAI ``chat.completion``, with ``msao`` added.
-
-    ``usage`` is all zeros: the intake does not count tokens (the prompt's size depends on the
-    plan's keep-set), and zeros keep clients that read the field working.
-    """
-    return {
-        "id": "chatcmpl-" + response.request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": response.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": response.answer}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        "msao": response.to_dict(),
-    }
-
-
-def _error_body(message: str, code: str, response: EdgeResponse | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"error": {"message": message, "type": _STATUS.get(code, _STATUS["internal"])[1], "code": code, "param": None}}
-    if response is not None:
-        body["msao"] = response.to_dict()
-    return body
+# -- status codes ------------------------------------------------------------------------------------
 
 
 def _code_for_status(status: int) -> str:
-    for code, (s, _) in _STATUS.items():
-        if s == status:
+    """The error code of an HTTP status the base class answers with on its own (400, 414, 431, 501, ...)."""
+    for code, kind in OPENAI_ERRORS.items():
+        if kind.http_status == status:
             return code
     return "bad_request" if 400 <= status < 500 else "internal"

@@ -244,6 +244,23 @@ class EdgeRuntime:
         result = fut.result(timeout=wait)
         return result or EdgeResponse.failure(request.request_id, "unavailable", "the daemon stopped before serving this request")
 
+    def submit_and_wait(self, request: EdgeRequest, timeout_s: float) -> EdgeResponse | None:
+        """Submit and wait, keeping apart what ``answer`` folds into one failed response: for an
+        intake that answers a refusal, a timeout and a stop differently (the HTTP intake).
+
+        Returns:
+            The response (``ok`` or a served failure), or None when the daemon stopped before
+            serving the request (nothing was answered; it may be sent again).
+
+        Raises:
+            RequestError: refused at once (``busy``, ``unavailable``); nothing was accepted.
+            concurrent.futures.TimeoutError: no answer within ``timeout_s``; the request stays
+                accepted and its late answer is dropped.
+        """
+        fut: Future[EdgeResponse | None] = Future()
+        self.submit(request, fut.set_result)
+        return fut.result(timeout=timeout_s)
+
     # -- serving --------------------------------------------------------------------------------
 
     def _work(self) -> None:

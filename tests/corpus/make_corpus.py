@@ -473,7 +473,7 @@ def http_chat_cases() -> list[dict[str, Any]]:
     out = []
     for name, data, code, match, what, *stage in c:
         stage = stage[0] if stage else "parse"
-        error = {"parse": "_Refusal", "decode": "ImageError", "serve": "FeedError"}[stage]
+        error = {"parse": "RequestError", "decode": "ImageError", "serve": "FeedError"}[stage]
         out.append({"name": name, "file": f"{name}.json", "what": what, "data": data, "stage": stage, "error": error, "code": code,
                     "status": status[code], "match": match})  # fmt: skip
     return out
@@ -796,7 +796,8 @@ def topic_cases() -> list[dict[str, Any]]:
 PARSERS = {
     "edge_request": "MqttIntake._parse: request_from_json when the payload starts with '{', else request_from_raw_image (stage decode: "
     "then decode_image; stage serve: then the runtime's prompt check)",
-    "http_chat": "http_api._request_from_chat (raises _Refusal with a code; stage decode: then decode_image)",
+    "http_chat": "openai_chat.request_from_chat (raises RequestError with a code, OPENAI_ERRORS gives its HTTP status; stage decode: "
+    "then decode_image)",
     "http_raw": "the HTTP intake's request line, header and body handling (no in-process parser: live test only)",
     "image": "msao.engines.images.decode_image",
     "job": "tensors_from_payload then JobHeader.from_metadata (stage server: the worker refuses it; stage properties: its MQTT properties)",

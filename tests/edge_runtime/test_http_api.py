@@ -1,8 +1,11 @@
-"""The HTTP intake against a real edge-only runtime (real ONNX bundles, real easy-VQA images, real sockets)."""
+"""The HTTP intake against a real edge-only runtime (real ONNX bundles, real easy-VQA images, real sockets).
+
+How each chat body is read and refused is ``test_openai_chat.py``'s; here, that a refusal reaches
+the client with its status and OpenAI error object and is counted.
+"""
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os
@@ -15,6 +18,7 @@ import pytest
 from msao.edge_runtime.http_api import HttpIntake, HttpOptions
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
+from tests.edge_runtime.test_openai_chat import chat_body, data_uri
 
 CHAT = "/v1/chat/completions"
 MAX_BODY_BYTES = 64 * 1024  # easy-VQA PNGs are ~1 KB; a small limit makes the 413 test cheap
@@ -32,19 +36,6 @@ def runtime(models):
 def intake(runtime):
     with HttpIntake(runtime, "127.0.0.1", 0, HttpOptions(max_body_bytes=MAX_BODY_BYTES, socket_timeout_s=10)) as h:
         yield h
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def chat_body(question: str, image_url, **extra) -> dict:
-    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": image_url}]
-    return {
-        "model": "msao",
-        "messages": [{"role": "system", "content": "answer in one word"}, {"role": "user", "content": content}],
-        **extra,
-    }
 
 
 def http_call(h: HttpIntake, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
@@ -130,7 +121,7 @@ def test_response_has_the_openai_shape_and_the_msao_extension(intake, easyvqa_te
     assert ext["bytes_up"] == 0 and ext["bytes_down"] == 0  # no cloud
 
 
-# -- refused at intake ---------------------------------------------------------------------------------
+# -- refused at intake (which bodies and why: test_openai_chat.py) -------------------------------------
 
 
 def test_string_content_without_an_image_is_refused_with_400(intake, runtime):
@@ -138,43 +129,6 @@ def test_string_content_without_an_image_is_refused_with_400(intake, runtime):
     status, _, body = http_call(intake, "POST", CHAT, {"messages": [{"role": "user", "content": "what color is the shape?"}]})
     assert_error(status, body, 400, "bad_image", "image_url content part")
     assert runtime.metrics.rejected.value(code="bad_image") == before + 1
-
-
-def test_http_image_url_is_refused_because_msao_never_fetches(intake):
-    status, _, body = http_call(intake, "POST", CHAT, chat_body("what color is the shape?", {"url": "https://example.com/cat.png"}))
-    assert_error(status, body, 400, "bad_image", "never fetches URLs")
-
-
-def test_two_images_are_refused(intake, easyvqa_test):
-    uri = data_uri(easyvqa_test.image_pngs[0])
-    body = chat_body("what color is the shape?", uri)
-    body["messages"][-1]["content"].append({"type": "image_url", "image_url": uri})
-    assert_error(*http_call(intake, "POST", CHAT, body)[::2], 400, "bad_image", "one image")
-
-
-def test_body_that_is_not_json_is_refused(intake):
-    status, _, body = http_call(intake, "POST", CHAT, b"question=what+color", {"Content-Type": "application/json"})
-    assert_error(status, body, 400, "bad_request", "not JSON")
-
-
-def test_body_that_is_not_utf8_is_refused(intake):
-    status, _, body = http_call(intake, "POST", CHAT, b'{"messages": "\xff\xfe"}')
-    assert_error(status, body, 400, "bad_request", "UTF-8")
-
-
-def test_stream_true_is_refused(intake, easyvqa_test):
-    status, _, body = http_call(intake, "POST", CHAT, chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]), stream=True))
-    assert_error(status, body, 400, "bad_request", "streaming is not supported; send stream=false")
-
-
-def test_unknown_msao_keys_are_refused(intake, easyvqa_test):
-    body = chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]), msao={"deadline": 5})
-    assert_error(*http_call(intake, "POST", CHAT, body)[::2], 400, "bad_request", "unknown 'msao' keys")
-
-
-def test_deeply_nested_json_is_refused(intake):
-    status, _, body = http_call(intake, "POST", CHAT, b'{"messages": ' + b"[" * 50 + b"]" * 50 + b"}")
-    assert_error(status, body, 400, "bad_request", "nested deeper")
 
 
 def test_corrupt_image_gets_bad_image_with_the_runtime_response(intake):

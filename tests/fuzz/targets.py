@@ -6,7 +6,7 @@ with its typed error (checking the invariants of either outcome), and raises any
 
     target          parser                                             allowed error
     edge_request    request_from_json / request_from_raw_image (+ props)    RequestError (code in ERROR_CODES)
-    chat_body       http_api._request_from_chat                          _Refusal (code with an HTTP status)
+    chat_body       openai_chat.request_from_chat                        RequestError (code in OPENAI_ERRORS: an HTTP status)
     codec           tensors_from_payload, then Job/ResultHeader          CodecError (PayloadTooLarge included)
     chunks          ChunkHeader.from_property + Reassembler.add        CodecError
     image           decode_image (1 Mpx limit)                          ImageError
@@ -22,8 +22,8 @@ from msao.cloud_bridge.chunking import MAX_CHUNKS, ChunkHeader, Reassembler
 from msao.cloud_bridge.codec import CodecLimits, tensors_from_payload
 from msao.cloud_bridge.messages import JobHeader, ResultHeader
 from msao.cloud_bridge.topics import check_id, job_topic
-from msao.edge_runtime.http_api import _STATUS, HttpOptions, _Refusal, _request_from_chat
 from msao.edge_runtime.mqtt_intake import _JSON_START, response_topic_problem
+from msao.edge_runtime.openai_chat import OPENAI_ERRORS, request_from_chat
 from msao.edge_runtime.requests import ERROR_CODES, EdgeRequest, RequestLimits, request_from_json, request_from_raw_image
 from msao.engines.images import decode_image
 from msao.errors import CodecError, ConfigError, ImageError, RequestError
@@ -79,9 +79,9 @@ def fuzz_edge_request(data: bytes) -> None:
 def fuzz_chat_body(data: bytes) -> None:
     """A POST /v1/chat/completions body."""
     try:
-        r = _request_from_chat(data, LIMITS, HttpOptions(), "fuzz")
-    except _Refusal as exc:
-        _check(exc.code in _STATUS and str(exc).strip(), f"_Refusal code {exc.code!r}, message {str(exc)!r}")
+        r = request_from_chat(data, LIMITS, "fuzz")
+    except RequestError as exc:
+        _check(exc.code in OPENAI_ERRORS and str(exc).strip(), f"RequestError code {exc.code!r}, message {str(exc)!r}")
         return
     _check_request(r)
 
