@@ -63,6 +63,12 @@ bench: $(STAMP) export
 bench-full: $(STAMP) export
 	$(BIN)/python -m bench.run
 
+## bench-sim: the scaled SIMULATION (msao's scheduler on published LLaVA-1.5 7B/13B, Orin NX vs A100 figures; ~45 s); SIM_ARGS passes flags
+.PHONY: bench-sim
+SIM_ARGS ?=
+bench-sim: $(STAMP)
+	$(BIN)/python -m bench.simulate $(SIM_ARGS)
+
 ## bench-bridge: cloud bridge numbers (codec vs memcpy, zstd on real hidden states, loopback job round trips vs floors)
 .PHONY: bench-bridge
 bench-bridge: $(STAMP) bundles/msao-tiny-cloud/manifest.json

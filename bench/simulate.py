@@ -1,7 +1,11 @@
 """SIMULATION: msao's real scheduler driven by a real model pair's published figures, at real scale.
 
-    msao bench --simulate                                   # the shipped LLaVA-1.5 7B/13B, Orin NX vs A100 profile
-    msao bench --simulate --profile FILE --requests 1000 --seed 0 --out bench/results/simulate-NAME.json
+    python -m bench.simulate                                # the shipped LLaVA-1.5 7B/13B, Orin NX vs A100 profile (make bench-sim)
+    python -m bench.simulate --profile FILE --requests 1000 --seed 0 --out bench/results/simulate-NAME.json
+
+A benchmark tool, run from a checkout like ``bench.run``: it shares the benchmark's link profiles,
+policies, oracle and summary code, which an installed msao (the wheel a Jetson gets) must not
+carry, so it is no ``msao`` subcommand and uses only msao's public names.
 
 Not a measurement. What is real: the ``Scheduler`` (its candidates, cost model and ``choose``),
 its ``Manifest`` / ``LatencyProfile`` / ``SegmentClock`` / ``Calibration`` types, the link
@@ -25,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +46,9 @@ from bench.simworld import Draws, Job, Link, closed_loop_ms, draw_requests, job_
 from bench.summary import goals_for_profile, oracle_metrics, profile_summary
 from msao.edge_runtime.estimates import LinkSnapshot
 from msao.edge_runtime.scheduler import CostInputs, Plan, Scheduler, SchedulerOptions
+from msao.errors import ConfigError, MsaoError
 
-__all__ = ["NOTICE", "PAPER", "SimOptions", "build_scheduler", "draft_commit_share", "inputs", "link_from_profile", "run_simulation", "format_table", "main"]
+__all__ = ["NOTICE", "PAPER", "SimOptions", "build_scheduler", "draft_commit_share", "inputs", "link_from_profile", "run_simulation", "format_table", "main", "mix_key"]
 
 NOTICE = (
     "SIMULATION, not a measurement: msao's real scheduler and cost model, driven by published (or derived, or assumed: "
@@ -109,6 +116,16 @@ def draft_commit_share(s: Scheduler, plan: Plan) -> float:
     return pair.commit_share[pair.row(plan.keep_ratio)][pair.thresholds.index(plan.commit_threshold)]
 
 
+def mix_key(plan: Plan) -> str:
+    """A plan's label in a plan mix: its kind, a split with its layer (``split@k``), as ``Plan.describe`` begins.
+
+    From the plan's fields, never from parsing ``describe()``; ``kind`` may be a string or a ``str`` enum.
+    """
+    if plan.kind == "split":
+        return f"split@{plan.split_layer}"
+    return str(plan.kind.value) if isinstance(plan.kind, Enum) else str(plan.kind)
+
+
 def _record(d: Draws, plan: Plan, job: Job, ms: float) -> dict:
     """One request in the benchmark's record format (bench.cells), so bench.summary's definitions apply unchanged."""
     return {
@@ -168,7 +185,7 @@ def _max_rate(
         def make_job(i: int, now: float, state) -> Job:
             d = draws[i % len(draws)]
             plan = s.choose(inputs(p, link, d, 1.0 + state.edge_users(), state.cloud_wait_ms()), policy, split_layer=k)
-            mix[plan.describe().split(" ")[0]] += 1
+            mix[mix_key(plan)] += 1
             return job_from_plan(s, plan, link, d, p.mas_ms, draft_commit_share(s, plan))
 
         lat = run_open_loop(arrivals, make_job, {"edge": 1, "uplink": 1, "downlink": 1, "cloud": p.cloud_servers})
@@ -234,8 +251,6 @@ def run_simulation(p: SimProfile, o: SimOptions = SimOptions(), progress=lambda 
     """Every policy and the oracle under every link profile; the result as JSON-ready data (labelled SIMULATION)."""
     unknown = [x for x in o.links if x not in PROFILES]
     if unknown:
-        from msao.errors import ConfigError
-
         raise ConfigError(f"unknown link profiles {unknown}; known: {list(PROFILES)} (bench.shaping_proxy.PROFILES)")
     s = build_scheduler(p, o.accuracy_slack)
     draws = draw_requests(o.requests, o.seed, p.answer_tokens_pmf, p.image_bytes_mean, p.image_bytes_sigma, p.edge_cv, p.cloud_cv)
@@ -345,17 +360,49 @@ def default_out(p: SimProfile) -> Path:
     return ROOT / "bench" / "results" / f"simulate-{p.name}.json"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.simulate [...]``: the same as ``msao bench --simulate [...]``."""
-    from msao.cli import main as msao_main
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.simulate",
+        description="SIMULATION: msao's real scheduler driven by a real model pair's published per-segment figures, at real scale "
+        "(docs/simulation.md). Not a measurement: the benchmark is `make bench`.",
+    )
+    p.add_argument("--profile", metavar="FILE", help="simulation profile (default bench/profiles/llava15-7b-13b_orin-nx_vs_a100.toml)")
+    p.add_argument("--out", metavar="JSON", help="results file (default bench/results/simulate-<profile name>.json)")
+    p.add_argument(
+        "--requests", type=int, default=1000, metavar="N",
+        help="requests per policy per link profile (default 1000; more = tighter percentiles, slower)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated requests and noise (default 0)")
+    p.add_argument("--links", metavar="A,B", help="comma-separated link profiles (default: all of bench.shaping_proxy.PROFILES)")
+    p.add_argument(
+        "--load-requests", type=int, default=400, metavar="N",
+        help="arrivals per offered rate in the throughput search (default 400; fewer = faster, noisier p95)",
+    )  # fmt: skip
+    p.add_argument(
+        "--accuracy-slack", type=float, metavar="X",
+        help="the scheduler's accuracy slack (default: msao's, 0.01 = one point): plans this far below the best may be chosen",
+    )  # fmt: skip
+    p.add_argument("--records", action="store_true", help="keep every simulated request in the JSON (tens of MB at the defaults)")
+    return p
 
-    return msao_main(["bench", "--simulate", *(sys.argv[1:] if argv is None else argv)])
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.simulate [...]``: 0 when the table and JSON are written, 1 on bad input (with the fix), 2 on bad flags."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_from_args(args)
+    except MsaoError as exc:
+        print(f"bench.simulate: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """The body of ``msao bench --simulate`` (msao/cli/bench_cmd.py parses the flags)."""
-    from msao.errors import ConfigError
+    """Run with parsed flags: the table on stdout, progress on stderr, the JSON at ``--out``.
 
+    Raises:
+        ConfigError: a bad flag value, an unknown link profile, or a profile that is missing or malformed.
+    """
     if args.requests < 1 or args.load_requests < 10:
         raise ConfigError(f"--requests must be >= 1 and --load-requests >= 10, got {args.requests} and {args.load_requests}")
     p = load_sim_profile(Path(args.profile) if args.profile else DEFAULT_PROFILE)

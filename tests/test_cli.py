@@ -21,6 +21,18 @@ def test_help_lists_subcommands():
         assert cmd in r.stdout
 
 
+def test_the_cli_has_the_product_subcommands_and_no_benchmark():
+    from msao.cli import SUBCOMMANDS
+
+    expected = ["train", "export", "build-engines", "eval", "ask", "explain", "cloud", "calibrate", "edge"]
+    assert list(SUBCOMMANDS) == expected
+    help_lines = msao("--help").stdout.splitlines()
+    listed = [line.split()[0] for line in help_lines if line.startswith("    ") and not line.startswith("     ")]  # one per subcommand
+    assert listed == expected
+    r = msao("bench", "--simulate")  # the old entry point: refused with where the benchmark went
+    assert r.returncode == 2 and "make bench-sim" in r.stderr and "python -m bench.simulate" in r.stderr
+
+
 def test_eval_json_is_machine_readable(edge_bundle_dir: Path):
     r = msao("eval", "--bundle", str(edge_bundle_dir), "--limit", "50", "--json")
     assert r.returncode == 0, r.stderr

@@ -1,15 +1,17 @@
-"""The scaled simulation (``msao bench --simulate``) on the shipped profile, with few requests.
+"""The scaled simulation (``python -m bench.simulate``, ``make bench-sim``) on the shipped profile, with few requests.
 
 Checks what a reader of its numbers relies on: every figure says where it comes from; a job
 with every draw at its mean costs exactly what the scheduler estimated (the simulated world is
 the cost model plus noise, nothing else); every policy and link profile is in the result,
 labelled SIMULATION; msao never takes a plan its own cost model rates worse than one it could
 have taken; the oracle is never slower than any correct answer of any policy; the queues add
-nothing at low load and serialise work at high load; the command's exit codes.
+nothing at low load and serialise work at high load; the command's exit codes; the product never
+imports the benchmark tree and the simulation only msao's public names.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -21,7 +23,7 @@ import pytest
 from bench.run import POLICIES
 from bench.shaping_proxy import PROFILES
 from bench.simprofile import DEFAULT_PROFILE, FIGURE_KINDS, load_sim_profile
-from bench.simulate import SimOptions, build_scheduler, draft_commit_share, format_table, inputs, link_from_profile, run_simulation
+from bench.simulate import SimOptions, build_scheduler, draft_commit_share, format_table, inputs, link_from_profile, mix_key, run_simulation
 from bench.simworld import Job, closed_loop_ms, draw_requests, job_from_plan, mean_draws, run_open_loop
 from msao.errors import ConfigError
 
@@ -175,23 +177,66 @@ def test_at_low_load_queues_add_nothing_and_at_once_they_serialise_the_edge(prof
     assert together == pytest.approx([100.0, 150.0, 30.0])
 
 
-def _msao(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "msao", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+def _simulate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.simulate", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_msao_bench_simulate_writes_a_labelled_table_and_json(tmp_path):
+def test_python_m_bench_simulate_writes_a_labelled_table_and_json(tmp_path):
     out = tmp_path / "sim.json"
-    r = _msao("bench", "--simulate", "--requests", "20", "--load-requests", "20", "--links", "lte,paper-400", "--out", str(out))
+    r = _simulate("--requests", "20", "--load-requests", "20", "--links", "lte,paper-400", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("## SIMULATION:") and "### SIMULATION against the paper's claims" in r.stdout
     data = json.loads(out.read_text())
     assert data["simulation"] is True and list(data["links"]) == ["lte", "paper-400"]
 
 
-def test_msao_bench_without_simulate_points_to_make_bench_and_bad_input_fails_with_the_fix(tmp_path):
-    r = _msao("bench")
-    assert r.returncode == 2 and "make bench" in r.stderr and "--simulate" in r.stderr
-    r = _msao("bench", "--simulate", "--profile", str(tmp_path / "missing.toml"))
+def test_bad_input_fails_with_the_fix_and_bad_flags_with_usage(tmp_path):
+    r = _simulate("--profile", str(tmp_path / "missing.toml"))
     assert r.returncode == 1 and "not found; shipped profiles are in bench/profiles/" in r.stderr
-    r = _msao("bench", "--simulate", "--links", "dialup", "--requests", "5")
+    r = _simulate("--links", "dialup", "--requests", "5")
     assert r.returncode == 1 and "unknown link profiles ['dialup']" in r.stderr
+    r = _simulate("--requests", "0")
+    assert r.returncode == 1 and "--requests must be >= 1" in r.stderr
+    r = _simulate("--simulate")  # the old `msao bench --simulate` flag
+    assert r.returncode == 2 and "usage: python -m bench.simulate" in r.stderr
+
+
+def test_msao_bench_is_gone_and_says_where_the_benchmark_runs():
+    r = subprocess.run([sys.executable, "-m", "msao", "bench", "--simulate"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "make bench" in r.stderr and "python -m bench.simulate" in r.stderr
+
+
+def test_plan_mix_key_is_the_kind_with_the_split_layer(profile):
+    s = build_scheduler(profile)
+    x = inputs(profile, link_from_profile("lte"), mean_draws(profile.mean_answer_tokens, round(profile.image_bytes_mean)))
+    plans = s.candidates(x) + [s.choose(x, "static_split", split_layer=k) for k in s.large.split_points]
+    for plan in plans:
+        assert mix_key(plan) == plan.describe().split(" ")[0]  # what the plan mix showed before, from the fields
+    assert {mix_key(p) for p in plans} >= {"edge", "cloud", "draft_verify"} | {f"split@{k}" for k in s.large.split_points}
+
+
+def _imports(root: Path) -> list[tuple[str, str]]:
+    """(file:line, dotted name) of every module and name imported under ``root`` (``from m import n`` -> ``m.n``),
+    ``importlib.import_module("m")`` and ``__import__("m")`` with a literal name included."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                out += [(where, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                out += [(where, f"{node.module}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__"):
+                if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                    out.append((where, node.args[0].value))
+    return out
+
+
+def test_the_product_never_imports_the_benchmark_and_the_benchmark_only_public_msao_names():
+    into_bench = [f"{w}: {n}" for w, n in _imports(ROOT / "msao") if n == "bench" or n.startswith("bench.")]
+    assert not into_bench, f"msao imports the benchmark tree: {into_bench}"
+    msao_names = [(w, n) for w, n in _imports(ROOT / "bench") if n.startswith("msao.")]
+    private = [f"{w}: {n}" for w, n in msao_names if any(x.startswith("_") and not x.endswith("__") for x in n.split("."))]
+    assert not private, f"bench imports private msao names: {private}"
+    cli = [f"{w}: {n}" for w, n in msao_names if n.startswith("msao.cli.")]
+    assert not cli, f"bench imports the msao CLI (a command, not a library): {cli}"
