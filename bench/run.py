@@ -27,9 +27,10 @@ from bench.cells import Item, ask, closed_loop, open_loop
 from bench.shaping_proxy import PROFILES
 from bench.stack import Stack
 from bench.summary import goals_for_profile, profile_summary
+from msao.edge_runtime import plans
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = ("edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static", "msao")
+POLICIES = tuple(p for p in plans.POLICIES if p != "msao") + ("msao",)  # msao last: its cells are compared with the rest
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from msao.cli.common import add_broker_options
+from msao.edge_runtime.plans import POLICIES
 
 # flag dest -> config key (flags left unset do not override the file or the environment)
 FLAG_KEYS = {
@@ -67,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="accepted requests that may wait (default 16); one more gets 'busy' at once instead of a long wait",
     )  # fmt: skip
     p.add_argument(
-        "--policy", choices=("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static"),
+        "--policy", choices=POLICIES,
         help="placement policy (default msao: adaptive); the others are fixed baselines for comparison",
     )  # fmt: skip
     p.add_argument(

@@ -79,7 +79,8 @@ class RemoteRunner(Runner):
     """``decoder[start:end]`` + ``head`` of ``manifest``'s model, run by a cloud worker through ``link``.
 
     Not thread-safe (one sequence at a time, like a local decoder stack). ``last_stats`` holds
-    the transfer record of the last call; ``link.transfers`` keeps the history.
+    the transfer record of this runner's last call (found by its job id, never another
+    runner's); ``job_ids`` every job it sent; ``link.transfers`` keeps the history.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class RemoteRunner(Runner):
         self.worker_id: str | None = None
         self.past_length = 0
         self.last_stats: TransferStats | None = None
+        self.job_ids: list[str] = []
 
     def reset(self) -> None:
         """Forget the session (the worker drops its KV after its idle time)."""
@@ -127,11 +129,12 @@ class RemoteRunner(Runner):
             segment=self.segment, head=self.head, logits=self.options.logits, session_id=self.session_id or "", past_length=past,
         )  # fmt: skip
         tensors = {"hidden_states": hidden, "position_ids": feeds["position_ids"], "attention_mask": feeds["attention_mask"]}
+        self.job_ids.append(header.job_id)
         try:
             res = self.link.submit(header, tensors, worker_id=self.worker_id if past else None)
         except CloudError:
             self.reset()  # the KV on the far side is unusable now; the caller falls back or restarts
-            self.last_stats = self.link.transfers.last
+            self.last_stats = self.link.transfers.find(header.job_id)  # not ``.last``: another thread's job may have finished since
             raise
         self.last_stats = res.stats
         if self.session_id:

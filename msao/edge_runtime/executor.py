@@ -24,8 +24,8 @@ import numpy as np
 from msao.cloud_bridge.link import CloudLink, RemoteAnswer, new_job_id
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
 from msao.edge_runtime.local_model import LocalModel, Prepared
+from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.requests import EdgeRequest
-from msao.edge_runtime.scheduler import Plan
 from msao.engines.flops import request_flops
 from msao.engines.generation import Answer
 from msao.errors import CloudError, CloudUnavailable
@@ -79,12 +79,13 @@ def _mas_fields(p: Prepared) -> dict[str, float]:
     return out
 
 
-class _CountingTail(RemoteRunner):
-    """A remote ``decoder[k:L]`` + head that adds up the bytes of every job it sends."""
+class _TimedTail(RemoteRunner):
+    """A remote ``decoder[k:L]`` + head that adds up its wall time and names every job it sends in ``run.jobs``."""
 
-    bytes_up = 0
-    bytes_down = 0
-    cloud_ms = 0.0
+    def __init__(self, run: _Run, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run = run
+        self.cloud_ms = 0.0
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -92,9 +93,32 @@ class _CountingTail(RemoteRunner):
             return super()._infer(feeds)
         finally:
             self.cloud_ms += (time.perf_counter() - t0) * 1e3
-            if self.last_stats is not None:
-                self.bytes_up += self.last_stats.bytes_up
-                self.bytes_down += self.last_stats.bytes_down
+            self.run.jobs.extend(j for j in self.job_ids if j not in self.run.jobs)
+
+
+@dataclass
+class _Run:
+    """One request's run of one plan: its inputs, its deadlines, and every cloud job it sent.
+
+    Bytes are looked up by job id in the link's transfer log, so that a request is charged for
+    its own jobs only, however many workers and speculation threads share the link.
+    """
+
+    plan: Plan
+    request: EdgeRequest
+    rgb: np.ndarray
+    decode_ms: float
+    deadline: float  # time.monotonic() by which the answer must be committed
+    jobs: list[str] = field(default_factory=list)
+
+    @property
+    def cloud_deadline(self) -> float:
+        return self.deadline - self.plan.fallback_reserve_ms / 1e3
+
+    def new_job(self) -> str:
+        job_id = new_job_id()
+        self.jobs.append(job_id)
+        return job_id
 
 
 class Executor:
@@ -107,58 +131,88 @@ class Executor:
     """
 
     def __init__(
-        self, edge: LocalModel, large: LocalModel | None, link: CloudLink | None, speculation_threads: int = 4, mas_always: bool = False
+        self,
+        edge: LocalModel,
+        large: LocalModel | None,
+        link: CloudLink | None,
+        speculation_threads: int = 4,
+        mas_always: bool = False,
+        dilation: float = 1.0,
     ):
         self.edge, self.large, self.link = edge, large, link
         self.mas_always = mas_always  # run MAS for its values even when every token is kept
+        self.dilation = dilation  # emulated slowness of this edge (RuntimeOptions.edge_dilation)
         self._pool = ThreadPoolExecutor(max_workers=speculation_threads, thread_name_prefix="msao-speculate")
-
-    def _prepare(self, model: LocalModel, rgb: np.ndarray, request: EdgeRequest, keep_ratio: float, decode_ms: float) -> Prepared:
-        return model.prepare(rgb, request.question, keep_ratio, stream_id=request.stream_id, analyse=self.mas_always, decode_ms=decode_ms)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def run(
-        self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float, fallback_reserve_s: float = 0.0
-    ) -> Outcome:
+    def run(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
         """Run ``plan``; ``deadline`` is ``time.monotonic()`` by which the answer must be committed.
 
-        Args:
-            fallback_reserve_s: time kept back from cloud and split plans for an edge-only answer
-                if the cloud fails; their cloud jobs get ``deadline - fallback_reserve_s``.
-                (A draft/verify plan needs none: its fallback, the draft, is already there.)
+        Cloud and split plans give their cloud jobs ``deadline - plan.fallback_reserve_ms``, so
+        that an edge-only answer still fits if the cloud fails.
         """
-        if plan.kind == "edge":
-            return self._local(self.edge, plan, request, rgb, decode_ms)
-        if plan.kind == "local_large":
-            return self._local(self._large(), plan, request, rgb, decode_ms)
-        if plan.kind == "cloud":
-            return self._cloud(plan, request, rgb, decode_ms, deadline - fallback_reserve_s)
-        if plan.kind == "split":
-            return self._split(plan, request, rgb, decode_ms, deadline - fallback_reserve_s)
-        return self._draft_verify(plan, request, rgb, decode_ms, deadline)
+        run = _Run(plan, request, rgb, decode_ms, deadline)
+        if plan.kind is PlanKind.EDGE:
+            return self._local(self.edge, run)
+        if plan.kind is PlanKind.LOCAL_LARGE:
+            return self._local(self._large(), run)
+        if plan.kind is PlanKind.CLOUD:
+            return self._cloud(run)
+        if plan.kind is PlanKind.SPLIT:
+            return self._split(run)
+        return self._draft_verify(run)
+
+    # -- device emulation -------------------------------------------------------------------
+
+    def dilate(self, ms: float) -> float:
+        """Hold this thread for (k - 1) x ``ms`` of edge compute just done; the dilated time."""
+        if self.dilation <= 1.0 or ms <= 0:
+            return ms
+        time.sleep((self.dilation - 1.0) * ms / 1e3)
+        return self.dilation * ms
+
+    def _dilated_answer(self, model: LocalModel, p: Prepared, question: str, **kwargs) -> Answer:
+        """``model.answer`` with its local stages dilated (a split's remote share is not edge compute)."""
+        a = model.answer(p, question, **kwargs)
+        if self.dilation <= 1.0:
+            return a
+        tail = kwargs.get("tail")
+        remote_ms = tail[1].cloud_ms if tail is not None else 0.0
+        t = a.timings
+        local = t.embed_ms + t.prefill_ms + t.decode_ms - remote_ms
+        self.dilate(local)
+        k = self.dilation
+        scaled = replace(t, embed_ms=k * t.embed_ms, prefill_ms=k * t.prefill_ms, decode_ms=k * t.decode_ms - (k - 1) * remote_ms)
+        return replace(a, timings=scaled)
 
     # -- plans ------------------------------------------------------------------------------
+
+    def _prepare(self, model: LocalModel, run: _Run, keep_ratio: float) -> Prepared:
+        r = run.request
+        p = model.prepare(run.rgb, r.question, keep_ratio, stream_id=r.stream_id, analyse=self.mas_always, decode_ms=run.decode_ms)
+        if self.dilation <= 1.0:
+            return p
+        self.dilate(p.vision_ms + p.mas_ms)
+        return replace(p, vision_ms=self.dilation * p.vision_ms, mas_ms=self.dilation * p.mas_ms)
 
     def _large(self) -> LocalModel:
         if self.large is None:
             raise CloudUnavailable("this plan needs the large model's bundle on the edge (--large-bundle)")
         return self.large
 
-    def _local(self, model: LocalModel, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, fallback: str = "") -> Outcome:
-        p = self._prepare(model, rgb, request, plan.keep_ratio, decode_ms)
-        return self._local_answer(model, p, request, fallback)
+    def _local(self, model: LocalModel, run: _Run) -> Outcome:
+        return self._local_answer(model, self._prepare(model, run, run.plan.keep_ratio), run)
 
-    def _local_answer(self, model: LocalModel, p: Prepared, request: EdgeRequest, fallback: str = "", **extra_timings: float) -> Outcome:
-        a = model.answer(p, request.question)
-        return self._draft_outcome(model, p, a, fallback, **extra_timings)
+    def _local_answer(self, model: LocalModel, p: Prepared, run: _Run, fallback: str = "") -> Outcome:
+        return self._draft_outcome(model, p, self._dilated_answer(model, p, run.request.question), fallback)
 
-    def _draft_outcome(self, model: LocalModel, p: Prepared, a: Answer, fallback: str = "", **extra_timings: float) -> Outcome:
+    def _draft_outcome(self, model: LocalModel, p: Prepared, a: Answer, fallback: str = "") -> Outcome:
         """An answer computed here (by ``model`` from ``p``), committed."""
         local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms
         return Outcome(
-            a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p), self._timings(p, local=local_ms, **extra_timings),
+            a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p), self._timings(p, local=local_ms),
             flops_edge=_local_flops(model, p, a), local_observed_ms=p.vision_ms + local_ms,
         )  # fmt: skip
 
@@ -174,73 +228,82 @@ class Executor:
         t.update(more)
         return {k: round(v, 3) for k, v in t.items()}
 
-    def _remaining_s(self, deadline: float) -> float:
-        return deadline - time.monotonic()
-
-    def _cloud_answer(self, request: EdgeRequest, keep: np.ndarray | None, deadline: float, job_id: str) -> RemoteAnswer:
+    def _cloud_answer(self, run: _Run, keep: np.ndarray | None, deadline: float, job_id: str) -> RemoteAnswer:
         if self.link is None:
             raise CloudUnavailable("no cloud link configured (--broker)")
         large = self._large()
-        remaining = self._remaining_s(deadline)
+        remaining = deadline - time.monotonic()
         if remaining <= 0.005:
             raise CloudUnavailable("no time left in the request's deadline for a cloud job")
-        return self.link.answer(
-            large.manifest.model_hash, request.question, job_id=job_id, image=request.image, keep=keep, deadline_s=remaining
-        )
+        r = run.request
+        return self.link.answer(large.manifest.model_hash, r.question, job_id=job_id, image=r.image, keep=keep, deadline_s=remaining)
 
-    def _cloud_outcome(self, request: EdgeRequest, r: RemoteAnswer, p: Prepared | None, cloud_ms: float, **timings: float) -> Outcome:
+    def _sent(self, run: _Run) -> tuple[int, int]:
+        """Bytes up and down of every cloud job this run sent (delivered, cancelled or failed), from the link's log."""
+        if self.link is None:
+            return 0, 0
+        up = down = 0
+        for job_id in run.jobs:
+            t = self.link.transfers.find(job_id)
+            if t is not None:
+                up, down = up + t.bytes_up, down + t.bytes_down
+        return up, down
+
+    def _cloud_outcome(self, run: _Run, r: RemoteAnswer, p: Prepared | None, cloud_ms: float, **timings: float) -> Outcome:
         kept = p.kept_tokens if p is not None else self._large().n_tokens
+        up, down = self._sent(run)
         return Outcome(
             r.text, r.confidence, "cloud", self._large().name, "", _mas_fields(p) if p else {},
             {**(self._timings(p) if p else {}), "cloud": round(cloud_ms, 3), **{k: round(v, 3) for k, v in timings.items()}},
-            r.stats.bytes_up, r.stats.bytes_down, flops_edge=_vision_flops(self.edge, p) if p else 0,
-            flops_cloud=self._cloud_flops(request.question, kept, len(r.token_ids)),
+            up, down, flops_edge=_vision_flops(self.edge, p) if p else 0,
+            flops_cloud=self._cloud_flops(run.request.question, kept, len(r.token_ids)),
         )  # fmt: skip
 
-    def _cloud(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
+    def _cloud(self, run: _Run) -> Outcome:
         p = None
-        if plan.send_keep:  # the edge model's encoder + MAS pick the tokens the cloud prefills
-            p = self._prepare(self.edge, rgb, request, plan.keep_ratio, decode_ms)
+        if run.plan.send_keep:  # the edge model's encoder + MAS pick the tokens the cloud prefills
+            p = self._prepare(self.edge, run, run.plan.keep_ratio)
         t0 = time.perf_counter()
-        job_id = new_job_id()
         try:
-            r = self._cloud_answer(request, p.keep if p else None, deadline, job_id)
+            r = self._cloud_answer(run, p.keep if p else None, run.cloud_deadline, run.new_job())
         except CloudError as exc:
-            return self._fallback(exc, request, rgb, decode_ms, p, *self._sent(job_id))
-        return self._cloud_outcome(request, r, p, (time.perf_counter() - t0) * 1e3, decode_image=decode_ms)
+            return self._fallback(exc, run, p)
+        return self._cloud_outcome(run, r, p, (time.perf_counter() - t0) * 1e3, decode_image=run.decode_ms)
 
-    def _split(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
-        large = self._large()
+    def _split(self, run: _Run) -> Outcome:
+        large, plan = self._large(), run.plan
         if self.link is None:
-            return self._fallback(CloudUnavailable("no cloud link configured"), request, rgb, decode_ms)
-        p = self._prepare(large, rgb, request, plan.keep_ratio, decode_ms)
-        remaining = self._remaining_s(deadline)
+            return self._fallback(CloudUnavailable("no cloud link configured"), run)
+        p = self._prepare(large, run, plan.keep_ratio)
+        remaining = run.cloud_deadline - time.monotonic()
         if remaining <= 0.005:
-            return self._fallback(CloudUnavailable("no time left for the split"), request, rgb, decode_ms)
-        tail = _CountingTail(self.link, large.manifest, plan.split_layer, options=RemoteOptions(deadline_s=remaining))
+            return self._fallback(CloudUnavailable("no time left for the split"), run)
+        tail = _TimedTail(run, self.link, large.manifest, plan.split_layer, options=RemoteOptions(deadline_s=remaining))
         try:
-            a: Answer = large.answer(p, request.question, tail=(plan.split_layer, tail))
+            a: Answer = self._dilated_answer(large, p, run.request.question, tail=(plan.split_layer, tail))
         except CloudError as exc:
-            return self._fallback(exc, request, rgb, decode_ms, bytes_up=tail.bytes_up, bytes_down=tail.bytes_down)
+            return self._fallback(exc, run)
         local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms - tail.cloud_ms
         k, n = plan.split_layer, large.manifest.model.num_layers
         tokens = dict(image_tokens=a.kept_tokens, text_tokens=a.text_tokens, new_tokens=len(a.token_ids))
+        up, down = self._sent(run)
         return Outcome(
             a.text, a.confidence, "cloud", large.name, "", _mas_fields(p),
-            self._timings(p, local=local_ms, cloud=tail.cloud_ms), tail.bytes_up, tail.bytes_down,
+            self._timings(p, local=local_ms, cloud=tail.cloud_ms), up, down,
             flops_edge=request_flops(large.manifest, **tokens, layers=(0, k), include_head=False, include_vision=not p.skipped_encoder),
             flops_cloud=request_flops(large.manifest, **tokens, layers=(k, n), include_vision=False),
         )  # fmt: skip
 
-    def _draft_verify(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
-        p = self._prepare(self.edge, rgb, request, plan.keep_ratio, decode_ms)
+    def _draft_verify(self, run: _Run) -> Outcome:
+        plan, request = run.plan, run.request
+        p = self._prepare(self.edge, run, plan.keep_ratio)
         keep = p.keep if plan.send_keep and self._large().n_tokens == self.edge.n_tokens else None
-        job_id = new_job_id()
+        job_id = run.new_job()
         started = time.perf_counter()
         future: Future | None = None
         if plan.speculate:  # publish now; the edge answer is computed meanwhile
-            future = self._pool.submit(self._cloud_answer, request, keep, deadline, job_id)
-        draft = self.edge.answer(p, request.question)
+            future = self._pool.submit(self._cloud_answer, run, keep, run.deadline, job_id)
+        draft = self._dilated_answer(self.edge, p, request.question)
         committed = self._draft_outcome(self.edge, p, draft)
         kept = p.kept_tokens if keep is not None else self._large().n_tokens
         if draft.confidence >= plan.commit_threshold:
@@ -250,14 +313,14 @@ class Executor:
             if not future.done():
                 self.link.cancel(job_id)
                 wait([future], timeout=0.5)  # the link lets go at once; its bytes are then logged
-            up, down = self._sent(job_id)  # the speculation's cost is counted even when it lost
+            up, down = self._sent(run)  # the speculation's cost is counted even when it lost
             # the worker likely ran the job it was sent (a cancel only stops the waiting): counted as its cost
             cloud = self._cloud_flops(request.question, kept, len(draft.token_ids)) if up else 0
             return replace(committed, bytes_up=up, bytes_down=down, flops_cloud=cloud, speculation=spec)
         if future is None:
-            future = self._pool.submit(self._cloud_answer, request, keep, deadline, job_id)
+            future = self._pool.submit(self._cloud_answer, run, keep, run.deadline, job_id)
         try:
-            r: RemoteAnswer = future.result(timeout=max(0.0, self._remaining_s(deadline)) + 0.05)
+            r: RemoteAnswer = future.result(timeout=max(0.0, run.deadline - time.monotonic()) + 0.05)
         except (CloudError, FutureTimeout) as exc:
             if self.link is not None:
                 self.link.cancel(job_id)
@@ -267,38 +330,23 @@ class Executor:
                 "request %s: draft/verify falls back to the edge draft (%s)", request.request_id, reason,
                 extra={"request_id": request.request_id},
             )  # fmt: skip
-            up, down = self._sent(job_id)
+            up, down = self._sent(run)
             return replace(committed, fallback=reason, bytes_up=up, bytes_down=down, speculation="cloud failed")
         cloud_ms = (time.perf_counter() - started) * 1e3
-        out = self._cloud_outcome(request, r, p, cloud_ms, local=committed.timings_ms.get("local", 0.0))
+        out = self._cloud_outcome(run, r, p, cloud_ms, local=committed.timings_ms.get("local", 0.0))
         return replace(out, flops_edge=committed.flops_edge, local_observed_ms=committed.local_observed_ms, speculation="cloud committed")
-
-    def _sent(self, job_id: str) -> tuple[int, int]:
-        """Bytes up and down of a cloud job that did not deliver (cancelled, failed), from the link's log."""
-        t = self.link.transfers.find(job_id) if self.link is not None else None
-        return (t.bytes_up, t.bytes_down) if t is not None else (0, 0)
 
     # -- fallback ---------------------------------------------------------------------------
 
-    def _fallback(
-        self,
-        exc: Exception,
-        request: EdgeRequest,
-        rgb: np.ndarray,
-        decode_ms: float,
-        prepared: Prepared | None = None,
-        bytes_up: int = 0,
-        bytes_down: int = 0,
-    ) -> Outcome:
+    def _fallback(self, exc: Exception, run: _Run, prepared: Prepared | None = None) -> Outcome:
         """The edge model answers; ``prepared``: the edge model's tokens when the plan already made them."""
         reason = f"{type(exc).__name__}: {exc}"
+        request = run.request
         log.warning(
-            "request %s: cloud path failed, answering on the edge (%s)",
-            request.request_id,
-            reason,
-            extra={"request_id": request.request_id},
+            "request %s: cloud path failed, answering on the edge (%s)", request.request_id, reason, extra={"request_id": request.request_id}
         )
         if prepared is None:
-            prepared = self._prepare(self.edge, rgb, request, 1.0, decode_ms)
-        out = self._local_answer(self.edge, prepared, request, reason)
-        return replace(out, bytes_up=bytes_up, bytes_down=bytes_down)
+            prepared = self._prepare(self.edge, run, 1.0)
+        out = self._local_answer(self.edge, prepared, run, reason)
+        up, down = self._sent(run)
+        return replace(out, bytes_up=up, bytes_down=down)

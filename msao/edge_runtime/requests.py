@@ -20,6 +20,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from msao.edge_runtime.plans import POLICIES
 from msao.errors import RequestError
 
 __all__ = [
@@ -43,7 +44,6 @@ ERROR_CODES = (
     "unavailable",  # the daemon is shutting down or has no model loaded
     "internal",  # a bug; the daemon logged a traceback
 )
-POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
 
 
 def new_request_id() -> str:

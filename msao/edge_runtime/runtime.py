@@ -17,7 +17,6 @@ unacknowledged so the broker redelivers it to the next daemon).
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -25,17 +24,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from msao.cloud_bridge.link import CloudLink
-from msao.cloud_bridge.stats import TransferStats
 from msao.edge_runtime.calibration import Calibration
-from msao.edge_runtime.estimates import EwmaOptions, LinkEstimate, LoadEstimate, SegmentClock
+from msao.edge_runtime.estimates import EwmaOptions
+from msao.edge_runtime.estimator import Estimator, Observation
 from msao.edge_runtime.executor import Executor, Outcome
 from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.metrics import EdgeMetrics
+from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits
-from msao.edge_runtime.scheduler import CostInputs, Plan, Scheduler, SchedulerOptions
+from msao.edge_runtime.scheduler import CostInputs, SchedulerOptions
 from msao.engines.images import MAX_IMAGE_PIXELS
 from msao.errors import ConfigError, ImageError, MsaoError, RequestError
 
@@ -61,6 +59,10 @@ class RuntimeOptions:
             the MAS time on every request.
         profile_at_start: time every local segment on this device at start (about a second
             per model) instead of trusting the bundle's profile from the export machine.
+        edge_dilation: emulate an edge this many times slower (tests and the benchmark, not
+            production): every piece of edge compute holds its worker for (k - 1) times its
+            measured time, so queueing is real while the CPU stays free for other processes.
+            1 = the device's own speed.
     """
 
     workers: int = 2
@@ -70,6 +72,7 @@ class RuntimeOptions:
     drain_s: float = 10.0
     mas_always: bool = False
     profile_at_start: bool = True
+    edge_dilation: float = 1.0
     limits: RequestLimits = RequestLimits()
     scheduler: SchedulerOptions = SchedulerOptions()
     ewma: EwmaOptions = EwmaOptions()
@@ -81,6 +84,8 @@ class RuntimeOptions:
             )
         if self.probe_interval_s < 0 or self.drain_s < 0:
             raise ConfigError("probe_interval_s and drain_s must be >= 0")
+        if not 1.0 <= self.edge_dilation <= 1000.0:
+            raise ConfigError(f"edge_dilation must be in [1, 1000] (1 = this device's own speed), got {self.edge_dilation}")
 
 
 @dataclass
@@ -115,30 +120,29 @@ class EdgeRuntime:
     ):
         self.options = options
         self.edge, self.large, self.link = edge, large, link
-        self.edge_clock = SegmentClock(edge.manifest, options.ewma.alpha)
-        self.large_clock = SegmentClock(large.manifest, options.ewma.alpha) if large else None
-        self.cloud_clock = SegmentClock(large.manifest, options.ewma.alpha) if large else None
-        self.scheduler = Scheduler(options.scheduler, edge.manifest, self.edge_clock, large.manifest if large else None,
-                                   self.large_clock, self.cloud_clock, calibration)  # fmt: skip
-        self.executor = Executor(edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always)
-        self.link_estimate = LinkEstimate(options.ewma)
-        self.load = LoadEstimate(options.workers)
-        self._mas_ms = float("nan")
+        self.estimator = Estimator(options.scheduler, edge.manifest, large.manifest if large else None, calibration, options.ewma,
+                                   options.workers)  # fmt: skip
+        self.scheduler = self.estimator.scheduler
+        self.load = self.estimator.load
+        self.executor = Executor(
+            edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always, dilation=options.edge_dilation
+        )
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=options.queue_size)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._last_transfer = 0.0
         self.metrics = EdgeMetrics(queue_depth=lambda: float(self._queue.qsize()), cloud_available=lambda: float(self.cloud_ok()))
         if link is not None:
-            link.transfers.subscribe(self._on_transfer)
+            link.transfers.subscribe(self.estimator.observe_transfer)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> EdgeRuntime:
         if self.options.profile_at_start:
-            for kind, model, clock in (("edge", self.edge, self.edge_clock), ("local_large", self.large, self.large_clock)):
-                if model is not None and clock is not None:
-                    self._profile(kind, model, clock)
+            k = self.options.edge_dilation  # a dilated edge is k times slower than its segments' profile: so is its starting scale
+            self.estimator.profile_local(PlanKind.EDGE, self.edge.profile(), lambda: k * self.edge.timed_request())
+            if self.large is not None:
+                large = self.large
+                self.estimator.profile_local(PlanKind.LOCAL_LARGE, large.profile(), lambda: k * large.timed_request())
         for i in range(self.options.workers):
             t = threading.Thread(target=self._work, name=f"msao-edge-worker-{i}", daemon=True)
             t.start()
@@ -153,23 +157,6 @@ class EdgeRuntime:
             f" + {self.large.name}" if self.large else "", "link configured" if self.link else "none (edge-only)",
         )  # fmt: skip
         return self
-
-    def _profile(self, kind: str, model: LocalModel, clock: SegmentClock) -> None:
-        """This device's segment times, then its whole-request speed against them.
-
-        Per-segment medians miss what a CPU quota (or a busy GPU) does to a whole request: calls
-        shorter than the quota period run at full speed and the stall lands between them. So a
-        few whole synthetic requests set the clock's starting scale as well.
-        """
-        t0 = time.perf_counter()
-        clock.use_profile(model.profile())
-        observed = [model.timed_request() for _ in range(4)][1:]  # the first pays first-call costs
-        predicted = self.scheduler.profiled_local_ms(kind, 1.0)
-        clock.seed_scale(float(np.median(observed)) / predicted if predicted > 0 else 1.0)
-        log.info(
-            "profiled %s on this device in %.1f s: a request takes %.1f ms, %.2fx its segments' sum",
-            model.name, time.perf_counter() - t0, float(np.median(observed)), clock.scale,
-        )  # fmt: skip
 
     def stop(self) -> None:
         """Serve what is queued for up to ``drain_s``, then hand back the rest with ``None``."""
@@ -199,7 +186,7 @@ class EdgeRuntime:
     def health(self) -> dict:
         """What ``/readyz`` and ``msao edge`` status show: degraded = edge-only, still ready."""
         cloud = self.cloud_ok()
-        link = self.link_estimate.snapshot()
+        link = self.estimator.link.snapshot()
         return {
             "ready": self.ready,
             "mode": "collaborative" if cloud else "edge-only",
@@ -209,8 +196,8 @@ class EdgeRuntime:
             "queue_depth": self._queue.qsize(),
             "running": self.load.running,
             "link": {"rtt_ms": round(link.rtt_ms, 3), "bandwidth_mbps": round(link.bandwidth_bps / 1e6, 3), "measured": link.measured},
-            "edge_scale": round(self.edge_clock.scale, 3),
-            "cloud_scale": round(self.cloud_clock.scale, 3) if self.cloud_clock else None,
+            "edge_scale": round(self.estimator.edge_clock.scale, 3),
+            "cloud_scale": round(self.estimator.cloud_clock.scale, 3) if self.estimator.cloud_clock else None,
         }
 
     # -- intake ---------------------------------------------------------------------------------
@@ -273,8 +260,9 @@ class EdgeRuntime:
             except queue.Empty:
                 continue
             self.load.start()
+            kind: PlanKind | None = None
             try:
-                response = self._serve(item)
+                kind, response = self._serve(item)
             except Exception as exc:  # a bug: answer anyway, keep the worker alive
                 log.exception("request %s: internal error", item.request.request_id, extra={"request_id": item.request.request_id})
                 response = EdgeResponse.failure(
@@ -282,45 +270,42 @@ class EdgeRuntime:
                 )
             finally:
                 self.load.finish()
-            self.metrics.requests.inc(plan=response.plan.split(" ")[0] or "none", outcome=response.error_code or "ok")
+            self.metrics.requests.inc(plan=kind.value if kind else "none", outcome=response.error_code or "ok")
             _deliver(item, response)
 
-    def _serve(self, item: _Item) -> EdgeResponse:
+    def _serve(self, item: _Item) -> tuple[PlanKind | None, EdgeResponse]:
         req = item.request
         queue_ms = (time.monotonic() - item.accepted) * 1e3
         if time.monotonic() >= item.deadline:
-            return EdgeResponse.failure(
+            return None, EdgeResponse.failure(
                 req.request_id, "deadline", f"the deadline of {req.deadline_ms:.0f} ms passed while queued ({queue_ms:.0f} ms)"
             )
         try:
             rgb, decode_ms = self.edge.decode(req.image, self.options.max_image_pixels)
+            decode_ms = self.executor.dilate(decode_ms)
         except ImageError as exc:
-            return EdgeResponse.failure(req.request_id, "bad_image", str(exc))
+            return None, EdgeResponse.failure(req.request_id, "bad_image", str(exc))
         inputs = self._cost_inputs(req, item.deadline)
         try:
             plan = self.scheduler.choose(inputs, req.policy, req.split_layer, req.keep_ratio)
         except ConfigError as exc:
-            return EdgeResponse.failure(req.request_id, "bad_request", str(exc))
+            return None, EdgeResponse.failure(req.request_id, "bad_request", str(exc))
         log.debug("request %s: plan %s (%s)", req.request_id, plan.describe(), plan.reason, extra={"request_id": req.request_id})
         try:
-            # kept back from cloud waits for an edge answer if the cloud fails: three times its estimate
-            # (estimates err under load), at least a tenth of the budget, never more than half of it
-            budget_s = req.deadline_ms / 1e3
-            reserve_s = min(0.5 * budget_s, max(3.0 * self.scheduler.edge_fallback_ms(inputs) / 1e3, 0.1 * budget_s))
-            out = self.executor.run(plan, req, rgb, decode_ms, item.deadline, reserve_s)
+            out = self.executor.run(plan, req, rgb, decode_ms, item.deadline)
         except MsaoError as exc:  # bad input found while running (e.g. MAS refused the question)
-            return EdgeResponse.failure(req.request_id, "bad_request", str(exc))
+            return plan.kind, EdgeResponse.failure(req.request_id, "bad_request", str(exc))
         total_ms = (time.monotonic() - item.accepted) * 1e3
         log.info(
             "request %s: %s by the %s in %.1f ms (%s)%s", req.request_id, plan.describe(), out.answered_by, total_ms,
             "ok" if total_ms <= req.deadline_ms else "late", f"; fallback: {out.fallback}" if out.fallback else "",
             extra={"request_id": req.request_id, "plan": plan.describe(), "answered_by": out.answered_by, "latency_ms": round(total_ms, 3)},
         )  # fmt: skip
-        self._learn(plan, out, inputs)
+        self.estimator.observe(plan, Observation(out.answered_by, out.local_observed_ms, out.timings_ms.get("mas", 0.0), bool(out.fallback)), inputs)
         timings = {"queue": round(queue_ms, 3), **out.timings_ms, "total": round(total_ms, 3)}
         self._record(plan, out, timings)
         late = total_ms > req.deadline_ms
-        return EdgeResponse(
+        return plan.kind, EdgeResponse(
             request_id=req.request_id, status="error" if late else "ok", answer=out.answer, confidence=round(out.confidence, 5),
             answered_by=out.answered_by, model=out.model, plan=plan.describe(), reason=plan.reason + (f"; {out.speculation}" if out.speculation else ""),
             fallback=out.fallback, mas=out.mas, timings_ms=timings, bytes_up=out.bytes_up, bytes_down=out.bytes_down,
@@ -332,43 +317,14 @@ class EdgeRuntime:
 
     def _cost_inputs(self, req: EdgeRequest, deadline: float) -> CostInputs:
         cloud = self.cloud_ok()
-        return CostInputs(
-            link=self.link_estimate.snapshot(),
-            cloud_ok=cloud,
-            cloud_queue_ms=self._cloud_queue_ms() if cloud else 0.0,
-            edge_load=self.load.local_wait_factor(),
-            mas_ms=0.3 if math.isnan(self._mas_ms) else self._mas_ms,
-            image_bytes=len(req.image),
-            deadline_ms=max(0.0, (deadline - time.monotonic()) * 1e3),
+        depth = 0.0
+        if cloud:
+            assert self.link is not None and self.large is not None
+            workers = self.link.workers(self.large.manifest.model_hash)
+            depth = min((w.queue_depth / max(1, w.threads) for w in workers), default=0.0)
+        return self.estimator.snapshot(
+            cloud_ok=cloud, cloud_queue_depth=depth, image_bytes=len(req.image), deadline_ms=(deadline - time.monotonic()) * 1e3
         )
-
-    def _cloud_queue_ms(self) -> float:
-        assert self.link is not None and self.large is not None
-        workers = self.link.workers(self.large.manifest.model_hash)
-        if not workers:
-            return 0.0
-        job_ms = self.scheduler.cloud_compute_ms(1.0)
-        return min(w.queue_depth / max(1, w.threads) for w in workers) * job_ms
-
-    def _learn(self, plan: Plan, out: Outcome, inputs: CostInputs) -> None:
-        a = self.options.ewma.alpha
-        if "mas" in out.timings_ms and out.timings_ms["mas"] > 0:
-            m = out.timings_ms["mas"]
-            self._mas_ms = m if math.isnan(self._mas_ms) else (1 - a) * self._mas_ms + a * m
-        if out.local_observed_ms <= 0 or out.fallback or out.answered_by != "edge":
-            return
-        if plan.kind in ("edge", "local_large"):  # the estimate's terms: MAS (when pruning) + vision + decoder
-            self.scheduler.observe_local(plan, out.local_observed_ms + out.timings_ms.get("mas", 0.0), a)
-        kind = "local_large" if plan.kind == "local_large" else "edge"  # edge and committed drafts ran the edge model
-        clock = self.large_clock if kind == "local_large" else self.edge_clock
-        if clock is not None:
-            clock.observe(self.scheduler.profiled_local_ms(kind, plan.keep_ratio) * inputs.edge_load, out.local_observed_ms)
-
-    def _on_transfer(self, t: TransferStats) -> None:
-        self._last_transfer = time.monotonic()
-        self.link_estimate.observe(t)
-        if t.outcome == "ok" and t.kind == "answer" and t.compute_ms > 0 and self.cloud_clock is not None:
-            self.cloud_clock.observe(self.scheduler.cloud_compute_ms(1.0) / self.cloud_clock.scale, t.compute_ms)
 
     def _record(self, plan: Plan, out: Outcome, timings: dict[str, float]) -> None:
         m = self.metrics
@@ -386,7 +342,7 @@ class EdgeRuntime:
         assert self.link is not None and self.large is not None
         h = self.large.manifest.model_hash
         while not self._stopping.wait(self.options.probe_interval_s / 2):
-            if time.monotonic() - self._last_transfer < self.options.probe_interval_s or not self.cloud_ok():
+            if time.monotonic() - self.estimator.last_transfer < self.options.probe_interval_s or not self.cloud_ok():
                 continue
             try:
                 self.link.probe(h, 1024, deadline_s=2.0)

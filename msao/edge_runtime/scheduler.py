@@ -36,57 +36,18 @@ no keep-set), ``static_split`` (one k), ``prune_only`` (edge model at a fixed ra
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 from msao.edge_runtime.calibration import Calibration
 from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
+from msao.edge_runtime.plans import ALWAYS_VERIFY, PLAN_KINDS, POLICIES, Plan, PlanKind
 from msao.engines.manifest import Manifest
 from msao.errors import ConfigError
 
-__all__ = ["CostInputs", "PLAN_KINDS", "POLICIES", "Plan", "Scheduler", "SchedulerOptions"]
+__all__ = ["ALWAYS_VERIFY", "CostInputs", "PLAN_KINDS", "POLICIES", "Plan", "PlanKind", "Scheduler", "SchedulerOptions"]
 
 log = logging.getLogger(__name__)
-
-PLAN_KINDS = ("edge", "local_large", "cloud", "split", "draft_verify")
-POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
-ALWAYS_VERIFY = 1.01  # a threshold no confidence reaches
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one request will do. ``describe()`` is what responses, logs and metrics show."""
-
-    kind: str
-    keep_ratio: float = 1.0
-    split_layer: int = 0
-    commit_threshold: float = ALWAYS_VERIFY
-    speculate: bool = False
-    send_keep: bool = True  # cloud/draft_verify: prune the cloud's prefill with the edge's keep-set
-    est_latency_ms: float = 0.0
-    est_accuracy: float = 0.0
-    est_uplink_bytes: float = 0.0
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in PLAN_KINDS:
-            raise ConfigError(f"plan kind {self.kind!r} not in {PLAN_KINDS}")
-        if not 0 < self.keep_ratio <= 1:
-            raise ConfigError(f"keep ratio {self.keep_ratio} not in (0, 1]")
-
-    @property
-    def uses_cloud(self) -> bool:
-        return self.kind in ("cloud", "split", "draft_verify")
-
-    def describe(self) -> str:
-        base = f"split@{self.split_layer}" if self.kind == "split" else self.kind
-        parts = [base, f"keep={self.keep_ratio:g}"]
-        if self.kind == "draft_verify":
-            parts.append("verify=always" if self.commit_threshold > 1 else f"commit>={self.commit_threshold:g}")
-            parts.append("speculative" if self.speculate else "sequential")
-        return " ".join(parts)
-
 
 @dataclass(frozen=True)
 class SchedulerOptions:
@@ -138,6 +99,8 @@ class CostInputs:
         mas_ms: live MAS time per request.
         image_bytes: size of this request's image file.
         deadline_ms: this request's remaining budget.
+        local_residuals: per local (kind, keep ratio), how far that plan's runs were from its
+            estimate on this device (``Estimator``); 1 where nothing was learned.
     """
 
     link: LinkSnapshot
@@ -147,10 +110,14 @@ class CostInputs:
     mas_ms: float
     image_bytes: int
     deadline_ms: float
+    local_residuals: Mapping[tuple[str, float], float] = field(default_factory=dict)
+
+    def local_residual(self, kind: str, r: float) -> float:
+        return self.local_residuals.get((str(kind), r), 1.0)
 
 
 class Scheduler:
-    """Chooses a ``Plan`` per request. Its only state is the local plans' live correction; thread-safe.
+    """Chooses a ``Plan`` per request from a ``CostInputs`` snapshot; keeps no state of its own (thread-safe).
 
     Args:
         edge / large: manifests of the edge model and the large model (the latter may be
@@ -182,31 +149,6 @@ class Scheduler:
             log.warning("the calibration file does not cover these bundles (model hashes differ); re-run `msao calibrate`")
         if options.policy == "static_split" and large is not None and options.split_layer not in large.split_points:
             raise ConfigError(f"static split at layer {options.split_layer}: {large.name} splits at {list(large.split_points)}")
-        self._local_correction: dict[tuple[str, float], float] = {}
-        self._lock = threading.Lock()
-
-    # -- live correction of local plans -----------------------------------------------------
-
-    def observe_local(self, plan: Plan, observed_ms: float, alpha: float = 0.2) -> None:
-        """Learn how far a local plan's estimate was from its run (same terms: MAS + vision + decoder).
-
-        The clocks scale every segment of a side by one live factor; what one factor cannot
-        follow is how plans differ from their profile *relative to each other* on this device
-        (on a CPU-quota-throttled edge a short plan finishes inside one quota slice, a long one
-        waits out several). So each local (kind, keep ratio) carries a residual factor on top
-        of the clock, moved multiplicatively so that estimate == observation is its fixed point.
-        """
-        if plan.kind not in ("edge", "local_large") or plan.est_latency_ms <= 0 or observed_ms <= 0:
-            return
-        key = (plan.kind, plan.keep_ratio)
-        with self._lock:
-            c = self._local_correction.get(key, 1.0)
-            ratio = observed_ms / plan.est_latency_ms
-            self._local_correction[key] = min(4.0, max(0.25, c * ((1 - alpha) + alpha * ratio)))
-
-    def local_correction(self, kind: str, r: float) -> float:
-        with self._lock:
-            return self._local_correction.get((kind, r), 1.0)
 
     # -- accuracy (calibrated on train) -----------------------------------------------------
 
@@ -302,7 +244,7 @@ class Scheduler:
     # -- candidates -------------------------------------------------------------------------
 
     def _edge_plan(self, r: float, x: CostInputs, reason: str = "") -> Plan:
-        ms = self._local_ms(self.edge, self.edge_clock, r, x, r < 1) * self.local_correction("edge", r)
+        ms = self._local_ms(self.edge, self.edge_clock, r, x, r < 1) * x.local_residual("edge", r)
         return Plan("edge", r, est_latency_ms=ms, est_accuracy=self._accuracy(self.edge, r), reason=reason)
 
     def _cloud_plan(self, r: float, x: CostInputs, send_keep: bool) -> Plan:
@@ -361,7 +303,7 @@ class Scheduler:
         if self.large is not None and self.large_clock is not None and o.allow_local_large:
             plans += [
                 Plan(
-                    "local_large", r, est_latency_ms=self._local_ms(self.large, self.large_clock, r, x, r < 1) * self.local_correction("local_large", r),
+                    "local_large", r, est_latency_ms=self._local_ms(self.large, self.large_clock, r, x, r < 1) * x.local_residual("local_large", r),
                     est_accuracy=self._accuracy(self.large, r),
                 )
                 for r in o.keep_ratios
@@ -390,7 +332,8 @@ class Scheduler:
         """The plan for one request. ``policy`` overrides the configured one (per request)."""
         policy = policy or self.options.policy
         if policy != "msao":
-            return self._fixed(policy, x, split_layer, keep_ratio)
+            plan = self._fixed(policy, x, split_layer, keep_ratio)
+            return replace(plan, fallback_reserve_ms=self.fallback_reserve_ms(plan, x))
         plans = self.candidates(x)
         best_acc = max(p.est_accuracy for p in plans)
         floor = best_acc - self.options.accuracy_slack
@@ -422,7 +365,19 @@ class Scheduler:
         if x.cloud_ok:
             why.append(f"cloud queue {x.cloud_queue_ms:.0f} ms")
         why.append(f"edge load x{x.edge_load:.2f}")
-        return replace(pick, reason="; ".join(why))
+        return replace(pick, reason="; ".join(why), fallback_reserve_ms=self.fallback_reserve_ms(pick, x))
+
+    def fallback_reserve_ms(self, plan: Plan, x: CostInputs) -> float:
+        """Time kept back from a cloud or split plan for the edge-only answer that replaces a failed cloud path.
+
+        Three times the edge answer's estimate (estimates err under load), at least a tenth of
+        the budget, never more than half of it. Local plans need none; neither does
+        draft/verify, whose fallback (the draft) is computed anyway.
+        """
+        if plan.kind not in (PlanKind.CLOUD, PlanKind.SPLIT):
+            return 0.0
+        budget = max(0.0, x.deadline_ms)
+        return min(0.5 * budget, max(3.0 * self.edge_fallback_ms(x), 0.1 * budget))
 
     def _fixed(self, policy: str, x: CostInputs, split_layer: int | None, keep_ratio: float | None) -> Plan:
         o = self.options

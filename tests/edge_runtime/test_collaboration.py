@@ -104,7 +104,7 @@ def test_msao_with_a_calibration_reports_its_plan_and_reason(runtime, easyvqa_te
 
 
 def test_real_transfers_teach_the_link_estimate(runtime):
-    snap = runtime.link_estimate.snapshot()
+    snap = runtime.estimator.link.snapshot()
     assert snap.measured and snap.rtt_ms < 50  # loopback through an unshaped proxy
 
 
@@ -168,7 +168,7 @@ def test_a_slow_link_is_measured_and_with_accuracy_no_object_work_stays_local(mo
     try:
         wait_online(lk, workers)
         lk.probe(models[1].manifest.model_hash, 1024, deadline_s=5)  # the estimate learns the 400 ms RTT
-        assert rt.link_estimate.snapshot().rtt_ms > 300
+        assert rt.estimator.link.snapshot().rtt_ms > 300
         for i in range(3):
             r = rt.answer(_request(easyvqa_test, i, deadline_ms=10_000))
             assert r.status == "ok" and r.plan.split(" ")[0] in ("edge", "local_large") and r.bytes_up == 0, r

@@ -154,17 +154,24 @@ def test_on_a_thin_link_sequential_verification_saves_most_of_the_uplink(models,
 
 
 def test_a_local_plan_that_runs_slower_than_estimated_is_corrected_until_the_estimate_meets_it(models, calibration):
-    s = _scheduler(models, calibration)
-    x = _inputs(cloud_ok=False)
-    plan = next(p for p in s.candidates(x) if p.kind == "local_large" and p.keep_ratio == 0.25)
-    other = next(p for p in s.candidates(x) if p.kind == "local_large" and p.keep_ratio == 1.0)
+    from msao.edge_runtime.estimator import Estimator
+
+    edge, large = models
+    est = Estimator(SchedulerOptions(), edge.manifest, large.manifest, calibration)
+    s = est.scheduler
+
+    def x():  # the estimator's snapshot carries what it learned into the stateless scheduler
+        return replace(_inputs(cloud_ok=False), local_residuals=est.snapshot(cloud_ok=False, cloud_queue_depth=0, image_bytes=1200, deadline_ms=5000).local_residuals)
+
+    plan = next(p for p in s.candidates(x()) if p.kind == "local_large" and p.keep_ratio == 0.25)
+    other = next(p for p in s.candidates(x()) if p.kind == "local_large" and p.keep_ratio == 1.0)
     truth_ms = 3.0 * plan.est_latency_ms  # this device runs the pruned plan three times slower than its profile says
     for _ in range(60):
-        now = next(p for p in s.candidates(x) if p.kind == "local_large" and p.keep_ratio == 0.25)
-        s.observe_local(now, truth_ms)
-    corrected = next(p for p in s.candidates(x) if p.kind == "local_large" and p.keep_ratio == 0.25)
+        now = next(p for p in s.candidates(x()) if p.kind == "local_large" and p.keep_ratio == 0.25)
+        est.observe_local(now, truth_ms)
+    corrected = next(p for p in s.candidates(x()) if p.kind == "local_large" and p.keep_ratio == 0.25)
     assert corrected.est_latency_ms == pytest.approx(truth_ms, rel=0.02)
-    untouched = next(p for p in s.candidates(x) if p.kind == "local_large" and p.keep_ratio == 1.0)
+    untouched = next(p for p in s.candidates(x()) if p.kind == "local_large" and p.keep_ratio == 1.0)
     assert untouched.est_latency_ms == pytest.approx(other.est_latency_ms)  # only the plan that was observed moves
-    s.observe_local(replace(corrected, kind="cloud"), 1e6)  # remote plans are not local evidence
-    assert s.local_correction("cloud", 0.25) == 1.0
+    est.observe_local(replace(corrected, kind="cloud"), 1e6)  # remote plans are not local evidence
+    assert est.residual("cloud", 0.25) == 1.0

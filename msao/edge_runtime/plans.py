@@ -1,0 +1,93 @@
+"""The vocabulary of decisions: the placement policies, the kinds of plan, and ``Plan`` itself.
+
+Defined once here and imported everywhere else (the scheduler that makes plans, the executor
+that runs them, the request parser that accepts a per-request policy, the CLI's choices, the
+benchmark's cells and the metrics' labels), so no module recovers a kind by parsing a string.
+Knows no cost model: the numbers in a ``Plan`` are the scheduler's estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from msao.errors import ConfigError
+
+__all__ = ["ALWAYS_VERIFY", "PLAN_KINDS", "POLICIES", "Plan", "PlanKind"]
+
+# ``msao`` is the adaptive policy; the others are the fixed baselines the benchmark compares it with.
+POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
+ALWAYS_VERIFY = 1.01  # a commit threshold no confidence reaches
+
+
+class PlanKind(str, Enum):
+    """What a plan runs where; a ``str`` so that JSON, metric labels and ``kind == "edge"`` read the value."""
+
+    EDGE = "edge"  # the edge model answers alone
+    LOCAL_LARGE = "local_large"  # the large model answers alone, on the edge
+    CLOUD = "cloud"  # the large model answers in the cloud
+    SPLIT = "split"  # the large model's first layers here, the rest in the cloud
+    DRAFT_VERIFY = "draft_verify"  # the edge model drafts; committed, or the cloud's answer wins
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:  # Python 3.10's str-mixin enums format as the member name otherwise
+        return format(self.value, spec)
+
+    @property
+    def uses_cloud(self) -> bool:
+        return self in (PlanKind.CLOUD, PlanKind.SPLIT, PlanKind.DRAFT_VERIFY)
+
+    @property
+    def is_local(self) -> bool:
+        return self in (PlanKind.EDGE, PlanKind.LOCAL_LARGE)
+
+
+PLAN_KINDS = tuple(k.value for k in PlanKind)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one request will do. ``describe()`` is what responses and logs show; ``kind`` what metrics count.
+
+    Attributes:
+        kind: a ``PlanKind`` (a plain string value is converted; anything else is refused).
+        fallback_reserve_ms: time kept back from the cloud path for an edge-only answer if the
+            cloud fails: the cloud's deadline is the request's minus this (0 for local plans,
+            and for draft/verify, whose fallback, the draft, is already there).
+    """
+
+    kind: PlanKind
+    keep_ratio: float = 1.0
+    split_layer: int = 0
+    commit_threshold: float = ALWAYS_VERIFY
+    speculate: bool = False
+    send_keep: bool = True  # cloud/draft_verify: prune the cloud's prefill with the edge's keep-set
+    est_latency_ms: float = 0.0
+    est_accuracy: float = 0.0
+    est_uplink_bytes: float = 0.0
+    fallback_reserve_ms: float = 0.0
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, PlanKind):
+            if self.kind not in PLAN_KINDS:
+                raise ConfigError(f"plan kind {self.kind!r} not in {PLAN_KINDS}")
+            object.__setattr__(self, "kind", PlanKind(self.kind))
+        if not 0 < self.keep_ratio <= 1:
+            raise ConfigError(f"keep ratio {self.keep_ratio} not in (0, 1]")
+        if self.fallback_reserve_ms < 0:
+            raise ConfigError(f"fallback reserve {self.fallback_reserve_ms} ms must be >= 0")
+
+    @property
+    def uses_cloud(self) -> bool:
+        return self.kind.uses_cloud
+
+    def describe(self) -> str:
+        base = f"split@{self.split_layer}" if self.kind is PlanKind.SPLIT else self.kind.value
+        parts = [base, f"keep={self.keep_ratio:g}"]
+        if self.kind is PlanKind.DRAFT_VERIFY:
+            parts.append("verify=always" if self.commit_threshold > 1 else f"commit>={self.commit_threshold:g}")
+            parts.append("speculative" if self.speculate else "sequential")
+        return " ".join(parts)
