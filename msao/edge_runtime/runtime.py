@@ -222,13 +222,11 @@ class EdgeRuntime:
 
     def answer(self, request: EdgeRequest, timeout_s: float | None = None) -> EdgeResponse:
         """Submit and wait (the Python API); a refusal comes back as a ``busy``/``error`` response."""
-        fut: Future[EdgeResponse | None] = Future()
+        wait = timeout_s if timeout_s is not None else request.deadline_ms / 1e3 + 30.0
         try:
-            self.submit(request, fut.set_result)
+            result = self.submit_and_wait(request, wait)
         except RequestError as exc:
             return EdgeResponse.failure(request.request_id, exc.code, str(exc))
-        wait = timeout_s if timeout_s is not None else request.deadline_ms / 1e3 + 30.0
-        result = fut.result(timeout=wait)
         return result or EdgeResponse.failure(request.request_id, "unavailable", "the daemon stopped before serving this request")
 
     def submit_and_wait(self, request: EdgeRequest, timeout_s: float) -> EdgeResponse | None:
