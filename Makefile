@@ -52,7 +52,7 @@ eval: export
 
 ## demo: a local broker, a cloud worker and the edge daemon on the built-in bundles, asked real easy-VQA questions over MQTT and HTTP
 demo: setup export
-	$(BIN)/python examples/demo.py
+	$(BIN)/python -m examples.demo
 
 ## bench: every policy against every link profile through the real daemon, throttled edge (quick: 100 requests per cell, ~10-15 min)
 .PHONY: bench bench-full

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.stack import EdgeDaemon, cpu_seconds, peak_rss_bytes
+from testbed import EdgeDaemon, cpu_seconds, peak_rss_bytes
 
 __all__ = ["Item", "closed_loop", "fire_at", "open_loop", "poisson_times", "ask"]
 
@@ -69,7 +69,7 @@ def closed_loop(daemon: EdgeDaemon, items: list[Item], fields: dict, cloud_cpu, 
     """Ask ``items`` one after another; per-request records and the cell's CPU and memory."""
     for item in items[:warmup]:  # the daemon's first answers teach its estimates; not measured
         ask(daemon, item, fields)
-    edge0, cloud0 = cpu_seconds(daemon.process.pid), cloud_cpu()
+    edge0, cloud0 = cpu_seconds(daemon.pid), cloud_cpu()
     records = []
     t0 = time.perf_counter()
     for n, item in enumerate(items):
@@ -81,9 +81,9 @@ def closed_loop(daemon: EdgeDaemon, items: list[Item], fields: dict, cloud_cpu, 
     return {
         "records": records,
         "wall_s": round(wall, 3),
-        "edge_cpu_s": round(cpu_seconds(daemon.process.pid) - edge0, 4),
+        "edge_cpu_s": round(cpu_seconds(daemon.pid) - edge0, 4),
         "cloud_cpu_s": round(cloud_cpu() - cloud0, 4),
-        "edge_peak_rss_bytes": peak_rss_bytes(daemon.process.pid),
+        "edge_peak_rss_bytes": peak_rss_bytes(daemon.pid),
     }
 
 

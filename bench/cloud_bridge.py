@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import queue
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from msao.cloud_bridge.codec import compress_payload, payload_from_tensors, tensors_from_payload
+from testbed import CloudWorker, ManagedProcess, start_broker
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"1KB": 1_000, "100KB": 100_000, "1MB": 1_000_000, "10MB": 10_000_000}
@@ -123,29 +123,6 @@ def bench_zstd(bundle_dir: Path, images: int) -> list[dict]:
 # -- 3. loopback round trips -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_broker(tmp: Path) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
-    conf = tmp / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true", "persistence false"]
-    conf.write_text("\n".join(lines + (["user root"] if os.geteuid() == 0 else [])) + "\n")
-    proc = subprocess.Popen(
-        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
-
-
 _RESPONDER = """
 import socket, sys
 import paho.mqtt.client as mqtt
@@ -206,12 +183,9 @@ def bench_round_trips(bundle_dir: Path, reps: int) -> dict:
 
     model_hash = load_bundle(bundle_dir).manifest.model_hash
     tmp = Path(tempfile.mkdtemp(prefix="msao-bench-"))
-    broker, port = _start_broker(tmp)
-    url = f"mqtt://127.0.0.1:{port}"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "msao", "cloud", "--bundle", str(bundle_dir), "--broker", url, "--worker-id", "bench-w1", "--max-payload-mb", "64"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "wb"), cwd=ROOT,
-    )  # fmt: skip
+    broker = start_broker(tmp / "broker")
+    port, url = broker.port, broker.url
+    worker = CloudWorker("bench-w1", bundle_dir, url, tmp / "worker.log", extra=("--max-payload-mb", "64"), verbosity="-v")
     out: dict = {"job_probe": [], "paho_self_echo": [], "mosquitto_rr": []}
     try:
         link = CloudLink(LinkOptions("bench-edge", ClientOptions(url, "msao-bench-edge"))).start()
@@ -241,11 +215,11 @@ def bench_round_trips(bundle_dir: Path, reps: int) -> dict:
 
         # floor 1: bare MQTT 5 request/response with the same library and topology as a job (requester ->
         # broker -> responder process -> broker -> requester), without msao's codec, chunking or worker
-        responder = subprocess.Popen([sys.executable, "-c", _RESPONDER, str(port)], stdout=subprocess.PIPE)
-        responder.stdout.readline()  # "ready"
+        responder = ManagedProcess([sys.executable, "-c", _RESPONDER, str(port)], tmp / "responder.log", name="responder")
+        if not responder.wait_for_log("ready", 30):
+            raise responder.failure("did not subscribe")
         out["paho_request_response"] = _request_response(port, reps)
-        responder.terminate()
-        responder.wait(10)
+        responder.stop(10)
 
         # floor 2: a raw paho client publishing to a topic it subscribes to (no codec, no worker; the
         # broker forwards the whole payload back, so twice the bytes of a probe)
@@ -303,10 +277,8 @@ def bench_round_trips(bundle_dir: Path, reps: int) -> dict:
             ts = _time(lambda: subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True), reps)  # noqa: B023
             out["mosquitto_rr"].append(dict(size=label, bytes=nbytes, n=reps, p50_ms=_pct(ts, 50) * 1e3, p95_ms=_pct(ts, 95) * 1e3))
     finally:
-        worker.terminate()
-        worker.wait(20)
-        broker.terminate()
-        broker.wait(10)
+        worker.stop(20)
+        broker.stop()
     return out
 
 

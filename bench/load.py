@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.cells import Item, ask, fire_at, poisson_times
 from bench.run import workload
-from bench.stack import EdgeDaemon, Stack, cpu_seconds
+from testbed import EdgeDaemon, Stack, cpu_seconds
 
 __all__ = ["hold_load", "scale_workers"]
 
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _edges(stack: Stack, count: int) -> list[EdgeDaemon]:
     """``count`` daemons, once every worker of ``stack`` is serving (a scaling point needs them all)."""
     end = time.monotonic() + 120
-    logs = [stack.work / f"cloud-{i}.log" for i in range(len(stack.worker_procs))]
+    logs = [stack.work / f"cloud-{i}.log" for i in range(len(stack.workers))]
     while not all(p.exists() and " serving " in p.read_text(errors="replace") for p in logs):
         if time.monotonic() > end:
             raise RuntimeError(f"cloud workers not serving after 120 s; see {logs}")
@@ -50,9 +50,9 @@ def _edges(stack: Stack, count: int) -> list[EdgeDaemon]:
 
 def _fleet_cpu(stack: Stack, edges: list[EdgeDaemon]) -> dict[str, float]:
     return {
-        "broker": cpu_seconds(stack.procs[0].pid),
+        "broker": stack.broker_cpu_seconds(),
         "workers": stack.cloud_cpu_seconds(),
-        "edges": sum(cpu_seconds(e.process.pid) for e in edges),
+        "edges": sum(cpu_seconds(e.pid) for e in edges),
     }
 
 
@@ -74,7 +74,7 @@ def hold_load(stack: Stack, edges: list[EdgeDaemon], items: list[Item], rate_per
             errors[m.get("error_code", "?")] = errors.get(m.get("error_code", "?"), 0) + 1
     return {
         "edges": len(edges),
-        "workers": len(stack.worker_procs),
+        "workers": len(stack.workers),
         "rate_per_s": round(rate_per_edge * len(edges), 3),
         "duration_s": round(elapsed, 2),
         "sent": len(schedule),
@@ -111,7 +111,7 @@ def scale_workers(stack: Stack, edges: list[EdgeDaemon], items: list[Item], in_f
     with ThreadPoolExecutor(in_flight) as pool:
         list(pool.map(loop, range(in_flight)))
     elapsed = time.perf_counter() - t0
-    return {"workers": len(stack.worker_procs), "cloud_answers_per_s": round(by_cloud[0] / elapsed, 2), "requests": len(done)}
+    return {"workers": len(stack.workers), "cloud_answers_per_s": round(by_cloud[0] / elapsed, 2), "requests": len(done)}
 
 
 def main() -> int:

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.cells import Item, ask, closed_loop, open_loop
-from bench.shaping_proxy import PROFILES
-from bench.stack import Stack
 from bench.summary import goals_for_profile, profile_summary
 from msao.edge_runtime import plans
+from testbed import PROFILES, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = tuple(p for p in plans.POLICIES if p != "msao") + ("msao",)  # msao last: its cells are compared with the rest
@@ -38,10 +37,14 @@ class BenchConfig:
     """What one run measures (the JSON records it whole).
 
     Attributes:
-        profiles: link profiles (``bench.shaping_proxy.PROFILES``).
+        profiles: link profiles (``testbed.PROFILES``).
         policies: placement policies; ``static_split`` runs once per split point of the large model.
         requests: easy-VQA test requests per cell (closed loop), after ``warmup`` unmeasured ones.
-        edge_share: cores the edge daemon may use (cgroup quota): the edge/cloud speed ratio.
+        edge_share: cores the edge daemon may use (cgroup quota): the edge/cloud speed ratio;
+            None = no quota.
+        edge_dilation: instead of (or with) the quota, the daemon holds its compute this many
+            times as long (a slower device that machine load cannot make faster or slower
+            relative to the cloud; no root needed); None = its own speed.
         load_profiles / load_policies / load_rates / load_seconds: the open-loop throughput test.
         stream_questions: questions of the stream workload (0 = skip), asked with stream ids.
     """
@@ -50,7 +53,8 @@ class BenchConfig:
     policies: tuple[str, ...] = POLICIES
     requests: int = 1000
     warmup: int = 10
-    edge_share: float = 0.25
+    edge_share: float | None = 0.25
+    edge_dilation: float | None = None
     prune_ratio: float = 0.25
     load_profiles: tuple[str, ...] = ("lte", "congested")
     load_policies: tuple[str, ...] = ("cloud_only", "msao")
@@ -148,7 +152,9 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
         "profiles": {},
     }
     work = out.parent / (out.stem + "-work")
-    with Stack(work, edge_b, cloud_b, cal if cal.exists() else None, edge_share=config.edge_share) as stack:
+    with Stack(
+        work, edge_b, cloud_b, cal if cal.exists() else None, edge_share=config.edge_share, edge_dilation=config.edge_dilation
+    ) as stack:
         for profile in config.profiles:
             shape = PROFILES[profile]
             stack.shape(shape)
@@ -173,7 +179,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
                 daemon = stack.start_edge(f"{profile}-{name}", policy)
                 try:
                     if name == runs[0][0]:
-                        result["profiles"].setdefault(profile, {})["edge_profile"] = daemon.get("/readyz")
+                        result["profiles"].setdefault(profile, {})["edge_profile"] = daemon.get("/readyz")[1]
                     for item in warm:  # the daemon's first answers teach its estimates; not measured
                         ask(daemon, item, fields)
                     cells[name] = closed_loop(
@@ -183,7 +189,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
                         cells[f"{name}+stream"] = closed_loop(daemon, stream, fields, stack.cloud_cpu_seconds, warmup=0,
                                                              progress=_progress(f"{profile} {name} stream"))  # fmt: skip
                 finally:
-                    daemon.stop()
+                    stack.stop_edge(daemon)
             throughput: dict[str, float] = {}
             load: dict[str, list] = {}
             if profile in config.load_profiles:
@@ -205,7 +211,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
                         ]
                         throughput[policy] = max(within) if within else 0.0
                     finally:
-                        daemon.stop()
+                        stack.stop_edge(daemon)
             stream_cells = {k: v for k, v in cells.items() if k.endswith("+stream")}
             main_cells = {k: v for k, v in cells.items() if not k.endswith("+stream")}
             summary = profile_summary(main_cells, throughput)
@@ -228,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--edge-share", type=float, help="cores the edge daemon may use (default 0.25: the edge is ~4x slower than a cloud core)"
     )
+    p.add_argument(
+        "--edge-dilation",
+        type=float,
+        help="the edge daemon emulates a device this many times slower (with --edge-share 0: instead of the quota)",
+    )
     p.add_argument("--no-load", action="store_true", help="skip the open-loop throughput test")
     p.add_argument("--no-stream", action="store_true", help="skip the stream workload")
     p.add_argument("--out", help="results JSON (default bench/results/<UTC date-time>.json)")
@@ -240,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         kw["policies"] = tuple(x for x in args.policies.split(",") if x)
     if args.requests:
         kw["requests"] = args.requests
-    if args.edge_share:
-        kw["edge_share"] = args.edge_share
+    if args.edge_share is not None:
+        kw["edge_share"] = args.edge_share or None  # 0: no quota
+    if args.edge_dilation:
+        kw["edge_dilation"] = args.edge_dilation
     if args.no_load:
         kw["load_profiles"] = ()
     if args.no_stream:

@@ -9,7 +9,7 @@ carry, so it is no ``msao`` subcommand and uses only msao's public names.
 
 Not a measurement. What is real: the ``Scheduler`` (its candidates, cost model and ``choose``),
 its ``Manifest`` / ``LatencyProfile`` / ``SegmentClock`` / ``Calibration`` types, the link
-profiles (``bench.shaping_proxy.PROFILES``) and the benchmark's definitions of the oracle, the
+profiles (``testbed.PROFILES``) and the benchmark's definitions of the oracle, the
 best baseline and the goals (``bench.summary``). What is simulated: the segment times (the
 profile's published, derived or assumed figures, ``bench.simprofile``), the requests (seeded
 draws: answer length, compute spread, link jitter, image size, difficulty) and the queues
@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.run import POLICIES, BenchConfig
-from bench.shaping_proxy import PROFILES
 from bench.simprofile import DEFAULT_PROFILE, ROOT, SimProfile, load_sim_profile
 from bench.simworld import Draws, Job, Link, closed_loop_ms, draw_requests, job_from_plan, run_open_loop
 from bench.summary import goals_for_profile, oracle_metrics, profile_summary
 from msao.edge_runtime.estimates import LinkSnapshot
 from msao.edge_runtime.scheduler import CostInputs, Plan, Scheduler, SchedulerOptions
 from msao.errors import ConfigError, MsaoError
+from testbed import PROFILES
 
 __all__ = ["NOTICE", "PAPER", "SimOptions", "build_scheduler", "draft_commit_share", "inputs", "link_from_profile", "run_simulation", "format_table", "main", "mix_key"]
 
@@ -68,7 +68,7 @@ class SimOptions:
     Attributes:
         requests: requests per policy per link (closed loop, one at a time).
         load_requests: arrivals per offered rate in the throughput search (open loop).
-        links: link profiles (names in ``bench.shaping_proxy.PROFILES``).
+        links: link profiles (names in ``testbed.PROFILES``).
         accuracy_slack: the scheduler's accuracy slack (None: ``SchedulerOptions``' default).
         records: keep per-request records in the result (large).
     """
@@ -251,7 +251,7 @@ def run_simulation(p: SimProfile, o: SimOptions = SimOptions(), progress=lambda 
     """Every policy and the oracle under every link profile; the result as JSON-ready data (labelled SIMULATION)."""
     unknown = [x for x in o.links if x not in PROFILES]
     if unknown:
-        raise ConfigError(f"unknown link profiles {unknown}; known: {list(PROFILES)} (bench.shaping_proxy.PROFILES)")
+        raise ConfigError(f"unknown link profiles {unknown}; known: {list(PROFILES)} (testbed.PROFILES)")
     s = build_scheduler(p, o.accuracy_slack)
     draws = draw_requests(o.requests, o.seed, p.answer_tokens_pmf, p.image_bytes_mean, p.image_bytes_sigma, p.edge_cv, p.cloud_cv)
     bound = BenchConfig().load_p95_bound_ms
@@ -373,7 +373,7 @@ def _parser() -> argparse.ArgumentParser:
         help="requests per policy per link profile (default 1000; more = tighter percentiles, slower)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated requests and noise (default 0)")
-    p.add_argument("--links", metavar="A,B", help="comma-separated link profiles (default: all of bench.shaping_proxy.PROFILES)")
+    p.add_argument("--links", metavar="A,B", help="comma-separated link profiles (default: all of testbed.PROFILES)")
     p.add_argument(
         "--load-requests", type=int, default=400, metavar="N",
         help="arrivals per offered rate in the throughput search (default 400; fewer = faster, noisier p95)",

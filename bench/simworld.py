@@ -7,7 +7,7 @@ evaluated with this request's draws instead of expectations:
     answer tokens n     drawn from the profile's distribution (the estimate uses its mean)
     compute             edge stages x e, cloud stages x c (lognormal, mean 1, the profile's spread)
     link                each direction of each transfer: one-way delay ± jitter (uniform), as the
-                        benchmark's shaping proxy does (bench.shaping_proxy.PROFILES)
+                        benchmark's shaping proxy does (testbed.PROFILES)
     image bytes         drawn per request (the scheduler sees the request's size, as the daemon does)
     draft commit        committed when a uniform draw < the plan's calibrated commit share
     correct             when the request's difficulty draw u < the plan's accuracy: one u per
@@ -184,14 +184,14 @@ def job_from_plan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float,
     correct = d.u < plan.est_accuracy
 
     def edge_answer() -> float:
-        return e * (edge_t.answer(s._prompt_tokens(s.edge, r), n) + (mas_ms if r < 1 else 0.0))
+        return e * (edge_t.answer(s.prompt_tokens(s.edge, r), n) + (mas_ms if r < 1 else 0.0))
 
     if plan.kind == "edge":
         return Job((("edge", edge_answer()),), answered_by="edge", mas_ms=mas_ms if r < 1 else 0.0, correct=correct)
     m = s.large
     assert m is not None and s.large_clock is not None and s.cloud_clock is not None
     large_edge, large_cloud = _Times(m, s.large_clock), _Times(m, s.cloud_clock)
-    t = s._prompt_tokens(m, r)
+    t = s.prompt_tokens(m, r)
     if plan.kind == "local_large":
         ms = e * (large_edge.answer(t, n) + (mas_ms if r < 1 else 0.0))
         return Job((("edge", ms),), answered_by="edge", mas_ms=mas_ms if r < 1 else 0.0, correct=correct)

@@ -13,46 +13,11 @@ import argparse
 import base64
 import http.client
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout_s: float = 30) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited ({proc.returncode}); its log:\n{log.read_text()[-3000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"{what} did not open port {port} in {timeout_s:.0f} s; log: {log}")
-
-
-def _get(port: int, path: str) -> tuple[int, dict]:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        c.close()
 
 
 def main() -> int:
@@ -61,47 +26,34 @@ def main() -> int:
     args = p.parse_args()
     if not (ROOT / "bundles" / "msao-tiny-cloud" / "manifest.json").exists():
         sys.exit("no bundles: run `make export` first")
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(mosquitto):
-        sys.exit("mosquitto is not installed: `make broker` installs it")
     from msao.cloud_bridge.mqtt_options import ClientOptions
     from msao.datasets.easyvqa import load_easy_vqa
     from msao.edge_runtime.edge_client import EdgeClient
+    from testbed import CloudWorker, EdgeDaemon, TestbedError, free_port, start_broker
 
     tmp = Path(tempfile.mkdtemp(prefix="msao-demo-"))
-    broker_port, http_port = _free_port(), _free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-                    + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
-    broker_url = f"mqtt://127.0.0.1:{broker_port}"
-    msao = [sys.executable, "-m", "msao", "-v"]
-    procs: list[subprocess.Popen] = []
-    logs = {name: tmp / f"{name}.log" for name in ("mosquitto", "cloud", "edge")}
-
-    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
-        procs.append(proc)
-        return proc
-
+    http_port = free_port()
+    started: list = []
     try:
-        print(f"==> Mosquitto on {broker_url}")
-        _wait_port(broker_port, spawn("mosquitto", [mosquitto, "-c", str(conf)]), "mosquitto", logs["mosquitto"])
+        broker = start_broker(tmp / "broker")
+        started.append(broker)
+        print(f"==> Mosquitto on {broker.url}")
         print("==> msao cloud (worker: msao-tiny-cloud on ONNX Runtime)")
-        spawn("cloud", [*msao, "cloud", "--broker", broker_url, "--worker-id", "demo-cloud"])
+        cloud = CloudWorker("demo-cloud", ROOT / "bundles" / "msao-tiny-cloud", broker.url, tmp / "cloud.log", verbosity="-v", threads=None)
+        started.append(cloud)
         print(f"==> msao edge (edge model msao-tiny-edge, large model msao-tiny-cloud; HTTP on 127.0.0.1:{http_port})")
-        edge = spawn("edge", [*msao, "edge", "--broker", broker_url, "--edge-id", "demo-edge", "--http", f"127.0.0.1:{http_port}"])
-        _wait_port(http_port, edge, "msao edge", logs["edge"], timeout_s=120)
-        end = time.monotonic() + 60
-        while time.monotonic() < end and _get(http_port, "/readyz")[1].get("mode") != "collaborative":
-            time.sleep(0.2)
-        ready = _get(http_port, "/readyz")[1]
+        edge = EdgeDaemon(
+            ["--broker", broker.url, "--edge-id", "demo-edge", "--http", f"127.0.0.1:{http_port}"], tmp / "edge.log", http_port
+        )
+        started.append(edge)
+        ready = edge.wait_ready(180, collaborative=True)
         print(f"    ready: mode {ready['mode']}, policy {ready['policy']}, edge x{ready['edge_scale']} its profile")
 
         test = load_easy_vqa("test")
         picks = list(range(0, 40 * args.questions, 40))[: args.questions]
         print(f"\n==> {len(picks)} easy-VQA test questions over MQTT (msao/v1/edge/demo-edge/request)")
         right = 0
-        with EdgeClient(ClientOptions(broker_url, EdgeClient.new_client_id()), "demo-edge") as client:
+        with EdgeClient(ClientOptions(broker.url, EdgeClient.new_client_id()), "demo-edge") as client:
             for i in picks:
                 reply = client.ask(test.image_pngs[test.image_ids[i]], test.questions[i], deadline_ms=5000)
                 r = reply.response
@@ -122,15 +74,11 @@ def main() -> int:
             print(f"  {test.questions[i]:<40} -> {out['choices'][0]['message']['content']:<9} (truth {test.answers[i]:<9}) "
                   f"by the {m['answered_by']:<5} plan {m['plan']}")  # fmt: skip
         print(f"\n{right}/{len(picks)} MQTT answers right. Logs: {tmp}")
+    except TestbedError as e:
+        sys.exit(f"the demo could not run: {e}")
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for part in reversed(started):
+            part.stop()
         print("==> stopped the edge daemon, the cloud worker and the broker")
     return 0
 

@@ -43,7 +43,7 @@ def edge_bundle_copy(edge_bundle_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     """A Mosquitto of this test module's own, so workers of one module never take another's jobs."""
-    from tests.mqtt_parts import start_broker
+    from testbed import start_broker
 
     b = start_broker(tmp_path_factory.mktemp("broker"))
     yield b

@@ -164,7 +164,8 @@ class Scheduler:
 
     # -- latency ----------------------------------------------------------------------------
 
-    def _prompt_tokens(self, m: Manifest, r: float) -> int:
+    def prompt_tokens(self, m: Manifest, r: float) -> int:
+        """Tokens model ``m`` prefills when it keeps a share ``r`` of its image tokens (what the cost model charges; the simulation uses it too)."""
         from msao.engines.profile import TEXT_TOKENS
 
         return TEXT_TOKENS + max(1, round(r * m.model.image_tokens))
@@ -174,7 +175,7 @@ class Scheduler:
 
         ``ms(segment, new_tokens, past)`` gives segment times (a clock, scaled or profiled).
         """
-        t = self._prompt_tokens(m, r)
+        t = self.prompt_tokens(m, r)
         n = self._answer_tokens(m)
         chunks = m.decoder_chunks()
         head = ms("lm_head", 1, 0)
@@ -217,13 +218,13 @@ class Scheduler:
     def _split_up_bytes(self, k: int, r: float) -> float:
         """fp16 hidden states of the prompt (+ position ids and mask), then one hidden vector per decode step."""
         assert self.large is not None
-        t, d = self._prompt_tokens(self.large, r), self.large.model.hidden_size
+        t, d = self.prompt_tokens(self.large, r), self.large.model.hidden_size
         return t * d * 2 + 16 * t + 600 + (self._answer_tokens(self.large) - 1) * (2 * d + 600)
 
     def _split_ms(self, k: int, r: float, x: CostInputs) -> float:
         m, lc, cc = self.large, self.large_clock, self.cloud_clock
         assert m is not None and lc is not None and cc is not None
-        t = self._prompt_tokens(m, r)
+        t = self.prompt_tokens(m, r)
         n = self._answer_tokens(m)
         d, layers = m.model.hidden_size, m.model.num_layers
         edge_prefill = lc.ms("vision_encoder") + x.mas_ms + lc.ms("text_embed", t) + lc.decoder_ms(0, k, t)

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from bench.run import POLICIES
-from bench.shaping_proxy import PROFILES
 from bench.simprofile import DEFAULT_PROFILE, FIGURE_KINDS, load_sim_profile
 from bench.simulate import SimOptions, build_scheduler, draft_commit_share, format_table, inputs, link_from_profile, mix_key, run_simulation
 from bench.simworld import Job, closed_loop_ms, draw_requests, job_from_plan, mean_draws, run_open_loop
 from msao.errors import ConfigError
+from testbed import PROFILES
 
 ROOT = Path(__file__).resolve().parents[2]
 REL = 1e-9

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.mqtt_parts import SMALL_MAX_PACKET, start_broker
+from testbed import start_broker
+from tests.cloud_bridge import SMALL_MAX_PACKET
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from msao.engines.bundle import load_bundle
 from msao.engines.generation import DecoderStack, Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import CodecError, PayloadTooLarge
-from tests.mqtt_parts import SMALL_MAX_PACKET, open_link, start_workers, stop_all, wait_online
+from testbed import open_link, poll_until, start_workers, stop_all, wait_online
+from tests.cloud_bridge import SMALL_MAX_PACKET
 
 
 @settings(max_examples=200, deadline=None)
@@ -98,8 +99,8 @@ def test_chunk_disagreeing_with_its_message_is_refused():
 
 @pytest.fixture(scope="module")
 def small_fleet(small_broker, cloud_bundle_dir, tmp_path_factory):
-    procs = start_workers(small_broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"))
-    link = open_link(small_broker)
+    procs = start_workers(small_broker.url, cloud_bundle_dir, tmp_path_factory.mktemp("logs"))
+    link = open_link(small_broker.url)
     wait_online(link, procs)
     spy_sizes: list[int] = []
     spy = BridgeClient(ClientOptions(small_broker.url, "spy-" + new_job_id()[:8]), lambda m: spy_sizes.append(m.wire_bytes))
@@ -115,7 +116,7 @@ def small_fleet(small_broker, cloud_bundle_dir, tmp_path_factory):
 def test_client_reads_the_maximum_packet_size_from_connack(small_fleet, broker):
     _, link, _, _ = small_fleet
     assert link.client.max_packet_bytes == SMALL_MAX_PACKET
-    plain = open_link(broker)  # Mosquitto 2.0 states none: the safe default applies
+    plain = open_link(broker.url)  # Mosquitto 2.0 states none: the safe default applies
     try:
         assert plain.client.max_packet_bytes == plain.client.options.default_max_packet_bytes
     finally:
@@ -138,10 +139,9 @@ def test_split_job_above_the_packet_limit_round_trips_in_chunks_never_whole(smal
     assert np.abs(got - want).max() <= 1e-5
     s = remote.last_stats
     assert s.chunks_up >= 4 and s.bytes_up > SMALL_MAX_PACKET and s.bytes_down > SMALL_MAX_PACKET  # chunked both ways
-    time.sleep(0.3)
-    assert spy.counters.chunks_in >= 8 and max(spy_sizes) > SMALL_MAX_PACKET  # the spy reassembled big messages...
+    assert poll_until(lambda: spy.counters.chunks_in >= 8 and max(spy_sizes, default=0) > SMALL_MAX_PACKET, 10)  # the spy reassembled big messages...
     # ...that never crossed the broker whole: it disconnects any client sending a bigger packet
-    assert link.client.counters.disconnects == 0 and "disconnected from" not in worker.log() and worker.process.poll() is None
+    assert link.client.counters.disconnects == 0 and "disconnected from" not in worker.log() and worker.alive()
 
 
 def test_the_test_broker_really_disconnects_a_client_that_publishes_above_its_limit(small_broker):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from msao.cli import cloud_cmd
-from tests.mqtt_parts import open_link, start_workers, wait_online
+from testbed import open_link, start_workers, wait_online
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,11 +43,11 @@ def test_cloud_with_a_bad_broker_url_fails_clearly(cloud_bundle_dir):
 
 
 def test_sigterm_stops_the_worker_cleanly_and_publishes_offline(broker, cloud_bundle_dir, tmp_path):
-    (w,) = start_workers(broker, cloud_bundle_dir, tmp_path)
-    link = open_link(broker)
+    (w,) = start_workers(broker.url, cloud_bundle_dir, tmp_path)
+    link = open_link(broker.url)
     try:
         wait_online(link, [w])
-        w.process.send_signal(signal.SIGTERM)
+        w.send_signal(signal.SIGTERM)
         assert w.process.wait(20) == 0
         status = link.worker_status(w.worker_id)
         end = time.monotonic() + 5

@@ -16,7 +16,7 @@ from msao.cloud_bridge.link import CloudLink, LinkOptions, new_job_id
 from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.mqtt_options import BrokerUrl, ClientOptions, TlsOptions
 from msao.errors import CloudUnavailable, ConfigError
-from tests.mqtt_parts import free_port, start_broker
+from testbed import free_port, start_broker
 
 
 def _client(url: str, handler, **kw) -> BridgeClient:
@@ -39,8 +39,7 @@ def test_socket_has_tcp_nodelay_and_small_round_trips_are_fast(broker):
     c.subscribe("t/echo")
     c.start()
     try:
-        assert c.wait_connected(10) and c.tcp_nodelay
-        time.sleep(0.1)
+        assert c.wait_subscribed(10) and c.tcp_nodelay
         rtts = []
         for _ in range(20):
             t0 = time.perf_counter()
@@ -64,8 +63,7 @@ def test_an_exception_in_a_callback_is_logged_and_the_loop_keeps_running(broker,
     c.subscribe("t/cb")
     c.start()
     try:
-        assert c.wait_connected(10)
-        time.sleep(0.1)
+        assert c.wait_subscribed(10)
         c.publish("t/cb", b"boom")
         c.publish("t/cb", b"after")
         assert _wait(lambda: b"after" in got)
@@ -101,7 +99,7 @@ def test_client_reconnects_and_resubscribes_after_the_broker_restarts(tmp_path):
         assert c.wait_connected(10)
         b.restart()
         assert _wait(lambda: c.counters.connects >= 2 and c.connected, 15)
-        time.sleep(0.2)
+        assert c.wait_subscribed(10)  # the new session's SUBACK, not a pause
         c.publish("t/re", b"back")
         assert _wait(lambda: b"back" in got)
     finally:
@@ -200,8 +198,7 @@ def test_mqtts_connects_with_a_ca_file(tmp_path):
     c.subscribe("t/tls")
     c.start()
     try:
-        assert c.wait_connected(10) and c.tcp_nodelay
-        time.sleep(0.1)
+        assert c.wait_subscribed(10) and c.tcp_nodelay
         c.publish("t/tls", b"secret")
         assert _wait(lambda: got)
     finally:

@@ -16,7 +16,7 @@ from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.engines.bundle import load_bundle
 from msao.errors import CloudError, CloudUnavailable
-from tests.mqtt_parts import open_link, start_workers, stop_all, wait_online
+from testbed import open_link, start_workers, stop_all, wait_online
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,8 @@ def model_hash(cloud_bundle_dir) -> str:
 
 @pytest.fixture(scope="module")
 def fleet(broker, cloud_bundle_dir, tmp_path_factory):
-    procs = start_workers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), count=3, extra=("--queue-size", "64"))
-    link = open_link(broker)
+    procs = start_workers(broker.url, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), count=3, extra=("--queue-size", "64"))
+    link = open_link(broker.url)
     wait_online(link, procs)
     yield procs
     link.close()
@@ -45,13 +45,12 @@ def _tiny_job(model_hash: str) -> tuple[JobHeader, dict[str, np.ndarray]]:
 
 
 def test_three_workers_share_300_jobs_and_none_is_answered_twice(broker, fleet, model_hash):
-    link = open_link(broker)
+    link = open_link(broker.url)
     seen: Counter = Counter()
     observer = BridgeClient(ClientOptions(broker.url, "observer-" + new_job_id()[:8]), lambda m: seen.update([m.correlation_data]))
     observer.subscribe(link.results_topic)
     observer.start()
-    assert observer.wait_connected(10)
-    time.sleep(0.2)
+    assert observer.wait_subscribed(10)
     try:
         with ThreadPoolExecutor(12) as pool:
             results = list(pool.map(lambda _: link.submit(*_tiny_job(model_hash)), range(300)))
@@ -90,7 +89,7 @@ def _kill_mid_job(link, fleet, header, feeds):
         except CloudError as exc:
             box["error"] = exc
 
-    alive = [p for p in fleet if p.process.poll() is None]
+    alive = [p for p in fleet if p.alive()]
     t0 = time.monotonic()
     th = threading.Thread(target=submit)
     th.start()
@@ -108,7 +107,7 @@ def _kill_mid_job(link, fleet, header, feeds):
 
 
 def test_worker_killed_mid_job_is_redispatched_or_fails_clearly_within_the_deadline(broker, fleet, model_hash):
-    link = open_link(broker, redispatch_after_s=3.0)
+    link = open_link(broker.url, redispatch_after_s=3.0)
     try:
         header, feeds = _heavy_job(model_hash, batch=12, deadline_s=15)  # ~0.7 MB: one packet, shared topic
         outcome, elapsed, victim, _ = _kill_mid_job(link, fleet, header, feeds)
@@ -127,9 +126,9 @@ def test_worker_killed_mid_job_is_redispatched_or_fails_clearly_within_the_deadl
 
 
 def test_chunked_job_is_redispatched_as_soon_as_its_killed_worker_goes_offline(broker, fleet, model_hash):
-    link = open_link(broker, redispatch_after_s=8.0)
+    link = open_link(broker.url, redispatch_after_s=8.0)
     try:
-        wait_online(link, [p for p in fleet if p.process.poll() is None])
+        wait_online(link, [p for p in fleet if p.alive()])
         header, feeds = _heavy_job(model_hash, batch=24, deadline_s=20)  # ~1.4 MB: chunked, so sent to one known worker
         outcome, elapsed, victim, t_kill = _kill_mid_job(link, fleet, header, feeds)
         assert not isinstance(outcome, Exception), outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,8 +18,8 @@ from msao.engines.bundle import load_bundle
 from msao.engines.generation import DecoderStack, Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import CloudBusy, CloudJobFailed, FeedError
+from testbed import open_link, poll_until, start_workers, stop_all, wait_online
 from tests.cloud_bridge.split_reference import prompt_hidden, split_generate
-from tests.mqtt_parts import open_link, start_workers, stop_all, wait_online
 
 ATOL = 1e-5  # same ONNX files, same inputs, same ONNX Runtime: differences are float re-association only
 QUESTION = "what color is the shape?"
@@ -33,14 +34,14 @@ def gen(cloud_bundle_dir):
 
 @pytest.fixture(scope="module")
 def worker(broker, cloud_bundle_dir, tmp_path_factory):
-    procs = start_workers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--queue-size", "2", "--workers", "1"))
+    procs = start_workers(broker.url, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--queue-size", "2", "--workers", "1"))
     yield procs[0]
     stop_all(procs)
 
 
 @pytest.fixture(scope="module")
 def link(broker, worker):
-    lk = open_link(broker)
+    lk = open_link(broker.url)
     wait_online(lk, [worker])
     yield lk
     lk.close()
@@ -111,8 +112,7 @@ def test_decode_steps_reuse_the_cloud_kv_and_match_local_segments(gen, link, eas
         assert remote.past_length == full.past_length  # the worker's KV grew by one token per step
         assert remote.last_stats.bytes_up < 2048 < prefill_bytes  # one hidden vector crosses, never the KV
         assert remote.last_stats.worker_id == remote.worker_id
-    status = _status(link, remote.worker_id)
-    assert status.sessions >= 1
+    assert _status(link, remote.worker_id, lambda s: s.sessions >= 1)
 
 
 def test_split_generation_gives_the_local_answer(gen, link, easyvqa_test):
@@ -199,7 +199,7 @@ def test_full_queue_answers_busy_at_once_so_the_edge_can_fall_back(gen, link):
     slowest_ok = max(dt for o, dt in outcomes if o == "ok")
     assert fastest_busy < slowest_ok  # busy is answered without waiting for the queue
     assert any(s.outcome == "busy" and s.attempts == 2 for s in link.transfers.recent())  # re-dispatched once, then gave up
-    assert _status(link, link.workers()[0].worker_id).busy_total >= kinds.count("busy")
+    assert _status(link, link.workers()[0].worker_id, lambda s: s.busy_total >= kinds.count("busy"))
 
 
 def test_unknown_model_hash_gets_an_error_result(gen, link):
@@ -210,7 +210,7 @@ def test_unknown_model_hash_gets_an_error_result(gen, link):
 
 
 def test_retained_status_lists_models_providers_queue_and_counters(gen, link, broker):
-    late = open_link(broker)  # a newcomer learns the fleet from retained messages alone
+    late = open_link(broker.url)  # a newcomer learns the fleet from retained messages alone
     try:
         end = time.monotonic() + 5
         while not late.workers() and time.monotonic() < end:
@@ -225,9 +225,10 @@ def test_retained_status_lists_models_providers_queue_and_counters(gen, link, br
     json.dumps(status.to_dict())
 
 
-def _status(link, worker_id: str) -> WorkerStatus:
-    time.sleep(0.5)  # statuses are rate-limited to one per 0.2 s
-    return next(w for w in link.workers() if w.worker_id == worker_id)
+def _status(link, worker_id: str, holds: Callable[[WorkerStatus], bool], timeout_s: float = 10.0) -> WorkerStatus | None:
+    """The worker's status once ``holds`` is true of it (statuses are rate-limited to one per 0.2 s), else None."""
+    latest = lambda: next(w for w in link.workers() if w.worker_id == worker_id)  # noqa: E731
+    return latest() if poll_until(lambda: holds(latest()), timeout_s) else None
 
 
 def test_probe_measures_the_link_without_compute(gen, link):

@@ -35,11 +35,10 @@ from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.cloud_bridge.topics import edge_request_topic, edge_response_topic, worker_job_topic
 from msao.engines.bundle import load_bundle
 from msao.errors import MsaoError
+from testbed import CloudWorker, EdgeDaemon, free_port, open_link, start_broker, start_workers, wait_online
 from tests.corpus.corpus import FAR_DEADLINE_UNIX_S, JOB_MAX_PAYLOAD_BYTES, PLACEHOLDER_HASH, REQUEST_MAX_PAYLOAD_BYTES, Case
 from tests.corpus.corpus import load_cases as _load_all
 from tests.corpus.make_corpus import GOOD_B64, Q
-from tests.daemon_process import Daemon
-from tests.mqtt_parts import WorkerProcess, free_port, open_link, start_broker, start_workers, wait_online
 
 ROOT = Path(__file__).resolve().parents[2]
 RSS_PEAK_GROWTH_MB = 96  # peak RSS during the corpus, above the RSS before it
@@ -113,8 +112,8 @@ class Wire:
 @dataclass
 class Parts:
     broker: object
-    worker: WorkerProcess
-    daemon: Daemon
+    worker: CloudWorker
+    daemon: EdgeDaemon
     edge_id: str
     model_hash: str
     edge_wire: Wire
@@ -130,20 +129,20 @@ def parts(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus-live")
     broker = start_broker(root / "broker")
     mb = JOB_MAX_PAYLOAD_BYTES / (1 << 20)
-    (worker,) = start_workers(broker, cloud_bundle, root, extra=("--max-payload-mb", repr(mb), "--queue-size", "64"))
+    (worker,) = start_workers(broker.url, cloud_bundle, root, extra=("--max-payload-mb", repr(mb), "--queue-size", "64"))
     edge_id = "corpus-" + uuid.uuid4().hex[:6]
     port = free_port()
     env = {**os.environ, "MSAO_RUNTIME_LIMITS_MAX_PAYLOAD_BYTES": str(REQUEST_MAX_PAYLOAD_BYTES), "MSAO_RUNTIME_PROBE_INTERVAL_S": "1"}
     args = ["--broker", broker.url, "--edge-id", edge_id, "--http", f"127.0.0.1:{port}", "--bundle", str(edge_bundle),
             "--large-bundle", str(cloud_bundle), "--calibration", "", "--queue-size", "64"]  # fmt: skip
-    daemon = Daemon(args, root / "edge.log", env, port)  # unthrottled: these tests are about input, not speed
+    daemon = EdgeDaemon(args, root / "edge.log", port, env)  # unthrottled: these tests are about input, not speed
     edge_reply = f"msao/v1/edge/{edge_id}/response/corpus"
     job_reply = f"msao/v1/edge/corpus-{uuid.uuid4().hex[:6]}/cloud/results"
     edge_wire = job_wire = None
     try:
         daemon.wait_ready()
         model_hash = load_bundle(cloud_bundle).manifest.model_hash
-        link = open_link(broker)
+        link = open_link(broker.url)
         wait_online(link, [worker])
         link.close()
         edge_wire = Wire(broker.url, edge_reply, edge_response_topic(edge_id))
@@ -151,7 +150,7 @@ def parts(request, tmp_path_factory):
         p = Parts(broker, worker, daemon, edge_id, model_hash, edge_wire, job_wire, edge_reply, job_reply)
         _assert_serving(p)  # warm: first requests load sessions and caches
         _assert_serving(p)
-        for name, pid in (("worker", worker.process.pid), ("daemon", daemon.process.pid)):
+        for name, pid in (("worker", worker.pid), ("daemon", daemon.pid)):
             p.rss_before[name] = _rss(pid)[0]
         yield p
     finally:
@@ -422,7 +421,7 @@ def test_repeating_the_heaviest_cases_does_not_grow_memory(parts: Parts):
     after = []
     for r in range(REPEATS):
         _heavy_round(parts, r)
-        after.append({"worker": _rss(parts.worker.process.pid)[0], "daemon": _rss(parts.daemon.process.pid)[0]})
+        after.append({"worker": _rss(parts.worker.pid)[0], "daemon": _rss(parts.daemon.pid)[0]})
     for name in ("worker", "daemon"):
         rounds = [f"{a[name]:.1f}" for a in after]
         print(f"{name}: RSS after each of {REPEATS} heavy rounds: {rounds} MB")

@@ -12,21 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from bench.shaping_proxy import LinkShape, ShapingProxy
 from msao.cloud_bridge.link import CloudLink, LinkOptions
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.edge_runtime.scheduler import SchedulerOptions
 from msao.engines.flops import request_flops
-from tests.mqtt_parts import start_broker, start_workers, stop_all, wait_online
+from testbed import LinkShape, ShapingProxy, start_broker, start_workers, stop_all, wait_online
 
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory, cloud_bundle_dir: Path):
     root = tmp_path_factory.mktemp("collab")
     broker = start_broker(root / "broker")
-    workers = start_workers(broker, cloud_bundle_dir, root, count=1)
+    workers = start_workers(broker.url, cloud_bundle_dir, root, count=1)
     proxy = ShapingProxy("127.0.0.1", broker.port).start()
     yield broker, workers, proxy, root
     stop_all(workers)
@@ -112,7 +111,7 @@ def test_a_worker_killed_mid_request_is_answered_on_the_edge_within_the_deadline
     models, calibration, tmp_path, cloud_bundle_dir, easyvqa_test
 ):
     broker = start_broker(tmp_path / "broker")  # its only worker is the one this test kills
-    (worker,) = start_workers(broker, cloud_bundle_dir, tmp_path, count=1)
+    (worker,) = start_workers(broker.url, cloud_bundle_dir, tmp_path, count=1)
     edge_id = "edge-" + uuid.uuid4().hex[:8]
     slow = ShapingProxy("127.0.0.1", broker.port, LinkShape(delay_ms=0)).start()
     lk = CloudLink(LinkOptions(edge_id, ClientOptions(f"mqtt://127.0.0.1:{slow.port}", f"msao-{edge_id}", keepalive_s=5))).start()

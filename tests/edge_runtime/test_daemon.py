@@ -1,8 +1,10 @@
 """`msao edge` as a process, with a real broker, a real `msao cloud` worker and a shaped, cuttable link.
 
-The daemon's CPU is throttled with a cgroup (a Jetson is several times slower than the cloud),
-so the scheduler has a real reason to offload when the link is fast and to stay local when
-it is slow. Requests come over MQTT (``EdgeClient``, ``msao ask``) and HTTP.
+The daemon is a time-dilated edge (``EdgeDaemon(dilation=k)``: each piece of its compute is held
+k times as long), a Jetson several times slower than the cloud, so the scheduler has a real
+reason to offload when the link is fast and to stay local when it is slow. Dilation, unlike a
+cgroup quota, keeps the edge k times slower than the worker however loaded the machine is, so
+a busy CI run cannot flip a placement verdict; and it needs no root. Requests come over MQTT (``EdgeClient``, ``msao ask``) and HTTP.
 """
 
 from __future__ import annotations
@@ -19,25 +21,27 @@ from pathlib import Path
 
 import pytest
 
-from bench.shaping_proxy import LinkShape, ShapingProxy
-from bench.throttle import CpuThrottle, throttle_unavailable_reason
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.edge_runtime.edge_client import EdgeClient
-from tests.daemon_process import Daemon
-from tests.mqtt_parts import free_port, start_broker, start_workers, stop_all
+from testbed import (
+    EdgeDaemon,
+    LinkShape,
+    ShapingProxy,
+    free_port,
+    start_broker,
+    start_workers,
+    stop_all,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-EDGE_SHARE = 0.2  # the daemon gets a fifth of a core: about 5x slower than the unthrottled worker
+EDGE_DILATION = 5.0  # the daemon is five times slower than the worker (the same model on both sides)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, cloud_bundle_dir: Path):
-    reason = throttle_unavailable_reason()
-    if reason:
-        pytest.skip(f"the daemon tests throttle the edge with a cgroup: {reason}")
     root = tmp_path_factory.mktemp("daemon")
     broker = start_broker(root / "broker")
-    workers = start_workers(broker, cloud_bundle_dir, root, count=1)
+    workers = start_workers(broker.url, cloud_bundle_dir, root, count=1)
     proxy = ShapingProxy("127.0.0.1", broker.port).start()
     edge_id = "jetson-" + uuid.uuid4().hex[:6]
     http_port = free_port()
@@ -48,18 +52,17 @@ def setup(tmp_path_factory, cloud_bundle_dir: Path):
         "--broker", f"mqtt://127.0.0.1:{proxy.port}", "--edge-id", edge_id, "--http", f"127.0.0.1:{http_port}",
         "--bundle", str(cloud_bundle_dir), "--large-bundle", str(cloud_bundle_dir), "--calibration", "", "--keepalive-s", "5",
     ]  # fmt: skip
-    with CpuThrottle(EDGE_SHARE) as throttle:
-        daemon = Daemon(args, root / "edge.log", env, http_port, throttle)
-        client = EdgeClient(ClientOptions(broker.url, EdgeClient.new_client_id()), edge_id).start()
-        try:
-            daemon.wait_ready()
-            yield broker, workers, proxy, daemon, client, edge_id
-        finally:
-            client.close()
-            daemon.stop()
-            stop_all(workers)
-            proxy.stop()
-            broker.stop()
+    daemon = EdgeDaemon(args, root / "edge.log", http_port, env, dilation=EDGE_DILATION)
+    client = EdgeClient(ClientOptions(broker.url, EdgeClient.new_client_id()), edge_id).start()
+    try:
+        daemon.wait_ready()
+        yield broker, workers, proxy, daemon, client, edge_id
+    finally:
+        client.close()
+        daemon.stop()
+        stop_all(workers)
+        proxy.stop()
+        broker.stop()
 
 
 def _png(data, i):
@@ -78,7 +81,7 @@ def test_ready_and_collaborative_once_the_worker_is_online(setup):
     assert body["edge_scale"] >= 1.0
 
 
-def _wait_for_measured_link(daemon: Daemon, timeout_s: float = 30.0) -> dict:
+def _wait_for_measured_link(daemon: EdgeDaemon, timeout_s: float = 30.0) -> dict:
     """Until the daemon has seen the worker and measured the link (its probes run every second here)."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -93,18 +96,13 @@ def test_a_fast_link_offloads_and_a_slow_one_keeps_work_on_the_slow_edge(setup, 
     _, _, proxy, daemon, client, _ = setup
     proxy.set_shape(LinkShape())
     _wait_for_measured_link(daemon)
-    # A twentieth of a core: even the pruned large model takes several times the cloud's round trip
-    # here, also when the rest of a test run loads the machine (at a fifth, a busy 2-core machine made
-    # local and remote too close to call, and the scheduler rightly stayed local).
-    daemon.throttle.set_share(EDGE_SHARE / 4)
-    try:
-        fast = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(8)]
-    finally:
-        daemon.throttle.set_share(EDGE_SHARE)
+    # Five times the worker's compute against a loopback round trip: offloading wins by about 4x the
+    # compute, and a loaded machine slows both sides alike, so the ratio holds.
+    fast = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(8)]
     assert all(r.status == "ok" for r in fast), fast
     offloaded = [r.answered_by == "cloud" and r.plan.split(" ")[0] in ("cloud", "split", "draft_verify") for r in fast[-4:]]
     assert sum(offloaded) >= 3, [(r.plan, r.answered_by, r.reason) for r in fast]  # (not all: a busy machine slows the worker too)
-    proxy.set_shape(LinkShape(delay_ms=150))  # 300 ms RTT: every cloud plan now costs more than the throttled edge
+    proxy.set_shape(LinkShape(delay_ms=150))  # 300 ms RTT: every cloud plan now costs more than the slow edge
     slow = [client.ask(_png(easyvqa_test, i), easyvqa_test.questions[i], deadline_ms=20_000).response for i in range(6, 14)]
     assert all(r.status == "ok" for r in slow), slow
     kinds = [r.plan.split(" ")[0] for r in slow]

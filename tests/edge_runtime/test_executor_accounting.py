@@ -29,7 +29,7 @@ from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.engines.bundle import load_bundle
 from msao.errors import CloudError
-from tests.mqtt_parts import start_workers, stop_all, wait_online
+from testbed import start_workers, stop_all, wait_online
 
 
 class _BrokerTap:
@@ -76,7 +76,7 @@ def _png_of_size(data, i: int, pad_bytes: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def cloud(broker, tmp_path_factory, cloud_bundle_dir: Path):
-    workers = start_workers(broker, cloud_bundle_dir, tmp_path_factory.mktemp("accounting"), count=1)
+    workers = start_workers(broker.url, cloud_bundle_dir, tmp_path_factory.mktemp("accounting"), count=1)
     yield workers
     stop_all(workers)
 

@@ -31,7 +31,7 @@ from msao.edge_runtime.mqtt_intake import IntakeOptions, MqttIntake, intake_clie
 from msao.edge_runtime.requests import RequestLimits
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.errors import ConfigError
-from tests.mqtt_parts import Broker
+from testbed import Broker
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "mqtt-api.md"

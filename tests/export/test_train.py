@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from msao.datasets.easyvqa import load_easy_vqa
 from msao.export.builtin import BUILTIN_MODELS
@@ -27,6 +28,7 @@ def test_aux_labels_agree_with_every_answer_that_names_the_shape_or_colour():
     assert checked > 9000
 
 
+@pytest.mark.slow  # trains
 def test_recipe_trains_a_few_steps_and_writes_a_loadable_checkpoint(tmp_path: Path):
     spec = BUILTIN_MODELS["msao-tiny-edge"]
     options = replace(RECIPES[spec.name], steps=60, batch_size=32, warmup_steps=10, eval_every=60, eval_questions=200)
@@ -38,6 +40,7 @@ def test_recipe_trains_a_few_steps_and_writes_a_loadable_checkpoint(tmp_path: Pa
     assert (tmp_path / "ck" / "train_report.json").exists()
 
 
+@pytest.mark.slow  # trains
 def test_training_is_deterministic_for_a_seed(tmp_path: Path):
     spec = BUILTIN_MODELS["msao-tiny-edge"]
     options = replace(RECIPES[spec.name], steps=5, batch_size=8, warmup_steps=2, eval_every=5, eval_questions=16)

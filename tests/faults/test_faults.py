@@ -21,43 +21,54 @@ from pathlib import Path
 
 import pytest
 
-from bench.shaping_proxy import LinkShape, ShapingProxy
-from bench.throttle import CpuThrottle, throttle_unavailable_reason
 from msao.cloud_bridge.link import CloudLink, LinkOptions
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.engines.bundle import load_bundle
-from tests.daemon_process import Daemon
+from testbed import (
+    CloudWorker,
+    EdgeDaemon,
+    LinkShape,
+    ShapingProxy,
+    free_port,
+    start_broker,
+    start_workers,
+    stop_all,
+)
 from tests.faults.ledger import Ledger, computed_counts
-from tests.mqtt_parts import WorkerProcess, free_port, start_broker, start_workers, stop_all
 
 BROKER_MAX_PACKET = 1024 * 1024  # as EMQX: multi-megabyte results travel in chunks
 
 
-class Stack:
-    def __init__(self, root: Path, edge_bundle: Path, cloud_bundle: Path, throttle: CpuThrottle):
+class FaultStack:
+    """Two workers, a shaped link, one daemon (restartable with the same edge id) and a request ledger."""
+
+    def __init__(self, root: Path, edge_bundle: Path, cloud_bundle: Path):
         self.root = root
         self.cloud_bundle = cloud_bundle
         self.broker = start_broker(root / "broker", max_packet_bytes=BROKER_MAX_PACKET)
-        self.workers: list[WorkerProcess] = start_workers(self.broker, cloud_bundle, root, count=2)
+        self.workers: list[CloudWorker] = start_workers(self.broker.url, cloud_bundle, root, count=2)
         self.proxy = ShapingProxy("127.0.0.1", self.broker.port).start()
         self.edge_id = "faults-" + uuid.uuid4().hex[:6]
-        http_port = free_port()
-        args = [
-            "--broker", f"mqtt://127.0.0.1:{self.proxy.port}", "--edge-id", self.edge_id, "--http", f"127.0.0.1:{http_port}",
+        self.http_port = free_port()
+        self.args = [
+            "--broker", f"mqtt://127.0.0.1:{self.proxy.port}", "--edge-id", self.edge_id, "--http", f"127.0.0.1:{self.http_port}",
             "--bundle", str(edge_bundle), "--large-bundle", str(cloud_bundle), "--calibration", "", "--keepalive-s", "5",
         ]  # fmt: skip
-        env = {**os.environ, "MSAO_RUNTIME_PROBE_INTERVAL_S": "1"}
+        self.env = {**os.environ, "MSAO_RUNTIME_PROBE_INTERVAL_S": "1"}
         self.logs = [root / "edge-0.log"]
-        self.daemon = Daemon(args, self.logs[0], env, http_port, throttle)
+        self.daemon = EdgeDaemon(self.args, self.logs[0], self.http_port, self.env)
         self.ledger = Ledger(self.broker.url, self.edge_id)
 
-    def restart_daemon(self) -> None:
+    def restart_daemon(self, dilation: float | None = None) -> None:
+        """The same daemon (same edge id, so the same MQTT sessions) in a new process; ``dilation``: as a slower edge."""
+        if self.daemon.alive():
+            self.daemon.stop()
         self.logs.append(self.root / f"edge-{len(self.logs)}.log")
-        self.daemon = self.daemon.restarted(self.logs[-1])
+        self.daemon = EdgeDaemon(self.args, self.logs[-1], self.http_port, self.env, dilation=dilation)
 
     def replace_workers(self) -> None:
         stop_all(self.workers)
-        self.workers[:] = start_workers(self.broker, self.cloud_bundle, self.root, count=2)
+        self.workers[:] = start_workers(self.broker.url, self.cloud_bundle, self.root, count=2)
 
     def healthy(self, timeout_s: float = 60.0) -> dict:
         """The daemon is alive, ready, and back in collaborative mode (it sees a worker again)."""
@@ -73,16 +84,12 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, edge_bundle_dir, cloud_bundle_dir):
-    reason = throttle_unavailable_reason()
-    if reason:
-        pytest.skip(f"the fault suite slows the daemon with a cgroup in one test: {reason}")
-    with CpuThrottle(1.0) as throttle:  # a full core until a test asks for a slower edge
-        s = Stack(tmp_path_factory.mktemp("faults"), edge_bundle_dir, cloud_bundle_dir, throttle)
-        try:
-            s.healthy(120)
-            yield s
-        finally:
-            s.close()
+    s = FaultStack(tmp_path_factory.mktemp("faults"), edge_bundle_dir, cloud_bundle_dir)
+    try:
+        s.healthy(120)
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture
@@ -90,7 +97,7 @@ def fresh(stack):
     """Each fault starts from a clean link and two live workers, and must leave the daemon healthy."""
     stack.proxy.heal()
     stack.proxy.set_shape(LinkShape())
-    if any(w.process.poll() is not None for w in stack.workers):
+    if any(not w.alive() for w in stack.workers):
         stack.replace_workers()
     stack.healthy()
     yield stack
@@ -104,11 +111,11 @@ def _png(data, i):
     return data.image_pngs[data.image_ids[i]]
 
 
-def _ask(s: Stack, data, indices, tag: str, **fields) -> list[str]:
+def _ask(s: FaultStack, data, indices, tag: str, **fields) -> list[str]:
     return [s.ledger.send(_png(data, i), data.questions[i], tag=tag, **fields) for i in indices]
 
 
-def _promise_kept(s: Stack, ids: list[str], max_computed: int = 1, slack_s: float = 0.0) -> dict[str, int]:
+def _promise_kept(s: FaultStack, ids: list[str], max_computed: int = 1, slack_s: float = 0.0) -> dict[str, int]:
     problems = s.ledger.problems(ids, slack_s)
     computed = computed_counts(s.logs, ids)
     problems += [f"{rid}: computed {n} times" for rid, n in computed.items() if not 1 <= n <= max_computed]
@@ -134,18 +141,18 @@ def test_cloud_workers_killed_mid_job_leave_edge_answers_within_the_deadline(fre
 def test_a_stuck_worker_beside_a_live_one_delays_nothing_past_its_deadline(fresh, easyvqa_test):
     s = fresh
     stuck = s.workers[0]
-    stuck.process.send_signal(signal.SIGSTOP)  # alive to the broker for a keepalive, answering nothing
+    stuck.send_signal(signal.SIGSTOP)  # alive to the broker for a keepalive, answering nothing
     try:
         ids = _ask(s, easyvqa_test, range(8), "stuck", deadline_ms=4000, policy="cloud_only")
         s.ledger.wait(ids, 30)
     finally:
-        stuck.process.send_signal(signal.SIGCONT)
+        stuck.send_signal(signal.SIGCONT)
     statuses = _promise_kept(s, ids)
     assert statuses == {"ok": 8}, statuses
     firsts = [s.ledger.sent[i].responses[0][1] for i in ids]
     assert sum(d["answered_by"] == "cloud" for d in firsts) >= 1, firsts  # the live worker still serves
     # the stuck worker, once resumed, finds the jobs it held expired and drops them unanswered
-    assert stuck.wait_for_log("deadline", 20) or stuck.process.poll() is None
+    assert stuck.wait_for_log("deadline", 20) or stuck.alive()
 
 
 def test_a_ten_second_partition_between_edge_and_broker_loses_nothing(fresh, easyvqa_test):
@@ -206,13 +213,11 @@ def test_a_slow_link_returning_a_multi_megabyte_result_stalls_no_request(fresh, 
 
 def test_the_daemon_killed_and_restarted_answers_every_request_it_had_taken(fresh, easyvqa_test):
     s = fresh
-    s.daemon.throttle.set_share(0.05)  # a slow edge, so requests are still in flight when it dies
-    try:
-        ids = _ask(s, easyvqa_test, range(12), "kill-edge", deadline_ms=60_000, policy="edge_only")
-        time.sleep(0.3)
-        s.daemon.kill()
-    finally:
-        s.daemon.throttle.set_share(1.0)
+    s.restart_daemon(dilation=20.0)  # a slow edge, so requests are still in flight when it dies
+    s.healthy(120)
+    ids = _ask(s, easyvqa_test, range(12), "kill-edge", deadline_ms=60_000, policy="edge_only")
+    time.sleep(0.3)
+    s.daemon.kill()
     unanswered_at_kill = s.ledger.unanswered(ids)
     assert unanswered_at_kill, "every request was answered before the kill: the test proved nothing"
     s.restart_daemon()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mqtt_parts import Broker, _launch, free_port
+from testbed import Broker, free_port, start_broker_from_conf
 from tests.security.pki import Pki, make_pki
 
 __all__ = ["CLOUD_USER", "EDGES", "SHIPPED_ACL", "SHIPPED_CONF", "SecureBroker", "start_secure_broker", "conf_for_test"]
@@ -87,7 +87,6 @@ def start_secure_broker(root: Path) -> SecureBroker:
         mtls_port = free_port()
     conf = root / "mosquitto.conf"
     conf.write_text(conf_for_test(SHIPPED_CONF.read_text(), root, tls_port, mtls_port))
-    log_path = root / "mosquitto.log"
     url = f"mqtts://127.0.0.1:{tls_port}"
-    broker = Broker(url, tls_port, 2_000_000, conf, log_path, _launch(conf, log_path, tls_port))
+    broker = start_broker_from_conf(conf, tls_port, url, 2_000_000)
     return SecureBroker(broker, url, f"mqtts://127.0.0.1:{mtls_port}", tls_port, mtls_port, pki, passwords)

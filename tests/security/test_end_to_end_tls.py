@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from msao.cloud_bridge.messages import JobHeader, ResultHeader
 from msao.cloud_bridge.mqtt_options import ClientOptions, TlsOptions
 from msao.cloud_bridge.topics import edge_request_topic, edge_response_topic, edge_results_topic, job_topic, worker_status_topic
 from msao.engines.bundle import load_bundle
+from testbed import CloudWorker, ManagedProcess, msao_command
 from tests.security.probe import Probe
 from tests.security.secure_broker import CLOUD_USER, SecureBroker
 
@@ -53,33 +52,19 @@ def _env(password: str | None) -> dict[str, str]:
     return env
 
 
-def _msao(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "msao", *args], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def fleet(secure: SecureBroker, built_bundles, easyvqa_test, tmp_path_factory) -> Iterator[Fleet]:
     edge_bundle, cloud_bundle = built_bundles
     logs = tmp_path_factory.mktemp("fleet")
     tls = ["--broker", secure.tls_url, "--ca-file", str(secure.pki.ca)]
-    worker = _msao(
-        ["-v", "cloud", "--bundle", str(cloud_bundle), *tls, "--username", CLOUD_USER, "--worker-id", WORKER_ID, "--threads", "1"],
-        logs / "worker.log", _env(secure.passwords[CLOUD_USER]),
+    worker = CloudWorker(
+        WORKER_ID, cloud_bundle, secure.tls_url, logs / "worker.log", extra=(tls[2:] + ["--username", CLOUD_USER]), verbosity="-v",
+        env=_env(secure.passwords[CLOUD_USER]),
     )  # fmt: skip
-    edge = _msao(
-        ["-vv", "edge", "--edge-id", "edge-a", "--bundle", str(edge_bundle), "--large-bundle", str(cloud_bundle), *tls,
-         "--username", "edge-a", "--policy", "cloud_only", "--threads", "1", "--workers", "1"],
-        logs / "edge.log", _env(secure.passwords["edge-a"]),
+    edge = ManagedProcess(
+        msao_command(["-vv", "edge", "--edge-id", "edge-a", "--bundle", str(edge_bundle), "--large-bundle", str(cloud_bundle), *tls,
+                      "--username", "edge-a", "--policy", "cloud_only", "--threads", "1", "--workers", "1"]),
+        logs / "edge.log", _env(secure.passwords["edge-a"]), name="msao edge",
     )  # fmt: skip
     images = {}
     for i in SAMPLES:
@@ -94,16 +79,16 @@ def fleet(secure: SecureBroker, built_bundles, easyvqa_test, tmp_path_factory) -
                 edge_log = (logs / "edge.log").read_text(errors="replace")
                 if online and "MQTT intake of edge edge-a" in edge_log and "as msao-edge-edge-a-link" in edge_log:
                     break
-                for name, proc in (("msao cloud", worker), ("msao edge", edge)):
-                    if proc.poll() is not None:
-                        pytest.fail(f"{name} exited with {proc.returncode}:\n{(logs / name.split()[1]).with_suffix('.log').read_text()}")
+                for proc in (worker, edge):
+                    if not proc.alive():
+                        raise proc.failure("exited before the fleet was up")
                 if time.monotonic() > end:
                     pytest.fail(f"fleet not up after 90 s (worker online: {online}):\n{edge_log[-3000:]}")
                 time.sleep(0.1)
         yield Fleet(secure, logs / "worker.log", logs / "edge.log", load_bundle(cloud_bundle).manifest.model_hash, images)
     finally:
-        _stop(edge)
-        _stop(worker)
+        edge.stop(20)
+        worker.stop(20)
 
 
 def test_cloud_answers_through_tls_password_and_certificate_logins(fleet: Fleet, easyvqa_test):
@@ -123,14 +108,13 @@ def test_cloud_answers_through_tls_password_and_certificate_logins(fleet: Fleet,
         ),
     }  # fmt: skip
     procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "msao", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env, text=True
-        )
+        name: ManagedProcess(msao_command(args), fleet.worker_log.parent / f"ask-{name}.log", env, stdout_path=fleet.worker_log.parent / f"ask-{name}.json")
         for name, (args, env, _) in runs.items()
     }
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, f"{name} login: msao ask failed ({proc.returncode}):\n{err[-3000:]}"
+        code = proc.process.wait(90)
+        assert code == 0, f"{name} login: msao ask failed ({code}):\n{proc.log()[-3000:]}"
+        out = proc.stdout_path.read_text()
         r = json.loads(out)
         sample = runs[name][2]
         assert r["status"] == "ok" and r["answered_by"] == "cloud" and r["model"] == "msao-tiny-cloud" and r["bytes_up"] > 0, r

@@ -28,7 +28,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "msao"
 # every module that parses, routes or serves what arrives from the broker or over HTTP
 RECEIVING = sorted(
     [*(PACKAGE / "cloud_bridge").glob("*.py")]
-    + [PACKAGE / "edge_runtime" / f"{m}.py" for m in ("mqtt_intake", "http_api", "requests", "edge_client")]
+    + [PACKAGE / "edge_runtime" / f"{m}.py" for m in ("mqtt_intake", "http_api", "openai_chat", "requests", "edge_client")]
 )
 FORBIDDEN_IMPORTS = {
     "onnx", "onnxruntime", "tensorrt", "subprocess", "tempfile", "zipfile", "tarfile", "shutil", "importlib",
