@@ -1,8 +1,9 @@
 """Accuracy and per-request latency of a bundle on easy-VQA, through a real backend.
 
-Each request is served the way the edge serves it: PNG bytes → decode → preprocess →
-vision encoder → (keep policy, e.g. MAS) → prefill → decode, timed end to end. No caching
-across questions that share an image, so latencies are per request, not amortised.
+Each request runs through ``RequestPipeline``, the steps the edge daemon serves (and the cloud
+worker's answer jobs run): PNG bytes → decode → preprocess → vision encoder → (keep policy,
+e.g. MAS) → prefill → decode, timed end to end. No caching across questions that share an
+image, so latencies are per request, not amortised.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from msao.datasets.easyvqa import load_easy_vqa
 from msao.engines.backend import Backend
 from msao.engines.bundle import Bundle
 from msao.engines.flops import request_flops
-from msao.engines.generation import Generator
-from msao.engines.keep_policy import keep_policy_from_name
+from msao.engines.generation import Answer
 from msao.engines.mas import MasOptions
-from msao.engines.mas_text import QuestionEmbedder
+from msao.engines.pipeline import RequestPipeline
 
 __all__ = ["EvalReport", "evaluate_bundle", "ANSWER_KINDS"]
 
@@ -81,15 +81,21 @@ def evaluate_bundle(
     Raises:
         ConfigError: unknown policy or a keep ratio outside (0, 1].
     """
-    policy = keep_policy_from_name(keep_policy, MasOptions(keep_ratio=keep_ratio)) if keep_policy else None
-    if policy is None:
-        MasOptions(keep_ratio=keep_ratio)  # same check and message with or without a policy
+    options = MasOptions(keep_ratio=keep_ratio)  # a ratio outside (0, 1] fails before anything loads, with or without a policy
     data = load_easy_vqa(split)
     n = len(data) if limit is None else min(limit, len(data))
-    gen = Generator(bundle, backend)
-    embed_question = QuestionEmbedder(gen)
+    pipeline = RequestPipeline(bundle, backend, options, keep_policy or "mas")  # an unknown policy fails before a session opens
+    prune_ratio = keep_ratio if keep_policy else 1.0  # no policy: every image token enters prefill
+
+    def ask(i: int) -> tuple[Answer, float]:
+        """Answer question ``i`` as the daemon would: the answer and the keep policy's time (ms)."""
+        question = data.questions[i]
+        rgb, decode_ms = pipeline.decode(data.image_pngs[data.image_ids[i]])
+        prepared = pipeline.prepare(rgb, question, prune_ratio, analyse=bool(keep_policy), request_id=i, decode_ms=decode_ms)
+        return pipeline.answer(prepared, question, exit_layer=exit_layer), prepared.mas_ms
+
     try:
-        gen.answer(data.image_pngs[data.image_ids[0]], data.questions[0], exit_layer=exit_layer)  # warm-up
+        ask(0)  # warm-up
         correct = np.zeros(n, bool)
         latency = np.zeros(n)
         confidence = np.zeros(n)
@@ -100,16 +106,7 @@ def evaluate_bundle(
         t_start = time.perf_counter()
         for i in range(n):
             t0 = time.perf_counter()
-            png, question = data.image_pngs[data.image_ids[i]], data.questions[i]
-            if policy is None:
-                ans = gen.answer(png, question, exit_layer=exit_layer)
-            else:
-                enc = gen.encode_image(gen.pixels_from_bytes(png))
-                tm = time.perf_counter()
-                q = embed_question(question) if policy.needs_question else None
-                keep = policy.decide(enc.tokens, enc.mas_features, q, request_id=i).keep.indices
-                mas_ms[i] = (time.perf_counter() - tm) * 1e3
-                ans = gen.generate(enc, question, keep=keep, exit_layer=exit_layer)
+            ans, mas_ms[i] = ask(i)
             latency[i] = (time.perf_counter() - t0) * 1e3
             vision_ms[i] = ans.timings.vision_ms
             kept[i] = ans.kept_tokens
@@ -125,7 +122,7 @@ def evaluate_bundle(
             if progress and (i + 1) % 1000 == 0:
                 progress(f"  {i + 1}/{n} accuracy so far {correct[: i + 1].mean():.4f} ({time.perf_counter() - t_start:.0f}s)")
     finally:
-        gen.close()
+        pipeline.close()
     answers = np.asarray(data.answers[:n])
     by_kind = {k: round(float(correct[np.isin(answers, v)].mean()), 4) for k, v in ANSWER_KINDS.items() if np.isin(answers, v).any()}
     return EvalReport(
@@ -142,7 +139,7 @@ def evaluate_bundle(
         latency_ms_mean=round(float(latency.mean()), 3),
         mean_confidence=round(float(confidence.mean()), 4),
         flops_per_request_mean=float(flops.mean()),
-        backend=backend.describe(),
+        backend=pipeline.backend_description,
         keep_policy=keep_policy,
         keep_ratio=keep_ratio,
         kept_tokens_mean=round(float(kept.mean()), 3),

@@ -1,9 +1,10 @@
 """Runs decoded jobs on one verified bundle: split ranges with cloud-side KV sessions, whole answers.
 
 Knows jobs and segments, not MQTT: the worker hands it a ``JobHeader`` and tensors, and gets
-tensors back or a ``CloudJobFailed`` whose ``code`` goes into the error result. Runners are
-opened once per bundle and shared by all worker threads (ONNX Runtime sessions are safe to
-run concurrently); KV caches and generators are per session / per thread.
+tensors back or a ``CloudJobFailed`` whose ``code`` goes into the error result. The bundle's
+runners are those of one ``RequestPipeline``, opened once and shared by all worker threads;
+answer jobs run that pipeline's steps (the edge's and ``msao eval``'s), split jobs run its
+decoder chunks with a KV cache per session.
 
     split:  hidden (B, T, D) at layer k ─decoder[k:L] (+ KV of session)─► (B, T, D) ─head─► logits (B, 1|T, V)
     answer: image bytes | kept tokens (K, D) + keep (K,) ─Generator─► token ids, probs, text
@@ -24,8 +25,9 @@ from msao.cloud_bridge.messages import JobHeader, ServedModel, parse_decoder_ran
 from msao.cloud_bridge.sessions import SessionTable
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
-from msao.engines.generation import DecoderStack, Generator, ImageEncoding
-from msao.engines.manifest import SegmentSpec, exit_segment_name
+from msao.engines.generation import DecoderStack, ImageEncoding
+from msao.engines.manifest import exit_segment_name
+from msao.engines.pipeline import RequestPipeline
 from msao.errors import CloudJobFailed
 
 __all__ = ["JobOutput", "ModelServer", "SPLIT_INPUTS"]
@@ -55,20 +57,8 @@ class _SplitSession:
     head: str
 
 
-class _SharedRunners(Backend):
-    """Hands out runners that are already open, so per-thread generators share sessions."""
-
-    name = "shared"
-
-    def __init__(self, runners: Mapping[str, Runner]):
-        self._runners = runners
-
-    def open(self, bundle: Bundle, spec: SegmentSpec) -> Runner:
-        return self._runners[spec.name]
-
-
 class ModelServer:
-    """One bundle, its open runners, and the jobs it can run.
+    """One bundle, its request pipeline (the open runners), and the jobs it can run.
 
     Args:
         bundle: a verified bundle (``load_bundle``).
@@ -80,11 +70,12 @@ class ModelServer:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.sessions = sessions
-        self.runners: dict[str, Runner] = {s.name: backend.open(bundle, s) for s in self.manifest.segments}
-        self.providers: dict[str, tuple[str, ...]] = {n: tuple(getattr(r, "providers", (backend.name,))) for n, r in self.runners.items()}
+        self.pipeline = RequestPipeline(bundle, backend)
+        self.providers: dict[str, tuple[str, ...]] = {
+            n: tuple(getattr(r, "providers", (backend.name,))) for n, r in self.pipeline.runners.items()
+        }
         for name, providers in self.providers.items():
             log.info("model %s: segment %s runs on %s", self.manifest.name, name, ", ".join(providers))
-        self._local = threading.local()
 
     @property
     def model_hash(self) -> str:
@@ -95,8 +86,7 @@ class ModelServer:
         return ServedModel(self.manifest.name, self.model_hash, self.manifest.model.num_layers, self.manifest.split_points, tuple(used))
 
     def close(self) -> None:
-        for r in self.runners.values():
-            r.close()
+        self.pipeline.close()
 
     def run(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
         """Run one job. Raises CloudJobFailed (code for the result) or FeedError/ImageError (bad input)."""
@@ -118,18 +108,18 @@ class ModelServer:
                 f"split at one of {list(self.manifest.split_points)}",
                 "unknown_segment",
             )
-        return [self.runners[s.name] for s in chunks]
+        return [self.pipeline.runners[s.name] for s in chunks]
 
     def _head_runner(self, head: str, end: int) -> Runner | None:
         if head == "none":
             return None
         if head != "lm_head" and head != exit_segment_name(end):
             raise CloudJobFailed(f"head {head} cannot follow layer {end}: use lm_head, none or {exit_segment_name(end)}", "unknown_segment")
-        if head not in self.runners:
+        if head not in self.pipeline.runners:
             raise CloudJobFailed(
                 f"model {self.manifest.name} has no segment {head}; exit heads: {list(self.manifest.exit_layers)}", "unknown_segment"
             )
-        return self.runners[head]
+        return self.pipeline.runners[head]
 
     def _split(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
         if tuple(sorted(tensors)) != SPLIT_INPUTS:
@@ -182,12 +172,6 @@ class ModelServer:
 
     # -- answer -------------------------------------------------------------------------------
 
-    def _generator(self) -> Generator:
-        gen = getattr(self._local, "generator", None)
-        if gen is None:
-            gen = self._local.generator = Generator(self.bundle, _SharedRunners(self.runners))
-        return gen
-
     def _answer(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
         names = tuple(sorted(tensors))
         if names not in (("image",), ("image", "keep"), ("image_tokens", "keep")):
@@ -199,16 +183,17 @@ class ModelServer:
                 "unknown_segment",
             )
         keep = tensors.get("keep")
-        gen = self._generator()
         t0 = time.perf_counter()
         if "image" in tensors:
             img = tensors["image"]
             if img.dtype != np.uint8 or img.ndim != 1:
                 raise CloudJobFailed(f"image must be the file's bytes as uint8 (n,), got {img.dtype} {img.shape}", "bad_input")
-            enc = gen.encode_image(gen.pixels_from_bytes(img.tobytes()))
+            enc = self.pipeline.encode(self.pipeline.decode(img.tobytes())[0])
         else:
             enc = self._encoding_from_kept(tensors["image_tokens"], keep)
-        ans = gen.generate(enc, header.question, keep=keep, exit_layer=exit_layer, max_new_tokens=header.max_new_tokens)
+        ans = self.pipeline.generator().generate(
+            enc, header.question, keep=keep, exit_layer=exit_layer, max_new_tokens=header.max_new_tokens
+        )
         compute_ms = (time.perf_counter() - t0) * 1e3
         out = {"token_ids": np.asarray(ans.token_ids, np.int64), "token_probs": np.asarray(ans.token_probs, np.float32)}
         return JobOutput(out, compute_ms, text=ans.text, confidence=ans.confidence)

@@ -23,11 +23,12 @@ import numpy as np
 
 from msao.cloud_bridge.link import CloudLink, RemoteAnswer, new_job_id
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
-from msao.edge_runtime.local_model import LocalModel, Prepared
+from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.requests import EdgeRequest
 from msao.engines.flops import request_flops
 from msao.engines.generation import Answer
+from msao.engines.pipeline import Prepared
 from msao.errors import CloudError, CloudUnavailable
 
 __all__ = ["Executor", "Outcome"]
