@@ -1,7 +1,8 @@
 """`make demo`: a broker, a cloud worker and the edge daemon on this machine, asked real easy-VQA questions.
 
 Starts Mosquitto on a free port, `msao cloud` (the large built-in model) and `msao edge`
-(both built-ins, the calibration, MQTT and HTTP intake), sends a handful of easy-VQA test
+(both built-ins, the calibration, MQTT and HTTP intake; time-dilated to a device 10x slower than
+this machine, since on one machine the "edge" would otherwise be as fast as the "cloud"), sends a handful of easy-VQA test
 questions over MQTT and over the OpenAI-compatible HTTP API, prints each answer with the plan
 the scheduler took and why, then stops everything. Needs `make export` first (the Makefile
 runs it).
@@ -23,6 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--questions", type=int, default=6, help="questions asked over MQTT (default 6); two more go over HTTP")
+    p.add_argument(
+        "--edge-slowdown", type=float, default=10.0, metavar="K",
+        help="the edge daemon emulates a device K times slower than this machine, as a Jetson is beside a cloud GPU "
+             "(default 10; 1 = this machine's own speed)",
+    )  # fmt: skip
     args = p.parse_args()
     if not (ROOT / "bundles" / "msao-tiny-cloud" / "manifest.json").exists():
         sys.exit("no bundles: run `make export` first")
@@ -41,10 +47,12 @@ def main() -> int:
         print("==> msao cloud (worker: msao-tiny-cloud on ONNX Runtime)")
         cloud = CloudWorker("demo-cloud", ROOT / "bundles" / "msao-tiny-cloud", broker.url, tmp / "cloud.log", verbosity="-v", threads=None)
         started.append(cloud)
-        print(f"==> msao edge (edge model msao-tiny-edge, large model msao-tiny-cloud; HTTP on 127.0.0.1:{http_port})")
+        print(f"==> msao edge (edge model msao-tiny-edge, large model msao-tiny-cloud; HTTP on 127.0.0.1:{http_port};"
+              f" {args.edge_slowdown:g}x slower than this machine, time-dilated)")  # fmt: skip
         edge = EdgeDaemon(
-            ["--broker", broker.url, "--edge-id", "demo-edge", "--http", f"127.0.0.1:{http_port}"], tmp / "edge.log", http_port
-        )
+            ["--broker", broker.url, "--edge-id", "demo-edge", "--http", f"127.0.0.1:{http_port}"], tmp / "edge.log", http_port,
+            dilation=args.edge_slowdown if args.edge_slowdown != 1 else None,
+        )  # fmt: skip
         started.append(edge)
         ready = edge.wait_ready(180, collaborative=True)
         print(f"    ready: mode {ready['mode']}, policy {ready['policy']}, edge x{ready['edge_scale']} its profile")
