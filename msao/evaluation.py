@@ -1,4 +1,4 @@
-"""Accuracy and per-request latency of a bundle on easy-VQA, through a real backend.
+"""Accuracy and per-request latency of a bundle on a VQA dataset (easy-VQA or scenes), through a real backend.
 
 Each request runs through ``RequestPipeline``, the steps the edge daemon serves (and the cloud
 worker's answer jobs run): PNG bytes → decode → preprocess → vision encoder → (keep policy,
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from msao.datasets.easyvqa import load_easy_vqa
+from msao.datasets.vqa import load_vqa, question_kinds
 from msao.engines.backend import Backend
 from msao.engines.bundle import Bundle
 from msao.engines.flops import request_flops
@@ -22,13 +22,7 @@ from msao.engines.generation import Answer
 from msao.engines.mas import MasOptions
 from msao.engines.pipeline import RequestPipeline
 
-__all__ = ["EvalReport", "evaluate_bundle", "ANSWER_KINDS"]
-
-ANSWER_KINDS = {
-    "shape": ("circle", "rectangle", "triangle"),
-    "colour": ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow"),
-    "yes/no": ("yes", "no"),
-}
+__all__ = ["EvalReport", "evaluate_bundle"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +49,7 @@ class EvalReport:
     mas_ms_mean: float = 0.0  # keep policy time per request (question embedding + scores + keep-set)
     mas_share_of_vision: float = 0.0  # mas_ms_mean / mean vision encoder time
     mas_share_of_end_to_end: float = 0.0  # mas_ms_mean / mean request latency
+    dataset: str = "easy-vqa"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +59,7 @@ def evaluate_bundle(
     bundle: Bundle,
     backend: Backend,
     *,
+    dataset: str = "easy-vqa",
     split: str = "test",
     limit: int | None = None,
     exit_layer: int | None = None,
@@ -71,9 +67,11 @@ def evaluate_bundle(
     keep_ratio: float = 1.0,
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Answer easy-VQA questions (all of ``split``, or the first ``limit``) with greedy decoding.
+    """Answer ``dataset`` questions (all of ``split``, or the first ``limit``) with greedy decoding.
 
     Args:
+        dataset: ``msao.datasets.vqa.DATASETS`` (easy-vqa, scenes); accuracy is also reported
+            per kind (easy-VQA: shape, colour, yes/no; scenes: per question family).
         keep_policy: a name from ``KEEP_POLICIES`` (mas, mas-blind, saliency, random); None
             feeds every image token. Its time is measured per request and reported.
         keep_ratio: share of image tokens the policy keeps, in (0, 1].
@@ -82,20 +80,21 @@ def evaluate_bundle(
         ConfigError: unknown policy or a keep ratio outside (0, 1].
     """
     options = MasOptions(keep_ratio=keep_ratio)  # a ratio outside (0, 1] fails before anything loads, with or without a policy
-    data = load_easy_vqa(split)
+    data = load_vqa(dataset, split)
     n = len(data) if limit is None else min(limit, len(data))
     pipeline = RequestPipeline(bundle, backend, options, keep_policy or "mas")  # an unknown policy fails before a session opens
     prune_ratio = keep_ratio if keep_policy else 1.0  # no policy: every image token enters prefill
 
-    def ask(i: int) -> tuple[Answer, float]:
-        """Answer question ``i`` as the daemon would: the answer and the keep policy's time (ms)."""
+    def ask(i: int, png: bytes) -> tuple[Answer, float]:
+        """Answer question ``i`` about image ``png`` as the daemon would: the answer and the keep policy's time (ms)."""
         question = data.questions[i]
-        rgb, decode_ms = pipeline.decode(data.image_pngs[data.image_ids[i]])
+        rgb, decode_ms = pipeline.decode(png)
         prepared = pipeline.prepare(rgb, question, prune_ratio, analyse=bool(keep_policy), request_id=i, decode_ms=decode_ms)
         return pipeline.answer(prepared, question, exit_layer=exit_layer), prepared.mas_ms
 
     try:
-        ask(0)  # warm-up
+        pngs = data.image_pngs  # scenes encode on demand: fetched before each request's clock starts
+        ask(0, pngs[int(data.image_ids[0])])  # warm-up
         correct = np.zeros(n, bool)
         latency = np.zeros(n)
         confidence = np.zeros(n)
@@ -105,8 +104,9 @@ def evaluate_bundle(
         vision_ms = np.zeros(n)
         t_start = time.perf_counter()
         for i in range(n):
+            png = pngs[int(data.image_ids[i])]
             t0 = time.perf_counter()
-            ans, mas_ms[i] = ask(i)
+            ans, mas_ms[i] = ask(i, png)
             latency[i] = (time.perf_counter() - t0) * 1e3
             vision_ms[i] = ans.timings.vision_ms
             kept[i] = ans.kept_tokens
@@ -123,8 +123,8 @@ def evaluate_bundle(
                 progress(f"  {i + 1}/{n} accuracy so far {correct[: i + 1].mean():.4f} ({time.perf_counter() - t_start:.0f}s)")
     finally:
         pipeline.close()
-    answers = np.asarray(data.answers[:n])
-    by_kind = {k: round(float(correct[np.isin(answers, v)].mean()), 4) for k, v in ANSWER_KINDS.items() if np.isin(answers, v).any()}
+    kinds = np.asarray(question_kinds(data)[:n])
+    by_kind = {k: round(float(correct[kinds == k].mean()), 4) for k in sorted(set(kinds.tolist()))}
     return EvalReport(
         bundle=bundle.manifest.name,
         model_hash=bundle.manifest.model_hash,
@@ -146,4 +146,5 @@ def evaluate_bundle(
         mas_ms_mean=round(float(mas_ms.mean()), 4),
         mas_share_of_vision=round(float(mas_ms.mean() / max(vision_ms.mean(), 1e-9)), 4),
         mas_share_of_end_to_end=round(float(mas_ms.mean() / max(latency.mean(), 1e-9)), 4),
+        dataset=dataset,
     )

@@ -41,6 +41,19 @@ def test_eval_json_is_machine_readable(edge_bundle_dir: Path):
     assert report["latency_ms_p50"] > 0 and set(report["accuracy_by_kind"]) <= {"shape", "colour", "yes/no"}
 
 
+def test_eval_on_scenes_reports_accuracy_per_question_family(edge_bundle_dir: Path):
+    from msao.datasets.scenes import QuestionFamily
+
+    r = msao("eval", "--bundle", str(edge_bundle_dir), "--dataset", "scenes", "--limit", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["dataset"] == "scenes" and report["split"] == "test" and report["n"] == 20
+    kinds = set(report["accuracy_by_kind"])
+    assert len(kinds) >= 3 and kinds <= {f.value for f in QuestionFamily}  # the scenes families, not easy-VQA's kinds
+    r = msao("eval", "--bundle", str(edge_bundle_dir), "--split", "validation", "--limit", "5")
+    assert r.returncode == 1 and "easy-vqa has splits train, test, not 'validation'" in r.stderr
+
+
 def test_eval_of_an_exit_head_the_bundle_lacks_says_which_exist(edge_bundle_dir: Path):
     r = msao("eval", "--bundle", str(edge_bundle_dir), "--limit", "5", "--exit-layer", "7")
     assert r.returncode == 1 and "exit heads after layers [1], not 7" in r.stderr

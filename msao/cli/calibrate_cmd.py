@@ -1,8 +1,8 @@
-"""``msao calibrate``: accuracy and confidence tables of an edge/large model pair on easy-VQA *train* data.
+"""``msao calibrate``: accuracy and confidence tables of an edge/large model pair on *train* data (easy-VQA or scenes).
 
 The edge daemon's scheduler plans with them (which keep ratio, which plan, when to commit the
 edge's draft). Train data only: thresholds tuned on the test set would flatter every number
-the benchmark reports. Needs the eval extra (the easy-VQA data).
+the benchmark reports. easy-VQA needs the eval extra (its data); scenes are generated here.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train questions answered by both models at every keep ratio (default 2000, about 6 minutes on 2 cores); fewer = noisier thresholds",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="which train questions (default 0)")
+    p.add_argument("--dataset", choices=("easy-vqa", "scenes"), default="easy-vqa", help="whose train questions (default easy-vqa)")
     add_threads_option(p)
 
 
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads))
     edge = LocalModel(load_bundle(Path(args.edge)), backend)
     large = LocalModel(load_bundle(Path(args.large)), backend)
-    report_progress(f"calibrating {edge.name} (draft) with {large.name} (verifier) on {args.questions} easy-VQA train questions")
-    cal = calibrate_models(edge, large, questions=args.questions, seed=args.seed, progress=report_progress)
+    report_progress(f"calibrating {edge.name} (draft) with {large.name} (verifier) on {args.questions} {args.dataset} train questions")
+    cal = calibrate_models(edge, large, dataset=args.dataset, questions=args.questions, seed=args.seed, progress=report_progress)
     save_calibration(cal, Path(args.out))
     for m in cal.models:
         accs = ", ".join(f"{r:g}: {a:.4f}" for r, a in zip(m.keep_ratios, m.accuracy))

@@ -1,4 +1,4 @@
-"""``msao eval``: easy-VQA accuracy and latency of a bundle on ONNX Runtime."""
+"""``msao eval``: accuracy and latency of a bundle on easy-VQA or scenes, on ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from msao.cli.common import add_bundle_option, add_threads_option, report_progre
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_bundle_option(p)
-    p.add_argument("--limit", type=int, help="only the first N questions (default: all 9,673 test questions)")
-    p.add_argument("--split", choices=("test", "train"), default="test", help="easy-VQA split (default test)")
+    p.add_argument("--dataset", choices=("easy-vqa", "scenes"), default="easy-vqa", help="which questions (default easy-vqa; docs/scenes.md)")
+    p.add_argument("--limit", type=int, help="only the first N questions (default: the whole split, e.g. 9,673 easy-VQA test questions)")
+    p.add_argument(
+        "--split", choices=("test", "validation", "train"), default="test", help="split (default test; validation: scenes only)"
+    )
     p.add_argument("--exit-layer", type=int, help="answer from the early-exit head after this decoder layer (cheaper, less accurate)")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, latency_ms_p50, ...) instead of a table")
     from msao.engines.keep_policy import KEEP_POLICIES
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_bundle(
         bundle,
         OnnxRuntimeBackend(OrtOptions(threads=args.threads)),
+        dataset=args.dataset,
         split=args.split,
         limit=args.limit,
         exit_layer=args.exit_layer,
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
     else:
         head = f"{report.bundle}" + (f" exit@{report.exit_layer}" if report.exit_layer else "")
-        print(f"{head}: accuracy {report.accuracy:.4f} on {report.n} {report.split} questions")
+        print(f"{head}: accuracy {report.accuracy:.4f} on {report.n} {report.dataset} {report.split} questions")
         for kind, acc in report.accuracy_by_kind.items():
             print(f"  {kind:<8} {acc:.4f}")
         print(f"  FLOPs per request: {report.flops_per_request_mean / 1e6:.1f} M (mean over the questions)")

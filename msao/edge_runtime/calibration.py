@@ -1,4 +1,4 @@
-"""Accuracy and confidence tables the scheduler plans with, measured on easy-VQA *train* data.
+"""Accuracy and confidence tables the scheduler plans with, measured on *train* data (easy-VQA or scenes).
 
 The cost model needs, before a request runs, how accurate each plan will be: the edge model
 and the large model at each keep ratio, and draft/verify at each commit threshold (the edge's
@@ -135,6 +135,7 @@ class Calibration:
     created_at: str
     models: tuple[ModelCalibration, ...]
     pairs: tuple[PairCalibration, ...]
+    dataset: str = "easy-vqa"  # whose train questions (msao.datasets.vqa.DATASETS)
 
     def __post_init__(self) -> None:
         if self.format_version != CALIBRATION_FORMAT:
@@ -157,6 +158,7 @@ class Calibration:
         return cls(
             int(d["format_version"]), str(d["split"]), int(d["questions"]), int(d["seed"]), str(d["created_at"]),
             tuple(ModelCalibration.from_dict(m) for m in d["models"]), tuple(PairCalibration.from_dict(p) for p in d["pairs"]),
+            str(d.get("dataset", "easy-vqa")),
         )  # fmt: skip
 
 
@@ -196,20 +198,21 @@ def calibrate_models(
     edge,
     large,
     *,
+    dataset: str = "easy-vqa",
     questions: int = 2000,
     seed: int = 0,
     keep_ratios: tuple[float, ...] = DEFAULT_KEEP_RATIOS,
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> Calibration:
-    """Measure the tables on ``questions`` seeded easy-VQA train questions.
+    """Measure the tables on ``questions`` seeded train questions of ``dataset`` (easy-vqa or scenes).
 
     Args:
         edge / large: ``LocalModel`` of the edge (draft) model and the large (cloud) model.
     """
-    from msao.datasets.easyvqa import load_easy_vqa
+    from msao.datasets.vqa import load_vqa
 
-    data = load_easy_vqa("train")
+    data = load_vqa(dataset, "train")
     rows = np.random.default_rng(seed).permutation(len(data))[:questions]
     same_grid = edge.n_tokens == large.n_tokens
     n_r = len(keep_ratios)
@@ -254,4 +257,5 @@ def calibrate_models(
         edge.manifest.model_hash, large.manifest.model_hash, tuple(keep_ratios), tuple(thresholds),
         tuple(round(float(x), 5) for x in large_ok_edge_keep.mean(axis=1)), tuple(map(tuple, commit)), tuple(map(tuple, acc)),
     )  # fmt: skip
-    return Calibration(CALIBRATION_FORMAT, "train", len(rows), seed, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), models, (pair,))
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return Calibration(CALIBRATION_FORMAT, "train", len(rows), seed, created, models, (pair,), dataset)

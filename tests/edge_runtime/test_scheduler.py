@@ -138,6 +138,22 @@ def test_a_damaged_calibration_file_is_refused_with_the_fix(calibration, tmp_pat
         load_calibration(path)
 
 
+def test_calibration_records_its_dataset_and_files_from_before_it_read_as_easy_vqa(calibration, models, tmp_path):
+    import json
+
+    from msao.edge_runtime.calibration import calibrate_models, save_calibration
+
+    assert calibration.dataset == "easy-vqa"
+    old = json.loads(json.dumps(calibration.to_dict()))
+    del old["dataset"]  # a file written before calibrations named their dataset
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert load_calibration(tmp_path / "old.json").dataset == "easy-vqa"
+    scenes = calibrate_models(*models, dataset="scenes", questions=3, keep_ratios=(1.0, 0.5))
+    assert scenes.dataset == "scenes" and scenes.questions == 3 and scenes.split == "train"
+    save_calibration(scenes, tmp_path / "scenes.json")
+    assert load_calibration(tmp_path / "scenes.json") == scenes
+
+
 def test_a_missing_calibration_file_says_how_to_make_one(tmp_path):
     with pytest.raises(ConfigError, match="msao calibrate"):
         load_calibration(tmp_path / "none.json")
