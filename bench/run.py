@@ -47,6 +47,7 @@ class BenchConfig:
             relative to the cloud; no root needed); None = its own speed.
         load_profiles / load_policies / load_rates / load_seconds: the open-loop throughput test.
         stream_questions: questions of the stream workload (0 = skip), asked with stream ids.
+        dataset: whose test questions and stream (easy-vqa, scenes; ``msao.datasets.vqa``).
     """
 
     profiles: tuple[str, ...] = tuple(PROFILES)
@@ -63,6 +64,7 @@ class BenchConfig:
     load_p95_bound_ms: float = 2000.0
     stream_questions: int = 200
     seed: int = 0
+    dataset: str = "easy-vqa"
     bundles: str = "bundles"
     notes: dict = field(default_factory=dict)
 
@@ -70,25 +72,35 @@ class BenchConfig:
 QUICK = dict(requests=100, warmup=5, load_rates=(10.0, 20.0, 40.0, 80.0), load_seconds=6.0, stream_questions=60)
 
 
-def workload(n: int, seed: int) -> list[Item]:
-    """``n`` easy-VQA test questions, seeded, spread over the whole set."""
-    from msao.datasets.easyvqa import load_easy_vqa
+def workload(n: int, seed: int, dataset: str = "easy-vqa") -> list[Item]:
+    """``n`` test questions of ``dataset`` (easy-vqa, scenes), seeded, spread over the whole set."""
+    from msao.datasets.vqa import load_vqa
 
-    data = load_easy_vqa("test")
+    data = load_vqa(dataset, "test")
     rows = np.random.default_rng(seed).permutation(len(data))[:n]
-    return [Item(int(i), data.questions[i], data.answers[i], data.image_pngs[data.image_ids[i]]) for i in rows]
+    pngs = data.image_pngs
+    return [Item(int(i), data.questions[i], data.answers[i], pngs[int(data.image_ids[i])]) for i in rows]
 
 
-def stream_workload(n: int, seed: int) -> list[Item]:
-    """The first ``n`` questions of the MAS stream workload (frames with sensor noise and shifts), in order."""
+def stream_workload(n: int, seed: int, dataset: str = "easy-vqa") -> list[Item]:
+    """The first ``n`` questions of ``dataset``'s stream workload (frames of a camera that watches one scene), in order.
+
+    easy-VQA: its images with sensor noise and shifts; scenes: objects drifting over a still background.
+    """
     import io
 
     from PIL import Image
 
-    from msao.datasets.streams import StreamOptions, stream_from_easy_vqa
+    if dataset == "scenes":
+        from msao.datasets.scenes import SceneStreamOptions, scene_stream
 
+        frames = scene_stream(SceneStreamOptions(scenes=max(1, n // 4 + 1), question_every=3, seed=seed)).frames
+    else:
+        from msao.datasets.streams import StreamOptions, stream_from_easy_vqa
+
+        frames = stream_from_easy_vqa(StreamOptions(seed=seed)).frames
     items = []
-    for frame in stream_from_easy_vqa(StreamOptions(seed=seed)).frames:
+    for frame in frames:
         if frame.question is None:
             continue
         png = io.BytesIO()
@@ -137,9 +149,9 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
     bundles = ROOT / config.bundles
     edge_b, cloud_b, cal = bundles / "msao-tiny-edge", bundles / "msao-tiny-cloud", bundles / "calibration.json"
     large = load_bundle(cloud_b).manifest
-    items = workload(config.requests + config.warmup, config.seed)
+    items = workload(config.requests + config.warmup, config.seed, config.dataset)
     warm, measured = items[: config.warmup], items[config.warmup :]
-    stream = stream_workload(config.stream_questions, config.seed) if config.stream_questions else []
+    stream = stream_workload(config.stream_questions, config.seed, config.dataset) if config.stream_questions else []
     result: dict = {
         "config": asdict(config),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="the edge daemon emulates a device this many times slower (with --edge-share 0: instead of the quota)",
     )
+    p.add_argument("--dataset", choices=("easy-vqa", "scenes"), help="whose test questions and stream (default easy-vqa)")
     p.add_argument("--no-load", action="store_true", help="skip the open-loop throughput test")
     p.add_argument("--no-stream", action="store_true", help="skip the stream workload")
     p.add_argument("--out", help="results JSON (default bench/results/<UTC date-time>.json)")
@@ -253,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         kw["requests"] = args.requests
     if args.edge_share is not None:
         kw["edge_share"] = args.edge_share or None  # 0: no quota
+    if args.dataset:
+        kw["dataset"] = args.dataset
     if args.edge_dilation:
         kw["edge_dilation"] = args.edge_dilation
     if args.no_load:
