@@ -17,6 +17,7 @@ __all__ = [
     "CHECKPOINT_ROOT",
     "PROMPT_TEMPLATE",
     "tokenizer_for_easy_vqa",
+    "tokenizer_for_scenes",
     "builtin_checkpoint_dir",
 ]
 
@@ -37,6 +38,12 @@ QUESTION_WORDS = (
     "the", "there", "what",
 )  # fmt: skip
 TEMPLATE_WORDS = ("user", "assistant", ":", "?")
+# The scenes workload's question templates (msao/datasets/scenes.py); its answers come from
+# scenes.ANSWER_WORDS. Fixed here so a scenes model's ids never move.
+SCENES_QUESTION_WORDS = (
+    "a", "above", "an", "are", "below", "circles", "color", "crosses", "describe", "diamonds", "how", "in", "is", "many",
+    "object", "objects", "of", "shape", "squares", "stars", "the", "there", "triangles", "what", "where",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,10 +113,22 @@ def tokenizer_for_easy_vqa():
     The vocabulary is fixed in code (not read from data) so both built-in models share ids
     forever. Words are lower-cased; ``<s>`` is prepended like a Llama tokenizer does.
     """
+    return _word_tokenizer(set(ANSWERS) | set(QUESTION_WORDS))
+
+
+def tokenizer_for_scenes():
+    """Word-level tokenizer covering every scenes question and answer (multi-word answers are several ids)."""
+    from msao.datasets.scenes import ANSWER_WORDS
+
+    return _word_tokenizer(set(ANSWER_WORDS) | set(SCENES_QUESTION_WORDS))
+
+
+def _word_tokenizer(words: set[str]):
+    """Special tokens, then ``words`` and the prompt template's words in sorted order: ids fixed by the word list."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
 
-    words = sorted(set(ANSWERS) | set(QUESTION_WORDS) | set(TEMPLATE_WORDS))
+    words = sorted(words | set(TEMPLATE_WORDS))
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *words))}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
