@@ -64,6 +64,7 @@ __all__ = [
     "answer_vocabulary",
     "image_from_scene",
     "load_scenes",
+    "owner_map",
     "scene_stream",
     "support_patches",
 ]
@@ -238,12 +239,27 @@ def _shape_mask(body: _Body) -> tuple[int, int, np.ndarray]:
     return x0, y0, mask
 
 
-def _settled(bodies: Sequence[_Body]) -> tuple[SceneObject, ...]:
-    """Objects with their drawn box and uncovered pixels, drawing ``bodies`` in order."""
-    label = np.full((IMAGE_PX, IMAGE_PX), -1, np.int8)  # who owns each pixel, last drawn wins
-    masks = [_shape_mask(b) for b in bodies]
+def _owners(masks: Sequence[tuple[int, int, np.ndarray]]) -> np.ndarray:
+    """(192, 192) int8: which object owns each pixel (last drawn wins), -1 for the background."""
+    label = np.full((IMAGE_PX, IMAGE_PX), -1, np.int8)
     for k, (x0, y0, m) in enumerate(masks):
         label[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]][m] = k
+    return label
+
+
+def owner_map(objects: Sequence[SceneObject]) -> np.ndarray:
+    """(192, 192) int8: the index of the object each pixel shows, -1 where it shows the background.
+
+    What a per-token training label needs (which shape and colour a patch shows), and exactly
+    the cover the bookkeeping counted: the same masks, drawn in the same order.
+    """
+    return _owners([_shape_mask(_Body(o.shape, o.colour, o.size, o.size_px, o.centre)) for o in objects])
+
+
+def _settled(bodies: Sequence[_Body]) -> tuple[SceneObject, ...]:
+    """Objects with their drawn box and uncovered pixels, drawing ``bodies`` in order."""
+    masks = [_shape_mask(b) for b in bodies]
+    label = _owners(masks)
     visible = np.bincount(label[label >= 0], minlength=len(bodies))
     objects = []
     for k, (body, (x0, y0, m)) in enumerate(zip(bodies, masks)):

@@ -19,7 +19,9 @@ from msao.datasets.scenes import (
     SceneObject,
     SceneStreamOptions,
     answer_vocabulary,
+    image_from_scene,
     load_scenes,
+    owner_map,
     scene_stream,
     support_patches,
 )
@@ -236,3 +238,16 @@ def test_bad_arguments_raise_config_error_with_a_hint():
         support_patches([], patch_px=20)
     with pytest.raises(ConfigError, match="shape 'hexagon' not in"):
         SceneObject("hexagon", "red", "small", 20, (30, 30), bbox=(20, 20, 40, 40), area_px=300, visible_px=300)
+
+
+def test_the_owner_map_shows_each_object_where_its_uncovered_pixels_are():
+    data = load_scenes("test", questions=100)
+    for scene in data.scenes[:10]:
+        owners = owner_map(scene.objects)
+        assert owners.shape == (192, 192) and owners.min() >= -1
+        counts = np.bincount(owners[owners >= 0], minlength=len(scene.objects))
+        assert counts.tolist() == [o.visible_px for o in scene.objects]
+        pixels = image_from_scene(scene).astype(int)
+        for k, o in enumerate(scene.objects):  # the owned pixels are that object's colour (give or take the noise)
+            mean = pixels[owners == k].mean(axis=0)
+            assert np.abs(mean - np.array(COLOURS[o.colour])).max() < 30, (o, mean)
