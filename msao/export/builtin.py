@@ -57,6 +57,8 @@ class BuiltinSpec:
         exit_layers: decoder layers after which an early-exit head is trained.
         split_points: decoder layer boundaries exported as chunk edges (edge/cloud split candidates).
         mas_feature_layer: vision layer whose output the MAS probe reads (early, cheap, spatial).
+        image_size / patch_size: input side and patch side in px (their ratio squared: image tokens).
+        dataset: the workload it is trained on, which also picks its tokenizer.
     """
 
     name: str
@@ -72,6 +74,7 @@ class BuiltinSpec:
     mas_feature_layer: int = 1
     image_size: int = 64
     patch_size: int = 8
+    dataset: str = "easy-vqa"  # what it is trained on (msao.datasets.vqa.DATASETS)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
