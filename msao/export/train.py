@@ -20,7 +20,7 @@ Two more things the rest of msao relies on are trained in:
 Answers may take several tokens (scenes: "small red triangle"); every answer token and the
 closing ``</s>`` are trained. A run can span several sittings: with ``checkpoint_every`` the
 full training state (weights, optimizer, every random generator) is saved to
-``<out>/resume.pt`` and a later call with the same options continues from it, bit for bit.
+``<out>/resume.pt`` (+ ``resume.json``) and a later call with the same options continues from it, bit for bit.
 """
 
 from __future__ import annotations
@@ -589,42 +589,58 @@ def train_builtin(
 class _Resume:
     """The whole training state between sittings: weights, optimizer, every generator, where it stopped.
 
-    Stored with ``torch.save`` of tensors and plain numbers only, so it loads with
-    ``weights_only=True``; the spec and options are kept beside it, and a state saved under
-    other ones is refused rather than silently mixed in.
+    Tensors go to a safetensors file and everything else to JSON beside it, so resuming never
+    unpickles anything (the package's rule, tests/test_packaging.py); the spec and options are
+    kept with it, and a state saved under other ones is refused rather than silently mixed in.
     """
 
     def __init__(self, path: Path, spec: BuiltinSpec, options: TrainOptions):
-        self.path = path
+        self.path = path  # <out>/resume.pt: the weights; resume.opt: optimizer and generator tensors; resume.json: the rest
+        self.slots = path.with_suffix(".opt")
+        self.meta = path.with_suffix(".json")
         self.identity = json.dumps({"spec": asdict(spec), "options": asdict(replace(options, stop_at_step=None, checkpoint_every=0))}, sort_keys=True)
 
     def save(self, model, opt, rng: np.random.Generator, gen: torch.Generator, step: int, loss_ema, first_loss, seconds: float) -> None:
+        from safetensors.torch import save_file, save_model
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
+        opt_state = opt.state_dict()
+        tensors = {"rng.torch": torch.get_rng_state(), "rng.gen": gen.get_state()}
+        slots = {}
+        for index, per_param in opt_state["state"].items():
+            for name, value in per_param.items():
+                tensors[f"opt.{index}.{name}"] = value.contiguous()
+                slots.setdefault(str(index), []).append(name)
+        meta = {
             "identity": self.identity, "step": step, "loss_ema": loss_ema, "first_loss": first_loss, "seconds": seconds,
-            "model": model.state_dict(), "opt": opt.state_dict(), "numpy": json.dumps(rng.bit_generator.state),
-            "gen": gen.get_state(), "torch": torch.get_rng_state(),
+            "numpy": rng.bit_generator.state, "param_groups": opt_state["param_groups"], "opt_slots": slots,
         }  # fmt: skip
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.path)
+        self.meta.unlink(missing_ok=True)  # no meta while the tensors are half written: nothing stale to resume from
+        save_model(model, str(self.path))  # the segments share the LLaVA's tensors: save_model stores each once
+        save_file(tensors, str(self.slots))
+        self.meta.write_text(json.dumps(meta))  # written last
 
     def load(self, model, opt, rng: np.random.Generator, gen: torch.Generator) -> dict | None:
         """The saved counters after restoring everything else in place; None when there is nothing to resume."""
-        if not self.path.exists():
+        from safetensors.torch import load_file, load_model
+
+        if not (self.path.exists() and self.slots.exists() and self.meta.exists()):
             return None
-        state = torch.load(self.path, weights_only=True)
-        if state["identity"] != self.identity:
+        meta = json.loads(self.meta.read_text())
+        if meta["identity"] != self.identity:
             raise ValueError(
-                f"{self.path} was saved by a run with other options or another model; delete it to start afresh, "
+                f"{self.path} was saved by a run with other options or another model; delete it and {self.meta.name} to start afresh, "
                 "or resume with the options it was started with"
             )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = json.loads(state["numpy"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch"])
-        return {k: state[k] for k in ("step", "loss_ema", "first_loss", "seconds")}
+        load_model(model, str(self.path))
+        tensors = load_file(str(self.slots))
+        state = {int(i): {n: tensors[f"opt.{i}.{n}"] for n in names} for i, names in meta["opt_slots"].items()}
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        rng.bit_generator.state = meta["numpy"]
+        gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        return {k: meta[k] for k in ("step", "loss_ema", "first_loss", "seconds")}
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        for path in (self.meta, self.path, self.slots):
+            path.unlink(missing_ok=True)
