@@ -59,13 +59,13 @@ class EdgeDaemon(ManagedProcess):
             throttle.add(self.pid)
 
     def get(self, path: str, timeout_s: float = 10.0) -> tuple[int, dict]:
-        """(HTTP status, JSON body) of GET ``path``; /metrics comes back as ``{"text": ...}``."""
+        """(HTTP status, JSON body) of GET ``path`` on the daemon's HTTP intake."""
         c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout_s)
         try:
             c.request("GET", path)
             r = c.getresponse()
             body = r.read()
-            return r.status, json.loads(body) if path != "/metrics" else {"text": body.decode()}
+            return r.status, json.loads(body)
         finally:
             c.close()
 

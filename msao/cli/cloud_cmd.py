@@ -1,7 +1,8 @@
 """``msao cloud``: serve bundles to edges over MQTT 5 (a cloud worker; ONNX Runtime in-process).
 
 Run as many as the load needs, on one or many hosts: they share jobs through the broker's
-shared subscription. Stop with Ctrl-C or SIGTERM: running jobs finish, status goes offline.
+shared subscription (give each worker on a host its own ``--metrics`` port). Stop with Ctrl-C
+or SIGTERM: running jobs finish, status goes offline.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ONNX Runtime execution providers in priority order, comma-separated (e.g. CUDAExecutionProvider,"
         "CPUExecutionProvider; needs msao[cloud-gpu] for CUDA). Default: the best available. The log says which each segment uses",
     )  # fmt: skip
+    p.add_argument(
+        "--metrics", metavar="HOST:PORT",
+        help="serve Prometheus metrics (jobs, busy refusals, queue, compute time) at http://HOST:PORT/metrics (default off; "
+        "unauthenticated: keep it on loopback, e.g. 127.0.0.1:9465, one port per worker on a host; port 0 = any free port, logged)",
+    )  # fmt: skip
     add_broker_options(p, broker_default=os.environ.get("MSAO_BROKER_URL", "mqtt://127.0.0.1:1883"))
 
 
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from msao.engines.bundle import load_bundle
     from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
     from msao.errors import ConfigError
+    from msao.prometheus import MetricsListener, parse_listen_address
 
     for name in ("workers", "queue_size", "max_sessions"):
         if getattr(args, name) < 1:
@@ -99,19 +106,27 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, session_idle_s=args.session_idle_s,
     )  # fmt: skip
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None
-    backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads, providers=providers))
-    sessions: SessionTable = SessionTable(args.max_sessions, args.session_idle_s)
-    servers = [ModelServer(load_bundle(Path(d)), backend, sessions) for d in (args.bundle or [DEFAULT_BUNDLE])]
-    worker = CloudWorker(servers, options)
-    stop = threading.Event()
+    # bound before the bundles load, so a port in use fails at once; 503 until the worker exists
+    listener = MetricsListener(*parse_listen_address(args.metrics, "--metrics"), "--metrics").start() if args.metrics else None
+    try:
+        backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads, providers=providers))
+        sessions: SessionTable = SessionTable(args.max_sessions, args.session_idle_s)
+        servers = [ModelServer(load_bundle(Path(d)), backend, sessions) for d in (args.bundle or [DEFAULT_BUNDLE])]
+        worker = CloudWorker(servers, options)
+        if listener is not None:
+            listener.serve(worker.metrics.registry)
+        stop = threading.Event()
 
-    def _stop(signum, frame) -> None:
-        stop.set()
+        def _stop(signum, frame) -> None:
+            stop.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    worker.start()
-    while not stop.wait(1.0):
-        pass
-    worker.stop()
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        worker.start()
+        while not stop.wait(1.0):
+            pass
+        worker.stop()
+    finally:
+        if listener is not None:
+            listener.stop()
     return 0

@@ -21,6 +21,7 @@ FLAG_KEYS = {
     "large_bundle": "edge.large_bundle",
     "calibration": "edge.calibration",
     "http": "edge.http",
+    "metrics": "edge.metrics",
     "mqtt_intake": "edge.mqtt_intake",
     "threads": "edge.threads",
     "broker": "broker.url",
@@ -54,7 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--calibration", metavar="PATH",
         help="accuracy tables from `msao calibrate` (default bundles/calibration.json; without them drafts are never committed)",
     )  # fmt: skip
-    p.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible HTTP API, /healthz, /readyz and /metrics here")
+    p.add_argument(
+        "--http", metavar="HOST:PORT", help="serve the OpenAI-compatible HTTP API, /healthz and /readyz here (no authentication)"
+    )
+    p.add_argument(
+        "--metrics", metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, on their own listener (default off; unauthenticated: "
+        "keep it on loopback, e.g. 127.0.0.1:9464; port 0 = any free port, logged)",
+    )  # fmt: skip
     p.add_argument(
         "--no-mqtt-intake", dest="mqtt_intake", action="store_const", const=False,
         help="do not take requests from MQTT (the broker is still used for the cloud)",

@@ -10,6 +10,8 @@ keepalives and every other message. A full queue answers ``busy`` at once so the
 back instead of waiting. A job past its deadline (MessageExpiryInterval counted from receipt,
 or its header deadline) is dropped and counted. Results are kept by job id for a while: a re-sent
 job (paho may re-send after a reconnect) gets the same result again, not a second run.
+Everything counted is counted once, in ``self.metrics`` (``worker_metrics.py``): the retained
+status is summed from it, and ``msao cloud --metrics`` serves it to Prometheus.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from msao.cloud_bridge.client import BridgeClient, ClientOptions, InboundMessage
 from msao.cloud_bridge.codec import CodecLimits, payload_from_tensors, tensors_from_payload
@@ -28,6 +30,7 @@ from msao.cloud_bridge.messages import JobHeader, ResultHeader, WorkerStatus
 from msao.cloud_bridge.model_server import JobOutput, ModelServer
 from msao.cloud_bridge.sessions import RecentResults, StoredResult
 from msao.cloud_bridge.topics import check_id, shared_job_filter, worker_job_filter, worker_status_topic
+from msao.cloud_bridge.worker_metrics import UNKNOWN_KIND, WorkerMetrics
 from msao.errors import CloudJobFailed, CodecError, ConfigError, FeedError, ImageError, MsaoError, PayloadTooLarge
 
 __all__ = ["CloudWorker", "WorkerOptions"]
@@ -80,17 +83,6 @@ class _Item:
     message: InboundMessage
 
 
-@dataclass
-class _Counters:
-    jobs: int = 0
-    busy: int = 0
-    errors: int = 0
-    expired: int = 0
-    dropped: int = 0
-    duplicates: int = 0
-    by_code: dict[str, int] = field(default_factory=dict)
-
-
 class CloudWorker:
     """Serves jobs for the models of ``servers`` until ``stop``.
 
@@ -105,8 +97,10 @@ class CloudWorker:
         self.options = options
         self.servers = {s.model_hash: s for s in servers}
         self.sessions = servers[0].sessions
-        self.counters = _Counters()
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=options.queue_size)
+        self.metrics = WorkerMetrics(lambda: float(self._queue.qsize()), options.queue_size, lambda: float(len(self.sessions)))
+        for s in servers:
+            self.metrics.add_model("served", s.manifest.name, s.model_hash)
         self._in_flight: set[str] = set()
         self._lock = threading.Lock()
         self._recent = RecentResults(options.recent_results)
@@ -116,6 +110,7 @@ class CloudWorker:
         self.status_topic = worker_status_topic(options.worker_id)
         client_options = _with_will(options.client, self.status_topic, self._status("offline"))
         self.client = BridgeClient(client_options, self._on_message, on_connect=self._status_dirty.set)
+        self.metrics.watch_client("worker", lambda: self.client.counters)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -166,7 +161,7 @@ class CloudWorker:
     def _on_message(self, msg: InboundMessage) -> None:
         job_id = _job_id(msg.correlation_data)
         if not msg.response_topic or job_id is None or "+" in msg.response_topic or "#" in msg.response_topic:
-            self.counters.dropped += 1  # (paho refuses to publish to a topic with a wildcard: ValueError)
+            self.metrics.dropped.inc()  # (paho refuses to publish to a topic with a wildcard: ValueError)
             log.warning(
                 "dropped a message on %s: no ResponseTopic or no valid CorrelationData (job id), so no one to answer (ResponseTopic %r)",
                 msg.topic, (msg.response_topic or "")[:80],
@@ -174,19 +169,19 @@ class CloudWorker:
             return
         stored = self._recent.get(job_id)
         if stored is not None:
-            self.counters.duplicates += 1
+            self.metrics.duplicates.inc()
             log.info("job %s was sent again; re-sending its stored result", job_id)
             self._send(stored.response_topic, job_id, stored.payload, stored.deadline_unix_s)
             return
         with self._lock:
             if job_id in self._in_flight:
-                self.counters.duplicates += 1
+                self.metrics.duplicates.inc()
                 log.info("job %s was sent again while queued or running; its result will follow once", job_id)
                 return
             try:
                 self._queue.put_nowait(_Item(job_id, msg))
             except queue.Full:
-                self.counters.busy += 1
+                self.metrics.busy.inc()
                 busy = True
             else:
                 self._in_flight.add(job_id)
@@ -207,7 +202,7 @@ class CloudWorker:
             try:
                 self._handle(item)
             except Exception:  # never lose a worker thread; a bug here is logged and counted
-                self.counters.errors += 1
+                self.metrics.failures.inc()
                 log.exception("job %s: unexpected failure outside the job handler", item.job_id)
             finally:
                 with self._lock:
@@ -218,6 +213,7 @@ class CloudWorker:
         msg, job_id = item.message, item.job_id
         t_start = time.monotonic()
         queue_wait_ms = (t_start - msg.received_monotonic) * 1e3
+        self.metrics.queue_wait.observe(queue_wait_ms / 1e3)
         if msg.expiry_s is not None and t_start > msg.received_monotonic + msg.expiry_s:
             return self._expired(job_id, f"message expiry ({msg.expiry_s} s) passed while queued")
         deadline = time.time() + (msg.expiry_s or 60)
@@ -256,13 +252,14 @@ class CloudWorker:
                 server.manifest.name,
             )
             out = server.run(header, payload.tensors)
-            result = self._ok(job_id, header, out, queue_wait_ms, codec_ms)
+            self.metrics.compute.observe(out.compute_ms / 1e3, kind=header.kind)
+            result, outcome = self._ok(job_id, header, out, queue_wait_ms, codec_ms), "ok"
         except MsaoError as exc:
-            result = self._error(job_id, exc, queue_wait_ms)
+            result, outcome = self._error(job_id, exc, queue_wait_ms)
         except Exception as exc:
             log.exception("job %s: internal error", job_id)
-            result = self._error(job_id, exc, queue_wait_ms)
-        self.counters.jobs += 1
+            result, outcome = self._error(job_id, exc, queue_wait_ms)
+        self.metrics.jobs.inc(kind=header.kind if header is not None else UNKNOWN_KIND, outcome=outcome)
         self._send(msg.response_topic or "", job_id, result, deadline)
         self._recent.put(job_id, StoredResult(msg.response_topic or "", result, deadline))
         log.debug("job %s: done in %.1f ms after %.1f ms queued", job_id, (time.monotonic() - t_start) * 1e3, queue_wait_ms)
@@ -281,7 +278,8 @@ class CloudWorker:
         compress = body_bytes > COMPRESS_RESULTS_ABOVE and header.kind != "probe"
         return payload_from_tensors(out.tensors, meta, compress=compress)
 
-    def _error(self, job_id: str, exc: BaseException, queue_wait_ms: float) -> bytes:
+    def _error(self, job_id: str, exc: BaseException, queue_wait_ms: float) -> tuple[bytes, str]:
+        """The error result's payload and its code."""
         if isinstance(exc, CloudJobFailed):
             code = exc.code
         elif isinstance(exc, PayloadTooLarge):
@@ -294,8 +292,6 @@ class CloudWorker:
             code = "bad_job"
         else:
             code = "internal"
-        self.counters.errors += 1
-        self.counters.by_code[code] = self.counters.by_code.get(code, 0) + 1
         message = str(exc) if code != "internal" else f"{type(exc).__name__}: {exc}; this is a bug in the worker, see its log"
         log.info("job %s: error %s: %s", job_id, code, message.splitlines()[0][:300])
         header = ResultHeader(
@@ -306,10 +302,10 @@ class CloudWorker:
             error=message[:2000],
             queue_wait_ms=round(queue_wait_ms, 3),
         )
-        return payload_from_tensors({}, header.to_metadata())
+        return payload_from_tensors({}, header.to_metadata()), code
 
     def _expired(self, job_id: str, why: str) -> None:
-        self.counters.expired += 1
+        self.metrics.expired.inc()
         log.info("job %s: dropped, %s (nobody waits for it any more)", job_id, why)
 
     def _send(self, topic: str, job_id: str, payload: bytes, deadline_unix_s: float) -> None:
@@ -322,7 +318,7 @@ class CloudWorker:
     # -- status ------------------------------------------------------------------------------
 
     def _status(self, state: str) -> bytes:
-        c = self.counters
+        c = self.metrics.totals()
         status = WorkerStatus(
             worker_id=self.options.worker_id, state=state, models=tuple(s.served() for s in self.servers.values()),
             queue_depth=self._queue.qsize() if state == "online" else 0, queue_capacity=self.options.queue_size,

@@ -9,9 +9,11 @@
         response = app.ask(open("shape.png", "rb").read(), "what color is the shape?")
         print(response.answer, response.plan, response.answered_by)
 
-Start order: verified bundles, then the cloud link (a missing broker is not fatal: the edge
-serves edge-only and reconnects in the background), then the runtime, then the intakes. Stop
-order is the reverse, so no intake accepts a request the runtime can no longer serve.
+Start order: the metrics listener (bound first, so a port in use fails before the models
+load; it answers 503 until the runtime exists), verified bundles, then the cloud link (a
+missing broker is not fatal: the edge serves edge-only and reconnects in the background), then
+the runtime, then the intakes. Stop order is the reverse, so no intake accepts a request the
+runtime can no longer serve. A start that fails part-way stops what it had started.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class EdgeApp:
         self.link = None
         self.mqtt = None
         self.http = None
+        self.metrics_listener = None
         self._models: list[LocalModel] = []
 
     # -- assembly ---------------------------------------------------------------------------
@@ -89,7 +92,19 @@ class EdgeApp:
         )  # fmt: skip
 
     def start(self) -> EdgeApp:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> EdgeApp:
         cfg = self.config
+        if cfg.edge.metrics:
+            from msao.prometheus import MetricsListener, parse_listen_address
+
+            host, port = parse_listen_address(cfg.edge.metrics, "edge.metrics (--metrics)")
+            self.metrics_listener = MetricsListener(host, port, "--metrics (edge.metrics)").start()
         edge, large = self._load_models()
         calibration = self._calibration()
         if cfg.broker.url and large is not None:
@@ -99,6 +114,13 @@ class EdgeApp:
                 timeout_s=3.0
             )
         self.runtime = EdgeRuntime(edge, large, self.link, calibration, cfg.runtime).start()
+        metrics = self.runtime.metrics
+        metrics.add_models(edge.manifest, large.manifest if large is not None else None)
+        if self.link is not None:
+            link = self.link
+            metrics.watch_client("link", lambda: link.client.counters)
+        if self.metrics_listener is not None:
+            self.metrics_listener.serve(metrics.registry)  # the intakes' counts join as they start
         if cfg.broker.url and cfg.edge.mqtt_intake:
             from msao.edge_runtime.mqtt_intake import MqttIntake
 
@@ -106,6 +128,9 @@ class EdgeApp:
                 self.runtime, self._client_options(f"msao-edge-{cfg.edge.edge_id}-intake"), cfg.edge.edge_id, cfg.runtime.limits
             )
             self.mqtt.start()
+            intake = self.mqtt
+            metrics.watch_mqtt_intake(intake.counters)
+            metrics.watch_client("intake", lambda: intake.client.counters)
         if cfg.edge.http:
             from msao.edge_runtime.http_api import HttpIntake
 
@@ -124,6 +149,8 @@ class EdgeApp:
             self.link.close()
         for m in self._models:
             m.close()
+        if self.metrics_listener is not None:
+            self.metrics_listener.stop()
 
     def __enter__(self) -> EdgeApp:
         return self.start()

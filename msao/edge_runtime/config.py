@@ -56,6 +56,8 @@ class EdgeSection:
     large_bundle: the large model's bundle folder on this edge ("" = none: edge-only plans).
     calibration: accuracy tables from ``msao calibrate`` ("" = none: the scheduler never commits drafts).
     http: ``HOST:PORT`` of the OpenAI-compatible HTTP API ("" = off).
+    metrics: ``HOST:PORT`` of the Prometheus listener, ``GET /metrics`` ("" = off; port 0 = any free
+        port, logged). Unauthenticated: keep it on loopback, ``127.0.0.1:9464`` (docs/metrics.md).
     mqtt_intake: answer requests on ``msao/v1/edge/<edge_id>/request``.
     threads: ONNX Runtime intra-op threads per request (0 = ONNX Runtime decides).
     """
@@ -65,6 +67,7 @@ class EdgeSection:
     large_bundle: str = "bundles/msao-tiny-cloud"
     calibration: str = "bundles/calibration.json"
     http: str = ""
+    metrics: str = ""
     mqtt_intake: bool = True
     threads: int = 1
 
@@ -76,6 +79,10 @@ class EdgeSection:
             raise ConfigError(f"edge.threads must be >= 0, got {self.threads}")
         if self.http and (":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit()):
             raise ConfigError(f"edge.http must be HOST:PORT (e.g. 127.0.0.1:8080), got {self.http!r}")
+        if self.metrics:
+            from msao.prometheus import parse_listen_address
+
+            parse_listen_address(self.metrics, "edge.metrics (--metrics)")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""The edge daemon's HTTP intake: an OpenAI-compatible chat endpoint plus health, readiness and metrics.
+"""The edge daemon's HTTP intake: an OpenAI-compatible chat endpoint plus health and readiness.
 
     POST /v1/chat/completions   one question about one image (non-streaming) -> chat.completion
     GET  /healthz               200 while the server runs (liveness)
     GET  /readyz                200 with ``EdgeRuntime.health()`` when the runtime serves, else 503
-    GET  /metrics               Prometheus text exposition of the runtime's metrics
+
+Metrics are not served here: this listener has no authentication, so they have their own
+(``msao edge --metrics HOST:PORT``, ``msao/prometheus.py``). Each answer is counted by route
+and status (``msao_http_responses_total``), each chat POST as an intake request.
 
 Owns HTTP: routing, connection limits, size checks before any body byte is read, and which
 status each outcome gets. The body's meaning is ``openai_chat``'s (chat JSON -> ``EdgeRequest``,
@@ -42,14 +45,14 @@ from msao.edge_runtime.openai_chat import (
 from msao.edge_runtime.requests import new_request_id
 from msao.edge_runtime.runtime import EdgeRuntime
 from msao.errors import ConfigError, RequestError
+from msao.listener import BackgroundListener
 
 __all__ = ["HttpIntake", "HttpOptions"]
 
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
-_ROUTES = {CHAT_PATH: "POST", "/healthz": "GET", "/readyz": "GET", "/metrics": "GET"}
-_METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_ROUTES = {CHAT_PATH: "POST", "/healthz": "GET", "/readyz": "GET"}
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 _REFUSERS = 8  # threads that may answer 503 once every handler slot is taken
 _REFUSE_TIMEOUT_S = 2.0  # how long a refused client may take to send its request line and headers
@@ -107,43 +110,29 @@ class HttpIntake:
     def __init__(self, runtime: EdgeRuntime, host: str, port: int, options: HttpOptions = HttpOptions()):
         self.runtime, self.options = runtime, options
         self.host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        self._port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._listener = BackgroundListener(
+            self.host, port, lambda: _Server(self.host, port, runtime, options), "HTTP", "--http", "msao-http"
+        )
 
     @property
     def port(self) -> int:
         """The bound port (the real one once started, even when 0 was asked)."""
-        return self._server.server_address[1] if self._server is not None else self._port
+        return self._listener.port
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return self._listener.base_url
 
     def start(self) -> HttpIntake:
-        if self._server is not None:
-            return self
-        try:
-            self._server = _Server(self.host, self._port, self.runtime, self.options)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve HTTP on {self.host}:{self._port} ({exc}); pick another --http HOST:PORT") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="msao-http", daemon=True)
-        self._thread.start()
-        log.info("HTTP intake on %s (%s, health /healthz /readyz, metrics /metrics)", self.url, CHAT_PATH)
+        if not self._listener.running:
+            self._listener.start()
+            log.info("HTTP intake on %s (%s, health /healthz /readyz)", self.url, CHAT_PATH)
         return self
 
     def stop(self) -> None:
         """Stop accepting; requests already in a handler finish on their own (within deadline + margin)."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        self._port = self._server.server_address[1]
-        self._server, self._thread = None, None
-        log.info("HTTP intake stopped")
+        if self._listener.stop():
+            log.info("HTTP intake stopped")
 
     def __enter__(self) -> HttpIntake:
         return self.start()
@@ -279,10 +268,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, path: str) -> int:
         method = _ROUTES.get(path)
+        if path == "/metrics":
+            raise _Refusal("not_found", "metrics are served on their own listener: start msao edge with --metrics HOST:PORT", count=False)
         if method is None:
-            raise _Refusal(
-                "not_found", f"no such endpoint {path[:80]!r}; use POST {CHAT_PATH}, GET /healthz, /readyz or /metrics", count=False
-            )
+            raise _Refusal("not_found", f"no such endpoint {path[:80]!r}; use POST {CHAT_PATH}, GET /healthz or /readyz", count=False)
         if self.command != method:
             raise _Refusal("method_not_allowed", f"{path} takes {method}, not {self.command}", {"Allow": method}, count=False)
         if path == "/healthz":
@@ -290,8 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/readyz":
             runtime = self.server.runtime
             return self._send_json(200 if runtime.ready else 503, runtime.health())
-        if path == "/metrics":
-            return self._send(200, self.server.runtime.metrics.registry.render().encode("utf-8"), _METRICS_TYPE)
+        self.server.runtime.metrics.intake_requests.inc(source="http")
         if self.refuse:
             n = self.server.options.max_concurrent
             raise _Refusal("unavailable", f"the edge's HTTP intake already serves {n} connections; retry in a moment", {"Retry-After": "1"})
@@ -366,6 +354,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str] | None = None) -> int:
         self._answered = True
+        path = urlsplit(getattr(self, "path", "")).path  # unset when the request line could not be parsed
+        self.server.runtime.metrics.http_responses.inc(route=path if path in _ROUTES else "other", code=status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +61,22 @@ def test_sigterm_stops_the_worker_cleanly_and_publishes_offline(broker, cloud_bu
         link.close()
 
 
+def test_cloud_metrics_port_in_use_fails_before_the_bundles_load(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        # the bundle does not exist: a worker that loaded bundles before binding would say "not a bundle" instead
+        r = msao("cloud", "--metrics", f"127.0.0.1:{port}", "--bundle", str(tmp_path / "none"), "--broker", "mqtt://127.0.0.1:1")
+    assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and "pick another --metrics HOST:PORT" in r.stderr, r.stderr
+    assert "not a bundle" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cloud_metrics_address_must_be_host_and_port():
+    r = msao("cloud", "--metrics", "9465", "--broker", "mqtt://127.0.0.1:1")
+    assert r.returncode == 1 and "--metrics must be HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cloud_extras_install_mqtt_and_zstd_and_never_torch():
     import tomllib
 
@@ -67,6 +84,7 @@ def test_cloud_extras_install_mqtt_and_zstd_and_never_torch():
     for name in ("edge", "cloud", "cloud-gpu"):
         reqs = extras[name]
         assert any(r.startswith("paho-mqtt>=2.1,<3") for r in reqs) and any(r.startswith("zstandard") for r in reqs), name
+        assert any(r.startswith("prometheus-client") for r in reqs), name  # the --metrics listener
         assert not any(r.startswith(("torch", "transformers")) for r in reqs), name
     assert any(r.startswith("onnxruntime-gpu") for r in extras["cloud-gpu"])
     assert not any(r.startswith("onnxruntime>") for r in extras["cloud-gpu"])  # the CPU and GPU wheels clash

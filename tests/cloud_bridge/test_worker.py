@@ -18,8 +18,9 @@ from msao.engines.bundle import load_bundle
 from msao.engines.generation import DecoderStack, Generator
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.errors import CloudBusy, CloudJobFailed, FeedError
-from testbed import open_link, poll_until, start_workers, stop_all, wait_online
+from testbed import free_port, open_link, poll_until, start_workers, stop_all, wait_online
 from tests.cloud_bridge.split_reference import prompt_hidden, split_generate
+from tests.test_prometheus import scraped
 
 ATOL = 1e-5  # same ONNX files, same inputs, same ONNX Runtime: differences are float re-association only
 QUESTION = "what color is the shape?"
@@ -33,8 +34,14 @@ def gen(cloud_bundle_dir):
 
 
 @pytest.fixture(scope="module")
-def worker(broker, cloud_bundle_dir, tmp_path_factory):
-    procs = start_workers(broker.url, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=("--queue-size", "2", "--workers", "1"))
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker(broker, cloud_bundle_dir, tmp_path_factory, metrics_port):
+    extra = ("--queue-size", "2", "--workers", "1", "--metrics", f"127.0.0.1:{metrics_port}")
+    procs = start_workers(broker.url, cloud_bundle_dir, tmp_path_factory.mktemp("logs"), extra=extra)
     yield procs[0]
     stop_all(procs)
 
@@ -236,3 +243,42 @@ def test_probe_measures_the_link_without_compute(gen, link):
     assert s.kind == "probe" and s.outcome == "ok" and s.compute_ms == 0.0
     assert 200_000 < s.bytes_up < 201_000 and 50_000 < s.bytes_down < 51_000  # uncompressed, exact sizes
     assert 0 < s.network_ms <= s.rtt_ms
+
+
+def test_metrics_count_jobs_by_kind_and_outcome(gen, link, metrics_port):
+    wrong = frozenset({("kind", "answer"), ("outcome", "unknown_model")})
+    split_ok = frozenset({("kind", "split"), ("outcome", "ok")})
+    before = scraped(metrics_port)
+    with pytest.raises(CloudJobFailed):
+        h = JobHeader(new_job_id(), "0" * 64, "answer", time.time() + 5, question="what?")
+        link.submit(h, {"image": np.zeros(3, np.uint8)}, worker_id=link.workers()[0].worker_id)
+    d = gen.info.hidden_size
+    header = JobHeader(new_job_id(), gen.bundle.manifest.model_hash, "split", time.time() + 10, segment="decoder[3:4]")
+    link.submit(header, {"hidden_states": np.ones((1, 3, d), np.float32), "position_ids": np.arange(3)[None],
+                         "attention_mask": np.ones((1, 3), np.int64)})  # fmt: skip
+    after = scraped(metrics_port)  # counted before each result is sent, so both are in
+    assert after[("msao_worker_jobs_total", wrong)] == before.get(("msao_worker_jobs_total", wrong), 0) + 1
+    assert after[("msao_worker_jobs_total", split_ok)] == before[("msao_worker_jobs_total", split_ok)] + 1
+    split_count = ("msao_worker_compute_seconds_count", frozenset({("kind", "split")}))
+    assert after[split_count] == before[split_count] + 1
+    assert after[("msao_worker_compute_seconds_sum", frozenset({("kind", "split")}))] > 0
+    assert after[("msao_worker_queue_capacity", frozenset())] == 2 and after[("msao_worker_queue_depth", frozenset())] == 0
+    served = [dict(labels) for name, labels in after if name == "msao_model_info"]
+    assert served == [{"role": "served", "model": gen.bundle.manifest.name, "model_hash": gen.bundle.manifest.model_hash}]
+    assert [dict(labels)["process"] for name, labels in after if name == "msao_build_info"] == ["cloud"]
+    assert after[("msao_mqtt_client_events_total", frozenset({("client", "worker"), ("event", "connects")}))] >= 1
+    assert ("process_cpu_seconds_total", frozenset()) in after
+
+
+def test_retained_status_counts_are_the_metrics_counts(gen, link, metrics_port):
+    """One count for both: the status the edges read and the scrape a dashboard reads agree once the worker is idle."""
+    link.probe(gen.bundle.manifest.model_hash, 1000)  # at least one job, whichever tests ran before
+    got = scraped(metrics_port)
+    jobs = sum(v for (name, _), v in got.items() if name == "msao_worker_jobs_total")
+    errors = sum(v for (name, labels), v in got.items() if name == "msao_worker_jobs_total" and ("outcome", "ok") not in labels)
+    errors += got[("msao_worker_failures_total", frozenset())]
+    busy = got[("msao_worker_busy_total", frozenset())]
+    assert jobs > 0
+    status = _status(link, link.workers()[0].worker_id, lambda s: s.jobs_total == jobs)
+    assert status is not None, f"status never showed {jobs} jobs"
+    assert (status.busy_total, status.errors_total, status.expired_total) == (busy, errors, got[("msao_worker_expired_total", frozenset())])

@@ -68,6 +68,7 @@ def test_print_config_output_loads_back_to_the_same_config(tmp_path):
         ('[runtime.scheduler]\npolicy = "fastest"\n', "not one of"),
         ('[edge]\nedge_id = "a/b"\n', "not a valid id"),
         ('[broker]\nurl = "http://x"\n', "mqtt://HOST:PORT"),
+        ('[edge]\nmetrics = "9464"\n', r"edge\.metrics \(--metrics\) must be HOST:PORT"),
         ("this is not toml", "not valid TOML"),
     ],
 )
@@ -76,6 +77,12 @@ def test_bad_files_are_refused_with_what_and_where(tmp_path, toml, message):
     f.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_edge_config(f, env={})
+
+
+def test_metrics_listener_is_off_unless_an_address_is_given():
+    assert EdgeConfig().edge.metrics == ""
+    c = load_edge_config(None, env={"MSAO_EDGE_METRICS": "127.0.0.1:9464"}, flags={"edge.metrics": "[::1]:9464"})
+    assert c.edge.metrics == "[::1]:9464"  # the flag over the environment
 
 
 def test_bad_environment_values_name_the_variable():

@@ -13,6 +13,7 @@ import base64
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,17 +29,24 @@ from testbed import (
     LinkShape,
     ShapingProxy,
     free_port,
+    poll_until,
     start_broker,
     start_workers,
     stop_all,
 )
+from tests.test_prometheus import scraped
 
 ROOT = Path(__file__).resolve().parents[2]
 EDGE_DILATION = 10.0  # the daemon is ten times slower than the worker (the same model on both sides)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, cloud_bundle_dir: Path):
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cloud_bundle_dir: Path, metrics_port: int):
     root = tmp_path_factory.mktemp("daemon")
     broker = start_broker(root / "broker")
     workers = start_workers(broker.url, cloud_bundle_dir, root, count=1)
@@ -50,6 +58,7 @@ def setup(tmp_path_factory, cloud_bundle_dir: Path):
     # latency alone, which is what this module tests (docs/scheduler.md).
     args = [
         "--broker", f"mqtt://127.0.0.1:{proxy.port}", "--edge-id", edge_id, "--http", f"127.0.0.1:{http_port}",
+        "--metrics", f"127.0.0.1:{metrics_port}",
         "--bundle", str(cloud_bundle_dir), "--large-bundle", str(cloud_bundle_dir), "--calibration", "", "--keepalive-s", "5",
     ]  # fmt: skip
     daemon = EdgeDaemon(args, root / "edge.log", http_port, env, dilation=EDGE_DILATION)
@@ -216,11 +225,52 @@ def test_bad_requests_each_get_an_error_naming_the_problem_and_the_daemon_keeps_
     assert ok.status == "ok"
 
 
-def test_metrics_count_what_was_served(setup):
-    *_, daemon, _, _ = setup
-    status, metrics = daemon.get("/metrics")
-    assert status == 200 and 'msao_requests_total{plan="cloud",outcome="ok"}' in metrics["text"]
-    assert "msao_fallbacks_total" in metrics["text"] and "msao_request_seconds_bucket" in metrics["text"]
+def test_metrics_listener_counts_what_was_served_by_intake(setup, metrics_port, easyvqa_test, cloud_bundle_dir):
+    *_, daemon, client, _ = setup
+    before = scraped(metrics_port)
+    assert client.ask(_png(easyvqa_test, 0), easyvqa_test.questions[0], deadline_ms=20_000, policy="edge_only").response.status == "ok"
+    assert client.ask(_png(easyvqa_test, 1), easyvqa_test.questions[1], deadline_ms=20_000, policy="cloud_only").response.status == "ok"
+    c = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=30)
+    c.request("POST", "/v1/chat/completions", "{", {"Content-Type": "application/json"})  # refused at intake: 400
+    assert c.getresponse().status == 400
+    c.close()
+    after = scraped(metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("msao_intake_requests_total", source="mqtt") == 2 and delta("msao_intake_requests_total", source="http") == 1
+    assert delta("msao_requests_total", plan="edge", outcome="ok") == 1
+    assert delta("msao_http_responses_total", route="/v1/chat/completions", code="400") == 1
+    published = ("msao_mqtt_intake_events_total", frozenset({("event", "published")}))  # counted just after the publish returns
+    assert poll_until(lambda: scraped(metrics_port).get(published, 0.0) == before.get(published, 0.0) + 2, 10, poll_s=0.05)
+    assert delta("msao_requests_total", plan="cloud", outcome="ok") == 1
+    assert any(name == "msao_request_seconds_bucket" for name, _ in after)
+    model_hash = json.loads((cloud_bundle_dir / "manifest.json").read_text())["model_hash"]
+    roles = {dict(labels)["role"]: dict(labels) for name, labels in after if name == "msao_model_info"}
+    assert roles["edge"]["model_hash"] == roles["large"]["model_hash"] == model_hash
+    assert [dict(labels)["process"] for name, labels in after if name == "msao_build_info"] == ["edge"]
+    assert ("process_resident_memory_bytes", frozenset()) in after
+    for conn in ("link", "intake"):  # both MQTT connections of the daemon report their events
+        assert after[("msao_mqtt_client_events_total", frozenset({("client", conn), ("event", "connects")}))] >= 1
+    status, body = daemon.get("/metrics")  # not on the unauthenticated chat listener
+    assert status == 404 and "--metrics" in body["error"]["message"]
+
+
+def test_metrics_port_in_use_fails_before_the_models_load(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        # the bundle does not exist: a daemon that loaded models before binding would complain about it instead
+        r = subprocess.run(
+            [sys.executable, "-m", "msao", "edge", "--metrics", f"127.0.0.1:{port}", "--bundle", str(tmp_path / "none")],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "pick another --metrics (edge.metrics) HOST:PORT" in r.stderr
+    assert "Traceback" not in r.stderr and "bundle" not in r.stderr.lower()
 
 
 def test_sigterm_stops_the_daemon_cleanly(setup):

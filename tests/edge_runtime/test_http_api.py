@@ -18,7 +18,9 @@ import pytest
 from msao.edge_runtime.http_api import HttpIntake, HttpOptions
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
+from msao.prometheus import MetricsListener
 from tests.edge_runtime.test_openai_chat import chat_body, data_uri
+from tests.test_prometheus import samples, scrape
 
 CHAT = "/v1/chat/completions"
 MAX_BODY_BYTES = 64 * 1024  # easy-VQA PNGs are ~1 KB; a small limit makes the 413 test cheap
@@ -257,12 +259,39 @@ def test_readyz_is_503_once_the_runtime_stops(models):
         assert http_call(h, "GET", "/healthz")[0] == 200
 
 
-def test_metrics_are_prometheus_text(intake, easyvqa_test):
-    http_call(intake, "POST", CHAT, chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0])))
-    status, resp, text = http_call(intake, "GET", "/metrics")
-    assert status == 200
-    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
-    assert "msao_requests_total{" in text and "# TYPE msao_requests_total counter" in text
+def test_metrics_are_not_served_on_the_unauthenticated_chat_listener(intake):
+    status, _, body = http_call(intake, "GET", "/metrics")
+    assert_error(status, body, 404, "not_found", "own listener: start msao edge with --metrics HOST:PORT")
+
+
+def test_metrics_listener_counts_http_answers_by_route_and_status(models, easyvqa_test):
+    # a runtime of its own: no connection left over from another test can answer while this one counts
+    chat = frozenset({("route", CHAT), ("code", "200")})
+    rt = EdgeRuntime(*models, options=RuntimeOptions(workers=1, probe_interval_s=0, drain_s=0)).start()
+    try:
+        with HttpIntake(rt, "127.0.0.1", 0) as h, MetricsListener("127.0.0.1", 0) as listener:
+            listener.serve(rt.metrics.registry)
+            before = samples(scrape("127.0.0.1", listener.port)[2])
+            status, _, body = http_call(h, "POST", CHAT, chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0])))
+            assert status == 200, body
+            http_call(h, "GET", "/healthz")
+            http_call(h, "GET", "/no/such/path")
+            http_call(h, "POST", CHAT, b"{", {"Content-Type": "application/json"})
+            after = samples(scrape("127.0.0.1", listener.port)[2])
+    finally:
+        rt.stop()
+
+    def delta(name: str, labels: frozenset) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    assert delta("msao_http_responses_total", chat) == 1
+    assert delta("msao_http_responses_total", frozenset({("route", "/healthz"), ("code", "200")})) == 1
+    assert delta("msao_http_responses_total", frozenset({("route", "other"), ("code", "404")})) == 1  # not the path: a fixed label
+    assert delta("msao_http_responses_total", frozenset({("route", CHAT), ("code", "400")})) == 1
+    assert delta("msao_intake_requests_total", frozenset({("source", "http")})) == 2  # both chat POSTs, answered or not
+    assert delta("msao_rejected_total", frozenset({("code", "bad_request")})) == 1
+    served = [labels for name, labels in after if name == "msao_requests_total" and ("outcome", "ok") in labels]
+    assert sum(delta("msao_requests_total", labels) for labels in served) == 1
 
 
 def test_unknown_path_gets_404_and_wrong_method_gets_405(intake):
