@@ -75,10 +75,12 @@ class TrainOptions:
     match_on_exits: bool = True  # the "match" probe also after each exit layer (else after the last layer only)
     balance_yes_no: bool = True  # sample yes/no questions with as many attribute matches as mismatches
     seed: int = 0
-    threads: int = 2
+    threads: int = 2  # 1 is bit-reproducible; with 2, questions sharing an image sum gradients in thread order
     eval_every: int = 500
     eval_questions: int = 2000
     checkpoint_every: int = 0  # save the resumable state every N steps (0: only at a sitting's end)
+    pool_images: int = 0  # scenes only: >0 trains on fresh pools of this many scenes instead of the fixed train split
+    pool_steps: int = 250  # steps per pool (pool p serves steps p * pool_steps ..)
     stop_at_step: int | None = None  # end this sitting after this step (resume with the same options later)
 
 
@@ -449,19 +451,23 @@ def _pretrain_vision(model: _Trainee, train: _Batcher, options: TrainOptions, rn
 
 
 @lru_cache(maxsize=1)  # one dataset's pixels at a time (scenes: ~1.8 GB); repeated runs skip preprocessing
-def _datasets(dataset: str, image_size: int, patch_size: int) -> tuple[_Batcher, _Batcher]:
-    """(train, eval) batchers of ``dataset``; scenes evaluate on validation, never on test."""
-    tokenizer = _tokenizer(dataset)
-    preprocess = _preprocess(image_size)
-    if dataset == "scenes":
-        make, eval_split = _scenes_labels, "validation"
-    else:
-        make, eval_split = _easy_vqa_labels, "test"
-    out = []
-    for split_name in ("train", eval_split):
-        split = load_vqa(dataset, split_name)
-        out.append(_Batcher(split, make(split, preprocess, patch_size), tokenizer, preprocess))
+def _datasets(dataset: str, image_size: int, patch_size: int, train: bool = True) -> tuple[_Batcher | None, _Batcher]:
+    """(train, eval) batchers of ``dataset`` (train None when not asked for); scenes evaluate on validation, never on test."""
+    split_names = ("train" if train else None, "validation" if dataset == "scenes" else "test")
+    out = [None if name is None else _batcher(dataset, load_vqa(dataset, name), image_size, patch_size) for name in split_names]
     return out[0], out[1]
+
+
+def _batcher(dataset: str, split, image_size: int, patch_size: int) -> _Batcher:
+    preprocess = _preprocess(image_size)
+    make = _scenes_labels if dataset == "scenes" else _easy_vqa_labels
+    return _Batcher(split, make(split, preprocess, patch_size), _tokenizer(dataset), preprocess)
+
+
+def _pool_batcher(pool: int, options: TrainOptions, spec: BuiltinSpec) -> _Batcher:
+    from msao.datasets.scenes import load_training_pool
+
+    return _batcher(spec.dataset, load_training_pool(pool, options.pool_images), spec.image_size, spec.patch_size)
 
 
 def _tokenizer(dataset: str):
@@ -497,7 +503,14 @@ def train_builtin(
     rng = np.random.default_rng(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
     tokenizer, preprocess = _tokenizer(spec.dataset), _preprocess(spec.image_size)
-    train, test = _datasets(spec.dataset, spec.image_size, spec.patch_size)
+    pooled = options.pool_images > 0
+    if pooled and spec.dataset != "scenes":
+        raise ValueError(f"pool_images trains on fresh generated scenes; {spec.dataset} has a fixed train split only")
+    train, test = _datasets(spec.dataset, spec.image_size, spec.patch_size, train=not pooled)
+    pool_of = (lambda step: step // options.pool_steps) if pooled else (lambda step: 0)
+    pool = pool_of(0)
+    if pooled:
+        train = _pool_batcher(pool, options, spec)
     eval_rows = np.random.default_rng(1).permutation(len(test.answer))[: options.eval_questions]
     model = _Trainee(spec, tokenizer.get_vocab_size())
     model.attribute_ids = torch.tensor([tokenizer.token_to_id(w) for w in (*train.labels.shapes, *train.labels.colours)])
@@ -540,6 +553,9 @@ def train_builtin(
     acc: dict[str, float] = {}
     last = options.steps if options.stop_at_step is None else min(options.steps, options.stop_at_step)
     for step in range(state["step"], last):
+        if pool != pool_of(step):  # fresh scenes (a resumed run rebuilds the same pool from the step)
+            pool = pool_of(step)
+            train = _pool_batcher(pool, options, spec)
         b = train.batch(train.sample_rows(rng, options.batch_size, options.questions_per_image, options.balance_yes_no), rng)
         keep = n_tokens
         if rng.random() < options.token_dropout_share:

@@ -21,6 +21,7 @@ from msao.datasets.scenes import (
     answer_vocabulary,
     image_from_scene,
     load_scenes,
+    load_training_pool,
     owner_map,
     scene_stream,
     support_patches,
@@ -114,6 +115,17 @@ def test_splits_draw_different_scenes(split):
     others = [load_scenes(name, questions=50) for name in ("train", "test")]
     for other in others:
         assert other.scenes[:10] != split.scenes[:10] and other.questions[:50] != split.questions[:50]
+
+
+def test_training_pools_continue_the_train_sequence_and_never_repeat_a_scene(split):
+    train = load_scenes("train", questions=100)  # its first 20 scenes
+    first, second = load_training_pool(0, 10), load_training_pool(1, 10)
+    assert first.scenes == train.scenes[:10] and second.scenes == train.scenes[10:20]
+    assert first.questions == train.questions[:50]  # the same questions about the same scenes
+    assert second.name == "train-pool-1" and len(second.scenes) == 10 and len(second) == 50
+    assert not set(second.scenes) & set(split.scenes)
+    with pytest.raises(ConfigError, match="training pool -1 of 10 images"):
+        load_training_pool(-1, 10)
 
 
 def test_answers_are_in_the_vocabulary_and_describe_takes_three_words(split):

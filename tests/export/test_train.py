@@ -77,9 +77,19 @@ def test_a_scenes_model_trains_on_multi_word_answers_with_their_families(tmp_pat
         name="scenes-test", vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2,
         text_kv_heads=1, exit_layers=(1,), split_points=(1,), image_size=192, patch_size=16, dataset="scenes",
     )  # fmt: skip
-    options = TrainOptions(vision_steps=5, steps=30, batch_size=16, warmup_steps=5, eval_every=30, eval_questions=128)
+    # fresh pools of 40 scenes, 10 steps each: the sitting that stops mid-pool resumes into the same pool.
+    # One thread: questions sharing an image make torch's CPU backward sum in thread order (last bits differ).
+    options = TrainOptions(
+        vision_steps=5, steps=30, batch_size=16, warmup_steps=5, eval_every=30, eval_questions=128, pool_images=40, pool_steps=10,
+        threads=1,
+    )  # fmt: skip
     report = train_builtin(spec, tmp_path / "ck", options, progress=lambda _m: None)
     assert report.complete and report.final_loss < report.first_loss
+    train_builtin(spec, tmp_path / "split", replace(options, stop_at_step=15), progress=lambda _m: None)
+    train_builtin(spec, tmp_path / "split", options, progress=lambda _m: None)
+    assert (tmp_path / "split" / "model.safetensors").read_bytes() == (tmp_path / "ck" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="fixed train split"):
+        train_builtin(replace(spec, dataset="easy-vqa", image_size=64, patch_size=8), tmp_path / "e", options, progress=lambda _m: None)
     assert {f"final/{f.value}" for f in QuestionFamily} <= set(report.eval_accuracy)  # validation questions of every family
     ck = load_checkpoint(tmp_path / "ck")
     assert ck.exit_heads is not None and ck.exit_heads.layers == (1,)
