@@ -26,6 +26,7 @@ import numpy as np
 from bench.cells import Item, ask, closed_loop, open_loop
 from bench.summary import goals_for_profile, profile_summary
 from msao.edge_runtime import plans
+from msao.progress import progress_bar
 from testbed import PROFILES, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,13 +133,16 @@ def measure_link(stack: Stack, model_hash: str) -> dict:
 
 
 def _progress(prefix: str):
+    """A ``progress(done, total)`` callback drawing a bar with rate and ETA (silent when stderr is not a terminal)."""
+    bar = None
+
     def show(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / total)
-        sys.stderr.write(f"\r  {prefix:<34} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(total, f"  {prefix}", "req")
+        bar.update(done - bar.n)
         if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            bar.close()
 
     return show
 

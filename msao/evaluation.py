@@ -9,7 +9,6 @@ image, so latencies are per request, not amortised.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ from msao.engines.flops import request_flops
 from msao.engines.generation import Answer
 from msao.engines.mas import MasOptions
 from msao.engines.pipeline import RequestPipeline
+from msao.progress import progress_bar
 
 __all__ = ["EvalReport", "evaluate_bundle"]
 
@@ -65,7 +65,6 @@ def evaluate_bundle(
     exit_layer: int | None = None,
     keep_policy: str | None = None,
     keep_ratio: float = 1.0,
-    progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Answer ``dataset`` questions (all of ``split``, or the first ``limit``) with greedy decoding.
 
@@ -102,7 +101,7 @@ def evaluate_bundle(
         flops = np.zeros(n)
         mas_ms = np.zeros(n)
         vision_ms = np.zeros(n)
-        t_start = time.perf_counter()
+        bar = progress_bar(n, f"eval {bundle.manifest.name}", "q")
         for i in range(n):
             png = pngs[int(data.image_ids[i])]
             t0 = time.perf_counter()
@@ -119,8 +118,10 @@ def evaluate_bundle(
                 new_tokens=len(ans.token_ids),
                 exit_layer=exit_layer,
             )
-            if progress and (i + 1) % 1000 == 0:
-                progress(f"  {i + 1}/{n} accuracy so far {correct[: i + 1].mean():.4f} ({time.perf_counter() - t_start:.0f}s)")
+            bar.update()
+            if (i + 1) % 100 == 0:
+                bar.set_postfix_str(f"accuracy {correct[: i + 1].mean():.4f}", refresh=False)
+        bar.close()
     finally:
         pipeline.close()
     kinds = np.asarray(question_kinds(data)[:n])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from msao.cli.common import add_bundle_option, add_threads_option, report_progress
+from msao.cli.common import add_bundle_option, add_threads_option
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
         exit_layer=args.exit_layer,
         keep_policy=args.keep_policy or ("mas" if args.keep_ratio != 1.0 else None),
         keep_ratio=args.keep_ratio,
-        progress=None if args.json else report_progress,
     )
     if args.json:
         print(json.dumps(report.to_dict()))

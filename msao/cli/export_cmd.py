@@ -32,8 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--check-questions",
         type=int,
         default=200,
-        help="easy-VQA questions answered by ONNX and by PyTorch generate, which must agree (default 200)",
+        help="questions answered by ONNX and by PyTorch generate, which must agree (default 200)",
     )
+    p.add_argument(
+        "--check-dataset", choices=("easy-vqa", "scenes"),
+        help="where the check questions come from (default: a built-in model's own workload, else easy-vqa); "
+        "pick the one whose words the model's tokenizer knows",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=8, help="generation bound in the end-to-end check (default 8)")
     p.add_argument("--profile-repeats", type=int, default=20, help="timed runs per latency-profile point; 0 skips profiling")
     add_threads_option(p)
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         mas_feature_layer=args.mas_layer,
         prompt_template=args.prompt_template,
         check_questions=args.check_questions,
+        check_dataset=args.check_dataset,
         max_new_tokens=args.max_new_tokens,
         profile_repeats=args.profile_repeats,
         threads=args.threads,

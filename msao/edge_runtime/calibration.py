@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from msao.errors import ConfigError
+from msao.progress import progress_bar
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -222,6 +223,7 @@ def calibrate_models(
     large_ok_edge_keep = np.zeros((n_r, len(rows)), bool)  # the edge's keep-set
     tokens = {edge.name: [], large.name: []}
     t0 = time.perf_counter()
+    bar = progress_bar(len(rows), f"calibrate {edge.name} + {large.name}", "q")
     for j, i in enumerate(rows):
         rgb = data.images[data.image_ids[i]]
         q, truth = data.questions[i], data.answers[i]
@@ -237,8 +239,9 @@ def calibrate_models(
             if r == 1.0:
                 tokens[edge.name].append(len(ae.token_ids))
                 tokens[large.name].append(len(al.token_ids))
-        if (j + 1) % 250 == 0 or j + 1 == len(rows):
-            progress(f"calibrated {j + 1}/{len(rows)} train questions ({time.perf_counter() - t0:.0f}s)")
+        bar.update()
+    bar.close()
+    progress(f"calibrated {len(rows)} train questions in {time.perf_counter() - t0:.0f}s")
     if not same_grid:  # the large model then gets the whole image: its own accuracy at ratio 1
         large_ok_edge_keep[:] = large_ok[list(keep_ratios).index(1.0) if 1.0 in keep_ratios else 0]
     models = tuple(

@@ -2,7 +2,7 @@
 
 Steps, each reported through ``progress``: load the checkpoint (a built-in name or a local
 folder; nothing downloads) → cut it into segment modules → export each to ONNX → compare each
-with PyTorch on real easy-VQA inputs (prefill, decode, left-padded batch) → answer test
+with PyTorch on real inputs of the model's workload (prefill, decode, left-padded batch) → answer test
 questions from the ONNX files alone and compare with Hugging Face ``generate`` → measure a
 latency profile → write the manifest. Everything is written to a temporary sibling folder
 and renamed into place at the end, so a failed export never leaves a half bundle.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import msao
-from msao.datasets.easyvqa import load_easy_vqa
+from msao.datasets.vqa import load_vqa
 from msao.engines.bundle import load_bundle, sha256_of_file
 from msao.engines.generation import Generator
 from msao.engines.images import pixels_from_image
@@ -50,6 +50,7 @@ from msao.export.flops import flops_model_from_module, torch_feeds
 from msao.export.onnx_export import OPSET, onnx_from_segment
 from msao.export.reference import TorchPipeline, hf_greedy_answer
 from msao.export.segments import DecoderChunk, LmHead, TextEmbed, VisionEncoder
+from msao.progress import progress_bar
 
 __all__ = ["ExportOptions", "export_bundle", "model_hash_from_checkpoint", "resolve_model"]
 
@@ -63,7 +64,10 @@ class ExportOptions:
             None = the built-in model's own, or the middle layer for other checkpoints.
         mas_feature_layer: vision layer the MAS probe reads; None = built-in's or 1/4 depth.
         prompt_template: None = LLaVA-1.5's conversation format (the built-ins use it too).
-        check_questions: easy-VQA test questions answered by both ONNX and HF ``generate``.
+        check_questions: questions answered by both ONNX and HF ``generate`` (and checking segments).
+        check_dataset: where they come from (``easy-vqa`` test, ``scenes`` validation); None = the
+            built-in model's own workload, easy-VQA for other checkpoints. A model's tokenizer
+            must know the words: a scenes model checked on easy-VQA questions would see <unk>s.
         check_atol: error allowed per segment output (fp32), absolute for outputs of magnitude
             up to 1 and relative above: |onnx - torch| <= check_atol * max(1, max |torch|).
         max_new_tokens: generation bound for the end-to-end check.
@@ -75,6 +79,7 @@ class ExportOptions:
     mas_feature_layer: int | None = None
     prompt_template: str | None = None
     check_questions: int = 200
+    check_dataset: str | None = None
     check_atol: float = 1e-4
     max_new_tokens: int = 8
     profile_repeats: int = 20
@@ -201,11 +206,15 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
     return out
 
 
-def _check_samples(n: int, seed: int = 0) -> list[tuple[bytes, np.ndarray, str, str]]:
-    """Real easy-VQA test samples: (png bytes, rgb, question, answer), spread over the set."""
-    test = load_easy_vqa("test")
-    rows = np.random.default_rng(seed).permutation(len(test))[:n]
-    return [(test.image_pngs[test.image_ids[r]], test.images[test.image_ids[r]], test.questions[r], test.answers[r]) for r in rows]
+def _check_samples(n: int, dataset: str, seed: int = 0) -> list[tuple[bytes, np.ndarray, str, str]]:
+    """Real samples of ``dataset``: (png bytes, rgb, question, answer), spread over the split.
+
+    easy-VQA has no validation split, so its test split serves; scenes use validation (these
+    checks compare ONNX with PyTorch and tune nothing, but test data stays for the benchmarks).
+    """
+    data = load_vqa(dataset, "validation" if dataset == "scenes" else "test")
+    rows = np.random.default_rng(seed).permutation(len(data))[:n]
+    return [(data.image_pngs[data.image_ids[r]], data.images[data.image_ids[r]], data.questions[r], data.answers[r]) for r in rows]
 
 
 def export_bundle(
@@ -245,7 +254,8 @@ def export_bundle(
             f"{folder}: image_token_id {ck.model.config.image_token_id} is {placeholder!r} in tokenizer.json, "
             f"which the prompt template {template!r} does not contain; pass --prompt-template"
         )
-    samples = _check_samples(max(options.check_questions, 4))
+    check_dataset = options.check_dataset or (builtin.dataset if builtin else "easy-vqa")
+    samples = _check_samples(max(options.check_questions, 4), check_dataset)
     pixels0 = pixels_from_image(samples[0][1], ck.preprocess)
     with torch.no_grad():
         n_img = VisionEncoder(ck.model, mas_layer)(torch.from_numpy(pixels0[None]))[0].shape[1]
@@ -375,8 +385,8 @@ def _check_end_to_end(work: Path, manifest: Manifest, ck, samples, options, prog
     info = manifest.model
     n = options.check_questions
     same, correct, mismatches = 0, 0, []
-    t0 = time.perf_counter()
-    for i, (_, rgb, question, answer) in enumerate(samples[:n]):
+    bar = progress_bar(n, "end-to-end check", "q")
+    for _, rgb, question, answer in samples[:n]:
         pixels = pixels_from_image(rgb, manifest.preprocess)
         got = gen.generate(gen.encode_image(pixels), question, max_new_tokens=options.max_new_tokens)
         prefix, suffix = gen.prompt_ids(question)
@@ -387,8 +397,9 @@ def _check_end_to_end(work: Path, manifest: Manifest, ck, samples, options, prog
         else:
             mismatches.append(f"{question!r}: onnx {list(got.token_ids)} vs torch {ref}")
         correct += got.text == answer
-        if (i + 1) % 50 == 0:
-            progress(f"  end-to-end {i + 1}/{n} identical {same}/{i + 1}  ({time.perf_counter() - t0:.0f}s)")
+        bar.update()
+        bar.set_postfix_str(f"identical {same}", refresh=False)
+    bar.close()
     gen.close()
     progress(f"  end-to-end: {same}/{n} answers identical to PyTorch generate; ONNX accuracy on them {correct / n:.3f}")
     if mismatches:

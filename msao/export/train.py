@@ -43,6 +43,7 @@ from msao.engines.images import ImagePreprocess, pixels_from_image
 from msao.export.builtin import PROMPT_TEMPLATE, BuiltinSpec, tokenizer_for_easy_vqa, tokenizer_for_scenes
 from msao.export.checkpoint import ExitHeads, llava_from_spec, save_checkpoint
 from msao.export.segments import DecoderChunk, LmHead, TextEmbed, VisionEncoder
+from msao.progress import progress_bar
 
 __all__ = ["aux_labels_from_images", "RECIPES", "TrainOptions", "TrainReport", "train_builtin"]
 
@@ -552,6 +553,7 @@ def train_builtin(
     loss_ema, first_loss = state["loss_ema"], state["first_loss"]
     acc: dict[str, float] = {}
     last = options.steps if options.stop_at_step is None else min(options.steps, options.stop_at_step)
+    bar = progress_bar(options.steps, f"train {spec.name}", "step", initial=state["step"])
     for step in range(state["step"], last):
         if pool != pool_of(step):  # fresh scenes (a resumed run rebuilds the same pool from the step)
             pool = pool_of(step)
@@ -579,6 +581,8 @@ def train_builtin(
         loss_val = float(loss.detach())
         first_loss = loss_val if step == 0 else first_loss
         loss_ema = loss_val if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * loss_val
+        bar.update()
+        bar.set_postfix_str(f"loss {loss_ema:.4f}", refresh=False)
         if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
             acc = _evaluate(model, test, prefix, eval_rows)
             el = time.perf_counter() - t0
@@ -587,6 +591,7 @@ def train_builtin(
             progress(f"[{spec.name}] step {step + 1}/{options.steps} loss {loss_ema:.4f} eval-subset {accs} ({el:.0f}s this sitting, eta {eta:.0f}s)")
         if options.checkpoint_every and (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps:
             resume.save(model, opt, rng, gen, step + 1, loss_ema, first_loss, state["seconds"] + time.perf_counter() - t0)
+    bar.close()
     seconds = state["seconds"] + time.perf_counter() - t0
     if last < options.steps:  # the sitting ends here; the next one resumes
         resume.save(model, opt, rng, gen, last, loss_ema, first_loss, seconds)

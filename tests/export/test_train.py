@@ -93,3 +93,11 @@ def test_a_scenes_model_trains_on_multi_word_answers_with_their_families(tmp_pat
     assert {f"final/{f.value}" for f in QuestionFamily} <= set(report.eval_accuracy)  # validation questions of every family
     ck = load_checkpoint(tmp_path / "ck")
     assert ck.exit_heads is not None and ck.exit_heads.layers == (1,)
+    # the export checks a scenes model on scenes questions (its tokenizer knows none of easy-VQA's words)
+    from msao.export.exporter import ExportOptions, export_bundle
+
+    manifest = export_bundle(
+        tmp_path / "ck", tmp_path / "bundle", ExportOptions(check_questions=6, check_dataset="scenes", profile_repeats=0, threads=1),
+        progress=lambda _m: None,
+    )  # fmt: skip
+    assert manifest.model.image_tokens == 144 and (tmp_path / "bundle" / "manifest.json").exists()
