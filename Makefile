@@ -83,6 +83,13 @@ bench-mas: $(STAMP) bundles/msao-tiny-cloud/manifest.json
 	$(BIN)/python bench/mas.py --bundle bundles/msao-tiny-cloud --ratios 0.0625,0.015625 --policies mas,random,saliency \
 	  --skip cost,saliency,alignment,stream --out bench/results/mas_low_ratios.json
 
+## bench-mas-scenes: the same on the scenes workload (5,000 test questions; keep 100 .. 6.25 %; MAS vs random vs saliency curve as PNG)
+.PHONY: bench-mas-scenes
+bench-mas-scenes: $(STAMP) bundles/msao-scenes-cloud/manifest.json
+	@mkdir -p bench/results
+	$(BIN)/python bench/mas.py --dataset scenes --bundle bundles/msao-scenes-cloud --ratios 1,0.5,0.25,0.125,0.0625 \
+	  --policies mas,random,saliency --out bench/results/mas_scenes.json
+
 ## bench-load: 4 edge daemons x 3 cloud workers on loopback for 60 s (lost must be 0), then cloud throughput with 1..3 workers (~5 min)
 .PHONY: bench-load soak
 bench-load: $(STAMP) export

@@ -1,19 +1,23 @@
 """MAS evidence: accuracy per keep policy and ratio, MAS cost, and the stream workload.
 
-    make bench-mas      # = python bench/mas.py --bundle bundles/msao-tiny-cloud --out bench/results/mas.json
+    make bench-mas          # = python bench/mas.py --bundle bundles/msao-tiny-cloud --out bench/results/mas.json
+    make bench-mas-scenes   # = python bench/mas.py --dataset scenes --bundle bundles/msao-scenes-cloud ...
 
-1. Accuracy of the bundle on easy-VQA test (all 9,673 questions unless --limit) at keep
-   ratios 100 / 50 / 25 / 12.5 % for each keep policy (mas, mas-blind, random, saliency),
-   through ``evaluate_bundle``: the same per-request path as ``msao eval``.
+1. Accuracy of the bundle on the dataset's test split (easy-VQA: 9,673 questions, scenes: 5,000,
+   unless --limit) at each keep ratio (default 100 / 50 / 25 / 12.5 %) for each keep policy
+   (mas, mas-blind, random, saliency), through ``evaluate_bundle``: the same per-request path
+   as ``msao eval``; the curve accuracy vs keep ratio per policy as a PNG beside the JSON.
 2. MAS cost per request, warm, split into question embedding, fused pass (NumPy reference)
    and host part (keep-set, MAS values), as medians next to the vision encoder and the whole
    request, on this CPU.
-3. The stream workload (``msao.datasets.streams``): share of frames whose encoder run was
+3. The stream workload (easy-VQA: ``msao.datasets.streams``; scenes: ``scenes.scene_stream``,
+   objects moving a few pixels per frame): share of frames whose encoder run was
    skipped, share of tokens not re-sent, and accuracy against re-encoding every frame, with
    all tokens and with MAS at 25 %; the cloud-side mirror is checked against the edge cache.
 
-Writes JSON and prints Markdown tables; the load average is recorded because this machine
-may be shared.
+Sections 4 and 5 (saliency AUC, token/word alignment) read easy-VQA's one-shape images and run
+on easy-VQA only. Writes JSON and prints Markdown tables; the load average is recorded because
+this machine may be shared.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from msao.datasets.easyvqa import load_easy_vqa
+from msao.datasets.scenes import SceneStreamOptions, scene_stream
 from msao.datasets.streams import StreamOptions, stream_from_easy_vqa
+from msao.datasets.vqa import load_vqa
 from msao.engines.bundle import load_bundle
 from msao.engines.flops import request_flops
 from msao.engines.generation import Generator
@@ -47,12 +53,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def accuracy(bundle, backend, ratios: list[float], policies: list[str], limit: int | None) -> list[dict]:
+def accuracy(bundle, backend, ratios: list[float], policies: list[str], limit: int | None, dataset: str) -> list[dict]:
     rows = []
     for ratio in ratios:
         for policy in [None] if ratio == 1.0 else policies:
             t0 = time.perf_counter()
-            rep = evaluate_bundle(bundle, backend, limit=limit, keep_policy=policy, keep_ratio=ratio)
+            rep = evaluate_bundle(bundle, backend, dataset=dataset, limit=limit, keep_policy=policy, keep_ratio=ratio)
             row = {k: v for k, v in asdict(rep).items() if k not in ("bundle", "model_hash", "split", "backend")}
             row["policy"] = policy or "all tokens"
             rows.append(row)
@@ -60,9 +66,9 @@ def accuracy(bundle, backend, ratios: list[float], policies: list[str], limit: i
     return rows
 
 
-def cost(gen: Generator, requests: int, ratio: float) -> dict:
+def cost(gen: Generator, requests: int, ratio: float, dataset: str) -> dict:
     """Warm per-request timings (medians, ms) of each MAS part next to the encoder and the request."""
-    data = load_easy_vqa("test")
+    data = load_vqa(dataset, "test")
     embed = QuestionEmbedder(gen)
     options = MasOptions(keep_ratio=ratio)
     for q in data.questions[:50]:  # warm the row cache and the sessions
@@ -120,16 +126,17 @@ def _llava_scale() -> dict:
     }
 
 
-def measure_stream_cache(gen: Generator, options: StreamOptions, cache_options: TokenCacheOptions, ratio: float) -> dict:
+def measure_stream_cache(gen: Generator, options: StreamOptions | SceneStreamOptions, cache_options: TokenCacheOptions, ratio: float) -> dict:
     """Cache vs re-encoding every frame on the stream workload, with all tokens and with MAS keep-sets."""
-    stream = stream_from_easy_vqa(options)
+    stream = scene_stream(options) if isinstance(options, SceneStreamOptions) else stream_from_easy_vqa(options)
     embed = QuestionEmbedder(gen)
     mas = keep_policy_from_name("mas", MasOptions(keep_ratio=ratio))
     cache = StreamTokenCache.for_generator(gen, "bench", cache_options)
     mirror = TokenMirror()
     n = gen.info.image_tokens
     skipped = sent = mirror_mismatch = 0
-    patch_change: dict[str, list[float]] = {"noise_only": [], "shifted": []}  # largest patch change per frame, within a scene
+    # largest patch change per frame, within a scene (easy-VQA frames: noise only or shifted; scenes: objects moving)
+    patch_change: dict[str, list[float]] = {"noise_only": [], "shifted": [], "moving": []}
     prev = None
     right = {k: 0 for k in ("reencode_all", "cache_all", "reencode_mas", "cache_mas")}
     same_answer = {"all": 0, "mas": 0}
@@ -137,7 +144,9 @@ def measure_stream_cache(gen: Generator, options: StreamOptions, cache_options: 
     for f in stream.frames:  # a cut needs no reset: every patch changes, so the cache re-encodes by itself
         step = cache.step(f.pixels)
         if prev is not None and prev.scene == f.scene:
-            patch_change["noise_only" if f.shift == prev.shift else "shifted"].append(step.max_patch_change)
+            shift = getattr(f, "shift", None)
+            kind = "moving" if shift is None else "noise_only" if shift == prev.shift else "shifted"
+            patch_change[kind].append(step.max_patch_change)
         prev = f
         skipped += step.skipped_encoder
         if step.delta is not None:
@@ -269,14 +278,16 @@ _COLOUR_RGB = [[36, 36, 36], [33, 33, 253], [174, 65, 65], [138, 138, 138], [33,
 
 def _markdown(result: dict) -> str:
     lines = []
-    if result.get("accuracy"):
-        lines += ["| keep ratio | policy | accuracy | shape | colour | yes/no | kept tokens | MAS ms/request | MAS / encoder | MAS / end-to-end |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in result.get("accuracy", []):
+    rows = result.get("accuracy", [])
+    kinds = list(rows[0]["accuracy_by_kind"]) if rows else []  # easy-VQA: shape, colour, yes/no; scenes: the families
+    if rows:
+        lines += ["| keep ratio | policy | accuracy | " + " | ".join(kinds) + " | kept tokens | MAS ms/request | MAS / encoder | MAS / end-to-end |",
+                  "|---|---|---|" + "---|" * len(kinds) + "---|---|---|---|"]  # fmt: skip
+    for r in rows:
         k = r["accuracy_by_kind"]
         lines.append(
-            f"| {100 * r['keep_ratio']:g} % | {r['policy']} | {r['accuracy']:.4f} | {k.get('shape', 0):.4f} | {k.get('colour', 0):.4f} | "
-            f"{k.get('yes/no', 0):.4f} | {r['kept_tokens_mean']:.1f} | {r['mas_ms_mean']:.3f} | {100 * r['mas_share_of_vision']:.1f} % | "
+            f"| {100 * r['keep_ratio']:g} % | {r['policy']} | {r['accuracy']:.4f} | " + "".join(f"{k.get(n, 0):.4f} | " for n in kinds)
+            + f"{r['kept_tokens_mean']:.1f} | {r['mas_ms_mean']:.3f} | {100 * r['mas_share_of_vision']:.1f} % | "
             f"{100 * r['mas_share_of_end_to_end']:.2f} % |"
         )
     c = result.get("cost")
@@ -319,11 +330,41 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_curve(result: dict, path: Path) -> Path:
+    """Accuracy vs keep ratio, one line per keep policy, the all-tokens accuracy as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["accuracy"]
+    full = next((r["accuracy"] for r in rows if r["policy"] == "all tokens"), None)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for policy in sorted({r["policy"] for r in rows} - {"all tokens"}):
+        pts = sorted((r["keep_ratio"], r["accuracy"]) for r in rows if r["policy"] == policy)
+        if full is not None:
+            pts.append((1.0, full))
+        ax.plot([x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=policy)
+    if full is not None:
+        ax.axhline(100 * full, color="grey", linestyle="--", linewidth=1, label="all tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("share of image tokens kept")
+    ax.set_ylabel(f"accuracy on {result.get('dataset', 'easy-vqa')} test (%)")
+    ax.set_title(f"{result['bundle']}: accuracy vs keep ratio per keep policy")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default="bundles/msao-tiny-cloud")
+    p.add_argument("--dataset", default="easy-vqa", choices=("easy-vqa", "scenes"), help="the workload (the bundle's own)")
     p.add_argument("--out", default="bench/results/mas.json")
-    p.add_argument("--limit", type=int, help="first N test questions only (default: all 9,673)")
+    p.add_argument("--limit", type=int, help="first N test questions only (default: all; easy-VQA 9,673, scenes 5,000)")
     p.add_argument("--ratios", default="1,0.5,0.25,0.125")
     p.add_argument("--policies", default=",".join(sorted(KEEP_POLICIES)))
     p.add_argument("--cost-requests", type=int, default=1000)
@@ -336,11 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default="", help="comma list of sections to skip: accuracy,cost,saliency,alignment,stream")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if args.dataset != "easy-vqa":
+        skip |= {"saliency", "alignment"}  # they read easy-VQA's one-shape images
 
     bundle = load_bundle(args.bundle)
     backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads))
     result: dict = {
         "bundle": bundle.manifest.name,
+        "dataset": args.dataset,
         "model_hash": bundle.manifest.model_hash,
         "command": "python bench/mas.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
@@ -355,12 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" not in skip:
         _log("accuracy per keep policy and ratio")
         ratios = [float(r) for r in args.ratios.split(",")]
-        result["accuracy"] = accuracy(bundle, backend, ratios, args.policies.split(","), args.limit)
+        result["accuracy"] = accuracy(bundle, backend, ratios, args.policies.split(","), args.limit, args.dataset)
     gen = Generator(bundle, backend)
     try:
         if "cost" not in skip:
             _log("MAS cost per request")
-            result["cost"] = cost(gen, args.cost_requests, 0.25)
+            result["cost"] = cost(gen, args.cost_requests, 0.25, args.dataset)
         if "saliency" not in skip:
             _log("saliency AUC per background estimate")
             result["saliency_auc"] = saliency_auc(gen)
@@ -370,13 +414,16 @@ def main(argv: list[str] | None = None) -> int:
         if "stream" not in skip:
             _log("stream workload")
             cache_options = TokenCacheOptions(skip_threshold=args.skip_threshold, change_threshold=args.change_threshold)
-            result["stream"] = measure_stream_cache(gen, StreamOptions(scenes=args.scenes), cache_options, 0.25)
+            options = SceneStreamOptions(scenes=args.scenes) if args.dataset == "scenes" else StreamOptions(scenes=args.scenes)
+            result["stream"] = measure_stream_cache(gen, options, cache_options, 0.25)
     finally:
         gen.close()
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    if result.get("accuracy"):
+        _log(f"plot: {plot_curve(result, Path(args.out).with_suffix('.png'))}")
     print(_markdown(result))
     _log(f"wrote {args.out} ({result['seconds']} s)")
     return 0
