@@ -32,7 +32,6 @@ from msao.edge_runtime.calibration import CALIBRATION_FORMAT, Calibration, Model
 from msao.edge_runtime.estimates import SegmentClock
 from msao.engines.images import ImagePreprocess
 from msao.engines.manifest import (
-    FORMAT_VERSION,
     FileEntry,
     LatencyProfile,
     Manifest,
@@ -41,6 +40,7 @@ from msao.engines.manifest import (
     PromptSpec,
     SegmentSpec,
     decoder_segment_name,
+    format_version_for,
 )
 from msao.engines.profile import TEXT_TOKENS
 from msao.errors import ConfigError
@@ -194,7 +194,7 @@ def _manifest(key: str, m: dict) -> Manifest:
         eos_token_ids=(2,), pad_token_id=0, image_token_id=32000, parameters=int(m["parameters"]),
     )  # fmt: skip
     return Manifest(
-        format_version=FORMAT_VERSION, name=str(m["name"]), model_hash=_hash(f"simulated:{m['name']}"),
+        format_version=format_version_for("llava"), name=str(m["name"]), model_hash=_hash(f"simulated:{m['name']}"),
         created_by={"msao": "bench.simprofile (SIMULATION: no weights, no files)", "geometry_source": str(m.get("geometry_source", ""))},
         model=info, prompt=PromptSpec("USER: <image>\n{question} ASSISTANT:", "<image>"), preprocess=ImagePreprocess(336, 336, 336),
         tokenizer="tokenizer.json", mas_feature_layer=layers // 2, split_points=tuple(bounds[1:-1]), exit_layers=(), segments=tuple(segs),

@@ -1,4 +1,4 @@
-"""``msao export``: a LLaVA checkpoint (local folder or built-in name) → a verified bundle."""
+"""``msao export``: a LLaVA, Qwen2-VL or Qwen2.5-VL checkpoint (local folder or built-in name) → a verified bundle."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="built-in name (msao-tiny-edge, msao-tiny-cloud) or a local Hugging Face LLaVA folder; nothing is downloaded",
+        help="built-in name (msao-tiny-edge, msao-tiny-cloud) or a local Hugging Face LLaVA, Qwen2-VL or Qwen2.5-VL folder; "
+        "nothing is downloaded",
     )
     p.add_argument("--out", metavar="DIR", help="bundle folder (default bundles/<model-name>); replaced only after every check passes")
     p.add_argument(
@@ -39,9 +40,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where the check questions come from (default: a built-in model's own workload, else easy-vqa); "
         "pick the one whose words the model's tokenizer knows",
     )  # fmt: skip
+    p.add_argument(
+        "--image-size", metavar="H[xW]", type=_image_size,
+        help="Qwen models: the bundle's fixed image grid in pixels, multiples of patch x merge (28) inside the processor's "
+        "min/max pixels (default: the processor's size for 448x448, 256 tokens); more pixels, more image tokens to prefill",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=8, help="generation bound in the end-to-end check (default 8)")
     p.add_argument("--profile-repeats", type=int, default=20, help="timed runs per latency-profile point; 0 skips profiling")
     add_threads_option(p)
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``448`` or ``336x448`` (height x width) → (H, W)."""
+    try:
+        parts = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts, default=0) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the image size as H or HxW in pixels, e.g. 448 or 336x448")
+    return (parts[0], parts[-1])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         profile_repeats=args.profile_repeats,
         threads=args.threads,
+        image_size=args.image_size,
     )
     export_bundle(args.model, out, options, progress=report_progress)
     return 0

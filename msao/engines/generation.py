@@ -7,6 +7,13 @@ plan can run layers [0:k) here and [k:L) elsewhere with the same code.
     question ─tokenize─► prefix ids | <image> | suffix ids
     pixels ─vision_encoder─► image tokens (N, D) ─keep-set─► (K, D), original positions kept
     [embed(prefix), kept tokens, embed(suffix)] ─decoder[0:L]─► hidden ─lm_head─► next token
+
+A text-only turn is an image of zero tokens (``text_only_encoding``): the prompt is the prefix
+and suffix with nothing between them, and the same code path answers it.
+
+The answer budget is counted in generated tokens, the end token included: with a budget of
+``n`` an answer has at most ``n`` answer tokens, and ``finish_reason`` says why it ended
+(``stop``: the model's end token; ``length``: the budget or the model's context ran out).
 """
 
 from __future__ import annotations
@@ -20,9 +27,26 @@ from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
 from msao.engines.images import decode_image, pixels_from_image
 from msao.engines.manifest import exit_segment_name
+from msao.engines.positions import decode_positions, prefill_positions
 from msao.errors import FeedError, MsaoError
 
-__all__ = ["Answer", "DecoderStack", "Generator", "ImageEncoding", "StageTimings", "softmax"]
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "FINISH_REASONS",
+    "MAX_NEW_TOKENS",
+    "Answer",
+    "DecoderStack",
+    "Generator",
+    "ImageEncoding",
+    "StageTimings",
+    "finish_reason_from_ids",
+    "softmax",
+    "text_only_encoding",
+]
+
+DEFAULT_MAX_NEW_TOKENS = 16  # the answer budget when a request names none (edge, cloud jobs, eval)
+MAX_NEW_TOKENS = 1024  # the largest budget a request or a cloud job may ask for
+FINISH_REASONS = ("stop", "length")  # the model ended the answer / the budget (or the context) ran out
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,20 @@ class ImageEncoding:
     mas_features: np.ndarray
     vision_ms: float
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.tokens.nbytes + self.mas_features.nbytes)
+
+
+def text_only_encoding(hidden_size: int) -> ImageEncoding:
+    """No image: zero tokens (0, D), so the prompt is the question alone and no encoder runs."""
+    return ImageEncoding(np.zeros((0, hidden_size), np.float32), np.zeros((0, 0), np.float32), 0.0)
+
+
+def finish_reason_from_ids(token_ids: tuple[int, ...] | list[int], eos_token_ids) -> str:
+    """``stop`` when the last generated token is an end token, else ``length`` (the budget ran out)."""
+    return "stop" if token_ids and token_ids[-1] in set(eos_token_ids) else "length"
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -59,8 +97,10 @@ class Answer:
         confidence: the lowest per-token probability among generated tokens (EOS included);
             a single unsure token makes the answer unsure.
         exit_layer: decoder layer whose exit head produced the tokens; None = full depth.
-        kept_tokens: image tokens that entered prefill.
+        kept_tokens: image tokens that entered prefill (0 for a text-only turn).
         text_tokens: prompt tokens other than image tokens.
+        finish_reason: ``stop`` (the model's end token) or ``length`` (the budget or the
+            model's context ran out first).
     """
 
     text: str
@@ -71,6 +111,17 @@ class Answer:
     kept_tokens: int
     text_tokens: int
     timings: StageTimings = field(default_factory=StageTimings)
+    finish_reason: str = "stop"
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens the prefill processed: the prompt's text and the kept image tokens."""
+        return self.kept_tokens + self.text_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        """Answer tokens generated, the end token not counted."""
+        return len(self.token_ids) - (self.finish_reason == "stop")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -183,20 +234,24 @@ class Generator:
         *,
         keep: np.ndarray | None = None,
         exit_layer: int | None = None,
-        max_new_tokens: int = 16,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         tail: tuple[int, Runner] | None = None,
     ) -> Answer:
         """Greedy answer to ``question`` about ``image``.
 
         Args:
+            image: the encoder's output; ``text_only_encoding`` (N = 0) for a turn without an image.
             keep: indices of image tokens to feed (sorted, unique, within N); None = all.
                 Kept tokens keep their original position ids.
             exit_layer: answer from the exit head after this layer (fewer layers run); None = full.
-            max_new_tokens: upper bound on generated tokens (EOS usually stops sooner).
+            max_new_tokens: upper bound on generated tokens, the end token included (it usually
+                stops sooner); the answer also ends at the model's ``max_positions``.
             tail: ``(k, runner)``: run layers [0, k) here and hand their hidden states to
                 ``runner`` (e.g. a remote ``decoder[k:L]`` + head), which takes hidden states,
                 position ids and the attention mask and returns logits. It keeps its own KV.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise FeedError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {max_new_tokens!r}")
         t_start = time.perf_counter()
         n = image.tokens.shape[0]
         keep_idx = np.arange(n) if keep is None else _check_keep(keep, n)
@@ -223,8 +278,7 @@ class Generator:
         embed_ms = (time.perf_counter() - t0) * 1e3
         lp = len(prefix)
         hidden = np.concatenate([emb[:, :lp], image.tokens[keep_idx][None], emb[:, lp:]], axis=1)  # (1, T, D)
-        positions = np.concatenate([np.arange(lp), lp + keep_idx, lp + n + np.arange(len(suffix))])[None].astype(np.int64)
-        next_pos = lp + n + len(suffix)
+        positions, next_pos = prefill_positions(self.info, lp, n, keep_idx, len(suffix))  # (1, T), or (3, 1, T) for M-RoPE
 
         t0 = time.perf_counter()
         mask = np.ones((1, hidden.shape[1]), np.int64)
@@ -239,11 +293,11 @@ class Generator:
             tok = int(probs.argmax())
             ids.append(tok)
             token_probs.append(float(probs[tok]))
-            if tok in self.eos or len(ids) >= max_new_tokens:
+            if tok in self.eos or len(ids) >= max_new_tokens or next_pos >= self.info.max_positions:
                 break
             e = self.runners["text_embed"].infer({"input_ids": np.asarray([[tok]], np.int64)})["embeddings"]
             mask = np.ones((1, stack.past_length + 1), np.int64)
-            pos = np.asarray([[next_pos]], np.int64)
+            pos = decode_positions(self.info, next_pos)
             h = stack.run(e, pos, mask)
             next_pos += 1
             probs = softmax(head_logits(h, pos, mask)[0, -1])
@@ -259,6 +313,7 @@ class Generator:
             kept_tokens=len(keep_idx),
             text_tokens=len(prefix) + len(suffix),
             timings=StageTimings(image.vision_ms, embed_ms, prefill_ms, decode_ms, total_ms),
+            finish_reason=finish_reason_from_ids(ids, self.eos),
         )
 
     def answer(self, image_bytes: bytes, question: str, **kwargs) -> Answer:

@@ -3,6 +3,12 @@
 Every class checks itself in ``__post_init__`` and ``from_dict`` rejects unknown keys, so a
 manifest from a different msao version fails loudly instead of being half-understood.
 Format documented in docs/bundle.md; bump ``FORMAT_VERSION`` on any incompatible change.
+
+Versions: 1 is a LLaVA bundle (1-D position ids). 2 adds ``model.family`` and ``model.mrope`` for
+the M-RoPE families (Qwen2-VL, Qwen2.5-VL), whose decoders take 3-D position ids; an msao that
+reads only version 1 refuses those bundles by their version instead of misplacing every image
+token. LLaVA bundles are still written as version 1 (``format_version_for``), byte for byte as
+before, so older readers keep loading them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from msao.engines.images import ImagePreprocess
 __all__ = [
     "DTYPES",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "MANIFEST_NAME",
+    "MODEL_FAMILIES",
     "SEGMENT_KINDS",
     "BundleChecks",
     "FileEntry",
@@ -24,6 +32,7 @@ __all__ = [
     "LatencyProfile",
     "Manifest",
     "ModelInfo",
+    "MropeSpec",
     "ProfilePoint",
     "PromptSpec",
     "SegmentCheck",
@@ -31,12 +40,16 @@ __all__ = [
     "TensorSpec",
     "decoder_segment_name",
     "exit_segment_name",
+    "format_version_for",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this msao writes
+FORMAT_VERSIONS = (1, 2)  # versions this msao reads
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 SEGMENT_KINDS = ("vision_encoder", "text_embed", "decoder", "lm_head", "exit_head")
+# How the runtime builds position ids: "llava" counts 1-D positions; the Qwen families use M-RoPE.
+MODEL_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 _SYMBOL = re.compile(r"^[a-z_][a-z0-9_+]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -52,6 +65,11 @@ def _only_known(cls, d: dict) -> dict:
     if missing:
         raise ValueError(f"{cls.__name__}: missing keys {sorted(missing)}")
     return d
+
+
+def format_version_for(family: str) -> int:
+    """The manifest version a bundle of ``family`` is written with: 1 for LLaVA (older readers), else 2."""
+    return 1 if family == "llava" else FORMAT_VERSION
 
 
 def decoder_segment_name(start: int, end: int) -> str:
@@ -190,8 +208,65 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class MropeSpec:
+    """The declared image grid of an M-RoPE bundle and what position ids are built from.
+
+    The grid is fixed per bundle (chosen at export from the processor's pixel budget or
+    ``--image-size``), so the vision encoder emits a static ``image_tokens`` =
+    grid_t * (grid_h / m) * (grid_w / m) merged tokens, m = ``spatial_merge_size``.
+
+    Attributes:
+        grid_t / grid_h / grid_w: the image in patches before merging (t = 1 for a still image,
+            whose frame is repeated ``temporal_patch_size`` times).
+        patch_size: pixels per patch side; image height = grid_h * patch_size.
+        temporal_patch_size: frames per temporal patch (2 in every Qwen2-VL checkpoint).
+        spatial_merge_size: patches per merged token side (2: a 2x2 block becomes one token).
+        mrope_section: rotary half-dims given to the (t, h, w) position axes, for reference;
+            the decoder segments hold the rotation, the runtime only builds the ids.
+    """
+
+    grid_t: int
+    grid_h: int
+    grid_w: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    mrope_section: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        m = self.spatial_merge_size
+        if min(self.grid_t, self.grid_h, self.grid_w, self.patch_size, self.temporal_patch_size, m) <= 0:
+            raise ValueError(f"M-RoPE grid sizes must be positive, got {self}")
+        if self.grid_h % m or self.grid_w % m:
+            raise ValueError(f"grid {self.grid_h}x{self.grid_w} patches is not a multiple of the merge size {m}; re-export the bundle")
+        if len(self.mrope_section) != 3:
+            raise ValueError(f"mrope_section needs three values (t, h, w), got {self.mrope_section}")
+
+    @property
+    def merged_grid(self) -> tuple[int, int, int]:
+        """(t, h, w) of the merged tokens the decoder sees, in row-major token order."""
+        m = self.spatial_merge_size
+        return self.grid_t, self.grid_h // m, self.grid_w // m
+
+    @property
+    def image_tokens(self) -> int:
+        t, h, w = self.merged_grid
+        return t * h * w
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MropeSpec:
+        d = dict(_only_known(cls, d))
+        d["mrope_section"] = tuple(int(x) for x in d["mrope_section"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """Geometry the runtime needs without opening any model file."""
+    """Geometry the runtime needs without opening any model file.
+
+    ``family`` says how position ids are built (``MODEL_FAMILIES``); ``mrope`` is required for
+    the M-RoPE families and absent for LLaVA. Both are left out of a LLaVA manifest's JSON.
+    """
 
     architecture: str
     vision_model_type: str
@@ -210,17 +285,36 @@ class ModelInfo:
     pad_token_id: int
     image_token_id: int
     parameters: int
+    family: str = "llava"
+    mrope: MropeSpec | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
         if min(self.num_layers, self.hidden_size, self.vocab_size, self.image_tokens) <= 0:
             raise ValueError("model sizes must be positive")
+        if self.family not in MODEL_FAMILIES:
+            raise ValueError(f"model family {self.family!r} not in {MODEL_FAMILIES}; this msao cannot build its position ids")
+        if (self.family == "llava") != (self.mrope is None):
+            raise ValueError(f"family {self.family!r}: M-RoPE grid {'given' if self.mrope else 'missing'}; re-export the bundle")
+        if self.mrope is not None and self.mrope.image_tokens != self.image_tokens:
+            raise ValueError(
+                f"M-RoPE grid {self.mrope.merged_grid} makes {self.mrope.image_tokens} tokens, not image_tokens {self.image_tokens}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; a LLaVA model leaves out ``family`` and ``mrope`` (its manifest is as before them)."""
+        d = asdict(self)
+        if self.family == "llava":
+            del d["family"], d["mrope"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
         d = dict(_only_known(cls, d))
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        if d.get("mrope") is not None:
+            d["mrope"] = MropeSpec.from_dict(d["mrope"])
         return cls(**d)
 
 
@@ -312,8 +406,10 @@ class Manifest:
     checks: BundleChecks | None = None
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"format_version {self.format_version}, this msao reads {FORMAT_VERSION}")
+        if self.format_version not in FORMAT_VERSIONS:
+            raise ValueError(f"format_version {self.format_version}, this msao reads {list(FORMAT_VERSIONS)}")
+        if self.format_version < format_version_for(self.model.family):
+            raise ValueError(f"format_version {self.format_version} cannot hold a {self.model.family} model (needs {FORMAT_VERSION})")
         if not _SHA256.match(self.model_hash):
             raise ValueError("model_hash must be 64 lower-case hex digits")
         names = [s.name for s in self.segments]
@@ -348,6 +444,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["model"] = self.model.to_dict()
         d["preprocess"] = self.preprocess.to_dict()
         return d
 

@@ -1,5 +1,6 @@
-"""Reading and writing LLaVA checkpoints in Hugging Face format, plus msao's exit heads.
+"""Reading and writing checkpoints in Hugging Face format, plus msao's exit heads.
 
+Reads LLaVA, Qwen2-VL and Qwen2.5-VL folders (``ARCHITECTURES``); writes LLaVA (the built-ins).
 A checkpoint folder is what ``save_pretrained`` writes (config.json, model.safetensors),
 a ``tokenizer.json`` and a ``preprocessor_config.json``; msao adds ``exit_heads.json`` +
 ``exit_heads.safetensors`` when early-exit heads were trained. Nothing is ever unpickled:
@@ -15,10 +16,12 @@ from pathlib import Path
 from torch import nn
 
 from msao.engines.images import ImagePreprocess
+from msao.engines.manifest import MropeSpec
 from msao.errors import ModelFolderError
 from msao.export.segments import ExitHead
 
 __all__ = [
+    "ARCHITECTURES",
     "ExitHeads",
     "LlavaCheckpoint",
     "load_checkpoint",
@@ -28,6 +31,12 @@ __all__ = [
 
 EXIT_HEADS_JSON = "exit_heads.json"
 EXIT_HEADS_WEIGHTS = "exit_heads.safetensors"
+# model family (config.json model_type) -> the transformers class msao exports it with
+ARCHITECTURES = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 
 class ExitHeads(nn.Module):
@@ -64,7 +73,11 @@ class ExitHeads(nn.Module):
 
 @dataclass
 class LlavaCheckpoint:
-    """A loaded checkpoint: the HF model in eval mode and what travels with it."""
+    """A loaded checkpoint of any family in ``ARCHITECTURES``: the HF model in eval mode and what travels with it.
+
+    ``family`` is the config's model_type; ``mrope`` is the declared image grid of a Qwen
+    family (None for LLaVA), from which ``preprocess`` was derived.
+    """
 
     name: str
     folder: Path
@@ -72,6 +85,8 @@ class LlavaCheckpoint:
     tokenizer_json: str
     preprocess: ImagePreprocess
     exit_heads: ExitHeads | None
+    family: str = "llava"
+    mrope: MropeSpec | None = None
 
 
 def llava_from_spec(spec, vocab_size: int, attn_implementation: str = "sdpa"):
@@ -162,12 +177,17 @@ def save_checkpoint(folder: Path, model, tokenizer, preprocess: ImagePreprocess,
         exit_heads.save(folder)
 
 
-def load_checkpoint(folder: Path, attn_implementation: str = "eager") -> LlavaCheckpoint:
-    """Load a local LLaVA checkpoint folder; nothing is downloaded.
+def load_checkpoint(folder: Path, attn_implementation: str = "eager", image_size: tuple[int, int] | None = None) -> LlavaCheckpoint:
+    """Load a local LLaVA, Qwen2-VL or Qwen2.5-VL checkpoint folder; nothing is downloaded.
+
+    Args:
+        image_size: (H, W) pixels of the declared image grid of a Qwen family (``qwen.declare_grid``);
+            None = the processor's size for a 448x448 image. LLaVA's size is its processor's crop.
 
     Raises:
-        ModelFolderError: the folder is missing, is not a LlavaForConditionalGeneration
-            checkpoint, or lacks tokenizer.json / preprocessor_config.json / safetensors weights.
+        ModelFolderError: the folder is missing, is not one of ``ARCHITECTURES``, lacks
+            tokenizer.json / preprocessor_config.json / safetensors weights, or the image size
+            does not fit a Qwen model's grid.
     """
     folder = Path(folder)
     cfg_path = folder / "config.json"
@@ -180,25 +200,37 @@ def load_checkpoint(folder: Path, attn_implementation: str = "eager") -> LlavaCh
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"{cfg_path}: not valid JSON ({exc})") from exc
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llava" or (archs and "LlavaForConditionalGeneration" not in archs):
+    family = cfg.get("model_type")
+    if family not in ARCHITECTURES or (archs and ARCHITECTURES[family] not in archs):
         raise ModelFolderError(
-            f"{folder}: model_type={cfg.get('model_type')!r}, architectures={archs}; msao exports "
-            "LlavaForConditionalGeneration checkpoints only"
+            f"{folder}: model_type={family!r}, architectures={archs}; msao exports {', '.join(ARCHITECTURES.values())} checkpoints only"
         )
     if not list(folder.glob("*.safetensors")):
         raise ModelFolderError(f"{folder}: no .safetensors weights; msao never loads pickled .bin files, convert them first")
     tok_path = folder / "tokenizer.json"
     if not tok_path.exists():
         raise ModelFolderError(f"{folder}: no tokenizer.json (the fast-tokenizer file); save the tokenizer with a recent transformers")
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
-    model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation, use_safetensors=True)
+    model_class = getattr(transformers, ARCHITECTURES[family])
+    model = model_class.from_pretrained(folder, attn_implementation=attn_implementation, use_safetensors=True)
     model.eval()
+    mrope = None
+    if family == "llava":
+        preprocess = _preprocess_from_folder(folder)
+    else:
+        from msao.export.qwen import declare_grid, pixel_budget_from_folder, preprocess_from_grid
+
+        budget = pixel_budget_from_folder(folder)
+        mrope = declare_grid(budget, model.config, image_size)
+        preprocess = preprocess_from_grid(mrope, budget)
     return LlavaCheckpoint(
         name=folder.name,
         folder=folder,
         model=model,
         tokenizer_json=tok_path.read_text(),
-        preprocess=_preprocess_from_folder(folder),
+        preprocess=preprocess,
         exit_heads=ExitHeads.load(folder),
+        family=family,
+        mrope=mrope,
     )

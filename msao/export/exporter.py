@@ -1,4 +1,4 @@
-"""``msao export``: a LLaVA checkpoint → a verified, hash-listed bundle of ONNX segments.
+"""``msao export``: a LLaVA, Qwen2-VL or Qwen2.5-VL checkpoint → a verified, hash-listed bundle of ONNX segments.
 
 Steps, each reported through ``progress``: load the checkpoint (a built-in name or a local
 folder; nothing downloads) → cut it into segment modules → export each to ONNX → compare each
@@ -28,7 +28,6 @@ from msao.engines.bundle import load_bundle, sha256_of_file
 from msao.engines.generation import Generator
 from msao.engines.images import pixels_from_image
 from msao.engines.manifest import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
     BundleChecks,
     FileEntry,
@@ -40,14 +39,16 @@ from msao.engines.manifest import (
     TensorSpec,
     decoder_segment_name,
     exit_segment_name,
+    format_version_for,
 )
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.engines.profile import profile_bundle
 from msao.errors import ExportCheckFailed, ModelFolderError
 from msao.export.builtin import BUILTIN_MODELS, PROMPT_TEMPLATE, builtin_checkpoint_dir
-from msao.export.checkpoint import LlavaCheckpoint, load_checkpoint
+from msao.export.checkpoint import ARCHITECTURES, LlavaCheckpoint, load_checkpoint
 from msao.export.flops import flops_model_from_module, torch_feeds
 from msao.export.onnx_export import OPSET, onnx_from_segment
+from msao.export.qwen import QWEN_PROMPT_TEMPLATE, QwenVisionEncoder, check_vision_against_hf, hf_vision_inputs
 from msao.export.reference import TorchPipeline, hf_greedy_answer
 from msao.export.segments import DecoderChunk, LmHead, TextEmbed, VisionEncoder
 from msao.progress import progress_bar
@@ -63,7 +64,8 @@ class ExportOptions:
         split_points: decoder layer boundaries to cut chunks at (edge/cloud split candidates);
             None = the built-in model's own, or the middle layer for other checkpoints.
         mas_feature_layer: vision layer the MAS probe reads; None = built-in's or 1/4 depth.
-        prompt_template: None = LLaVA-1.5's conversation format (the built-ins use it too).
+        prompt_template: None = LLaVA-1.5's conversation format (the built-ins use it too), or
+            Qwen's chat template for the Qwen families.
         check_questions: questions answered by both ONNX and HF ``generate`` (and checking segments).
         check_dataset: where they come from (``easy-vqa`` test, ``scenes`` validation); None = the
             built-in model's own workload, easy-VQA for other checkpoints. A model's tokenizer
@@ -73,6 +75,9 @@ class ExportOptions:
         max_new_tokens: generation bound for the end-to-end check.
         profile_repeats: timed runs per profile point (0 skips profiling).
         threads: ONNX Runtime threads for checks and profile.
+        image_size: (H, W) pixels of a Qwen model's declared image grid (multiples of patch x
+            merge, inside the processor's min/max pixels); None = the processor's size for a
+            448x448 image. Fixes the bundle's image tokens; LLaVA takes its processor's crop.
     """
 
     split_points: tuple[int, ...] | None = None
@@ -85,6 +90,7 @@ class ExportOptions:
     profile_repeats: int = 20
     threads: int = 2
     opset: int = OPSET
+    image_size: tuple[int, int] | None = None
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -98,7 +104,7 @@ def resolve_model(model: str | Path) -> Path:
     if not folder.exists():
         raise ModelFolderError(
             f"{model}: neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing folder; "
-            "pass a local Hugging Face LLaVA checkpoint directory (nothing is downloaded)"
+            "pass a local Hugging Face LLaVA, Qwen2-VL or Qwen2.5-VL checkpoint directory (nothing is downloaded)"
         )
     return folder
 
@@ -122,6 +128,15 @@ def model_hash_from_checkpoint(ck: LlavaCheckpoint) -> str:
     return h.hexdigest()
 
 
+def _vision_module(ck: LlavaCheckpoint, mas_layer: int) -> torch.nn.Module:
+    return VisionEncoder(ck.model, mas_layer) if ck.mrope is None else QwenVisionEncoder(ck.model, ck.mrope, mas_layer)
+
+
+def _vision_width(vc) -> int:
+    """Width of the vision blocks: Qwen2-VL calls it embed_dim (its hidden_size is the merger's output)."""
+    return vc.embed_dim if vc.model_type == "qwen2_vl_vision" else vc.hidden_size
+
+
 def _model_info(ck: LlavaCheckpoint, image_tokens: int) -> ModelInfo:
     cfg = ck.model.config
     tc, vc = cfg.text_config, cfg.vision_config
@@ -132,7 +147,7 @@ def _model_info(ck: LlavaCheckpoint, image_tokens: int) -> ModelInfo:
         raise ModelFolderError(f"{ck.folder}: no eos_token_id in the text config or generation config; generation could not stop")
     pad = tc.pad_token_id if tc.pad_token_id is not None else eos_ids[0]
     return ModelInfo(
-        architecture="LlavaForConditionalGeneration",
+        architecture=ARCHITECTURES[ck.family],
         vision_model_type=vc.model_type,
         text_model_type=tc.model_type,
         num_layers=tc.num_hidden_layers,
@@ -142,13 +157,15 @@ def _model_info(ck: LlavaCheckpoint, image_tokens: int) -> ModelInfo:
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
         vocab_size=tc.vocab_size,
         image_tokens=image_tokens,
-        vision_hidden_size=vc.hidden_size,
+        vision_hidden_size=_vision_width(vc),
         max_positions=tc.max_position_embeddings,
         bos_token_id=tc.bos_token_id,
         eos_token_ids=eos_ids,
         pad_token_id=pad,
         image_token_id=cfg.image_token_id,
         parameters=sum(p.numel() for p in ck.model.parameters()),
+        family=ck.family,
+        mrope=ck.mrope,
     )
 
 
@@ -168,7 +185,7 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
                     TensorSpec("mas_features", f32, ("batch", info.image_tokens, info.vision_hidden_size)),
                 ),
             ),
-            VisionEncoder(m, mas_layer),
+            _vision_module(ck, mas_layer),
         ),
         (
             SegmentSpec(
@@ -179,6 +196,7 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
             TextEmbed(m),
         ),
     ]  # fmt: skip
+    positions = ("batch", "seq") if info.mrope is None else (3, "batch", "seq")  # M-RoPE: (t, h, w) ids per token
     for a, b in zip(bounds, bounds[1:]):
         past = tuple(TensorSpec(f"past_{kv}_{i}", f32, ("batch", hkv, "past", hd)) for i in range(a, b) for kv in ("key", "value"))
         present = tuple(
@@ -188,7 +206,7 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
             decoder_segment_name(a, b), "decoder", f"decoder_{a}_{b}.onnx",
             inputs=(
                 TensorSpec("hidden_states", f32, ("batch", "seq", d)),
-                TensorSpec("position_ids", "int64", ("batch", "seq")),
+                TensorSpec("position_ids", "int64", positions),
                 TensorSpec("attention_mask", "int64", ("batch", "past+seq")),
                 *past,
             ),
@@ -226,14 +244,16 @@ def export_bundle(
     """Export, check and profile one model into ``out_dir`` (replaced atomically).
 
     Raises:
-        ModelFolderError: the model is not a usable LLaVA checkpoint.
+        ModelFolderError: the model is not a usable checkpoint of ``ARCHITECTURES``.
         ExportCheckFailed: a segment or the end-to-end answers disagree with PyTorch.
     """
     t_all = time.perf_counter()
     folder = resolve_model(model)
     builtin = BUILTIN_MODELS.get(str(model))
     progress(f"loading {folder}")
-    ck = load_checkpoint(folder, attn_implementation="eager")
+    ck = load_checkpoint(folder, attn_implementation="eager", image_size=options.image_size)
+    if options.image_size is not None and ck.mrope is None:
+        raise ModelFolderError(f"{folder}: --image-size sets a Qwen model's grid; a {ck.family} model takes its processor's crop size")
     name = builtin.name if builtin else folder.name
     tc = ck.model.config.text_config
     n_layers = tc.num_hidden_layers
@@ -244,7 +264,7 @@ def export_bundle(
         raise ModelFolderError(f"split points {split} outside the model's {n_layers} decoder layers")
     vision_layers = ck.model.config.vision_config.num_hidden_layers
     mas_layer = options.mas_feature_layer or (builtin.mas_feature_layer if builtin else max(1, vision_layers // 4))
-    template = options.prompt_template or PROMPT_TEMPLATE
+    template = options.prompt_template or (PROMPT_TEMPLATE if ck.mrope is None else QWEN_PROMPT_TEMPLATE)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(ck.tokenizer_json)
@@ -258,10 +278,11 @@ def export_bundle(
     samples = _check_samples(max(options.check_questions, 4), check_dataset)
     pixels0 = pixels_from_image(samples[0][1], ck.preprocess)
     with torch.no_grad():
-        n_img = VisionEncoder(ck.model, mas_layer)(torch.from_numpy(pixels0[None]))[0].shape[1]
+        n_img = _vision_module(ck, mas_layer)(torch.from_numpy(pixels0[None]))[0].shape[1]
     info = _model_info(ck, n_img)
     model_hash = model_hash_from_checkpoint(ck)
-    progress(f"{name}: {info.parameters:,} parameters, {n_layers} decoder layers, {n_img} image tokens, chunks at {bounds}")
+    grid = "" if ck.mrope is None else f" (declared grid {ck.preprocess.crop_height}x{ck.preprocess.crop_width} px)"
+    progress(f"{name}: {info.parameters:,} parameters, {n_layers} decoder layers, {n_img} image tokens{grid}, chunks at {bounds}")
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +296,8 @@ def export_bundle(
             )
             progress(f"  exported {spec.name:<16} {(work / spec.file).stat().st_size / 1e6:7.2f} MB  {time.perf_counter() - t0:5.1f}s")
         (work / "tokenizer.json").write_text(ck.tokenizer_json)
+        if ck.mrope is not None:
+            _check_vision_against_hf(segs[0][1], ck, samples[:4], options, progress)
         checks = _check_segments(segs, work, info, ck, tokenizer, template, samples[:4], options, progress)
         segs_checked = [replace(spec, check=checks[spec.name], flops=flops_model_from_module(mod, spec, info)) for spec, mod in segs]
         created_by = {
@@ -288,7 +311,7 @@ def export_bundle(
             "source": str(model) if builtin else folder.name,
         }
         manifest = Manifest(
-            format_version=FORMAT_VERSION,
+            format_version=format_version_for(ck.family),
             name=name,
             model_hash=model_hash,
             created_by=created_by,
@@ -330,12 +353,23 @@ def _write_manifest(root: Path, manifest: Manifest) -> None:
     (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
 
 
+def _check_vision_against_hf(encoder, ck: LlavaCheckpoint, samples, options: ExportOptions, progress) -> None:
+    """Qwen: our batched vision encoder vs HF's own packed ``get_image_features`` on real images."""
+    worst = max(check_vision_against_hf(encoder, ck.model, pixels_from_image(rgb, ck.preprocess)) for _, rgb, _, _ in samples)
+    progress(f"  checked  vision_encoder vs transformers' get_image_features: max|ours-hf| {worst:.2e}")
+    if worst > options.check_atol:
+        raise ExportCheckFailed(
+            f"vision_encoder: max error {worst:.3e} vs transformers' get_image_features > atol {options.check_atol:.1e}; "
+            f"msao's Qwen vision encoder does not match transformers {__import__('transformers').__version__}, a bug to report"
+        )
+
+
 def _check_segments(segs, work: Path, info: ModelInfo, ck, tokenizer, template, samples, options, progress) -> dict[str, SegmentCheck]:
     """Every segment's ONNX output vs PyTorch on recorded real feeds (prefill, decode, padded batch)."""
     import onnxruntime as ort
 
     specs = {spec.name: spec for spec, _ in segs}
-    pipe = TorchPipeline({spec.name: mod for spec, mod in segs}, specs, info.num_layers, (info.num_kv_heads, info.head_dim))
+    pipe = TorchPipeline({spec.name: mod for spec, mod in segs}, specs, info.num_layers, (info.num_kv_heads, info.head_dim), info)
     placeholder = tokenizer.id_to_token(ck.model.config.image_token_id)
     for i, (_, rgb, question, _) in enumerate(samples):
         ids = tokenizer.encode(template.format(question=question)).ids
@@ -391,7 +425,8 @@ def _check_end_to_end(work: Path, manifest: Manifest, ck, samples, options, prog
         got = gen.generate(gen.encode_image(pixels), question, max_new_tokens=options.max_new_tokens)
         prefix, suffix = gen.prompt_ids(question)
         ids = np.concatenate([prefix, np.full(info.image_tokens, info.image_token_id, np.int64), suffix])
-        ref = hf_greedy_answer(ck.model, pixels, ids, list(info.eos_token_ids), info.pad_token_id, options.max_new_tokens)
+        vision = None if info.mrope is None else hf_vision_inputs(pixels, info.mrope, ids, info.image_token_id)
+        ref = hf_greedy_answer(ck.model, pixels, ids, list(info.eos_token_ids), info.pad_token_id, options.max_new_tokens, vision)
         if list(got.token_ids) == ref:
             same += 1
         else:

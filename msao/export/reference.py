@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from msao.engines.manifest import ModelInfo
+from msao.engines.positions import prefill_positions
+
 __all__ = ["hf_greedy_answer", "SegmentCall", "TorchPipeline"]
 
 
@@ -25,11 +28,16 @@ class SegmentCall:
 
 
 class TorchPipeline:
-    """Runs segment modules in order for one image + question, recording every call."""
+    """Runs segment modules in order for one image + question, recording every call.
 
-    def __init__(self, modules: dict, specs: dict, num_layers: int, kv_shape: tuple[int, int]):
+    ``info`` with an M-RoPE grid makes the decoder feeds 3-D position ids (3, B, T); without
+    it (LLaVA) they are 1-D (B, T).
+    """
+
+    def __init__(self, modules: dict, specs: dict, num_layers: int, kv_shape: tuple[int, int], info: ModelInfo | None = None):
         self.modules, self.specs = modules, specs
         self.num_layers, self.kv_shape = num_layers, kv_shape
+        self.mrope_info = info if info is not None and info.mrope is not None else None
         self.calls: list[SegmentCall] = []
 
     def _call(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -57,6 +65,8 @@ class TorchPipeline:
             mask = np.ones((2, t + left_pad), np.int64)
             mask[0, :left_pad] = 0
             pos = np.stack([np.r_[np.zeros(left_pad), np.arange(t)], np.arange(t + left_pad)]).astype(np.int64)
+        if self.mrope_info is not None:
+            pos = self._mrope_positions(len(prefix), img.shape[1], len(suffix), left_pad)
         bsz = hidden.shape[0]
         past: dict[str, np.ndarray] = {}
         for _ in range(decode_steps + 1):
@@ -80,17 +90,40 @@ class TorchPipeline:
             logits = self._call("lm_head", {"hidden_states": h[:, -1:]})["logits"]
             tok = logits[:, -1].argmax(-1)  # (B,)
             hidden = self._call("text_embed", {"input_ids": tok[:, None].astype(np.int64)})["embeddings"]
-            pos = pos[:, -1:] + 1
+            pos = pos[..., -1:] + 1
             mask = np.concatenate([mask, np.ones((bsz, 1), np.int64)], axis=1)
 
+    def _mrope_positions(self, prefix_len: int, n: int, suffix_len: int, left_pad: int) -> np.ndarray:
+        """(3, B, T) M-RoPE ids; with ``left_pad`` row 0 is left-padded (zeros) and row 1 a longer prefix."""
+        info = self.mrope_info
+        pos, _ = prefill_positions(info, prefix_len, n, np.arange(n), suffix_len)  # (3, 1, T)
+        if not left_pad:
+            return pos
+        longer, _ = prefill_positions(info, prefix_len + left_pad, n, np.arange(n), suffix_len)
+        padded = np.concatenate([np.zeros((3, 1, left_pad), np.int64), pos], axis=2)
+        return np.concatenate([padded, longer], axis=1)
 
-def hf_greedy_answer(model, pixels: np.ndarray, input_ids: np.ndarray, eos_ids: list[int], pad_id: int, max_new_tokens: int) -> list[int]:
-    """Greedy token ids from Hugging Face ``generate`` (prompt ids with the image token expanded)."""
+
+def hf_greedy_answer(
+    model,
+    pixels: np.ndarray,
+    input_ids: np.ndarray,
+    eos_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    vision_inputs: dict[str, torch.Tensor] | None = None,
+) -> list[int]:
+    """Greedy token ids from Hugging Face ``generate`` (prompt ids with the image token expanded).
+
+    ``vision_inputs`` replaces LLaVA's ``pixel_values`` (B, 3, H, W) for models that take other
+    image inputs (Qwen: flat patches, ``image_grid_thw``, ``mm_token_type_ids``).
+    """
+    images = {"pixel_values": torch.from_numpy(pixels[None])} if vision_inputs is None else vision_inputs
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.from_numpy(input_ids[None]),
             attention_mask=torch.ones(1, len(input_ids), dtype=torch.int64),
-            pixel_values=torch.from_numpy(pixels[None]),
+            **images,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=eos_ids,

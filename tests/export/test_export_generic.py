@@ -72,7 +72,10 @@ def test_rejects_a_folder_that_is_not_llava(tmp_path: Path):
     folder = tmp_path / "llama"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(ModelFolderError, match="LlavaForConditionalGeneration checkpoints only"):
+    with pytest.raises(
+        ModelFolderError,
+        match="LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration checkpoints only",
+    ):
         export_bundle(folder, tmp_path / "out", FAST)
 
 
