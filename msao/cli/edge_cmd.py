@@ -21,9 +21,11 @@ FLAG_KEYS = {
     "large_bundle": "edge.large_bundle",
     "calibration": "edge.calibration",
     "http": "edge.http",
+    "cors_origins": "edge.cors_origins",
     "metrics": "edge.metrics",
     "mqtt_intake": "edge.mqtt_intake",
     "threads": "edge.threads",
+    "image_cache_mb": "edge.image_cache_mb",
     "broker": "broker.url",
     "username": "broker.username",
     "ca_file": "broker.ca_file",
@@ -56,12 +58,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="accuracy tables from `msao calibrate` (default bundles/calibration.json; without them drafts are never committed)",
     )  # fmt: skip
     p.add_argument(
-        "--http", metavar="HOST:PORT", help="serve the OpenAI-compatible HTTP API, /healthz and /readyz here (no authentication)"
-    )
+        "--http", metavar="HOST:PORT",
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models), /healthz and /readyz here",
+    )  # fmt: skip
+    p.add_argument(
+        "--api-key", metavar="KEY",
+        help="require Authorization: Bearer KEY on the HTTP API's /v1/ routes (default $MSAO_API_KEY; unset = no authentication: "
+        "keep --http on loopback then). The environment variable keeps the key out of process listings",
+    )  # fmt: skip
+    p.add_argument(
+        "--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
+        help="let browser pages from ORIGIN (https://host:port, or *) call the HTTP API; repeat for more",
+    )  # fmt: skip
     p.add_argument(
         "--metrics", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, on their own listener (default off; unauthenticated: "
         "keep it on loopback, e.g. 127.0.0.1:9464; port 0 = any free port, logged)",
+    )  # fmt: skip
+    p.add_argument(
+        "--image-cache-mb", type=float, metavar="MIB",
+        help="image tokens kept for images asked about again, per model (default 64; 0 = off): a follow-up question "
+        "about the same image skips the vision encoder",
     )  # fmt: skip
     p.add_argument(
         "--no-mqtt-intake", dest="mqtt_intake", action="store_const", const=False,
@@ -113,5 +130,5 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    EdgeApp(config).run_forever(stop)
+    EdgeApp(config, api_key=args.api_key).run_forever(stop)
     return 0

@@ -41,6 +41,7 @@ from msao.cloud_bridge.topics import (
     worker_job_topic,
     worker_status_filter,
 )
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS
 from msao.errors import CloudBusy, CloudJobFailed, CloudUnavailable, CodecError, ConfigError, MsaoError
 
 __all__ = ["CloudLink", "JobResult", "LinkOptions", "new_job_id", "RemoteAnswer"]
@@ -290,19 +291,22 @@ class CloudLink:
         image_tokens: np.ndarray | None = None,
         keep: np.ndarray | None = None,
         exit_layer: int | None = None,
-        max_new_tokens: int = 16,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         deadline_s: float = 5.0,
     ) -> RemoteAnswer:
         """A whole-model answer: image bytes (PNG/JPEG), or kept image tokens + their indices.
 
         Args:
+            image: the image file's bytes; ``b""`` = a text-only turn (the job carries no tensor).
             job_id: the job's id (to ``cancel`` it from another thread); None = a fresh one.
+            max_new_tokens: the answer's budget, the end token included.
         """
         if (image is None) == (image_tokens is None):
-            raise ConfigError("answer needs exactly one of image (file bytes) or image_tokens (+ keep)")
+            raise ConfigError("answer needs exactly one of image (file bytes, b\"\" for text-only) or image_tokens (+ keep)")
         tensors: dict[str, np.ndarray] = {}
         if image is not None:
-            tensors["image"] = np.frombuffer(image, np.uint8)
+            if image:  # b"": a text-only turn carries no tensor
+                tensors["image"] = np.frombuffer(image, np.uint8)
         else:
             if keep is None:
                 raise ConfigError("image_tokens need keep: the token indices they came from")

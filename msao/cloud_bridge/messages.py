@@ -8,8 +8,9 @@ version must match, so two msao versions never half-understand each other.
 Job kinds:
     split   hidden states at layer k -> decoder[k:L] (+ head) -> logits (or hidden states);
             ``session_id`` keeps the cloud half of the KV cache for later decode steps.
-    answer  image bytes (PNG/JPEG) or kept image tokens + a question -> answer text, token
-            ids, per-token probabilities and confidence (cloud-only, draft/verify, pruned).
+    answer  image bytes (PNG/JPEG), kept image tokens, or no tensor at all (a text-only turn)
+            + a question -> answer text, token ids (the end token last when the model ended
+            the answer), per-token probabilities and confidence (cloud-only, draft/verify, pruned).
     probe   any tensors up, ``reply_bytes`` zeros down, no compute: measures the link (bandwidth,
             RTT) through the same broker, worker queue and codec as real jobs.
 """
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 from msao.cloud_bridge.topics import check_id
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from msao.errors import CodecError, ConfigError
 
 __all__ = [
@@ -124,7 +126,8 @@ class JobHeader:
             which (re)starts the session.
         result_dtype: ``float32`` or ``float16`` for returned logits / hidden states.
         question: answer: the question text.
-        max_new_tokens: answer: generation bound.
+        max_new_tokens: answer: generation bound, the end token included (1..``MAX_NEW_TOKENS``);
+            a job from an older edge that sends none gets ``DEFAULT_MAX_NEW_TOKENS``.
         exit_layer: answer: answer from the exit head after this layer; -1 = full depth.
         reply_bytes: probe: size of the reply tensor (downlink measurement).
     """
@@ -140,7 +143,7 @@ class JobHeader:
     past_length: int = 0
     result_dtype: str = "float32"
     question: str = ""
-    max_new_tokens: int = 16
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     exit_layer: int = -1
     reply_bytes: int = 0
     layout: str = LAYOUT_VERSION
@@ -179,8 +182,8 @@ class JobHeader:
                 problems.append(f"question must be 1-{MAX_TEXT_CHARS} characters")
             elif not self.question.isascii() and any("\ud800" <= c <= "\udfff" for c in self.question):  # the tokenizer refuses these
                 problems.append("question holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode text")
-            if not 1 <= self.max_new_tokens <= 1024:
-                problems.append(f"max_new_tokens {self.max_new_tokens} not in 1..1024")
+            if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+                problems.append(f"max_new_tokens {self.max_new_tokens} not in 1..{MAX_NEW_TOKENS}")
             if self.exit_layer < -1:
                 problems.append(f"exit_layer {self.exit_layer} must be -1 (full depth) or a layer")
         if not 0 <= self.reply_bytes <= (MAX_REPLY_BYTES if self.kind == "probe" else 0):

@@ -7,7 +7,7 @@ answer jobs run that pipeline's steps (the edge's and ``msao eval``'s), split jo
 decoder chunks with a KV cache per session.
 
     split:  hidden (B, T, D) at layer k ─decoder[k:L] (+ KV of session)─► (B, T, D) ─head─► logits (B, 1|T, V)
-    answer: image bytes | kept tokens (K, D) + keep (K,) ─Generator─► token ids, probs, text
+    answer: image bytes | kept tokens (K, D) + keep (K,) | nothing (text-only) ─Generator─► token ids, probs, text
     probe:  anything ─(decoded, discarded)─► reply_bytes zeros
 """
 
@@ -25,7 +25,7 @@ from msao.cloud_bridge.messages import JobHeader, ServedModel, parse_decoder_ran
 from msao.cloud_bridge.sessions import SessionTable
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
-from msao.engines.generation import DecoderStack, ImageEncoding
+from msao.engines.generation import DecoderStack, ImageEncoding, text_only_encoding
 from msao.engines.manifest import exit_segment_name
 from msao.engines.pipeline import RequestPipeline
 from msao.errors import CloudJobFailed
@@ -174,8 +174,10 @@ class ModelServer:
 
     def _answer(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
         names = tuple(sorted(tensors))
-        if names not in (("image",), ("image", "keep"), ("image_tokens", "keep")):
-            raise CloudJobFailed(f"answer job takes image [+ keep] or image_tokens + keep, got {list(names)}", "bad_input")
+        if names not in ((), ("image",), ("image", "keep"), ("image_tokens", "keep")):
+            raise CloudJobFailed(
+                f"answer job takes image [+ keep], image_tokens + keep, or no tensor (text-only), got {list(names)}", "bad_input"
+            )
         exit_layer = None if header.exit_layer == -1 else header.exit_layer
         if exit_layer is not None and exit_layer not in self.manifest.exit_layers:
             raise CloudJobFailed(
@@ -189,6 +191,8 @@ class ModelServer:
             if img.dtype != np.uint8 or img.ndim != 1:
                 raise CloudJobFailed(f"image must be the file's bytes as uint8 (n,), got {img.dtype} {img.shape}", "bad_input")
             enc = self.pipeline.encode(self.pipeline.decode(img.tobytes())[0])
+        elif not names:  # a text-only turn: the question alone, no image tokens
+            enc = text_only_encoding(self.manifest.model.hidden_size)
         else:
             enc = self._encoding_from_kept(tensors["image_tokens"], keep)
         ans = self.pipeline.generator().generate(

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 class EdgeApp:
     """One edge daemon. ``start``/``stop`` or use as a context manager."""
 
-    def __init__(self, config: EdgeConfig):
+    def __init__(self, config: EdgeConfig, api_key: str | None = None):
         self.config = config
+        self.api_key = api_key if api_key is not None else (os.environ.get("MSAO_API_KEY") or None)  # the HTTP API's Bearer key
         self.runtime: EdgeRuntime | None = None
         self.link = None
         self.mqtt = None
@@ -57,14 +58,15 @@ class EdgeApp:
         e = self.config.edge
         # TensorRT per segment where `msao build-engines` left a matching engine, else ONNX Runtime (reason logged once).
         backend = AutoBackend(OnnxRuntimeBackend(OrtOptions(threads=e.threads)))
-        edge = LocalModel(load_bundle(Path(e.bundle)), backend)
+        cache = int(e.image_cache_mb * (1 << 20))
+        edge = LocalModel(load_bundle(Path(e.bundle)), backend, image_cache_bytes=cache)
         large = None
         if e.large_bundle:
             path = Path(e.large_bundle)
             if not (path / "manifest.json").exists() and e.large_bundle == type(e)().large_bundle:
                 log.warning("no large-model bundle at %s (`make export` writes it): serving edge-only plans", path)
             else:
-                large = LocalModel(load_bundle(path), backend)
+                large = LocalModel(load_bundle(path), backend, image_cache_bytes=cache)
         self._models = [m for m in (edge, large) if m is not None]
         return edge, large
 
@@ -105,6 +107,12 @@ class EdgeApp:
 
             host, port = parse_listen_address(cfg.edge.metrics, "edge.metrics (--metrics)")
             self.metrics_listener = MetricsListener(host, port, "--metrics (edge.metrics)").start()
+        if cfg.edge.http:  # bound before the models load: a port in use fails at once, probes see 503 "loading models"
+            from msao.edge_runtime.http_api import HttpIntake, HttpOptions
+
+            host, port = cfg.edge.http.rsplit(":", 1)
+            options = HttpOptions(api_key=self.api_key, cors_origins=cfg.edge.cors_origins)
+            self.http = HttpIntake(None, host, int(port), options).start()
         edge, large = self._load_models()
         calibration = self._calibration()
         if cfg.broker.url and large is not None:
@@ -131,12 +139,8 @@ class EdgeApp:
             intake = self.mqtt
             metrics.watch_mqtt_intake(intake.counters)
             metrics.watch_client("intake", lambda: intake.client.counters)
-        if cfg.edge.http:
-            from msao.edge_runtime.http_api import HttpIntake
-
-            host, port = cfg.edge.http.rsplit(":", 1)
-            self.http = HttpIntake(self.runtime, host, int(port))
-            self.http.start()
+        if self.http is not None:
+            self.http.serve(self.runtime)
         return self
 
     def stop(self) -> None:

@@ -55,11 +55,15 @@ class EdgeSection:
     bundle: the edge (draft) model's bundle folder.
     large_bundle: the large model's bundle folder on this edge ("" = none: edge-only plans).
     calibration: accuracy tables from ``msao calibrate`` ("" = none: the scheduler never commits drafts).
-    http: ``HOST:PORT`` of the OpenAI-compatible HTTP API ("" = off).
+    http: ``HOST:PORT`` of the OpenAI-compatible HTTP API ("" = off). Its API key is never
+        configured here (it would show in ``--print-config``): ``--api-key`` or ``MSAO_API_KEY``.
+    cors_origins: origins whose browser pages may call the HTTP API (``https://host:port``, ``*``).
     metrics: ``HOST:PORT`` of the Prometheus listener, ``GET /metrics`` ("" = off; port 0 = any free
         port, logged). Unauthenticated: keep it on loopback, ``127.0.0.1:9464`` (docs/metrics.md).
     mqtt_intake: answer requests on ``msao/v1/edge/<edge_id>/request``.
     threads: ONNX Runtime intra-op threads per request (0 = ONNX Runtime decides).
+    image_cache_mb: MiB of image tokens kept per model for images asked about again (follow-up
+        questions skip the vision encoder); 0 = off.
     """
 
     edge_id: str = "edge-1"
@@ -67,9 +71,11 @@ class EdgeSection:
     large_bundle: str = "bundles/msao-tiny-cloud"
     calibration: str = "bundles/calibration.json"
     http: str = ""
+    cors_origins: tuple[str, ...] = ()
     metrics: str = ""
     mqtt_intake: bool = True
     threads: int = 1
+    image_cache_mb: float = 64.0
 
     def __post_init__(self) -> None:
         from msao.cloud_bridge.topics import check_id
@@ -77,6 +83,8 @@ class EdgeSection:
         check_id(self.edge_id, "edge id")
         if self.threads < 0:
             raise ConfigError(f"edge.threads must be >= 0, got {self.threads}")
+        if not 0 <= self.image_cache_mb < float("inf"):
+            raise ConfigError(f"edge.image_cache_mb must be >= 0 MiB (0 = off), got {self.image_cache_mb}")
         if self.http and (":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit()):
             raise ConfigError(f"edge.http must be HOST:PORT (e.g. 127.0.0.1:8080), got {self.http!r}")
         if self.metrics:

@@ -23,11 +23,12 @@ import numpy as np
 
 from msao.cloud_bridge.link import CloudLink, RemoteAnswer, new_job_id
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
+from msao.edge_runtime.image_cache import image_key
 from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.requests import EdgeRequest
 from msao.engines.flops import request_flops
-from msao.engines.generation import Answer
+from msao.engines.generation import Answer, finish_reason_from_ids
 from msao.engines.pipeline import Prepared
 from msao.errors import CloudError, CloudUnavailable
 
@@ -53,20 +54,24 @@ class Outcome:
     flops_cloud: int = 0
     local_observed_ms: float = 0.0  # local compute, for the live scale of the local clock
     speculation: str = ""  # draft_verify: what became of the draft and the cloud job
+    prompt_tokens: int = 0  # the committed answer's prefill (text + kept image tokens)
+    completion_tokens: int = 0  # its generated tokens, the end token not counted
+    finish_reason: str = "stop"  # stop | length
+    image_cached: bool = False  # the edge took the image's tokens from its image cache
 
 
 def _vision_flops(model: LocalModel, p: Prepared) -> int:
-    """The encoder run that prepared ``p`` (0 when a stream frame reused its tokens)."""
-    if p.skipped_encoder:
+    """The encoder run that prepared ``p`` (0 when its tokens were reused, or for a text-only turn)."""
+    if not p.encoder_ran:
         return 0
     return request_flops(model.manifest, image_tokens=0, text_tokens=0, new_tokens=0, layers=(0, 0), include_head=False)
 
 
 def _local_flops(model: LocalModel, p: Prepared, a: Answer) -> int:
-    """A whole local answer: encoder (unless reused), prefill of the kept tokens, decode steps."""
+    """A whole local answer: encoder (unless reused or text-only), prefill of the kept tokens, decode steps."""
     return request_flops(
         model.manifest, image_tokens=a.kept_tokens, text_tokens=a.text_tokens, new_tokens=len(a.token_ids),
-        include_vision=not p.skipped_encoder,
+        include_vision=p.encoder_ran,
     )  # fmt: skip
 
 
@@ -111,6 +116,11 @@ class _Run:
     decode_ms: float
     deadline: float  # time.monotonic() by which the answer must be committed
     jobs: list[str] = field(default_factory=list)
+    image_key: bytes | None = field(init=False)  # the image cache's key of a still image
+
+    def __post_init__(self) -> None:
+        r = self.request
+        self.image_key = image_key(r.image) if r.image and r.stream_id is None else None
 
     @property
     def cloud_deadline(self) -> float:
@@ -148,8 +158,10 @@ class Executor:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray, decode_ms: float, deadline: float) -> Outcome:
+    def run(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray | None, decode_ms: float, deadline: float) -> Outcome:
         """Run ``plan``; ``deadline`` is ``time.monotonic()`` by which the answer must be committed.
+
+        ``rgb`` is None for a text-only request: no model encodes anything, MAS does not run.
 
         Cloud and split plans give their cloud jobs ``deadline - plan.fallback_reserve_ms``, so
         that an edge-only answer still fits if the cloud fails.
@@ -174,9 +186,9 @@ class Executor:
         time.sleep((self.dilation - 1.0) * ms / 1e3)
         return self.dilation * ms
 
-    def _dilated_answer(self, model: LocalModel, p: Prepared, question: str, **kwargs) -> Answer:
-        """``model.answer`` with its local stages dilated (a split's remote share is not edge compute)."""
-        a = model.answer(p, question, **kwargs)
+    def _dilated_answer(self, model: LocalModel, p: Prepared, question: str, *, budget: int, **kwargs) -> Answer:
+        """``model.answer`` (at most ``budget`` tokens) with its local stages dilated (a split's remote share is not edge compute)."""
+        a = model.answer(p, question, max_new_tokens=budget, **kwargs)
         if self.dilation <= 1.0:
             return a
         tail = kwargs.get("tail")
@@ -192,7 +204,12 @@ class Executor:
 
     def _prepare(self, model: LocalModel, run: _Run, keep_ratio: float) -> Prepared:
         r = run.request
-        p = model.prepare(run.rgb, r.question, keep_ratio, stream_id=r.stream_id, analyse=self.mas_always, decode_ms=run.decode_ms)
+        if run.rgb is None:
+            return model.text_only(run.decode_ms)
+        p = model.prepare(
+            run.rgb, r.question, keep_ratio, stream_id=r.stream_id, analyse=self.mas_always, decode_ms=run.decode_ms,
+            image_key=run.image_key,
+        )  # fmt: skip
         if self.dilation <= 1.0:
             return p
         self.dilate(p.vision_ms + p.mas_ms)
@@ -207,7 +224,7 @@ class Executor:
         return self._local_answer(model, self._prepare(model, run, run.plan.keep_ratio), run)
 
     def _local_answer(self, model: LocalModel, p: Prepared, run: _Run, fallback: str = "") -> Outcome:
-        return self._draft_outcome(model, p, self._dilated_answer(model, p, run.request.question), fallback)
+        return self._draft_outcome(model, p, self._dilated_answer(model, p, run.request.question, budget=run.request.token_budget), fallback)
 
     def _draft_outcome(self, model: LocalModel, p: Prepared, a: Answer, fallback: str = "") -> Outcome:
         """An answer computed here (by ``model`` from ``p``), committed."""
@@ -215,13 +232,17 @@ class Executor:
         return Outcome(
             a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p), self._timings(p, local=local_ms),
             flops_edge=_local_flops(model, p, a), local_observed_ms=p.vision_ms + local_ms,
+            prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, finish_reason=a.finish_reason, image_cached=p.cached,
         )  # fmt: skip
+
+    def _cloud_text_tokens(self, question: str) -> int:
+        prefix, suffix = self._large().generator().prompt_ids(question)
+        return len(prefix) + len(suffix)
 
     def _cloud_flops(self, question: str, kept: int, new_tokens: int) -> int:
         """The large model answering in the cloud from ``kept`` image tokens."""
         large = self._large()
-        prefix, suffix = large.generator().prompt_ids(question)
-        return request_flops(large.manifest, image_tokens=kept, text_tokens=len(prefix) + len(suffix), new_tokens=new_tokens)
+        return request_flops(large.manifest, image_tokens=kept, text_tokens=self._cloud_text_tokens(question), new_tokens=new_tokens)
 
     @staticmethod
     def _timings(p: Prepared, **more: float) -> dict[str, float]:
@@ -237,7 +258,9 @@ class Executor:
         if remaining <= 0.005:
             raise CloudUnavailable("no time left in the request's deadline for a cloud job")
         r = run.request
-        return self.link.answer(large.manifest.model_hash, r.question, job_id=job_id, image=r.image, keep=keep, deadline_s=remaining)
+        return self.link.answer(
+            large.manifest.model_hash, r.question, job_id=job_id, image=r.image, keep=keep, deadline_s=remaining, max_new_tokens=r.token_budget
+        )
 
     def _sent(self, run: _Run) -> tuple[int, int]:
         """Bytes up and down of every cloud job this run sent (delivered, cancelled or failed), from the link's log."""
@@ -251,13 +274,17 @@ class Executor:
         return up, down
 
     def _cloud_outcome(self, run: _Run, r: RemoteAnswer, p: Prepared | None, cloud_ms: float, **timings: float) -> Outcome:
-        kept = p.kept_tokens if p is not None else self._large().n_tokens
+        large = self._large()
+        kept = p.kept_tokens if p is not None else (0 if run.request.text_only else large.n_tokens)
         up, down = self._sent(run)
+        finish = finish_reason_from_ids(r.token_ids, large.manifest.model.eos_token_ids)
         return Outcome(
-            r.text, r.confidence, "cloud", self._large().name, "", _mas_fields(p) if p else {},
+            r.text, r.confidence, "cloud", large.name, "", _mas_fields(p) if p else {},
             {**(self._timings(p) if p else {}), "cloud": round(cloud_ms, 3), **{k: round(v, 3) for k, v in timings.items()}},
             up, down, flops_edge=_vision_flops(self.edge, p) if p else 0,
             flops_cloud=self._cloud_flops(run.request.question, kept, len(r.token_ids)),
+            prompt_tokens=kept + self._cloud_text_tokens(run.request.question),
+            completion_tokens=len(r.token_ids) - (finish == "stop"), finish_reason=finish, image_cached=bool(p and p.cached),
         )  # fmt: skip
 
     def _cloud(self, run: _Run) -> Outcome:
@@ -281,7 +308,7 @@ class Executor:
             return self._fallback(CloudUnavailable("no time left for the split"), run)
         tail = _TimedTail(run, self.link, large.manifest, plan.split_layer, options=RemoteOptions(deadline_s=remaining))
         try:
-            a: Answer = self._dilated_answer(large, p, run.request.question, tail=(plan.split_layer, tail))
+            a: Answer = self._dilated_answer(large, p, run.request.question, budget=run.request.token_budget, tail=(plan.split_layer, tail))
         except CloudError as exc:
             return self._fallback(exc, run)
         local_ms = a.timings.embed_ms + a.timings.prefill_ms + a.timings.decode_ms - tail.cloud_ms
@@ -291,8 +318,9 @@ class Executor:
         return Outcome(
             a.text, a.confidence, "cloud", large.name, "", _mas_fields(p),
             self._timings(p, local=local_ms, cloud=tail.cloud_ms), up, down,
-            flops_edge=request_flops(large.manifest, **tokens, layers=(0, k), include_head=False, include_vision=not p.skipped_encoder),
+            flops_edge=request_flops(large.manifest, **tokens, layers=(0, k), include_head=False, include_vision=p.encoder_ran),
             flops_cloud=request_flops(large.manifest, **tokens, layers=(k, n), include_vision=False),
+            prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, finish_reason=a.finish_reason, image_cached=p.cached,
         )  # fmt: skip
 
     def _draft_verify(self, run: _Run) -> Outcome:
@@ -304,7 +332,7 @@ class Executor:
         future: Future | None = None
         if plan.speculate:  # publish now; the edge answer is computed meanwhile
             future = self._pool.submit(self._cloud_answer, run, keep, run.deadline, job_id)
-        draft = self._dilated_answer(self.edge, p, request.question)
+        draft = self._dilated_answer(self.edge, p, request.question, budget=request.token_budget)
         committed = self._draft_outcome(self.edge, p, draft)
         kept = p.kept_tokens if keep is not None else self._large().n_tokens
         if draft.confidence >= plan.commit_threshold:

@@ -1,89 +1,95 @@
-"""The edge daemon's HTTP intake: an OpenAI-compatible chat endpoint plus health and readiness.
+"""The edge daemon's HTTP intake: the OpenAI chat API as vLLM, llama.cpp's server and ollama serve it.
 
-    POST /v1/chat/completions   one question about one image (non-streaming) -> chat.completion
-    GET  /healthz               200 while the server runs (liveness)
-    GET  /readyz                200 with ``EdgeRuntime.health()`` when the runtime serves, else 503
+    POST /v1/chat/completions   a question (about an image, a follow-up, or text only) -> chat.completion,
+                                or with ``stream: true`` server-sent chat.completion.chunk events + [DONE]
+    GET  /v1/models             the edge and large models, with their bundle hashes
+    GET  /healthz               200 while the server runs (liveness), from before the models load
+    GET  /readyz                200 with ``EdgeRuntime.health()`` when the runtime serves, else 503 and why
 
-Metrics are not served here: this listener has no authentication, so they have their own
-(``msao edge --metrics HOST:PORT``, ``msao/prometheus.py``). Each answer is counted by route
-and status (``msao_http_responses_total``), each chat POST as an intake request.
+Optional ``api_key`` (``msao edge --api-key`` or ``MSAO_API_KEY``): every ``/v1/`` route then
+needs ``Authorization: Bearer <key>`` (the health routes stay open for probes, as vLLM's). Optional
+``cors_origins``: browsers on those origins may call the API (preflights answered, credentials not).
 
-Owns HTTP: routing, connection limits, size checks before any body byte is read, and which
-status each outcome gets. The body's meaning is ``openai_chat``'s (chat JSON -> ``EdgeRequest``,
-``EdgeResponse`` -> ``chat.completion`` or an OpenAI-shaped error, and each error code's status);
-the answer is the runtime's (``EdgeRuntime.submit_and_wait``, the same admission as every other
-intake). Knows nothing of models, placement or MQTT. Standard library only, so the edge install
-stays small.
+Metrics are not served here: they have their own listener (``msao edge --metrics HOST:PORT``,
+``msao/prometheus.py``). Each answer is counted by route and status (``msao_http_responses_total``),
+each chat POST as an intake request.
 
-Connections are HTTP/1.0 (one request each, then closed): an idle keep-alive connection would
-hold one of the ``max_concurrent`` handler slots until its socket timeout.
+Owns the routes and which status each outcome gets; the framing (HTTP/1.1, keep-alive, chunked
+bodies, ``Expect: 100-continue``, connection limits) is ``msao.http_server``'s, the body's meaning
+``openai_chat``'s, the answer the runtime's (``EdgeRuntime.submit_and_wait``, the same admission
+as every other intake). Bind it before the models load (``start`` with no runtime; ``serve``
+hands it the runtime once ready): a port in use fails at once, and probes see 503 "loading".
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hmac
 import json
 import logging
 import re
-import socket
-import socketserver
-import threading
 import time
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from msao.edge_runtime.openai_chat import (
     MAX_JSON_DEPTH,
     MAX_JSON_ITEMS,
     OPENAI_ERRORS,
+    ChatCall,
+    call_from_chat,
+    chunks_from_response,
     completion_from_response,
     error_body,
-    request_from_chat,
 )
-from msao.edge_runtime.requests import new_request_id
+from msao.edge_runtime.requests import EdgeResponse, new_request_id
 from msao.edge_runtime.runtime import EdgeRuntime
 from msao.errors import ConfigError, RequestError
+from msao.http_server import HttpLimits, HttpServer, Request, Response
 from msao.listener import BackgroundListener
 
-__all__ = ["HttpIntake", "HttpOptions"]
+__all__ = ["CHAT_PATH", "HttpIntake", "HttpOptions"]
 
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
-_ROUTES = {CHAT_PATH: "POST", "/healthz": "GET", "/readyz": "GET"}
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
-_REFUSERS = 8  # threads that may answer 503 once every handler slot is taken
-_REFUSE_TIMEOUT_S = 2.0  # how long a refused client may take to send its request line and headers
-_LINGER_BYTES = 1 << 20  # an unread body drained (up to this) so closing does not reset the connection
-_LINGER_S = 1.0
+MODELS_PATH = "/v1/models"
+_ROUTES = {CHAT_PATH: "POST", MODELS_PATH: "GET", "/healthz": "GET", "/readyz": "GET"}
+_SSE = "text/event-stream"
 
 
 @dataclass(frozen=True)
 class HttpOptions:
-    """Limits of the HTTP intake (the runtime's ``RequestLimits`` still apply to what is inside).
+    """Limits and access of the HTTP intake (the runtime's ``RequestLimits`` still apply to what is inside).
 
     Attributes:
-        max_body_bytes: largest request body, checked against Content-Length before reading; the
-            default fits a 16 MiB image after base64 (4/3) plus the JSON around it.
+        max_body_bytes: largest request body, checked against Content-Length before reading (and
+            counted while reading a chunked one); the default fits a 16 MiB image after base64
+            (4/3) plus the JSON around it.
         max_concurrent: connections served at once, each holding a thread for up to its deadline
-            plus the margin. Past it, up to 8 more connections get a 503 at once (health probes on
-            them are still answered); past those, a connection is closed unanswered.
+            plus the margin. Past it, up to 8 more connections get a 503 at once; past those, a
+            connection is closed unanswered.
         socket_timeout_s: a client silent this long while sending is dropped (slow clients
             cannot pin handler slots).
+        keepalive_s: an idle keep-alive connection is closed after this (it holds a slot).
         deadline_margin_s: wait this long past the request's deadline for the runtime's answer
             before giving up with 504 (the runtime itself answers late requests with ``deadline``).
         max_json_depth: nesting of the body (an OpenAI request with an image part needs 7).
         max_json_items: values in the whole body (lists and objects members, summed).
+        api_key: when set, ``/v1/`` routes need ``Authorization: Bearer <api_key>``.
+        cors_origins: origins (``https://host:port``) whose browser pages may call the API; ``*`` any.
     """
 
     max_body_bytes: int = 24 * 1024 * 1024
     max_concurrent: int = 64
     socket_timeout_s: float = 30.0
+    keepalive_s: float = 5.0
     deadline_margin_s: float = 5.0
     max_json_depth: int = MAX_JSON_DEPTH
     max_json_items: int = MAX_JSON_ITEMS
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1 or self.max_concurrent < 1 or self.max_json_depth < 1 or self.max_json_items < 1:
@@ -91,28 +97,39 @@ class HttpOptions:
                 f"max_body_bytes, max_concurrent, max_json_depth and max_json_items must be >= 1, got "
                 f"{self.max_body_bytes}, {self.max_concurrent}, {self.max_json_depth}, {self.max_json_items}"
             )
-        if not self.socket_timeout_s > 0 or self.deadline_margin_s < 0:
+        if not self.socket_timeout_s > 0 or not self.keepalive_s > 0 or self.deadline_margin_s < 0:
             raise ConfigError(
-                f"socket_timeout_s must be > 0 and deadline_margin_s >= 0, got {self.socket_timeout_s}, {self.deadline_margin_s}"
+                f"socket_timeout_s and keepalive_s must be > 0 and deadline_margin_s >= 0, got "
+                f"{self.socket_timeout_s}, {self.keepalive_s}, {self.deadline_margin_s}"
             )
+        if self.api_key is not None and (len(self.api_key) < 8 or not self.api_key.isprintable() or " " in self.api_key):
+            raise ConfigError("the API key must be at least 8 printable characters without spaces (e.g. `openssl rand -hex 16`)")
+        for origin in self.cors_origins:
+            if origin != "*" and not re.match(r"^https?://[^/\s]+\Z", origin):
+                raise ConfigError(f"CORS origin {origin!r} must be scheme://host[:port] without a path, or *")
 
 
 class HttpIntake:
     """Serves the runtime over HTTP on a background thread; does not own (start or stop) the runtime.
 
     Args:
-        runtime: a started ``EdgeRuntime``.
+        runtime: a started ``EdgeRuntime``, or None to bind now and ``serve`` it later.
         host: address to bind (``127.0.0.1``; ``0.0.0.0`` or ``::`` for every interface; ``[::1]`` works).
         port: TCP port; 0 picks a free one, readable from ``port`` after ``start``.
-        options: connection and size limits.
+        options: connection and size limits, API key, CORS.
     """
 
-    def __init__(self, runtime: EdgeRuntime, host: str, port: int, options: HttpOptions = HttpOptions()):
-        self.runtime, self.options = runtime, options
+    def __init__(self, runtime: EdgeRuntime | None, host: str, port: int, options: HttpOptions = HttpOptions()):
+        self.options = options
         self.host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        self._listener = BackgroundListener(
-            self.host, port, lambda: _Server(self.host, port, runtime, options), "HTTP", "--http", "msao-http"
-        )
+        self._routes = _Routes(runtime, options)
+        limits = HttpLimits(options.max_body_bytes, options.max_concurrent, options.socket_timeout_s, options.keepalive_s)
+        self._listener = BackgroundListener(self.host, port, lambda: HttpServer(self.host, port, self._routes, limits), "HTTP", "--http",
+                                            "msao-http")  # fmt: skip
+
+    @property
+    def runtime(self) -> EdgeRuntime | None:
+        return self._routes.runtime
 
     @property
     def port(self) -> int:
@@ -126,8 +143,13 @@ class HttpIntake:
     def start(self) -> HttpIntake:
         if not self._listener.running:
             self._listener.start()
-            log.info("HTTP intake on %s (%s, health /healthz /readyz)", self.url, CHAT_PATH)
+            state = "serving" if self.runtime is not None else "loading models (503 until ready)"
+            log.info("HTTP intake on %s (%s, %s, health /healthz /readyz): %s", self.url, CHAT_PATH, MODELS_PATH, state)
         return self
+
+    def serve(self, runtime: EdgeRuntime) -> None:
+        """From now on requests are answered by ``runtime``."""
+        self._routes.runtime = runtime
 
     def stop(self) -> None:
         """Stop accepting; requests already in a handler finish on their own (within deadline + margin)."""
@@ -141,54 +163,6 @@ class HttpIntake:
         self.stop()
 
 
-class _Server(ThreadingHTTPServer):
-    """One thread per connection, at most ``max_concurrent`` serving plus a few answering 503."""
-
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 128  # listen backlog: with socketserver's 5, a burst of clients sees connection resets
-
-    def __init__(self, host: str, port: int, runtime: EdgeRuntime, options: HttpOptions):
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.runtime, self.options = runtime, options
-        self.slots = threading.BoundedSemaphore(options.max_concurrent)
-        self.refusers = threading.BoundedSemaphore(_REFUSERS)
-        super().__init__((host, port), _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn, a DNS lookup that can hang on a Jetson offline.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if self.slots.acquire(blocking=False):
-            sem, refuse = self.slots, False
-        elif self.refusers.acquire(blocking=False):
-            sem, refuse = self.refusers, True
-        else:  # even the refusers are taken: close without a word rather than queue threads
-            self.runtime.metrics.rejected.inc(code="unavailable")
-            self.shutdown_request(request)
-            return
-        try:
-            threading.Thread(target=self._serve, args=(request, client_address, sem, refuse), name="msao-http-conn", daemon=True).start()
-        except RuntimeError:  # no thread could be started
-            sem.release()
-            self.shutdown_request(request)
-            raise
-
-    def _serve(self, request: Any, client_address: Any, sem: threading.BoundedSemaphore, refuse: bool) -> None:
-        try:
-            _Handler(request, client_address, self, refuse=refuse)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            sem.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("HTTP connection from %s failed", client_address[0] if client_address else "?")
-
-
 class _Refusal(Exception):
     """Ends handling with an error response; ``code`` picks the HTTP status."""
 
@@ -197,111 +171,138 @@ class _Refusal(Exception):
         self.code, self.headers, self.count = code, headers or {}, count
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """One connection, one request. Every path out of ``_dispatch`` answers exactly once."""
+class _Routes:
+    """The ``HttpApp`` the server calls: routing, auth, CORS, and the chat exchange."""
 
-    server: _Server
-    protocol_version = "HTTP/1.0"
-    server_version = "msao-edge"
-    sys_version = ""
+    def __init__(self, runtime: EdgeRuntime | None, options: HttpOptions):
+        self.runtime, self.options = runtime, options
+        self._key = options.api_key.encode() if options.api_key else None
 
-    def __init__(self, request: Any, client_address: Any, server: _Server, refuse: bool = False):
-        self.refuse = refuse
-        self.request_id = "-"
-        self._answered = False
-        self._body_read = False
-        self._started = time.perf_counter()
-        super().__init__(request, client_address, server)
+    # -- HttpApp -----------------------------------------------------------------------------------
 
-    # -- BaseHTTPRequestHandler hooks -------------------------------------------------------------
-
-    def setup(self) -> None:
-        self.timeout = min(self.server.options.socket_timeout_s, _REFUSE_TIMEOUT_S) if self.refuse else self.server.options.socket_timeout_s
-        super().setup()
-
-    def version_string(self) -> str:
-        return self.server_version  # no Python version in the Server header
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _dispatch logs one line per request, with its id
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("HTTP %s: " + format, self.client_address[0], *args)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors raised by the base class (bad request line, headers too long) as OpenAI JSON."""
-        self.close_connection = True
-        # a request line the base class could not parse leaves "HTTP/0.9", which would send the body without a status line
-        self.request_version = "HTTP/1.0"
-        self._send_json(code, error_body(message or self.responses.get(code, ("error",))[0], _code_for_status(code), None))
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET  # noqa: N815
-
-    # -- dispatch ------------------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        self._started = time.perf_counter()
-        path = urlsplit(self.path).path
-        header_id = self.headers.get("X-Request-Id", "")
-        self.request_id = header_id if _ID.match(header_id) else new_request_id()
-        status = 0
+    def head(self, request: Request) -> Response | None:
         try:
-            try:
-                status = self._route(path)
-            except _Refusal as r:
-                status = self._refuse(r)
-            except OSError:  # the client went away (reset, broken pipe, socket timeout): no one to answer
-                raise
-            except Exception:
-                log.exception("request %s: internal error in the HTTP intake", self.request_id)
-                status = self._refuse(_Refusal("internal", "internal error in the HTTP intake; see the daemon log", count=False))
-        except OSError as exc:
-            log.debug("request %s: connection lost (%s: %s)", self.request_id, type(exc).__name__, exc)
-        finally:
-            if not self._body_read and (self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0"):
-                self._linger()
-        ms = (time.perf_counter() - self._started) * 1e3
-        log.debug("request %s: %s %s -> %s in %.1f ms", self.request_id, self.command, path[:80], status or "no answer", ms)
+            return self._head(request)
+        except _Refusal as r:
+            return self._refuse(request, r)
 
-    def _route(self, path: str) -> int:
-        method = _ROUTES.get(path)
+    def handle(self, request: Request) -> Response:
+        try:
+            return self._chat(request)
+        except _Refusal as r:
+            return self._refuse(request, r)
+        except Exception:
+            log.exception("request %s: internal error in the HTTP intake", _request_id(request))
+            return self._refuse(request, _Refusal("internal", "internal error in the HTTP intake; see the daemon log", count=False))
+
+    def error(self, request: Request | None, status: int, code: str, message: str) -> Response:
+        if code == "internal" and status == 505:
+            message = f"HTTP version not supported ({message}); speak HTTP/1.1 or 1.0"
+        return self._refuse(request, _Refusal(code, message), status)
+
+    def busy(self, request: Request) -> Response:
+        if request.path in ("/healthz", "/readyz") and request.method in ("GET", "HEAD"):
+            return self.head(request)  # probes are answered even when every slot is taken
+        n = self.options.max_concurrent
+        r = _Refusal("unavailable", f"the edge's HTTP intake already serves {n} connections; retry in a moment", {"Retry-After": "1"})
+        return self._refuse(request, r)
+
+    def served(self, request: Request | None, response: Response, seconds: float) -> None:
+        path = request.path if request is not None else ""
+        if self.runtime is not None:
+            self.runtime.metrics.http_responses.inc(route=path if path in _ROUTES else "other", code=response.status)
+            if request is None and response.status == 503 and response.close and not response.body:
+                self.runtime.metrics.rejected.inc(code="unavailable")  # closed unanswered: every refuser was busy
+        log.debug("HTTP %s %s -> %d in %.1f ms", request.method if request else "-", path[:80], response.status, seconds * 1e3)
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def _head(self, request: Request) -> Response | None:
+        path, method = request.path, request.method
+        if method == "OPTIONS":
+            return self._preflight(request)
         if path == "/metrics":
             raise _Refusal("not_found", "metrics are served on their own listener: start msao edge with --metrics HOST:PORT", count=False)
-        if method is None:
-            raise _Refusal("not_found", f"no such endpoint {path[:80]!r}; use POST {CHAT_PATH}, GET /healthz or /readyz", count=False)
-        if self.command != method:
-            raise _Refusal("method_not_allowed", f"{path} takes {method}, not {self.command}", {"Allow": method}, count=False)
-        if path == "/healthz":
-            return self._send_json(200, {"live": True})
-        if path == "/readyz":
-            runtime = self.server.runtime
-            return self._send_json(200 if runtime.ready else 503, runtime.health())
-        self.server.runtime.metrics.intake_requests.inc(source="http")
-        if self.refuse:
-            n = self.server.options.max_concurrent
-            raise _Refusal("unavailable", f"the edge's HTTP intake already serves {n} connections; retry in a moment", {"Retry-After": "1"})
-        return self._chat()
-
-    def _chat(self) -> int:
-        runtime, options = self.server.runtime, self.server.options
-        try:
-            request = request_from_chat(
-                self._read_body(), runtime.options.limits, self.request_id, options.max_json_depth, options.max_json_items
+        want = _ROUTES.get(path)
+        if want is None:
+            raise _Refusal(
+                "not_found", f"no such endpoint {path[:80]!r}; use POST {CHAT_PATH}, GET {MODELS_PATH}, /healthz or /readyz", count=False
             )
+        if method != want and not (method == "HEAD" and want == "GET"):
+            raise _Refusal("method_not_allowed", f"{path} takes {want}, not {method[:20]}", {"Allow": want}, count=False)
+        if path == "/healthz":
+            return self._json(request, 200, {"live": True, "ready": self.runtime is not None and self.runtime.ready})
+        if path == "/readyz":
+            if self.runtime is None:
+                return self._json(request, 503, {"ready": False, "reason": "loading models"}, {"Retry-After": "5"})
+            health = self.runtime.health()
+            if not health["ready"]:
+                health["reason"] = "the runtime is stopping"
+            return self._json(request, 200 if health["ready"] else 503, health)
+        self._authorize(request)
+        runtime = self._serving()
+        if path == MODELS_PATH:
+            return self._json(request, 200, _models(runtime))
+        runtime.metrics.intake_requests.inc(source="http")
+        if not request.header("content-length") and not request.header("transfer-encoding"):
+            raise _Refusal("length_required", "Content-Length is missing; send the JSON body with its length (or chunked)")
+        return None  # read the body, then handle()
+
+    def _serving(self) -> EdgeRuntime:
+        if self.runtime is None:
+            raise _Refusal("unavailable", "msao is starting (loading its models); retry in a moment", {"Retry-After": "5"}, count=False)
+        return self.runtime
+
+    def _authorize(self, request: Request) -> None:
+        if self._key is None:
+            return
+        given = request.header("authorization")
+        token = given[7:].strip().encode("latin-1") if given[:7].lower() == "bearer " else b""
+        if not hmac.compare_digest(token, self._key):
+            what = "is missing" if not given else "is wrong"
+            raise _Refusal(
+                "unauthorized", f"the API key {what}; send Authorization: Bearer <key> (the daemon's --api-key)",
+                {"WWW-Authenticate": "Bearer"}, count=False,
+            )  # fmt: skip
+
+    def _preflight(self, request: Request) -> Response:
+        want = _ROUTES.get(request.path)
+        if want is None:
+            raise _Refusal("not_found", f"no such endpoint {request.path[:80]!r}", count=False)
+        allow = (("Allow", f"{want}, OPTIONS"),)
+        cors = self._cors(request)
+        if cors:
+            cors += (("Access-Control-Allow-Methods", f"{want}, OPTIONS"),
+                     ("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id"), ("Access-Control-Max-Age", "600"))  # fmt: skip
+        return Response(204, b"", content_type="", headers=allow + cors)
+
+    def _cors(self, request: Request) -> tuple[tuple[str, str], ...]:
+        origin = request.header("origin")
+        if not origin or not self.options.cors_origins:
+            return ()
+        if "*" in self.options.cors_origins:
+            return (("Access-Control-Allow-Origin", "*"),)
+        if origin in self.options.cors_origins:
+            return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
+        return ()
+
+    # -- the chat exchange -------------------------------------------------------------------------
+
+    def _chat(self, request: Request) -> Response:
+        runtime, options = self._serving(), self.options
+        try:
+            call = call_from_chat(request.body, runtime.options.limits, _request_id(request), options.max_json_depth, options.max_json_items)
         except RequestError as exc:
             raise _Refusal(exc.code, str(exc)) from None
-        self.request_id = request.request_id
-        wait_s = request.deadline_ms / 1e3 + options.deadline_margin_s
+        rid = call.request.request_id
+        wait_s = call.request.deadline_ms / 1e3 + options.deadline_margin_s
         try:
-            response = runtime.submit_and_wait(request, wait_s)
+            response = runtime.submit_and_wait(call.request, wait_s)
         except RequestError as exc:  # refused at admission; the runtime counted it already
             raise _Refusal(exc.code, str(exc), {"Retry-After": "1"}, count=False) from None
         except concurrent.futures.TimeoutError:
             raise _Refusal(
-                "deadline", f"no answer within {wait_s:.1f} s (deadline {request.deadline_ms:.0f} ms + margin)", count=False
+                "deadline", f"no answer within {wait_s:.1f} s (deadline {call.request.deadline_ms:.0f} ms + margin)", count=False
             ) from None
         if response is None:
             raise _Refusal(
@@ -310,88 +311,53 @@ class _Handler(BaseHTTPRequestHandler):
         if response.status != "ok":
             status = OPENAI_ERRORS.get(response.error_code, OPENAI_ERRORS["internal"]).http_status
             body = error_body(response.error or "request failed", response.error_code or "internal", response)
-            return self._send_json(status, body, {"Retry-After": "1"} if status in (429, 503) else None)
-        return self._send_json(200, completion_from_response(response))
+            return self._json(request, status, body, {"Retry-After": "1"} if status in (429, 503) else None, rid)
+        if call.stream:
+            headers = (("X-Request-Id", rid), ("Cache-Control", "no-cache"), *self._cors(request))
+            return Response(200, _events(response, call), content_type=_SSE, headers=headers)
+        return self._json(request, 200, completion_from_response(response, call), None, rid)
 
-    def _read_body(self) -> bytes:
-        """The body, after checking its declared size; nothing is read when it is refused."""
-        if self.headers.get("Transfer-Encoding"):
-            raise _Refusal("length_required", "chunked transfer encoding is not supported; send the body with a Content-Length")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            raise _Refusal("length_required", "Content-Length is missing; send the JSON body with its length")
-        if len(set(lengths)) != 1 or not lengths[0].strip().isdecimal():
-            raise _Refusal("bad_request", f"Content-Length {', '.join(lengths)[:60]!r} is not one non-negative integer")
-        n = int(lengths[0])
-        limit = self.server.options.max_body_bytes
-        if n > limit:
-            raise _Refusal("too_large", f"body is {n} bytes, over the limit of {limit}; send a smaller (e.g. JPEG) image")
-        try:
-            body = self.rfile.read(n)
-        except TimeoutError:
-            raise _Refusal(
-                "timeout", f"the body did not arrive within {self.server.options.socket_timeout_s:g} s; send it at once", count=False
-            ) from None
-        self._body_read = True
-        if len(body) != n:
-            raise _Refusal("bad_request", f"body ended after {len(body)} of {n} bytes; send the whole body", count=False)
-        return body
+    # -- answering ---------------------------------------------------------------------------------
 
-    # -- answering -----------------------------------------------------------------------------------
-
-    def _refuse(self, r: _Refusal) -> int:
-        if r.count and r.code in ("bad_request", "bad_image", "too_large", "length_required", "unavailable"):
-            self.server.runtime.metrics.rejected.inc(code="bad_request" if r.code == "length_required" else r.code)
-        status = OPENAI_ERRORS.get(r.code, OPENAI_ERRORS["internal"]).http_status
+    def _refuse(self, request: Request | None, r: _Refusal, status: int | None = None) -> Response:
+        if r.count and self.runtime is not None and r.code in ("bad_request", "bad_image", "too_large", "length_required", "unavailable"):
+            self.runtime.metrics.rejected.inc(code="bad_request" if r.code == "length_required" else r.code)
+        status = status or OPENAI_ERRORS.get(r.code, OPENAI_ERRORS["internal"]).http_status
         if status >= 500:
-            log.info("request %s: %d %s", self.request_id, status, r)
-        if self._answered:
-            return status
-        return self._send_json(status, error_body(str(r), r.code, None), r.headers)
+            log.info("request %s: %d %s", _request_id(request), status, r)
+        out = self._json(request, status, error_body(str(r), r.code, None), r.headers)
+        # with no length, the bytes that follow may be the body itself: not a next request to parse
+        return replace(out, close=True) if r.code == "length_required" else out
 
-    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> int:
-        return self._send(status, json.dumps(body, separators=(",", ":")).encode("utf-8"), "application/json", headers)
-
-    def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str] | None = None) -> int:
-        self._answered = True
-        path = urlsplit(getattr(self, "path", "")).path  # unset when the request line could not be parsed
-        self.server.runtime.metrics.http_responses.inc(route=path if path in _ROUTES else "other", code=status)
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("X-Request-Id", self.request_id)
-        self.send_header("Connection", "close")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-        self.wfile.flush()
-        return status
-
-    def _linger(self) -> None:
-        """Drain a little of an unread body after answering so the close is a FIN, not a reset
-        that could destroy our answer in the client's buffer (the client may still be sending)."""
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(0.2)
-            end, drained = time.monotonic() + _LINGER_S, 0
-            while drained < _LINGER_BYTES and time.monotonic() < end:
-                chunk = self.connection.recv(65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass
+    def _json(
+        self, request: Request | None, status: int, body: dict[str, Any], headers: dict[str, str] | None = None, rid: str | None = None
+    ) -> Response:
+        payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        extra = (("X-Request-Id", rid or _request_id(request)), *(headers or {}).items(), *(self._cors(request) if request else ()))
+        return Response(status, payload, headers=tuple(extra))
 
 
-# -- status codes ------------------------------------------------------------------------------------
+def _events(response: EdgeResponse, call: ChatCall) -> Iterator[bytes]:
+    """Server-sent events of one answer, ended by ``data: [DONE]`` as OpenAI's clients expect."""
+    for chunk in chunks_from_response(response, call):
+        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    yield b"data: [DONE]\n\n"
 
 
-def _code_for_status(status: int) -> str:
-    """The error code of an HTTP status the base class answers with on its own (400, 414, 431, 501, ...)."""
-    for code, kind in OPENAI_ERRORS.items():
-        if kind.http_status == status:
-            return code
-    return "bad_request" if 400 <= status < 500 else "internal"
+def _models(runtime: EdgeRuntime) -> dict[str, Any]:
+    """The models this daemon answers with, as OpenAI lists them; ``msao`` says which role and bundle."""
+    created = int(time.time())
+    out = []
+    for role, model in (("edge", runtime.edge), ("large", runtime.large)):
+        if model is None:
+            continue
+        manifest = model.manifest
+        out.append({
+            "id": model.name, "object": "model", "created": created, "owned_by": "msao",
+            "msao": {"role": role, "model_hash": manifest.model_hash, "served_on": "edge" if role == "edge" else "edge+cloud"},
+        })  # fmt: skip
+    return {"object": "list", "data": out}
+
+
+def _request_id(request: Request | None) -> str:
+    return request.request_id if request is not None else new_request_id()

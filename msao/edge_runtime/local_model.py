@@ -4,11 +4,12 @@ The daemon holds one ``LocalModel`` per bundle (the small edge model, and the la
 first layers a split plan runs here). The steps of a request — decode, encode, MAS, generate —
 are ``msao.engines.pipeline.RequestPipeline``'s, shared with the cloud worker and ``msao eval``;
 this class adds what only the edge does: reuse a stream's image tokens when the frame did not
-change, and warm-up / timing requests on a blank image. Calibration (``calibration.py``) runs
+change, reuse the tokens of an image asked about before (``image_cache.py``), and warm-up /
+timing requests on a blank image. Calibration (``calibration.py``) runs
 requests through this same class, so the thresholds it measures are those of the path the
 daemon serves.
 
-    image bytes ─decode─► RGB ─vision_encoder (or stream cache)─► tokens (N, D), features (N, Dv)
+    image bytes ─decode─► RGB ─vision_encoder (or stream / image cache)─► tokens (N, D), features (N, Dv)
     tokens, features, question embeddings ─MAS─► keep-set (K of N), MAS values
     kept tokens + prompt ─decoder (local, or [0:k) here + remote tail)─► answer
 """
@@ -20,9 +21,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 
+from msao.edge_runtime.image_cache import ImageTokenCache
 from msao.engines.backend import Backend
 from msao.engines.bundle import Bundle
 from msao.engines.generation import Generator
@@ -47,6 +50,8 @@ class LocalModel(RequestPipeline):
         mas: MAS settings (the keep ratio is chosen per request).
         cache: stream token cache thresholds.
         max_streams: streams whose tokens are kept (least recently used dropped first).
+        image_cache_bytes: budget of the image cache (tokens of images asked about before);
+            0 turns it off.
     """
 
     def __init__(
@@ -56,12 +61,14 @@ class LocalModel(RequestPipeline):
         mas: MasOptions = MasOptions(),
         cache: TokenCacheOptions = TokenCacheOptions(),
         max_streams: int = 64,
+        image_cache_bytes: int = 64 << 20,
     ):
         super().__init__(bundle, backend, mas)
         self.cache_options = cache
         self.max_streams = max_streams
         self._streams: OrderedDict[str, tuple[threading.Lock, StreamTokenCache]] = OrderedDict()
         self._streams_lock = threading.Lock()
+        self.images = ImageTokenCache(image_cache_bytes)
 
     def warm_up(self) -> None:
         """Run one request on a blank image in this thread, so the first real one pays no first-call costs."""
@@ -93,16 +100,32 @@ class LocalModel(RequestPipeline):
         request_id: int = 0,
         decode_ms: float = 0.0,
         stream_id: str | None = None,
+        image_key: bytes | None = None,
     ) -> Prepared:
-        """Encode ``rgb`` (or reuse the stream's tokens) and pick the keep-set with MAS.
+        """Encode ``rgb`` (or reuse the stream's or the image cache's tokens) and pick the keep-set with MAS.
 
         Args:
             keep_ratio: share of image tokens kept (1 = all; MAS still runs when ``analyse``).
             analyse: run MAS even at ratio 1 (its values go into the response).
             stream_id: reuse this stream's tokens when the frame did not change.
+            image_key: ``image_key(file bytes)`` of a still image: its tokens are cached and
+                reused when the same image comes again (a stream frame uses the stream's cache).
         """
         if stream_id is None:
-            return super().prepare(rgb, question, keep_ratio, analyse=analyse, request_id=request_id, decode_ms=decode_ms)
+            if image_key is None or not self.images.max_bytes:
+                return super().prepare(rgb, question, keep_ratio, analyse=analyse, request_id=request_id, decode_ms=decode_ms)
+            t0 = time.perf_counter()
+            encoding = self.images.get(image_key)
+            cached = encoding is not None
+            if encoding is None:
+                encoding = self.encode(rgb)
+                self.images.put(image_key, encoding)
+            vision_ms = (time.perf_counter() - t0) * 1e3
+            p = self.prepared_from_encoding(
+                encoding, question, keep_ratio, analyse=analyse, request_id=request_id,
+                skipped_encoder=cached, decode_ms=decode_ms, vision_ms=vision_ms,
+            )  # fmt: skip
+            return replace(p, cached=cached)
         gen = self.generator()
         t0 = time.perf_counter()
         lock, cache = self._stream(stream_id, gen)

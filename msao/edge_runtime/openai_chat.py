@@ -1,10 +1,17 @@
-"""OpenAI chat completions <-> msao: one chat body becomes one ``EdgeRequest``, one ``EdgeResponse``
-becomes a ``chat.completion`` or an OpenAI-shaped error.
+"""OpenAI chat completions <-> msao: one chat body becomes one ``ChatCall`` (an ``EdgeRequest`` and
+how to answer it), one ``EdgeResponse`` becomes a ``chat.completion``, its stream of chunks, or an
+OpenAI-shaped error.
 
-    request_from_chat(body, limits, request_id)   bytes of a POST /v1/chat/completions -> EdgeRequest
-    completion_from_response(response)            an answered EdgeResponse -> chat.completion JSON
+    call_from_chat(body, limits, request_id)      bytes of a POST /v1/chat/completions -> ChatCall
+    completion_from_response(response, call)      an answered EdgeResponse -> chat.completion JSON
+    chunks_from_response(response, call)          ... -> chat.completion.chunk objects (stream: true)
     error_body(message, code, response)           any refusal or failed response -> {"error": {...}}
     OPENAI_ERRORS[code]                           HTTP status and OpenAI error type of each code
+
+A conversation is answered about its newest image: the last user turn's question, and the image
+of the latest user turn that sent one (a follow-up question sends the earlier turn's image bytes
+again, and the runtime reuses that image's cached tokens). A conversation without any image is a
+text-only turn, answered by the language model alone.
 
 Owns the mapping only: knows nothing of sockets, headers or connection limits (``http_api`` serves
 it) and nothing of models or placement (``EdgeRuntime`` answers the request). Bodies are untrusted
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits, image_bytes_from_base64
@@ -26,15 +34,18 @@ __all__ = [
     "MAX_JSON_ITEMS",
     "MSAO_KEYS",
     "OPENAI_ERRORS",
+    "ChatCall",
     "OpenAIErrorKind",
+    "call_from_chat",
+    "chunks_from_response",
     "completion_from_response",
     "error_body",
-    "request_from_chat",
 ]
 
 MAX_JSON_DEPTH = 10  # an OpenAI request with an image part needs 7
 MAX_JSON_ITEMS = 1000  # values in the whole body: one question and one image need a few dozen
 MSAO_KEYS = frozenset({"deadline_ms", "stream", "policy", "split_layer", "keep_ratio", "request_id"})
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 
 
 class OpenAIErrorKind(NamedTuple):
@@ -58,22 +69,44 @@ OPENAI_ERRORS: dict[str, OpenAIErrorKind] = {
     "method_not_allowed": OpenAIErrorKind(405, "invalid_request_error"),
     "length_required": OpenAIErrorKind(411, "invalid_request_error"),
     "timeout": OpenAIErrorKind(408, "invalid_request_error"),
+    "unauthorized": OpenAIErrorKind(401, "invalid_request_error"),
 }
 
 
-def request_from_chat(
+@dataclass(frozen=True)
+class ChatCall:
+    """What one chat body asks for: the request the runtime answers, and how to hand the answer back.
+
+    Attributes:
+        request: the question, the conversation's newest image (``b""``: text-only), the budget.
+        stream: answer as server-sent ``chat.completion.chunk`` events.
+        include_usage: with ``stream``, a last chunk carrying ``usage`` (``stream_options``).
+        stop: the answer is cut before the first of these strings (``finish_reason`` "stop").
+        follow_up: the image came from an earlier user turn, not the last one.
+    """
+
+    request: EdgeRequest
+    stream: bool = False
+    include_usage: bool = False
+    stop: tuple[str, ...] = ()
+    follow_up: bool = False
+
+
+def call_from_chat(
     body: bytes,
     limits: RequestLimits,
     request_id: str,
     max_json_depth: int = MAX_JSON_DEPTH,
     max_json_items: int = MAX_JSON_ITEMS,
-) -> EdgeRequest:
-    """An OpenAI chat body -> ``EdgeRequest``: the last user message's text parts and its one image.
+) -> ChatCall:
+    """An OpenAI chat body -> ``ChatCall``: the last user turn's text, the newest image, the budget.
 
-    Earlier turns and OpenAI sampling fields (``model``, ``max_tokens``, ``temperature``) are
-    ignored: msao answers one question about one image. The optional ``msao`` object sets the
-    request's ``deadline_ms``, ``stream``, ``policy``, ``split_layer``, ``keep_ratio`` and
-    ``request_id``.
+    Read: ``messages``, ``stream``, ``stream_options.include_usage``, ``max_tokens`` /
+    ``max_completion_tokens`` (the answer's token budget), ``stop`` and ``n`` (1 only). Ignored,
+    as a single greedy answer makes them moot: ``model`` (the daemon answers with its own models;
+    ``GET /v1/models`` lists them), ``temperature``, ``top_p``, ``seed`` and the rest. The optional
+    ``msao`` object sets the request's ``deadline_ms``, ``stream`` (a video stream's id),
+    ``policy``, ``split_layer``, ``keep_ratio`` and ``request_id``.
 
     Args:
         body: the raw request body (untrusted; any bytes).
@@ -83,9 +116,9 @@ def request_from_chat(
         max_json_items: values the whole body may hold (members of lists and objects, summed).
 
     Raises:
-        RequestError: ``bad_request`` (not UTF-8/JSON, wrong shape, streaming), ``bad_image`` (no
-            image, two images, a URL instead of a data: URI, bad base64), ``too_large`` (decoded
-            image). ``OPENAI_ERRORS[code]`` gives its HTTP status.
+        RequestError: ``bad_request`` (not UTF-8/JSON, wrong shape, ``n`` > 1, a bad budget or
+            stop), ``bad_image`` (two images in one turn, a URL instead of a data: URI, bad
+            base64), ``too_large`` (decoded image). ``OPENAI_ERRORS[code]`` gives its HTTP status.
     """
     try:
         text = body.decode("utf-8")
@@ -98,15 +131,27 @@ def request_from_chat(
     if not isinstance(doc, dict):
         raise RequestError(f"body must be a JSON object, got {type(doc).__name__}", "bad_request")
     _check_shape(doc, max_json_depth, max_json_items)
-    if doc.get("stream") not in (None, False):
-        raise RequestError("streaming is not supported; send stream=false", "bad_request")
+    stream = doc.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError(f"'stream' must be true or false, got {str(stream)[:40]}", "bad_request")
+    options = doc.get("stream_options")
+    options = {} if options is None else options
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("'stream_options' must be an object like {\"include_usage\": true}", "bad_request")
+    n = doc.get("n", 1)
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise RequestError(f"n={str(n)[:20]}: msao gives one (greedy) answer per request; send n=1 or leave it out", "bad_request")
+    budget = _token_budget(doc)
+    stop = _stop_sequences(doc.get("stop"))
     ext = doc.get("msao") or {}
     if not isinstance(ext, dict):
         raise RequestError(f"'msao' must be an object with keys {sorted(MSAO_KEYS)}", "bad_request")
     unknown = sorted(set(ext) - MSAO_KEYS)
     if unknown:
         raise RequestError(f"unknown 'msao' keys {[str(k)[:40] for k in unknown[:8]]}; known: {sorted(MSAO_KEYS)}", "bad_request")
-    question, image = _last_user_turn(doc.get("messages"), limits)
+    question, image, follow_up = _conversation(doc.get("messages"), limits)
     deadline = ext.get("deadline_ms", limits.default_deadline_ms)
     if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline <= limits.max_deadline_ms:
         raise RequestError(f"msao.deadline_ms must be a number in (0, {limits.max_deadline_ms:g}], got {str(deadline)[:40]}", "bad_request")
@@ -114,7 +159,7 @@ def request_from_chat(
         value = ext.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             raise RequestError(f"msao.{key} has the wrong type ({type(value).__name__})", "bad_request")
-    return EdgeRequest(  # checks ids, policy, split layer and keep ratio itself (RequestError)
+    request = EdgeRequest(  # checks ids, policy, split layer, keep ratio and the budget itself (RequestError)
         request_id=ext.get("request_id") or request_id,
         question=question,
         image=image,
@@ -123,24 +168,76 @@ def request_from_chat(
         policy=ext.get("policy"),
         split_layer=ext.get("split_layer"),
         keep_ratio=ext.get("keep_ratio"),
+        max_new_tokens=budget,
     )
+    return ChatCall(request, stream=stream, include_usage=bool(options.get("include_usage")) and stream, stop=stop, follow_up=follow_up)
 
 
-def completion_from_response(response: EdgeResponse) -> dict[str, Any]:
+def _token_budget(doc: dict) -> int | None:
+    budgets = {k: doc[k] for k in ("max_completion_tokens", "max_tokens") if doc.get(k) is not None}
+    for key, value in budgets.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(f"{key} must be a positive integer, got {str(value)[:40]}", "bad_request")
+    if len(set(budgets.values())) > 1:
+        raise RequestError(f"max_tokens and max_completion_tokens disagree ({budgets}); send one", "bad_request")
+    return next(iter(budgets.values()), None)
+
+
+def _stop_sequences(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or len(items) > MAX_STOP_SEQUENCES or not all(isinstance(x, str) and x for x in items):
+        raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_SEQUENCES} of them", "bad_request")
+    return tuple(items)
+
+
+def completion_from_response(response: EdgeResponse, call: ChatCall | None = None) -> dict[str, Any]:
     """An answered ``EdgeResponse`` as an OpenAI ``chat.completion``, with ``msao`` added.
 
-    ``usage`` is all zeros: the intake does not count tokens (the prompt's size depends on the
-    plan's keep-set), and zeros keep clients that read the field working.
+    ``usage`` counts the tokens of the model whose answer was committed: the prompt as its
+    prefill processed it (image tokens after the keep-set included) and the answer's tokens.
     """
+    answer, finish = _answer_and_finish(response, call)
     return {
         "id": "chatcmpl-" + response.request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": response.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": response.answer}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
+        "usage": _usage(response),
         "msao": response.to_dict(),
     }
+
+
+def chunks_from_response(response: EdgeResponse, call: ChatCall) -> list[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects of a streamed answer, as OpenAI sends them: the role,
+    the committed text (one chunk: msao commits whole answers), the finish reason (with ``msao``
+    added), then ``usage`` alone when ``stream_options.include_usage`` asked for it."""
+    answer, finish = _answer_and_finish(response, call)
+    head = {"id": "chatcmpl-" + response.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": response.model}
+
+    def chunk(delta: dict, finish_reason: str | None, **more: Any) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **more}
+
+    out = [chunk({"role": "assistant", "content": ""}, None), chunk({"content": answer}, None), chunk({}, finish, msao=response.to_dict())]
+    if call.include_usage:
+        out.append({**head, "choices": [], "usage": _usage(response)})
+    return out
+
+
+def _answer_and_finish(response: EdgeResponse, call: ChatCall | None) -> tuple[str, str]:
+    answer, finish = response.answer, response.finish_reason or "stop"
+    for s in call.stop if call else ():
+        cut = answer.find(s)
+        if cut >= 0:
+            answer, finish = answer[:cut], "stop"
+    return answer, finish
+
+
+def _usage(response: EdgeResponse) -> dict[str, int]:
+    prompt, completion = response.prompt_tokens, response.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def error_body(message: str, code: str, response: EdgeResponse | None = None) -> dict[str, Any]:
@@ -159,15 +256,32 @@ def error_body(message: str, code: str, response: EdgeResponse | None = None) ->
     return body
 
 
-def _last_user_turn(messages: Any, limits: RequestLimits) -> tuple[str, bytes]:
+def _conversation(messages: Any, limits: RequestLimits) -> tuple[str, bytes, bool]:
+    """(question of the last user turn, newest image or b"", whether that image is from an earlier turn)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of chat messages", "bad_request")
     user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     if not user:
-        raise RequestError("no message has role 'user'; put the question and the image in a user message", "bad_request")
-    content = user[-1].get("content")
+        raise RequestError("no message has role 'user'; put the question (and any image) in a user message", "bad_request")
+    turns = [_user_turn(m.get("content")) for m in user]
+    texts, urls = turns[-1]
+    follow_up = False
+    if not urls:  # a follow-up about the newest earlier image, or a text-only conversation
+        earlier = [u for _, us in turns[:-1] for u in us]
+        urls, follow_up = earlier[-1:], bool(earlier)
+    image = _image(urls[0], limits) if urls else b""
+    question = " ".join(t.strip() for t in texts if t.strip())
+    if not question:
+        raise RequestError("the user message has no question; add a text part", "bad_request")
+    if len(question) > limits.max_question_chars:
+        raise RequestError(f"question is {len(question)} characters, over the limit of {limits.max_question_chars}", "bad_request")
+    return question, image, follow_up
+
+
+def _user_turn(content: Any) -> tuple[list[str], list[str]]:
+    """(text parts, image URLs) of one user message; at most one image per message."""
     if isinstance(content, str):
-        raise RequestError("the user message has no image; send the image as an image_url content part (a data: URI)", "bad_image")
+        return [content], []
     if not isinstance(content, list):
         raise RequestError("the user message's content must be a string or a list of text and image_url parts", "bad_request")
     texts, urls = [], []
@@ -185,10 +299,12 @@ def _last_user_turn(messages: Any, limits: RequestLimits) -> tuple[str, bytes]:
             raise RequestError(
                 f"content part type {str(kind)[:40]!r} is not supported; send 'text' and one 'image_url' part", "bad_request"
             )
-    if len(urls) != 1:
-        hint = "send the image as an image_url content part" if not urls else "msao answers about one image per request; send one"
-        raise RequestError(f"the user message has {len(urls)} images; {hint}", "bad_image")
-    url = urls[0]
+    if len(urls) > 1:
+        raise RequestError(f"a user message has {len(urls)} images; msao answers about one image per request; send one", "bad_image")
+    return texts, urls
+
+
+def _image(url: str, limits: RequestLimits) -> bytes:
     if not url.startswith("data:"):
         raise RequestError("msao never fetches URLs; send the image inline as a data: URI (data:image/png;base64,...)", "bad_image")
     image = image_bytes_from_base64(url)  # RequestError bad_image
@@ -196,12 +312,7 @@ def _last_user_turn(messages: Any, limits: RequestLimits) -> tuple[str, bytes]:
         raise RequestError(
             f"image is {len(image)} bytes, over the limit of {limits.max_payload_bytes}; send a smaller (e.g. JPEG) image", "too_large"
         )
-    question = " ".join(t.strip() for t in texts if t.strip())
-    if not question:
-        raise RequestError("the user message has no question; add a text part", "bad_request")
-    if len(question) > limits.max_question_chars:
-        raise RequestError(f"question is {len(question)} characters, over the limit of {limits.max_question_chars}", "bad_request")
-    return question, image
+    return image
 
 
 def _check_shape(doc: Any, max_depth: int, max_items: int) -> None:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from msao.edge_runtime.plans import POLICIES
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from msao.errors import RequestError
 
 __all__ = [
@@ -75,12 +76,17 @@ class EdgeRequest:
     Attributes:
         request_id: safe id (``[A-Za-z0-9_-]{1,64}``); answers and logs carry it.
         question: the question text, non-empty.
-        image: the image file's bytes (JPEG, PNG, ...), decoded by the serving worker.
+        image: the image file's bytes (JPEG, PNG, ...), decoded by the serving worker;
+            ``b""`` is a text-only turn, answered by the language model alone (no decode, no
+            vision encoder, no MAS: the modal sparsity case where the image is not needed at all).
         stream_id: frames with the same id reuse the previous frame's tokens (MAS temporal).
         deadline_ms: budget from acceptance to the committed answer.
         policy: placement policy for this request (None = the daemon's configured one);
             ``static_split`` takes ``split_layer``, ``prune_only`` takes ``keep_ratio``.
         split_layer / keep_ratio: parameters of the policies above.
+        max_new_tokens: the answer's budget in generated tokens, the end token included
+            (1..``MAX_NEW_TOKENS``); None = ``DEFAULT_MAX_NEW_TOKENS``. An answer cut by it ends
+            with ``finish_reason`` "length".
     """
 
     request_id: str
@@ -91,6 +97,15 @@ class EdgeRequest:
     policy: str | None = None
     split_layer: int | None = None
     keep_ratio: float | None = None
+    max_new_tokens: int | None = None
+
+    @property
+    def text_only(self) -> bool:
+        return not self.image
+
+    @property
+    def token_budget(self) -> int:
+        return DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
 
     def __post_init__(self) -> None:
         problems = []
@@ -100,8 +115,10 @@ class EdgeRequest:
             problems.append("question is empty; ask something about the image")
         elif not self.question.isascii() and any("\ud800" <= c <= "\udfff" for c in self.question):  # a JSON "\ud800" escape
             problems.append("question holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode text")
-        if not isinstance(self.image, (bytes, bytearray)) or not self.image:
-            problems.append("image is empty; send the JPEG/PNG file's bytes")
+        if not isinstance(self.image, (bytes, bytearray)):
+            problems.append(f"image must be the JPEG/PNG file's bytes (b\"\" for a text-only turn), got {type(self.image).__name__}")
+        elif self.stream_id is not None and not self.image:
+            problems.append("a stream frame needs its image; send the frame's JPEG/PNG bytes")
         if self.stream_id is not None and (not isinstance(self.stream_id, str) or not _ID.match(self.stream_id)):
             problems.append(f"stream id {str(self.stream_id)[:80]!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
         if not (isinstance(self.deadline_ms, (int, float)) and 0 < self.deadline_ms < float("inf")):
@@ -116,6 +133,12 @@ class EdgeRequest:
             isinstance(self.keep_ratio, bool) or not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1)
         ):
             problems.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS
+        ):
+            problems.append(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {str(self.max_new_tokens)[:40]}")
         if problems:
             raise RequestError("; ".join(problems), "bad_request")
 
@@ -136,6 +159,12 @@ class EdgeResponse:
             (speculative and failed cloud jobs included).
         flops_edge / flops_cloud: FLOPs this request cost on each side, from the bundles' segment
             FLOPs models and the tokens actually processed (speculative cloud jobs included).
+        prompt_tokens / completion_tokens: tokens the committed answer's model prefilled (its
+            text and kept image tokens) and generated (the end token not counted).
+        finish_reason: ``stop`` (the model ended the answer) or ``length`` (the token budget or
+            the model's context ran out first); "" on a failure.
+        image_cached: the image's tokens came from the edge's image cache (an image asked about
+            before, e.g. a follow-up question): no vision encoder ran.
     """
 
     request_id: str
@@ -153,6 +182,10 @@ class EdgeResponse:
     bytes_down: int = 0
     flops_edge: int = 0
     flops_cloud: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    image_cached: bool = False
     error_code: str = ""
     error: str = ""
 
@@ -177,7 +210,7 @@ class EdgeResponse:
         return cls(**d)
 
 
-_JSON_KEYS = {"request_id", "question", "image", "stream", "deadline_ms", "policy", "split_layer", "keep_ratio"}
+_JSON_KEYS = {"request_id", "question", "image", "stream", "deadline_ms", "policy", "split_layer", "keep_ratio", "max_new_tokens"}
 
 
 def _depth(obj: Any, limit: int) -> int:
@@ -271,6 +304,7 @@ def request_from_json(payload: bytes | bytearray, limits: RequestLimits = Reques
         policy=doc.get("policy"),
         split_layer=doc.get("split_layer"),
         keep_ratio=doc.get("keep_ratio"),
+        max_new_tokens=doc.get("max_new_tokens"),
     )
 
 
@@ -296,6 +330,8 @@ def request_from_raw_image(
 ) -> EdgeRequest:
     """A raw JPEG/PNG payload with the question (and optional ``stream``, ``deadline_ms``) in properties."""
     _check_size(payload, limits)
+    if not payload:
+        raise RequestError("image is empty; send the JPEG/PNG file's bytes as the payload", "bad_request")
     unknown = sorted(set(properties) - {"question", "stream", "deadline_ms", "request_id", "policy", "traceparent"})
     if unknown:
         raise RequestError(f"unknown request properties {[k[:40] for k in unknown[:8]]}", "bad_request")

@@ -4,7 +4,7 @@ Every intake (MQTT, HTTP, ``msao ask``, Python) calls ``EdgeRuntime.submit`` (or
 ``answer``); nothing else touches models. The life of one request:
 
     submit ─► bounded queue (full: RequestError "busy" at once, nothing accepted)
-    worker thread ─► decode image ─► cost inputs (link, cloud queue, edge load, deadline)
+    worker thread ─► decode image (none for a text-only turn) ─► cost inputs (link, cloud queue, edge load, deadline)
                   ─► Scheduler.choose ─► Executor.run (fallback to edge inside)
                   ─► EdgeResponse ─► on_done callback ─► estimates and metrics updated
 
@@ -278,11 +278,13 @@ class EdgeRuntime:
             return None, EdgeResponse.failure(
                 req.request_id, "deadline", f"the deadline of {req.deadline_ms:.0f} ms passed while queued ({queue_ms:.0f} ms)"
             )
-        try:
-            rgb, decode_ms = self.edge.decode(req.image, self.options.max_image_pixels)
-            decode_ms = self.executor.dilate(decode_ms)
-        except ImageError as exc:
-            return None, EdgeResponse.failure(req.request_id, "bad_image", str(exc))
+        rgb, decode_ms = None, 0.0  # a text-only turn: nothing to decode
+        if not req.text_only:
+            try:
+                rgb, decode_ms = self.edge.decode(req.image, self.options.max_image_pixels)
+                decode_ms = self.executor.dilate(decode_ms)
+            except ImageError as exc:
+                return None, EdgeResponse.failure(req.request_id, "bad_image", str(exc))
         inputs = self._cost_inputs(req, item.deadline)
         try:
             plan = self.scheduler.choose(inputs, req.policy, req.split_layer, req.keep_ratio)
@@ -307,7 +309,8 @@ class EdgeRuntime:
             request_id=req.request_id, status="error" if late else "ok", answer=out.answer, confidence=round(out.confidence, 5),
             answered_by=out.answered_by, model=out.model, plan=plan.describe(), reason=plan.reason + (f"; {out.speculation}" if out.speculation else ""),
             fallback=out.fallback, mas=out.mas, timings_ms=timings, bytes_up=out.bytes_up, bytes_down=out.bytes_down,
-            flops_edge=out.flops_edge, flops_cloud=out.flops_cloud,
+            flops_edge=out.flops_edge, flops_cloud=out.flops_cloud, prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens, finish_reason=out.finish_reason, image_cached=out.image_cached,
             error_code="deadline" if late else "", error=f"answered after {total_ms:.0f} ms, past the {req.deadline_ms:.0f} ms deadline" if late else "",
         )  # fmt: skip
 

@@ -10,6 +10,10 @@ scheduling or streams (the stream token cache lives in ``edge_runtime/local_mode
     tokens, features, question ─keep policy (MAS)─► keep-set (K of N), MAS values
     kept tokens (K, D) + prompt ─decoder (all layers here, or [0:k) here + a tail runner)─► answer
 
+A text-only turn skips the first two lines: ``text_only`` gives an encoding of zero tokens,
+no keep policy runs on it (MAS has nothing to score: image necessity 0, keep-set empty), and
+the decoder reads the question alone.
+
 Threads: the runners are opened once and shared by every thread (ONNX Runtime sessions may
 run concurrently); each thread gets its own ``Generator`` (its KV cache), question embedder
 (its row cache) and keep policies, built on its first call. The pipeline owns the runners:
@@ -27,7 +31,7 @@ import numpy as np
 
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
-from msao.engines.generation import Answer, Generator, ImageEncoding
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS, Answer, Generator, ImageEncoding, text_only_encoding
 from msao.engines.images import MAX_IMAGE_PIXELS, decode_image, pixels_from_image
 from msao.engines.keep_policy import KeepDecision, KeepPolicy, keep_policy_from_name
 from msao.engines.manifest import LatencyProfile, SegmentSpec
@@ -48,8 +52,10 @@ class Prepared:
         keep: sorted indices of the kept tokens (None = all N).
         mas: the MAS analysis (None when every token is kept and MAS was not asked for, or the
             keep policy runs no MAS).
-        skipped_encoder: a stream frame close enough to the previous one: tokens reused.
+        skipped_encoder: the encoder did not run: a stream frame close enough to the previous
+            one, or an image whose tokens were cached; the tokens were reused.
         decode_ms / vision_ms / mas_ms: stage times.
+        cached: the tokens came from the image cache (an image asked about before).
     """
 
     encoding: ImageEncoding
@@ -59,10 +65,21 @@ class Prepared:
     decode_ms: float
     vision_ms: float
     mas_ms: float
+    cached: bool = False
 
     @property
     def kept_tokens(self) -> int:
         return self.encoding.tokens.shape[0] if self.keep is None else int(self.keep.shape[0])
+
+    @property
+    def text_only(self) -> bool:
+        """No image: zero image tokens, no encoder ran, no keep-set."""
+        return self.encoding.tokens.shape[0] == 0
+
+    @property
+    def encoder_ran(self) -> bool:
+        """The vision encoder ran for this request (what its edge FLOPs count)."""
+        return not (self.skipped_encoder or self.text_only)
 
 
 class _SharedRunners(Backend):
@@ -199,6 +216,10 @@ class RequestPipeline:
         asked = state.embed(question) if chosen.needs_question else None
         return chosen.decide(encoding.tokens, encoding.mas_features, asked, request_id=request_id)
 
+    def text_only(self, decode_ms: float = 0.0) -> Prepared:
+        """A turn without an image: zero image tokens, nothing encoded, no keep policy run."""
+        return Prepared(text_only_encoding(self.manifest.model.hidden_size), None, None, False, decode_ms, 0.0, 0.0)
+
     def prepare(
         self, rgb: np.ndarray, question: str, keep_ratio: float = 1.0, *, analyse: bool = True, request_id: int = 0, decode_ms: float = 0.0
     ) -> Prepared:
@@ -232,7 +253,7 @@ class RequestPipeline:
             skipped_encoder / decode_ms / vision_ms: carried into the ``Prepared``.
         """
         keep, mas, mas_ms = None, None, 0.0
-        if keep_ratio < 1.0 or analyse:
+        if encoding.tokens.shape[0] and (keep_ratio < 1.0 or analyse):  # zero tokens (text-only): nothing to keep or score
             t0 = time.perf_counter()
             decision = self.decide_keep(encoding, question, keep_ratio, request_id=request_id)
             mas = decision.mas
@@ -249,10 +270,14 @@ class RequestPipeline:
         keep: np.ndarray | None = None,
         exit_layer: int | None = None,
         tail: tuple[int, Runner] | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> Answer:
         """Greedy answer from prepared tokens with this thread's generator (``Generator.generate``).
 
-        ``keep`` overrides the prepared keep-set; ``exit_layer`` answers from that exit head; ``tail`` splits.
+        ``keep`` overrides the prepared keep-set; ``exit_layer`` answers from that exit head; ``tail`` splits;
+        ``max_new_tokens`` bounds the answer (the end token included).
         """
         keep = prepared.keep if keep is None else keep
-        return self.generator().generate(prepared.encoding, question, keep=keep, exit_layer=exit_layer, tail=tail)
+        return self.generator().generate(
+            prepared.encoding, question, keep=keep, exit_layer=exit_layer, tail=tail, max_new_tokens=max_new_tokens
+        )

@@ -414,8 +414,14 @@ def http_chat_cases() -> list[dict[str, Any]]:
         ("top_null", b"null", B, "must be a JSON object", "JSON null"),
         ("deep_11_levels", _j({**_chat(), "x": deep}), B, "nested deeper than 10", "11 levels of objects"),
         ("many_items", _j(_chat(extra_list=[0] * 1001)), B, "more than 1000 values", "1001-item list"),
-        ("stream_true", _j(_chat(stream=True)), B, "streaming", "stream: true"),
-        ("stream_string", _j(_chat(stream="yes")), B, "streaming", 'stream: "yes"'),
+        ("stream_string", _j(_chat(stream="yes")), B, "'stream' must be true or false", 'stream: "yes"'),
+        ("stream_options_list", _j(_chat(stream=True, stream_options=[1])), B, "'stream_options' must be", "stream_options is a list"),
+        ("n_two", _j(_chat(n=2)), B, "one .greedy. answer", "n: 2"),
+        ("max_tokens_zero", _j(_chat(max_tokens=0)), B, "max_tokens must be a positive integer", "max_tokens: 0"),
+        ("max_tokens_string", _j(_chat(max_tokens="8")), B, "max_tokens must be a positive integer", "max_tokens as a string"),
+        ("max_tokens_disagree", _j(_chat(max_tokens=4, max_completion_tokens=8)), B, "disagree", "two different budgets"),
+        ("stop_number", _j(_chat(stop=5)), B, "'stop' must be", "stop is a number"),
+        ("stop_five", _j(_chat(stop=["a", "b", "c", "d", "e"])), B, "'stop' must be", "five stop strings"),
         ("msao_list", _j(_chat(msao=[1])), B, "'msao' must be an object", "msao is a list"),
         ("msao_string", _j(_chat(msao="x")), B, "'msao' must be an object", "msao is a string"),
         ("msao_unknown_key", _j(_chat(msao={"colour": 1})), B, "unknown 'msao' keys", "unknown msao key"),
@@ -443,7 +449,6 @@ def http_chat_cases() -> list[dict[str, Any]]:
         ("messages_string", _j({"model": "msao", "messages": "hi"}), B, "'messages' must be a non-empty list", "messages is a string"),
         ("no_user", _j({"messages": [{"role": "system", "content": "x"}]}), B, "no message has role 'user'", "system message only"),
         ("messages_not_objects", _j({"messages": [1, 2]}), B, "no message has role 'user'", "messages are numbers"),
-        ("content_string", _j({"messages": [{"role": "user", "content": Q}]}), I, "no image", "content is a string"),
         ("content_number", _j({"messages": [{"role": "user", "content": 5}]}), B, "content must be", "content is a number"),
         ("content_object", _j({"messages": [{"role": "user", "content": {}}]}), B, "content must be", "content is an object"),
         ("part_audio", _j(_chat(content=[text, {"type": "input_audio"}])), B, "content part type", "an audio part"),
@@ -452,7 +457,6 @@ def http_chat_cases() -> list[dict[str, Any]]:
         ("image_url_number", _j(_chat(content=[text, {"type": "image_url", "image_url": 5}])), I, "image_url must be", "image_url is a number"),
         ("image_url_empty_object", _j(_chat(content=[text, {"type": "image_url", "image_url": {}}])), I, "image_url must be", "image_url {}"),
         ("two_images", _j(_chat(content=[text, img, img])), I, "2 images", "two images"),
-        ("no_image", _j(_chat(content=[text])), I, "0 images", "text only"),
         ("http_url", _j(_chat(url="http://example.com/x.png")), I, "never fetches", "http URL"),
         ("file_url", _j(_chat(url="file:///etc/passwd")), I, "never fetches", "file URL"),
         ("data_uri_not_base64", _j(_chat(url="data:image/png,abc")), I, "data URI", "data URI without ;base64"),
@@ -487,7 +491,10 @@ def http_raw_cases() -> list[dict[str, Any]]:
     # fmt: off
     c = [
         ("no_content_length", P + b"Content-Type: application/json\r\n\r\n", 411, "length_required", "Content-Length", "POST without Content-Length"),
-        ("chunked", P + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411, "length_required", "chunked", "chunked transfer encoding"),
+        ("chunked_bad_chunk", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+         400, "bad_request", "", "a chunk size that is not hex"),
+        ("chunked_empty_object", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+         400, "bad_request", "messages", "a chunked body read whole: {}"),
         ("length_not_number", P + b"Content-Length: abc\r\n\r\n", 400, "bad_request", "Content-Length", "Content-Length: abc"),
         ("length_negative", P + b"Content-Length: -1\r\n\r\n", 400, "bad_request", "Content-Length", "Content-Length: -1"),
         ("length_superscript", P + b"Content-Length: \xb2\r\n\r\n", 400, "bad_request", "Content-Length", "Content-Length: superscript two (Latin-1)"),
@@ -796,7 +803,7 @@ def topic_cases() -> list[dict[str, Any]]:
 PARSERS = {
     "edge_request": "MqttIntake._parse: request_from_json when the payload starts with '{', else request_from_raw_image (stage decode: "
     "then decode_image; stage serve: then the runtime's prompt check)",
-    "http_chat": "openai_chat.request_from_chat (raises RequestError with a code, OPENAI_ERRORS gives its HTTP status; stage decode: "
+    "http_chat": "openai_chat.call_from_chat (raises RequestError with a code, OPENAI_ERRORS gives its HTTP status; stage decode: "
     "then decode_image)",
     "http_raw": "the HTTP intake's request line, header and body handling (no in-process parser: live test only)",
     "image": "msao.engines.images.decode_image",

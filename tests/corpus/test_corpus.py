@@ -18,7 +18,7 @@ from msao.cloud_bridge.messages import JobHeader
 from msao.cloud_bridge.topics import check_id, job_topic
 from msao.cloud_bridge.worker import _job_id
 from msao.edge_runtime.mqtt_intake import _JSON_START, response_topic_problem
-from msao.edge_runtime.openai_chat import OPENAI_ERRORS, request_from_chat
+from msao.edge_runtime.openai_chat import OPENAI_ERRORS, call_from_chat
 from msao.edge_runtime.requests import ERROR_CODES, EdgeRequest, RequestLimits, request_from_json, request_from_raw_image
 from msao.engines.images import decode_image
 from tests.corpus.corpus import CORPUS_DIR, JOB_MAX_PAYLOAD_BYTES, REQUEST_MAX_PAYLOAD_BYTES, TARGETS, Case, load_cases, load_manifest
@@ -102,13 +102,13 @@ def test_edge_request_is_refused_with_a_typed_error(case: Case):
 def test_http_chat_body_is_refused_with_a_typed_error(case: Case):
     if case["stage"] == "parse":
         with pytest.raises(errors.RequestError) as info:  # the chat mapping's refusal: code -> HTTP status + OpenAI error
-            request_from_chat(case.data, LIMITS, "corpus")
+            call_from_chat(case.data, LIMITS, "corpus")
         assert info.value.code == case["code"] and OPENAI_ERRORS[info.value.code].http_status == case["status"], (
             f"{case.id}: {info.value.code}"
         )
         _matches(case, str(info.value))
         return
-    request = request_from_chat(case.data, LIMITS, "corpus")
+    request = call_from_chat(case.data, LIMITS, "corpus").request
     if case["stage"] == "decode":
         with pytest.raises(errors.ImageError) as img:
             decode_image(request.image)

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -18,6 +19,7 @@ import pytest
 from msao.edge_runtime.http_api import HttpIntake, HttpOptions
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
+from msao.errors import ConfigError
 from msao.prometheus import MetricsListener
 from tests.edge_runtime.test_openai_chat import chat_body, data_uri
 from tests.test_prometheus import samples, scrape
@@ -126,10 +128,10 @@ def test_response_has_the_openai_shape_and_the_msao_extension(intake, easyvqa_te
 # -- refused at intake (which bodies and why: test_openai_chat.py) -------------------------------------
 
 
-def test_string_content_without_an_image_is_refused_with_400(intake, runtime):
+def test_an_http_image_url_is_refused_because_msao_never_fetches(intake, runtime):
     before = runtime.metrics.rejected.value(code="bad_image")
-    status, _, body = http_call(intake, "POST", CHAT, {"messages": [{"role": "user", "content": "what color is the shape?"}]})
-    assert_error(status, body, 400, "bad_image", "image_url content part")
+    status, _, body = http_call(intake, "POST", CHAT, chat_body("what color is the shape?", "http://example.com/x.png"))
+    assert_error(status, body, 400, "bad_image", "never fetches")
     assert runtime.metrics.rejected.value(code="bad_image") == before + 1
 
 
@@ -159,12 +161,56 @@ def test_missing_content_length_gets_411(intake):
     assert_error(status, body, 411, "length_required", "Content-Length")
 
 
-def test_chunked_body_gets_411(intake):
+def test_a_chunked_body_is_read_whole_and_answered(intake, easyvqa_test):
+    body = json.dumps(chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]))).encode()
     conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=15)
     try:
-        conn.request("POST", CHAT, body=iter([b'{"messages": []}']), encode_chunked=True)
+        conn.request("POST", CHAT, body=iter([body[:100], body[100:]]), encode_chunked=True)
         resp = conn.getresponse()
-        assert_error(resp.status, json.loads(resp.read()), 411, "length_required", "chunked")
+        out = json.loads(resp.read())
+        assert resp.status == 200, out
+        assert out["choices"][0]["message"]["content"] == easyvqa_test.answers[0] or out["msao"]["status"] == "ok"
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_over_the_limit_gets_413_while_it_arrives(intake):
+    conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=15)
+    try:
+        conn.request("POST", CHAT, body=iter([b"x" * 40_000] * 3), encode_chunked=True)  # 120 KB > 64 KiB
+        resp = conn.getresponse()
+        assert_error(resp.status, json.loads(resp.read()), 413, "too_large", "over the limit")
+    finally:
+        conn.close()
+
+
+def test_expect_100_continue_gets_its_100_and_a_2_mib_body_is_not_stalled(runtime, easyvqa_test, tmp_path):
+    """curl waits up to 1 s for a 100 Continue before sending a body over 1 MiB; the server sends it."""
+    body = json.dumps(chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0])))
+    path = tmp_path / "body.json"
+    path.write_text(body + " " * (2 * 1024 * 1024 - len(body)))  # JSON padded with whitespace to 2 MiB
+    with HttpIntake(runtime, "127.0.0.1", 0) as h:
+        out = subprocess.run(
+            ["curl", "-sv", "-T", str(path), "-X", "POST", "-H", "Content-Type: application/json", "-w", "\n%{time_total}",
+             h.url + CHAT], capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+    answer, seconds = out.stdout.rsplit("\n", 1)
+    assert "HTTP/1.1 100 Continue" in out.stderr  # sent, so curl did not wait out its 1 s timer
+    assert json.loads(answer)["msao"]["status"] == "ok"
+    assert float(seconds) < 0.9  # generous for a loaded machine; measured well under 100 ms (docs/http.md)
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(intake, easyvqa_test):
+    conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=15)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        assert first.status == 200 and json.loads(first.read())["live"] is True
+        sock = conn.sock
+        conn.request("POST", CHAT, body=json.dumps(chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]))))
+        second = conn.getresponse()
+        assert second.status == 200 and json.loads(second.read())["msao"]["status"] == "ok"
+        assert conn.sock is sock  # the same TCP connection
     finally:
         conn.close()
 
@@ -240,7 +286,7 @@ def test_connections_over_max_concurrent_get_503_but_probes_are_answered(runtime
 
 def test_healthz_says_live(intake):
     status, _, body = http_call(intake, "GET", "/healthz")
-    assert (status, body) == (200, {"live": True})
+    assert (status, body) == (200, {"live": True, "ready": True})
 
 
 def test_readyz_is_200_and_degraded_without_a_cloud(intake):
@@ -295,7 +341,7 @@ def test_metrics_listener_counts_http_answers_by_route_and_status(models, easyvq
 
 
 def test_unknown_path_gets_404_and_wrong_method_gets_405(intake):
-    status, _, body = http_call(intake, "GET", "/v1/models")
+    status, _, body = http_call(intake, "GET", "/v2/models")
     assert_error(status, body, 404, "not_found", "no such endpoint")
     status, resp, body = http_call(intake, "GET", CHAT)
     assert_error(status, body, 405, "method_not_allowed", "takes POST")
@@ -306,3 +352,84 @@ def test_unknown_path_gets_404_and_wrong_method_gets_405(intake):
 def test_server_header_does_not_reveal_python(intake):
     _, resp, _ = http_call(intake, "GET", "/healthz")
     assert resp.getheader("Server") == "msao-edge"
+
+
+# -- the OpenAI surface and access -------------------------------------------------------------------
+
+
+def test_models_lists_the_edge_and_large_models_with_their_hashes(intake, runtime):
+    status, _, body = http_call(intake, "GET", "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    listed = {m["id"]: m for m in body["data"]}
+    assert set(listed) == {runtime.edge.name, runtime.large.name}
+    assert listed[runtime.edge.name]["msao"] == {"role": "edge", "model_hash": runtime.edge.manifest.model_hash, "served_on": "edge"}
+    assert listed[runtime.large.name]["msao"]["model_hash"] == runtime.large.manifest.model_hash
+    assert all(m["object"] == "model" and m["owned_by"] == "msao" for m in body["data"])
+
+
+def test_stream_true_sends_the_answer_as_server_sent_chunks_then_done(intake, easyvqa_test):
+    i = colour_questions(easyvqa_test, 1)[0]
+    body = chat_body(easyvqa_test.questions[i], data_uri(easyvqa_test.image_pngs[easyvqa_test.image_ids[i]]), stream=True,
+                     stream_options={"include_usage": True})  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=15)
+    try:
+        conn.request("POST", CHAT, body=json.dumps(body))
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+        events = [e for e in resp.read().decode().split("\n\n") if e]
+    finally:
+        conn.close()
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == easyvqa_test.answers[i]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-2]["msao"]["status"] == "ok"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_n_over_1_is_refused_clearly(intake, easyvqa_test):
+    status, _, body = http_call(intake, "POST", CHAT, chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]), n=2))
+    assert_error(status, body, 400, "bad_request", "one (greedy) answer")
+
+
+def test_an_api_key_guards_the_v1_routes_but_not_the_probes(runtime, easyvqa_test):
+    key = "s3cret-key-123"
+    with HttpIntake(runtime, "127.0.0.1", 0, HttpOptions(api_key=key)) as h:
+        for headers in ({}, {"Authorization": "Bearer wrong-key-000"}, {"Authorization": key}):
+            status, resp, body = http_call(h, "GET", "/v1/models", headers=headers)
+            assert_error(status, body, 401, "unauthorized", "API key")
+            assert resp.getheader("WWW-Authenticate") == "Bearer"
+        assert http_call(h, "GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})[0] == 200
+        good = chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]))
+        assert http_call(h, "POST", CHAT, good, {"Authorization": f"Bearer {key}"})[0] == 200
+        assert http_call(h, "POST", CHAT, good)[0] == 401
+        assert http_call(h, "GET", "/healthz")[0] == 200 and http_call(h, "GET", "/readyz")[0] == 200
+
+
+def test_cors_preflights_and_answers_name_only_the_allowed_origins(runtime):
+    with HttpIntake(runtime, "127.0.0.1", 0, HttpOptions(cors_origins=("http://ui.local:3000",))) as h:
+        status, resp, _ = http_call(h, "OPTIONS", CHAT, headers={"Origin": "http://ui.local:3000", "Access-Control-Request-Method": "POST"})
+        assert status == 204
+        assert resp.getheader("Access-Control-Allow-Origin") == "http://ui.local:3000"
+        assert "POST" in resp.getheader("Access-Control-Allow-Methods")
+        assert "Authorization" in resp.getheader("Access-Control-Allow-Headers")
+        _, resp, _ = http_call(h, "GET", "/v1/models", headers={"Origin": "http://ui.local:3000"})
+        assert resp.getheader("Access-Control-Allow-Origin") == "http://ui.local:3000"
+        _, resp, _ = http_call(h, "GET", "/v1/models", headers={"Origin": "http://evil.example"})
+        assert resp.getheader("Access-Control-Allow-Origin") is None
+    with pytest.raises(ConfigError, match="without a path"):
+        HttpOptions(cors_origins=("http://ui.local/app",))
+
+
+def test_bound_before_the_models_load_it_says_503_loading_until_served(runtime, easyvqa_test):
+    with HttpIntake(None, "127.0.0.1", 0) as h:
+        status, resp, body = http_call(h, "GET", "/readyz")
+        assert (status, body) == (503, {"ready": False, "reason": "loading models"}) and resp.getheader("Retry-After") == "5"
+        assert http_call(h, "GET", "/healthz") [0] == 200
+        good = chat_body("what color is the shape?", data_uri(easyvqa_test.image_pngs[0]))
+        status, _, body = http_call(h, "POST", CHAT, good)
+        assert_error(status, body, 503, "unavailable", "loading its models")
+        h.serve(runtime)
+        assert http_call(h, "GET", "/readyz")[0] == 200 and http_call(h, "POST", CHAT, good)[0] == 200

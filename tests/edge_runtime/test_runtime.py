@@ -141,3 +141,53 @@ def test_keep_sets_follow_the_keep_ratio(runtime, easyvqa_test):
     sizes = [runtime.answer(_req(easyvqa_test, 4, policy="prune_only", keep_ratio=r)).mas["kept_tokens"] for r in (1.0, 0.5, 0.125)]
     assert sizes == [64, 32, 8]
     assert np.all(np.diff(sizes) < 0)
+
+
+def _retagged(png: bytes, tag: str) -> bytes:
+    """The same pixels in other file bytes (a text chunk added): a new key for the image cache."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("msao-test", tag)
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(out, format="PNG", pnginfo=info)
+    assert out.getvalue() != png
+    return out.getvalue()
+
+
+def test_a_follow_up_about_the_same_image_takes_its_tokens_from_the_image_cache(runtime, easyvqa_test):
+    from msao.engines.flops import request_flops
+
+    data = easyvqa_test
+    rows = [i for i in range(len(data.questions)) if data.image_ids[i] == data.image_ids[7]][:2]
+    assert len(rows) == 2, "easy-VQA asks several questions about each image"
+    image = _retagged(data.image_pngs[data.image_ids[7]], "first")
+    first = runtime.answer(EdgeRequest("cache-1", data.questions[rows[0]], image, policy="edge_only"))
+    again = runtime.answer(EdgeRequest("cache-2", data.questions[rows[1]], image, policy="edge_only"))
+    assert first.status == again.status == "ok"
+    assert not first.image_cached and again.image_cached and again.mas["encoder_skipped"] == 1.0
+    # the cached tokens are the encoder's own: the answer is what a fresh encoding gives
+    fresh = runtime.answer(EdgeRequest("cache-3", data.questions[rows[1]], _retagged(data.image_pngs[data.image_ids[7]], "fresh"), policy="edge_only"))
+    assert not fresh.image_cached and fresh.answer == again.answer and fresh.confidence == again.confidence
+    vision = request_flops(runtime.edge.manifest, image_tokens=0, text_tokens=0, new_tokens=0, layers=(0, 0), include_head=False)
+    assert vision > 0 and fresh.flops_edge - again.flops_edge == vision
+
+
+def test_a_text_only_turn_runs_no_vision_and_counts_only_text_tokens(runtime):
+    r = runtime.answer(EdgeRequest("text-1", "what color is the shape?", b"", policy="edge_only"))
+    assert r.status == "ok" and r.answer and not r.image_cached
+    assert r.mas["image_tokens"] == 0 and r.mas["kept_tokens"] == 0 and "image" not in r.mas
+    assert r.timings_ms["vision"] == 0 and r.timings_ms["decode_image"] == 0
+    prefix, suffix = runtime.edge.generator().prompt_ids("what color is the shape?")
+    assert r.prompt_tokens == len(prefix) + len(suffix)
+
+
+def test_the_token_budget_cuts_the_answer_with_finish_reason_length(runtime, easyvqa_test):
+    whole = runtime.answer(_req(easyvqa_test, 3, policy="edge_only"))
+    cut = runtime.answer(_req(easyvqa_test, 3, policy="edge_only", max_new_tokens=1))
+    assert whole.finish_reason == "stop" and whole.completion_tokens == len(whole.answer.split()) >= 1
+    assert cut.finish_reason == "length" and cut.completion_tokens == 1 and cut.answer == whole.answer.split()[0]
+    with pytest.raises(RequestError, match="max_new_tokens"):
+        _req(easyvqa_test, 3, max_new_tokens=0)

@@ -6,7 +6,7 @@ with its typed error (checking the invariants of either outcome), and raises any
 
     target          parser                                             allowed error
     edge_request    request_from_json / request_from_raw_image (+ props)    RequestError (code in ERROR_CODES)
-    chat_body       openai_chat.request_from_chat                        RequestError (code in OPENAI_ERRORS: an HTTP status)
+    chat_body       openai_chat.call_from_chat                           RequestError (code in OPENAI_ERRORS: an HTTP status)
     codec           tensors_from_payload, then Job/ResultHeader          CodecError (PayloadTooLarge included)
     chunks          ChunkHeader.from_property + Reassembler.add        CodecError
     image           decode_image (1 Mpx limit)                          ImageError
@@ -23,7 +23,7 @@ from msao.cloud_bridge.codec import CodecLimits, tensors_from_payload
 from msao.cloud_bridge.messages import JobHeader, ResultHeader
 from msao.cloud_bridge.topics import check_id, job_topic
 from msao.edge_runtime.mqtt_intake import _JSON_START, response_topic_problem
-from msao.edge_runtime.openai_chat import OPENAI_ERRORS, request_from_chat
+from msao.edge_runtime.openai_chat import OPENAI_ERRORS, call_from_chat
 from msao.edge_runtime.requests import ERROR_CODES, EdgeRequest, RequestLimits, request_from_json, request_from_raw_image
 from msao.engines.images import decode_image
 from msao.errors import CodecError, ConfigError, ImageError, RequestError
@@ -57,10 +57,11 @@ def props_and_payload(data: bytes) -> tuple[dict[str, str], bytes]:
     return props, payload
 
 
-def _check_request(r: EdgeRequest) -> None:
+def _check_request(r: EdgeRequest, text_only_ok: bool = False) -> None:
+    """``text_only_ok``: the intake may take a turn without an image (chat), answered by the language model alone."""
     _check(_SAFE_ID.fullmatch(r.request_id), f"accepted request id {r.request_id!r}")
     _check(isinstance(r.question, str) and r.question.strip() and len(r.question) <= LIMITS.max_question_chars, "accepted question")
-    _check(isinstance(r.image, bytes) and 0 < len(r.image) <= LIMITS.max_payload_bytes, "accepted image")
+    _check(isinstance(r.image, bytes) and (text_only_ok or r.image) and len(r.image) <= LIMITS.max_payload_bytes, "accepted image")
     _check(0 < r.deadline_ms <= LIMITS.max_deadline_ms, f"accepted deadline {r.deadline_ms}")
     _check(r.stream_id is None or _SAFE_ID.fullmatch(r.stream_id), f"accepted stream id {r.stream_id!r}")
 
@@ -79,11 +80,11 @@ def fuzz_edge_request(data: bytes) -> None:
 def fuzz_chat_body(data: bytes) -> None:
     """A POST /v1/chat/completions body."""
     try:
-        r = request_from_chat(data, LIMITS, "fuzz")
+        r = call_from_chat(data, LIMITS, "fuzz").request
     except RequestError as exc:
         _check(exc.code in OPENAI_ERRORS and str(exc).strip(), f"RequestError code {exc.code!r}, message {str(exc)!r}")
         return
-    _check_request(r)
+    _check_request(r, text_only_ok=True)
 
 
 def fuzz_codec(data: bytes) -> None:
