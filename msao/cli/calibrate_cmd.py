@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="which train questions (default 0)")
     p.add_argument("--dataset", choices=("easy-vqa", "scenes"), default="easy-vqa", help="whose train questions (default easy-vqa)")
+    p.add_argument(
+        "--plot", metavar="PNG",
+        help="also draw the commit verifier's reliability diagram and commit share per accuracy floor here (needs matplotlib)",
+    )  # fmt: skip
     add_threads_option(p)
 
 
@@ -54,11 +58,38 @@ def run(args: argparse.Namespace) -> int:
         accs = ", ".join(f"{r:g}: {a:.4f}" for r, a in zip(m.keep_ratios, m.accuracy))
         report_progress(f"  {m.name}: train accuracy by keep ratio {accs}")
     pair = cal.pairs[0]
-    row = pair.row(1.0) if 1.0 in pair.keep_ratios else 0
-    best = max(range(len(pair.thresholds)), key=lambda j: (pair.accuracy[row][j], pair.commit_share[row][j]))
-    report_progress(
-        f"  draft/verify at keep 1: best accuracy {pair.accuracy[row][best]:.4f} committing {pair.commit_share[row][best]:.1%} of drafts "
-        f"at confidence >= {pair.thresholds[best]:g} (large model alone: {pair.large_accuracy[row]:.4f})"
-    )
+    for line in commit_report(pair):
+        report_progress("  " + line)
+    if args.plot:
+        from msao.edge_runtime.verifier_plot import plot_verifier
+
+        plot_verifier(pair, Path(args.plot))
+        report_progress(f"wrote {args.plot}")
     report_progress(f"wrote {args.out}")
     return 0
+
+
+FLOORS = (0.0, 0.005, 0.01, 0.02)  # accuracy points below the large model's
+
+
+def commit_report(pair) -> list[str]:
+    """Per keep ratio: the share of drafts committed at each accuracy floor, against the oracle's and the old rule's."""
+    rule = "verifier" if pair.verifier is not None else "lowest token probability"
+    out = []
+    if pair.verifier is not None:
+        v = pair.verifier
+        out.append(
+            f"commit verifier (fit on {v.fit_questions} drafts, measured on {v.held_out_questions} held-out questions): "
+            f"AUROC {v.auroc:.3f} vs {v.confidence_auroc:.3f} for the lowest token probability; calibration error {v.ece:.3f}"
+        )
+    for r in pair.keep_ratios:
+        a = pair.row(r)
+        large = pair.large_accuracy[a]
+        oracle = pair.oracle_commit_share[a] if pair.oracle_commit_share else float("nan")
+        parts = []
+        for f in FLOORS:
+            mine = pair.commit_at_floor(r, large - f)
+            old = f" (old rule {pair.commit_at_floor(r, large - f, confidence_rule=True):.1%})" if pair.confidence_commit_share else ""
+            parts.append(f"-{f * 100:g} pt: {mine:.1%}{old}")
+        out.append(f"keep {r:g}: large {large:.4f}, oracle commits {oracle:.1%}; {rule} commits at " + ", ".join(parts))
+    return out

@@ -2,17 +2,21 @@
 
 The cost model needs, before a request runs, how accurate each plan will be: the edge model
 and the large model at each keep ratio, and draft/verify at each commit threshold (the edge's
-answer is committed when its confidence is at least the threshold, the cloud's otherwise).
+answer is committed when the commit verifier's P(right) is at least the threshold, the cloud's
+otherwise; ``verifier.py``).
 ``calibrate_models`` answers a seeded sample of train questions with both models through
 ``LocalModel`` — the daemon's own path — and tabulates:
 
     per model, per keep ratio r:      accuracy (own MAS keep-set)
     per pair, per r:                  large-model accuracy with the *edge's* MAS keep-set
-    per pair, per r, per threshold θ: commit share P(conf_edge >= θ) and draft/verify accuracy
-                                      mean(correct_edge if conf_edge >= θ else correct_large)
+    per pair, per r, per threshold θ: commit share P(score_edge >= θ) and draft/verify accuracy
+                                      mean(correct_edge if score_edge >= θ else correct_large)
 
-Thresholds are never tuned on test data: the scheduler picks θ from these train tables under
-its accuracy floor, and ``msao eval``/the benchmark measure the result on test.
+The score is the verifier's, fit on the first half of the sampled train questions and
+tabulated on the second half (held out from the fit, so the tables are not flattered by it);
+with too few questions for a fit the score is the draft's lowest token probability, tabulated
+on all of them. Thresholds are never tuned on test data: the scheduler picks θ from these train
+tables under its accuracy floor, and ``msao eval``/the benchmark measure the result on test.
 
 The file (``bundles/calibration.json`` by default) is strict JSON read into frozen dataclasses:
 unknown keys, wrong lengths and values outside [0, 1] are refused.
@@ -23,11 +27,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from msao.edge_runtime.verifier import (
+    CommitVerifier,
+    DraftSample,
+    auroc,
+    expected_calibration_error,
+    fit_commit_verifier,
+    reliability_bins,
+)
 from msao.errors import ConfigError
 from msao.progress import progress_bar
 
@@ -43,7 +55,8 @@ __all__ = [
     "save_calibration",
 ]
 
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2  # 2: the pair holds the commit verifier its thresholds apply to
+MIN_VERIFIER_QUESTIONS = 40  # fewer sampled questions: no verifier, thresholds on the lowest token probability
 DEFAULT_KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)
 # 1.01: never commit the edge answer (always verify); 0: always commit it.
 DEFAULT_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.01)
@@ -92,7 +105,9 @@ class ModelCalibration:
 class PairCalibration:
     """An edge (draft) model and a large (verifying) model on the same questions.
 
-    Rows follow ``keep_ratios``; columns follow ``thresholds``.
+    Rows follow ``keep_ratios``; columns follow ``thresholds``, which apply to ``verifier``'s
+    P(right) of a draft, or (``verifier`` None) to its lowest token probability. The draft/verify
+    tables and ``large_accuracy`` come from the ``held_out`` questions the verifier was not fit on.
     """
 
     edge_hash: str
@@ -102,26 +117,52 @@ class PairCalibration:
     large_accuracy: tuple[float, ...]  # large model fed the edge's MAS keep-set
     commit_share: tuple[tuple[float, ...], ...]
     accuracy: tuple[tuple[float, ...], ...]
+    verifier: CommitVerifier | None = None
+    held_out: int = 0  # questions the tables come from
+    # on the same questions, for comparison: the share of drafts the hindsight oracle commits (the
+    # draft is right, or the large model is wrong too), and the old rule's tables (lowest token probability)
+    oracle_commit_share: tuple[float, ...] = ()
+    confidence_commit_share: tuple[tuple[float, ...], ...] = ()
+    confidence_accuracy: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         n, m = len(self.keep_ratios), len(self.thresholds)
         _shares(self.large_accuracy, n, "large_accuracy")
         if len(self.commit_share) != n or len(self.accuracy) != n:
             raise ConfigError(f"calibration: commit_share and accuracy need {n} rows")
-        for row in (*self.commit_share, *self.accuracy):
+        for row in (*self.commit_share, *self.accuracy, *self.confidence_commit_share, *self.confidence_accuracy):
             _shares(row, m, "a threshold row")
+        if self.oracle_commit_share:
+            _shares(self.oracle_commit_share, n, "oracle_commit_share")
+        if len(self.confidence_commit_share) not in (0, n) or len(self.confidence_accuracy) != len(self.confidence_commit_share):
+            raise ConfigError(f"calibration: confidence_commit_share and confidence_accuracy need {n} rows (or none)")
 
     def row(self, keep_ratio: float) -> int:
         if keep_ratio not in self.keep_ratios:
             raise ConfigError(f"keep ratio {keep_ratio} was not calibrated; calibrated: {list(self.keep_ratios)}")
         return self.keep_ratios.index(keep_ratio)
 
+    def commit_at_floor(self, keep_ratio: float, floor: float, confidence_rule: bool = False) -> float:
+        """The largest commit share among thresholds whose draft/verify accuracy is at least ``floor`` (0 if none)."""
+        a = self.row(keep_ratio)
+        commit, acc = (self.confidence_commit_share, self.confidence_accuracy) if confidence_rule else (self.commit_share, self.accuracy)
+        if not commit:
+            return 0.0
+        return max((c for c, x in zip(commit[a], acc[a]) if x >= floor - 1e-12), default=0.0)
+
+    def commit_score(self, sample: DraftSample) -> float:
+        """What the thresholds compare: the verifier's P(right), else the draft's lowest token probability."""
+        return self.verifier.score(sample) if self.verifier is not None else sample.answer.confidence
+
     @classmethod
     def from_dict(cls, d: dict) -> PairCalibration:
         d = _only_known(cls, d)
+        verifier = CommitVerifier.from_dict(d["verifier"]) if d.get("verifier") is not None else None
         return cls(
             str(d["edge_hash"]), str(d["large_hash"]), tuple(d["keep_ratios"]), tuple(float(t) for t in d["thresholds"]),
             tuple(d["large_accuracy"]), tuple(tuple(r) for r in d["commit_share"]), tuple(tuple(r) for r in d["accuracy"]),
+            verifier, int(d.get("held_out", 0)), tuple(d.get("oracle_commit_share", ())),
+            tuple(tuple(r) for r in d.get("confidence_commit_share", ())), tuple(tuple(r) for r in d.get("confidence_accuracy", ())),
         )  # fmt: skip
 
 
@@ -221,6 +262,7 @@ def calibrate_models(
     edge_conf = np.zeros((n_r, len(rows)))
     large_ok = np.zeros((n_r, len(rows)), bool)  # own keep-set
     large_ok_edge_keep = np.zeros((n_r, len(rows)), bool)  # the edge's keep-set
+    drafts: list[list[DraftSample]] = [[] for _ in keep_ratios]
     tokens = {edge.name: [], large.name: []}
     t0 = time.perf_counter()
     bar = progress_bar(len(rows), f"calibrate {edge.name} + {large.name}", "q")
@@ -229,7 +271,8 @@ def calibrate_models(
         q, truth = data.questions[i], data.answers[i]
         for a, r in enumerate(keep_ratios):
             pe = edge.prepare(rgb, q, r, analyse=False)
-            ae = edge.answer(pe, q)
+            ae = edge.answer(pe, q, signals=True)
+            drafts[a].append(DraftSample(ae, pe.mas, r))
             edge_ok[a, j], edge_conf[a, j] = ae.text == truth, ae.confidence
             pl = large.prepare(rgb, q, r, analyse=False)
             al = large.answer(pl, q)
@@ -254,11 +297,35 @@ def calibrate_models(
         )  # fmt: skip
         for m, ok in ((edge, edge_ok), (large, large_ok))
     )
-    commit = [[round(float((edge_conf[a] >= t).mean()), 5) for t in thresholds] for a in range(n_r)]
-    acc = [[round(float(np.where(edge_conf[a] >= t, edge_ok[a], large_ok_edge_keep[a]).mean()), 5) for t in thresholds] for a in range(n_r)]
+    verifier, score, tab = None, edge_conf, np.arange(len(rows))
+    if len(rows) >= MIN_VERIFIER_QUESTIONS:  # fit on the first half of the questions (every ratio), tabulate on the second
+        fit, tab = np.arange(len(rows) // 2), np.arange(len(rows) // 2, len(rows))
+        verifier = fit_commit_verifier([drafts[a][j] for a in range(n_r) for j in fit], edge_ok[:, fit].reshape(-1))
+        score = np.stack([verifier.scores([drafts[a][j] for j in range(len(rows))]) for a in range(n_r)])
+        held_score, held_ok = score[:, tab].reshape(-1), edge_ok[:, tab].reshape(-1)
+        verifier = replace(
+            verifier, held_out_questions=len(tab), auroc=round(auroc(held_score, held_ok), 5),
+            ece=round(expected_calibration_error(held_score, held_ok), 5),
+            confidence_auroc=round(auroc(edge_conf[:, tab].reshape(-1), held_ok), 5),
+            reliability=tuple((round(m, 5), round(a, 5), c) for m, a, c in reliability_bins(held_score, held_ok)),
+        )  # fmt: skip
+        progress(
+            f"commit verifier on {len(tab)} held-out questions: AUROC {verifier.auroc:.3f} (lowest token probability: "
+            f"{verifier.confidence_auroc:.3f}), calibration error {verifier.ece:.3f}"
+        )
+    ok_e, ok_l = edge_ok[:, tab], large_ok_edge_keep[:, tab]
+
+    def tables(sc: np.ndarray) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]:
+        commit = [tuple(round(float((sc[a] >= t).mean()), 5) for t in thresholds) for a in range(n_r)]
+        acc = [tuple(round(float(np.where(sc[a] >= t, ok_e[a], ok_l[a]).mean()), 5) for t in thresholds) for a in range(n_r)]
+        return tuple(commit), tuple(acc)
+
+    commit, acc = tables(score[:, tab])
+    conf_commit, conf_acc = tables(edge_conf[:, tab]) if verifier is not None else ((), ())
     pair = PairCalibration(
         edge.manifest.model_hash, large.manifest.model_hash, tuple(keep_ratios), tuple(thresholds),
-        tuple(round(float(x), 5) for x in large_ok_edge_keep.mean(axis=1)), tuple(map(tuple, commit)), tuple(map(tuple, acc)),
+        tuple(round(float(x), 5) for x in ok_l.mean(axis=1)), commit, acc, verifier, len(tab),
+        tuple(round(float(x), 5) for x in (ok_e | ~ok_l).mean(axis=1)), conf_commit, conf_acc,
     )  # fmt: skip
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return Calibration(CALIBRATION_FORMAT, "train", len(rows), seed, created, models, (pair,), dataset)

@@ -36,6 +36,7 @@ __all__ = [
     "MAX_NEW_TOKENS",
     "Answer",
     "DecoderStack",
+    "DraftSignals",
     "Generator",
     "ImageEncoding",
     "StageTimings",
@@ -90,6 +91,33 @@ def finish_reason_from_ids(token_ids: tuple[int, ...] | list[int], eos_token_ids
 
 
 @dataclass(frozen=True)
+class DraftSignals:
+    """What a commit verifier reads about an answer besides its tokens: signals every VLM has.
+
+    Attributes:
+        token_margins: per generated token, the head's top-1 minus top-2 probability.
+        token_entropies: per generated token, the head's entropy over the vocabulary divided
+            by log(vocabulary size) (0 = certain, 1 = uniform).
+        exit_probs: per exit head at a chunk boundary below the answering depth (layer, its
+            probability of the first answer token, whether its own top token is that token),
+            read from the prefill's last position: cheap early opinions of the same model.
+        final_hidden: the last layer's hidden state at the prefill's last position (D,), the
+            input of a linear probe.
+    """
+
+    token_margins: tuple[float, ...]
+    token_entropies: tuple[float, ...]
+    exit_probs: tuple[tuple[int, float, bool], ...]
+    final_hidden: np.ndarray = field(repr=False)
+
+
+def _margin_and_entropy(probs: np.ndarray) -> tuple[float, float]:
+    top2 = np.partition(probs, -2)[-2:] if probs.shape[0] > 1 else np.asarray([0.0, probs[0]])
+    p = probs[probs > 0]
+    return float(top2[1] - top2[0]), float(-(p * np.log(p)).sum() / np.log(max(2, probs.shape[0])))
+
+
+@dataclass(frozen=True)
 class Answer:
     """A generated answer.
 
@@ -101,6 +129,7 @@ class Answer:
         text_tokens: prompt tokens other than image tokens.
         finish_reason: ``stop`` (the model's end token) or ``length`` (the budget or the
             model's context ran out first).
+        signals: what a commit verifier reads (``generate(signals=True)``), else None.
     """
 
     text: str
@@ -112,6 +141,7 @@ class Answer:
     text_tokens: int
     timings: StageTimings = field(default_factory=StageTimings)
     finish_reason: str = "stop"
+    signals: DraftSignals | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -154,8 +184,13 @@ class DecoderStack:
     def past_length(self) -> int:
         return next(iter(self.past.values())).shape[2] if self.past else 0
 
-    def run(self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """hidden (B, T, D) at ``position_ids`` (B, T) → hidden after layer ``end``; KV appended."""
+    def run(
+        self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, taps: dict[int, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """hidden (B, T, D) at ``position_ids`` (B, T) → hidden after layer ``end``; KV appended.
+
+        ``taps``: filled with the hidden states after every chunk that ends below ``end``, by layer.
+        """
         for r in self.runners:
             feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}
             for t in r.spec.inputs:
@@ -163,6 +198,8 @@ class DecoderStack:
                     feeds[t.name] = self.past[t.name]
             out = r.infer(feeds)
             hidden = out["hidden_states_out"]
+            if taps is not None and r.spec.layers[1] < self.end:  # type: ignore[index]
+                taps[r.spec.layers[1]] = hidden  # type: ignore[index]
             for t in r.spec.outputs:
                 if t.name.startswith("present_"):
                     self.past["past_" + t.name[len("present_") :]] = out[t.name]
@@ -236,6 +273,7 @@ class Generator:
         exit_layer: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         tail: tuple[int, Runner] | None = None,
+        signals: bool = False,
     ) -> Answer:
         """Greedy answer to ``question`` about ``image``.
 
@@ -249,6 +287,9 @@ class Generator:
             tail: ``(k, runner)``: run layers [0, k) here and hand their hidden states to
                 ``runner`` (e.g. a remote ``decoder[k:L]`` + head), which takes hidden states,
                 position ids and the attention mask and returns logits. It keeps its own KV.
+            signals: also record ``DraftSignals`` (margins, entropies, the exit heads' first
+                token opinions, the final hidden state) for a commit verifier; one exit-head
+                run per exit below the answering depth, at prefill only.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise FeedError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {max_new_tokens!r}")
@@ -282,17 +323,25 @@ class Generator:
 
         t0 = time.perf_counter()
         mask = np.ones((1, hidden.shape[1]), np.int64)
-        h = stack.run(hidden, positions, mask)
+        taps: dict[int, np.ndarray] | None = {} if signals and tail is None else None
+        h = stack.run(hidden, positions, mask, taps)
         probs = softmax(head_logits(h, positions, mask)[0, -1])
+        first_hidden = h[0, -1].astype(np.float32, copy=True)
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
         ids: list[int] = []
         token_probs: list[float] = []
+        margins: list[float] = []
+        entropies: list[float] = []
         t0 = time.perf_counter()
         while True:
             tok = int(probs.argmax())
             ids.append(tok)
             token_probs.append(float(probs[tok]))
+            if signals:
+                margin, entropy = _margin_and_entropy(probs)
+                margins.append(margin)
+                entropies.append(entropy)
             if tok in self.eos or len(ids) >= max_new_tokens or next_pos >= self.info.max_positions:
                 break
             e = self.runners["text_embed"].infer({"input_ids": np.asarray([[tok]], np.int64)})["embeddings"]
@@ -302,6 +351,15 @@ class Generator:
             next_pos += 1
             probs = softmax(head_logits(h, pos, mask)[0, -1])
         decode_ms = (time.perf_counter() - t0) * 1e3
+        draft = None
+        if signals:
+            exits = []
+            for k, tapped in sorted((taps or {}).items()):
+                name = exit_segment_name(k)
+                if name in self.runners:
+                    p_exit = softmax(self.runners[name].infer({"hidden_states": tapped[:, -1:]})["logits"][0, -1])
+                    exits.append((k, float(p_exit[ids[0]]), int(p_exit.argmax()) == ids[0]))
+            draft = DraftSignals(tuple(margins), tuple(entropies), tuple(exits), first_hidden)
         text_ids = [t for t in ids if t not in self.eos]
         total_ms = (time.perf_counter() - t_start) * 1e3 + image.vision_ms
         return Answer(
@@ -314,6 +372,7 @@ class Generator:
             text_tokens=len(prefix) + len(suffix),
             timings=StageTimings(image.vision_ms, embed_ms, prefill_ms, decode_ms, total_ms),
             finish_reason=finish_reason_from_ids(ids, self.eos),
+            signals=draft,
         )
 
     def answer(self, image_bytes: bytes, question: str, **kwargs) -> Answer:

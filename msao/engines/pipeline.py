@@ -271,13 +271,14 @@ class RequestPipeline:
         exit_layer: int | None = None,
         tail: tuple[int, Runner] | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        signals: bool = False,
     ) -> Answer:
         """Greedy answer from prepared tokens with this thread's generator (``Generator.generate``).
 
         ``keep`` overrides the prepared keep-set; ``exit_layer`` answers from that exit head; ``tail`` splits;
-        ``max_new_tokens`` bounds the answer (the end token included).
+        ``max_new_tokens`` bounds the answer (the end token included); ``signals`` records what a commit verifier reads.
         """
         keep = prepared.keep if keep is None else keep
         return self.generator().generate(
-            prepared.encoding, question, keep=keep, exit_layer=exit_layer, tail=tail, max_new_tokens=max_new_tokens
+            prepared.encoding, question, keep=keep, exit_layer=exit_layer, tail=tail, max_new_tokens=max_new_tokens, signals=signals
         )
