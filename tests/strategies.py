@@ -87,12 +87,12 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=16,
 )
-REQUEST_KEYS = ("request_id", "question", "image", "stream", "deadline_ms", "policy", "split_layer", "keep_ratio")
+REQUEST_KEYS = ("request_id", "question", "image", "stream", "deadline_ms", "policy", "split_layer", "keep_ratio", "context")
 
 
 @st.composite
 def request_docs(draw, valid: dict):
-    """A JSON request: each known key left out, kept valid, or given any JSON value; sometimes an unknown key."""
+    """A JSON request: each known key left out, kept valid, or given any JSON value; sometimes an unknown key (ignored)."""
     doc = {}
     for key in REQUEST_KEYS:
         choice = draw(st.sampled_from(("absent", "valid", "junk")))

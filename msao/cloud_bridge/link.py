@@ -68,6 +68,9 @@ class LinkOptions:
         compress_above_bytes: zstd job payloads larger than this (level ``zstd_level``).
         limits: codec limits applied to results.
         history: transfers kept in ``transfers``.
+        publish_status: publish the edge's retained status (``online`` on connect, Last Will
+            ``offline``). False when the daemon's MQTT intake owns that topic: its status says
+            whether requests are served, which a link cannot know (``docs/mqtt-api.md``).
     """
 
     edge_id: str
@@ -77,6 +80,7 @@ class LinkOptions:
     zstd_level: int = 1
     limits: CodecLimits = CodecLimits()
     history: int = 256
+    publish_status: bool = True
 
     def __post_init__(self) -> None:
         check_id(self.edge_id, "edge id")
@@ -127,8 +131,9 @@ class CloudLink:
         self._pending: dict[str, _Pending] = {}
         self._workers: dict[str, WorkerStatus] = {}
         self._lock = threading.Lock()
-        offline = json.dumps(EdgeStatus(options.edge_id, "offline").to_dict()).encode()
-        client = replace(options.client, will_topic=self.status_topic, will_payload=offline)
+        client = options.client
+        if options.publish_status:
+            client = replace(client, will_topic=self.status_topic, will_payload=EdgeStatus(options.edge_id, "offline").to_json_bytes())
         self.client = BridgeClient(client, self._on_message, on_connect=self._on_connect)
 
     def start(self, timeout_s: float = 5.0) -> CloudLink:
@@ -141,7 +146,10 @@ class CloudLink:
         return self
 
     def close(self) -> None:
-        status = json.dumps(EdgeStatus(self.options.edge_id, "offline", round(time.time(), 3)).to_dict()).encode()
+        if not self.options.publish_status:
+            self.client.stop()
+            return
+        status = EdgeStatus(self.options.edge_id, "offline", round(time.time(), 3)).to_json_bytes()
         self.client.stop(final=(self.status_topic, status))
 
     def __enter__(self) -> CloudLink:
@@ -399,7 +407,9 @@ class CloudLink:
         )
 
     def _on_connect(self) -> None:
-        status = json.dumps(EdgeStatus(self.options.edge_id, "online", round(time.time(), 3)).to_dict()).encode()
+        if not self.options.publish_status:
+            return
+        status = EdgeStatus(self.options.edge_id, "online", round(time.time(), 3), ready=True).to_json_bytes()
         self.client.publish(self.status_topic, status, qos=1, retain=True)
 
     def _on_message(self, msg: InboundMessage) -> None:

@@ -17,6 +17,7 @@ Job kinds:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from msao.errors import CodecError, ConfigError
 
 __all__ = [
+    "EDGE_MODES",
+    "EDGE_STATES",
     "ERROR_CODES",
     "JOB_KINDS",
     "LAYOUT_VERSION",
@@ -319,22 +322,46 @@ class WorkerStatus:
         return cls(**d)
 
 
+EDGE_STATES = ("starting", "online", "stopping", "offline")
+EDGE_MODES = ("", "collaborative", "edge-only")
+
+
 @dataclass(frozen=True)
 class EdgeStatus:
-    """An edge's retained status (the edge runtime may add fields in a later layout)."""
+    """An edge daemon's retained status; its Last Will is the same record with ``state="offline"``.
+
+    Integrators (dashboards, Node-RED, Home Assistant) read it to know whether a request sent
+    now will be served, so it says readiness, not just "connected".
+
+    Attributes:
+        state: ``starting`` (connected, the runtime is not serving yet: requests wait),
+            ``online`` (serving), ``stopping`` (taking no new requests) or ``offline`` (a clean
+            stop, or the broker's Last Will after an unclean one).
+        ready: the runtime serves requests now (``state == "online"``).
+        mode: ``collaborative`` (a cloud worker serves the large model) or ``edge-only``; ""
+            when not ready.
+        updated_unix_s: wall time of this status (0 in the Last Will, which is fixed at connect).
+    """
 
     edge_id: str
     state: str
     updated_unix_s: float = 0.0
+    ready: bool = False
+    mode: str = ""
     layout: str = LAYOUT_VERSION
 
     def __post_init__(self) -> None:
         check_id(self.edge_id, "edge id")
-        if self.state not in ("online", "offline"):
-            raise ValueError(f"edge state {self.state!r} not online/offline")
+        if self.state not in EDGE_STATES:
+            raise ValueError(f"edge state {self.state!r} not in {EDGE_STATES}")
+        if self.mode not in EDGE_MODES or self.ready != (self.state == "online"):
+            raise ValueError(f"edge status: ready={self.ready!r} mode={self.mode!r} do not fit state {self.state!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> EdgeStatus:

@@ -10,10 +10,13 @@
         print(response.answer, response.plan, response.answered_by)
 
 Start order: the metrics listener (bound first, so a port in use fails before the models
-load; it answers 503 until the runtime exists), verified bundles, then the cloud link (a
-missing broker is not fatal: the edge serves edge-only and reconnects in the background), then
-the runtime, then the intakes. Stop order is the reverse, so no intake accepts a request the
-runtime can no longer serve. A start that fails part-way stops what it had started.
+load; it answers 503 until the runtime exists), the intakes' listeners (HTTP answers 503, the
+MQTT intake connects with its Last Will and a retained status ``starting``, holding requests),
+verified bundles, then the cloud link (a missing broker is not fatal: the edge serves
+edge-only and reconnects in the background), then the runtime, then the intakes serve it (the
+status says ``online``). Stop order is the reverse, so no intake accepts a request the runtime
+can no longer serve. A start that fails part-way stops what it had started (the status says
+``offline``).
 """
 
 from __future__ import annotations
@@ -113,14 +116,21 @@ class EdgeApp:
             host, port = cfg.edge.http.rsplit(":", 1)
             options = HttpOptions(api_key=self.api_key, cors_origins=cfg.edge.cors_origins)
             self.http = HttpIntake(None, host, int(port), options).start()
+        if cfg.broker.url and cfg.edge.mqtt_intake:  # connected before the models load: the retained status says "starting"
+            from msao.edge_runtime.mqtt_intake import MqttIntake
+
+            self.mqtt = MqttIntake(
+                None, self._client_options(f"msao-edge-{cfg.edge.edge_id}-intake"), cfg.edge.edge_id, cfg.runtime.limits
+            ).start()
         edge, large = self._load_models()
         calibration = self._calibration()
         if cfg.broker.url and large is not None:
             from msao.cloud_bridge.link import CloudLink, LinkOptions
 
-            self.link = CloudLink(LinkOptions(cfg.edge.edge_id, self._client_options(f"msao-edge-{cfg.edge.edge_id}-link"))).start(
-                timeout_s=3.0
-            )
+            client = self._client_options(f"msao-edge-{cfg.edge.edge_id}-link")
+            # with the intake on, the edge's status is the intake's (it knows readiness); the link's would contradict it
+            options = LinkOptions(cfg.edge.edge_id, client, publish_status=self.mqtt is None)
+            self.link = CloudLink(options).start(timeout_s=3.0)
         self.runtime = EdgeRuntime(edge, large, self.link, calibration, cfg.runtime).start()
         metrics = self.runtime.metrics
         metrics.add_models(edge.manifest, large.manifest if large is not None else None)
@@ -129,13 +139,8 @@ class EdgeApp:
             metrics.watch_client("link", lambda: link.client.counters)
         if self.metrics_listener is not None:
             self.metrics_listener.serve(metrics.registry)  # the intakes' counts join as they start
-        if cfg.broker.url and cfg.edge.mqtt_intake:
-            from msao.edge_runtime.mqtt_intake import MqttIntake
-
-            self.mqtt = MqttIntake(
-                self.runtime, self._client_options(f"msao-edge-{cfg.edge.edge_id}-intake"), cfg.edge.edge_id, cfg.runtime.limits
-            )
-            self.mqtt.start()
+        if self.mqtt is not None:
+            self.mqtt.serve(self.runtime)
             intake = self.mqtt
             metrics.watch_mqtt_intake(intake.counters)
             metrics.watch_client("intake", lambda: intake.client.counters)

@@ -16,6 +16,12 @@ stops with requests still queued (``on_done(None)``) leaves them in its persiste
 the broker redelivers them to the next daemon with the same edge id. Redelivery and retries
 are made idempotent by request id: finished responses are remembered (bounded LRU) and sent
 again instead of recomputed, and a copy of a request still being served waits for it.
+
+A request's MQTT 5 MessageExpiryInterval caps its deadline: one that waited in the session (or
+in this intake while the models loaded) past its expiry is answered ``deadline``, not about an
+old image as if fresh. The intake connects before the runtime serves (``serve``): requests
+that arrive meanwhile are held, unanswered and unacknowledged, and the retained status
+(``mqtt_status.py``) says ``starting`` until then, ``offline`` by Last Will if the daemon dies.
 """
 
 from __future__ import annotations
@@ -30,11 +36,22 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from msao.cloud_bridge.client import BridgeClient
 from msao.cloud_bridge.mqtt_options import ClientOptions, InboundMessage
 from msao.cloud_bridge.topics import check_id, edge_request_topic, edge_response_topic
-from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits, new_request_id, request_from_json, request_from_raw_image
+from msao.edge_runtime.mqtt_status import StatusReporter
+from msao.edge_runtime.requests import (
+    EdgeRequest,
+    EdgeResponse,
+    RequestLimits,
+    context_from_value,
+    json_depth,
+    new_request_id,
+    request_from_json,
+    request_from_raw_image,
+)
 from msao.edge_runtime.runtime import EdgeRuntime
 from msao.errors import ConfigError, MsaoError, RequestError
 
@@ -74,20 +91,25 @@ class IntakeOptions:
         drain_s: on ``stop``, how long requests already submitted may still be answered.
         ack_timeout_s: how long to wait for the broker to acknowledge a response before
             giving up on acknowledging its request (the broker then redelivers it).
+        max_held: requests held while the runtime is not serving yet (QoS 1 ones are also
+            bounded by the broker's in-flight window); more are answered ``unavailable``.
+        status_check_s: how often the retained status looks at the runtime's readiness and mode.
     """
 
     session_expiry_s: int = 3600
     remember: int = 1024
     drain_s: float = 5.0
     ack_timeout_s: float = 10.0
+    max_held: int = 256
+    status_check_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.session_expiry_s < 1:
             raise ConfigError(
                 f"session_expiry_s must be >= 1, got {self.session_expiry_s}: without a session the broker cannot redeliver requests"
             )
-        if self.remember < 1 or self.drain_s < 0 or self.ack_timeout_s <= 0:
-            raise ConfigError(f"remember >= 1, drain_s >= 0 and ack_timeout_s > 0; got {self}")
+        if self.remember < 1 or self.drain_s < 0 or self.ack_timeout_s <= 0 or self.max_held < 0 or self.status_check_s <= 0:
+            raise ConfigError(f"remember >= 1, drain_s >= 0, ack_timeout_s > 0, max_held >= 0 and status_check_s > 0; got {self}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,8 @@ class IntakeCounters:
         refused: requests the runtime refused at once (``busy`` / ``unavailable``).
         duplicates: requests whose id was finished or in progress (not computed again).
         ignored: retained messages on the request topic (never answered).
+        held: requests that arrived before the runtime served, held until it did.
+        expired: requests whose MessageExpiryInterval ran out before they were served.
         published: responses published (one per delivery, duplicates included).
         publish_failures: responses that could not be published (their requests stay unacked).
         acked: requests acknowledged to the broker after their response was delivered.
@@ -110,6 +134,8 @@ class IntakeCounters:
     refused: int = 0
     duplicates: int = 0
     ignored: int = 0
+    held: int = 0
+    expired: int = 0
     published: int = 0
     publish_failures: int = 0
     acked: int = 0
@@ -128,10 +154,13 @@ class MqttIntake:
     """Serves one edge id's request topic with a runtime. Start it, stop it (or use ``with``).
 
     Args:
-        runtime: the started ``EdgeRuntime`` that answers (the intake does not own or stop it).
+        runtime: the ``EdgeRuntime`` that answers (the intake does not own or stop it); None
+            while the daemon is still loading it: requests are held and the status says
+            ``starting`` until ``serve(runtime)``.
         client_options: broker, credentials and buffers; ``client_id`` is replaced by
-            ``intake_client_id(edge_id)``, ``session_expiry_s`` by the intake's, and manual
-            acknowledgement with session resumption is switched on.
+            ``intake_client_id(edge_id)``, ``session_expiry_s`` by the intake's, the Last Will
+            by the edge's offline status, and manual acknowledgement with session resumption
+            is switched on.
         edge_id: this daemon's id (``[A-Za-z0-9_-]{1,64}``); one intake per id at a time.
         limits: request parsing limits (payload size, question length, deadlines).
         options: session, idempotency and shutdown settings.
@@ -142,7 +171,7 @@ class MqttIntake:
 
     def __init__(
         self,
-        runtime: EdgeRuntime,
+        runtime: EdgeRuntime | None,
         client_options: ClientOptions,
         edge_id: str,
         limits: RequestLimits = RequestLimits(),
@@ -152,9 +181,12 @@ class MqttIntake:
         self.runtime, self.limits, self.options = runtime, limits, options
         self.request_topic = edge_request_topic(edge_id)
         self.default_response_topic = edge_response_topic(edge_id)
+        self.status = StatusReporter(self.edge_id, options.status_check_s)
         self.client_options = replace(
             client_options,
             client_id=intake_client_id(edge_id),
+            will_topic=self.status.topic,
+            will_payload=self.status.will,
             session_expiry_s=options.session_expiry_s,
             manual_ack=True,
             resume_session=True,
@@ -163,8 +195,9 @@ class MqttIntake:
             # that the broker drops it unanswered, as MQTT 5 requires, and the sender's client is told)
             max_message_bytes=max(client_options.max_message_bytes, 8 * limits.max_payload_bytes),
         )
-        self.client = BridgeClient(self.client_options, self._on_message)
+        self.client = BridgeClient(self.client_options, self._on_message, on_connect=partial(self.status.publish, force=True))
         self._lock = threading.Lock()
+        self._held: list[InboundMessage] = []  # arrived before ``serve``
         self._running: dict[str, list[_Delivery]] = {}  # request id -> copies waiting for the answer
         self._finished: OrderedDict[str, bytes] = OrderedDict()  # request id -> response JSON (LRU)
         self._counts: Counter[str] = Counter()
@@ -179,11 +212,25 @@ class MqttIntake:
         """Connect (in the background, retrying) and subscribe; see ``wait_ready``."""
         self._acker = threading.Thread(target=self._ack_loop, name=f"msao-intake-acker-{self.edge_id}", daemon=True)
         self._acker.start()
+        self.status.start(self.client)
+        if self.runtime is not None:
+            self.status.serve(self.runtime)
         self.client.subscribe(self.request_topic, qos=1)
         self.client.start()
-        log.info("MQTT intake of edge %s: requests on %s, answers on %s by default", self.edge_id, self.request_topic,
-                 self.default_response_topic)  # fmt: skip
+        log.info("MQTT intake of edge %s: requests on %s, answers on %s by default, status on %s", self.edge_id, self.request_topic,
+                 self.default_response_topic, self.status.topic)  # fmt: skip
         return self
+
+    def serve(self, runtime: EdgeRuntime) -> None:
+        """Start answering with ``runtime``: the requests held meanwhile first, then the status says online."""
+        with self._lock:
+            self.runtime = runtime
+            held, self._held = self._held, []
+        if held:
+            log.info("serving %d requests that arrived while the edge was starting", len(held))
+        for msg in held:
+            self._on_message(msg)
+        self.status.serve(runtime)
 
     def wait_ready(self, timeout_s: float) -> bool:
         """True once connected and the broker confirmed the subscription."""
@@ -195,13 +242,14 @@ class MqttIntake:
         if self._closing.is_set():
             return
         self._closing.set()
+        self.status.stopping()
         if not self._wait(lambda: not self._running, self.options.drain_s):
             log.warning("intake stopping with %d requests unanswered; the broker redelivers them", len(self._running))
         self._closed.set()
         self._acks.put(_STOP)
         if self._acker is not None:
             self._acker.join(self.options.ack_timeout_s + 1.0)
-        self.client.stop()
+        self.client.stop(final=(self.status.topic, self.status.stop()))
         log.info("MQTT intake of edge %s stopped (%s)", self.edge_id, self.counters())
 
     def __enter__(self) -> MqttIntake:
@@ -220,6 +268,21 @@ class MqttIntake:
     def _on_message(self, msg: InboundMessage) -> None:
         if self._closing.is_set():
             return  # not acknowledged: the broker redelivers it to the next daemon
+        with self._lock:
+            hold = self.runtime is None and len(self._held) < self.options.max_held
+            if hold:
+                self._held.append(msg)
+                self._counts["held"] += 1
+        if hold:
+            return  # answered (and acknowledged) once the runtime serves
+        if self.runtime is None:  # more arrived while starting than we hold
+            self._count("requests_in")
+            self._count("refused")
+            rid, context = self._fallback(msg, _id_from_bytes(msg.correlation_data))
+            why = "the edge daemon is starting (loading its models); retry in a moment"
+            failure = EdgeResponse.failure(rid, "unavailable", why, context)
+            self._send(failure.to_json_bytes(), [self._delivery(msg, self._response_topic(msg.response_topic)[0], rid)])
+            return
         self._count("requests_in")
         if msg.retained:
             self._count("ignored")
@@ -235,10 +298,10 @@ class MqttIntake:
                 raise RequestError(topic_problem, "bad_request")
             request = self._parse(msg, hint)
         except RequestError as exc:
-            rid = self._fallback_id(msg, hint)
+            rid, context = self._fallback(msg, hint)
             self._count("parse_errors")
             log.info("request %s on %s refused: %s %s", rid, msg.topic, exc.code, exc)
-            self._send(EdgeResponse.failure(rid, exc.code, str(exc)).to_json_bytes(), [self._delivery(msg, topic, rid)])
+            self._send(EdgeResponse.failure(rid, exc.code, str(exc), context).to_json_bytes(), [self._delivery(msg, topic, rid)])
             return
         rid = request.request_id
         delivery = self._delivery(msg, topic, rid)
@@ -257,15 +320,29 @@ class MqttIntake:
             if stored is not None:
                 self._send(stored, [delivery])
             return
-        log.debug("request %s: accepted from %s (%d bytes)", rid, msg.topic, msg.wire_bytes)
+        left_ms = _expiry_left_ms(msg)
+        if left_ms is not None and left_ms <= 0:
+            with self._lock:
+                waiting = self._running.pop(rid, [delivery])
+            self._count("expired")
+            log.info("request %s expired (MessageExpiryInterval %s s) before it was served", rid, msg.expiry_s)
+            why = (f"the request's MessageExpiryInterval ({msg.expiry_s} s left when it arrived) ran out before it could be served; "
+                   "send it again with a fresh image, or a longer expiry")  # fmt: skip
+            self._send(EdgeResponse.failure(rid, "deadline", why, request.context).to_json_bytes(), waiting)
+            return
+        if left_ms is not None and left_ms < request.deadline_ms:
+            request = replace(request, deadline_ms=left_ms)  # an answer after the message expired has nobody to read it
+        log.debug("request %s: accepted from %s (%d bytes, deadline %.0f ms)", rid, msg.topic, msg.wire_bytes, request.deadline_ms)
+        runtime = self.runtime
+        assert runtime is not None  # _on_message holds requests until ``serve``
         try:
-            self.runtime.submit(request, partial(self._on_done, rid))
+            runtime.submit(request, partial(self._on_done, rid))
         except RequestError as exc:
             with self._lock:
                 waiting = self._running.pop(rid, [delivery])
             self._count("refused")
             log.info("request %s refused by the runtime: %s", rid, exc.code)
-            self._send(EdgeResponse.failure(rid, exc.code, str(exc)).to_json_bytes(), waiting)
+            self._send(EdgeResponse.failure(rid, exc.code, str(exc), request.context).to_json_bytes(), waiting)
 
     def _parse(self, msg: InboundMessage, hint: str | None) -> EdgeRequest:
         props = dict(msg.user_properties)
@@ -282,16 +359,15 @@ class MqttIntake:
         problem = response_topic_problem(topic)
         return (self.default_response_topic, problem) if problem else (topic, "")
 
-    def _fallback_id(self, msg: InboundMessage, hint: str | None) -> str:
-        """The request's id for an error response when the request itself could not be parsed."""
+    def _fallback(self, msg: InboundMessage, hint: str | None) -> tuple[str, Any]:
+        """The request's id and echoable context for an error response when the request itself could not be parsed."""
+        rid, context = None, None
+        if _JSON_START.match(msg.payload) and len(msg.payload) <= self.limits.max_payload_bytes:
+            rid, context = _json_id_and_context(msg.payload, self.limits)
         prop = dict(msg.user_properties).get("request_id")
         if prop is not None and _ID.match(prop.encode("utf-8", "replace")):
-            return prop
-        if _JSON_START.match(msg.payload) and len(msg.payload) <= self.limits.max_payload_bytes:
-            found = _json_request_id(msg.payload)
-            if found is not None:
-                return found
-        return hint or new_request_id()
+            rid = prop
+        return rid or hint or new_request_id(), context
 
     @staticmethod
     def _delivery(msg: InboundMessage, topic: str, rid: str) -> _Delivery:
@@ -388,11 +464,29 @@ def _id_from_bytes(value: bytes | None) -> str | None:
     return None
 
 
-def _json_request_id(payload: bytes | bytearray) -> str | None:
-    """The ``request_id`` of a JSON request that failed to parse, if one can still be read safely."""
+def _expiry_left_ms(msg: InboundMessage) -> float | None:
+    """Milliseconds left of the request's MessageExpiryInterval now (None: it never expires).
+
+    The broker forwards the remaining interval in whole seconds; 0 (under a second left) counts
+    as expired. Time the message spent in this intake (held while starting) is taken off.
+    """
+    if msg.expiry_s is None:
+        return None
+    return msg.expiry_s * 1e3 - (time.monotonic() - msg.received_monotonic) * 1e3
+
+
+def _json_id_and_context(payload: bytes | bytearray, limits: RequestLimits) -> tuple[str | None, Any]:
+    """The ``request_id`` and ``context`` of a JSON request that failed to parse, where they can still be read safely."""
     try:
         doc = json.loads(bytes(payload).decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, ints over 4300 digits
-        return None
-    rid = doc.get("request_id") if isinstance(doc, dict) else None
-    return rid if isinstance(rid, str) and _ID.match(rid.encode("utf-8", "replace")) else None
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    rid = doc.get("request_id")
+    try:
+        shallow = json_depth(doc, limits.max_json_depth) <= limits.max_json_depth
+        context = context_from_value(doc.get("context"), limits) if shallow else None
+    except RequestError:
+        context = None  # the context itself is what was wrong: it is not echoed
+    return (rid if isinstance(rid, str) and _ID.match(rid.encode("utf-8", "replace")) else None), context

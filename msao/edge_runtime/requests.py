@@ -3,7 +3,10 @@
 Every intake (MQTT, HTTP, ``msao ask``, the Python API) turns its bytes into one
 ``EdgeRequest`` here and sends back one ``EdgeResponse``; nothing else in the daemon sees raw
 payloads. Parsing trusts nothing: sizes are checked before anything is decoded, JSON depth
-and keys are bounded, text must be UTF-8, ids must be safe in MQTT topics and logs. The image
+is bounded, known keys must have their types, text must be UTF-8, ids must be safe in MQTT
+topics and logs. Unknown JSON keys and user properties are ignored (logged at debug), because
+integration tools carry their own along (Node-RED's ``_msgid``, ``topic``); a known key of the
+wrong type is still refused. ``context`` is the caller's own (bounded) JSON, echoed unchanged. The image
 is kept as the file's bytes; it is decoded (with its own pixel limit) by the worker that
 serves the request, so a bad image costs the intake nothing and gets an error response.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,18 +30,25 @@ from msao.errors import RequestError
 
 __all__ = [
     "ERROR_CODES",
+    "JSON_ONLY_KEYS",
+    "MAX_CONTEXT_BYTES",
+    "context_from_value",
     "EdgeRequest",
     "EdgeResponse",
     "image_bytes_from_base64",
+    "json_depth",
     "RequestLimits",
     "new_request_id",
     "request_from_json",
     "request_from_raw_image",
 ]
 
+log = logging.getLogger(__name__)
+
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+MAX_CONTEXT_BYTES = 4096
 ERROR_CODES = (
-    "bad_request",  # the payload is not a request: not JSON, not UTF-8, wrong types, unknown keys
+    "bad_request",  # the payload is not a request: not JSON, not UTF-8, wrong types of known keys
     "bad_image",  # the image is missing, not decodable, or too large
     "too_large",  # the payload is over the intake's size limit
     "deadline",  # the deadline passed before an answer could be committed
@@ -58,8 +69,9 @@ class RequestLimits:
     Attributes:
         max_payload_bytes: the whole request payload (JSON or raw image).
         max_question_chars: question length after UTF-8 decoding.
-        max_json_depth: nesting of the JSON document (a request needs 2).
+        max_json_depth: nesting of the JSON document (a request needs 2; ``context`` counts).
         default_deadline_ms / max_deadline_ms: the deadline when none is given, and the cap.
+        max_context_bytes: the request's ``context`` serialised as compact UTF-8 JSON.
     """
 
     max_payload_bytes: int = 16 * 1024 * 1024
@@ -67,6 +79,7 @@ class RequestLimits:
     max_json_depth: int = 4
     default_deadline_ms: float = 5000.0
     max_deadline_ms: float = 600_000.0
+    max_context_bytes: int = MAX_CONTEXT_BYTES
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,8 @@ class EdgeRequest:
         max_new_tokens: the answer's budget in generated tokens, the end token included
             (1..``MAX_NEW_TOKENS``); None = ``DEFAULT_MAX_NEW_TOKENS``. An answer cut by it ends
             with ``finish_reason`` "length".
+        context: the caller's JSON value (None = none), echoed unchanged in the response so a
+            flow can carry its own state through the daemon; bounded by ``context_from_value``.
     """
 
     request_id: str
@@ -98,6 +113,7 @@ class EdgeRequest:
     split_layer: int | None = None
     keep_ratio: float | None = None
     max_new_tokens: int | None = None
+    context: Any = None
 
     @property
     def text_only(self) -> bool:
@@ -165,6 +181,7 @@ class EdgeResponse:
             the model's context ran out first); "" on a failure.
         image_cached: the image's tokens came from the edge's image cache (an image asked about
             before, e.g. a follow-up question): no vision encoder ran.
+        context: the request's ``context``, unchanged (None when it had none).
     """
 
     request_id: str
@@ -188,6 +205,7 @@ class EdgeResponse:
     image_cached: bool = False
     error_code: str = ""
     error: str = ""
+    context: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,10 +214,10 @@ class EdgeResponse:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
 
     @classmethod
-    def failure(cls, request_id: str, code: str, message: str) -> EdgeResponse:
+    def failure(cls, request_id: str, code: str, message: str, context: Any = None) -> EdgeResponse:
         if code not in ERROR_CODES:
             code = "internal"
-        return cls(request_id=request_id, status="busy" if code == "busy" else "error", error_code=code, error=message)
+        return cls(request_id=request_id, status="busy" if code == "busy" else "error", error_code=code, error=message, context=context)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EdgeResponse:
@@ -210,10 +228,39 @@ class EdgeResponse:
         return cls(**d)
 
 
-_JSON_KEYS = {"request_id", "question", "image", "stream", "deadline_ms", "policy", "split_layer", "keep_ratio", "max_new_tokens"}
+_PROPERTY_KEYS = {"question", "stream", "deadline_ms", "request_id", "policy", "traceparent"}
+JSON_ONLY_KEYS = frozenset({"image", "split_layer", "keep_ratio", "max_new_tokens", "context"})  # no user-property form
+_JSON_KEYS = (_PROPERTY_KEYS - {"traceparent"}) | JSON_ONLY_KEYS
 
 
-def _depth(obj: Any, limit: int) -> int:
+def _ignored(what: str, names: list[str], request_id: str | None) -> None:
+    """Unknown keys are the integrator's own (Node-RED's ``_msgid``, ``topic``): ignored, noted at debug."""
+    if names and log.isEnabledFor(logging.DEBUG):
+        log.debug("request %s: ignored unknown %s %s", request_id or "(no id yet)", what, [k[:40] for k in names[:8]])
+
+
+def context_from_value(value: Any, limits: RequestLimits = RequestLimits()) -> Any:
+    """The request's ``context`` if it may be echoed: plain JSON (no NaN/Infinity), at most
+    ``limits.max_context_bytes`` serialised; its depth is bounded with the whole request's.
+
+    Raises:
+        RequestError: ``bad_request``, saying how large it is or what is not JSON.
+    """
+    if value is None:
+        return None
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    except ValueError:
+        raise RequestError("context holds NaN or Infinity, which is not JSON; send plain JSON numbers", "bad_request") from None
+    if size > limits.max_context_bytes:
+        raise RequestError(
+            f"context is {size} bytes as JSON, over the limit of {limits.max_context_bytes}; keep a key there and the state in your flow",
+            "bad_request",
+        )
+    return value
+
+
+def json_depth(obj: Any, limit: int) -> int:
     """Nesting depth of parsed JSON, stopping at ``limit`` + 1 (no recursion on hostile input)."""
     depth, level = 0, [obj]
     while level and depth <= limit:
@@ -282,12 +329,10 @@ def request_from_json(payload: bytes | bytearray, limits: RequestLimits = Reques
         ) from None
     if not isinstance(doc, dict):
         raise RequestError(f"request must be a JSON object, got {type(doc).__name__}", "bad_request")
-    if _depth(doc, limits.max_json_depth) > limits.max_json_depth:
+    if json_depth(doc, limits.max_json_depth) > limits.max_json_depth:
         raise RequestError(f"request JSON is nested deeper than {limits.max_json_depth} levels", "bad_request")
-    unknown = sorted(set(doc) - _JSON_KEYS)
-    if unknown:
-        raise RequestError(f"unknown request keys {[k[:40] for k in unknown[:8]]}; known: {sorted(_JSON_KEYS)}", "bad_request")
     rid = doc.get("request_id") or request_id or new_request_id()
+    _ignored("keys", sorted(set(doc) - _JSON_KEYS), rid if isinstance(rid, str) else None)
     image = doc.get("image")
     if not isinstance(image, str) or not image:
         raise RequestError("image is missing: send the JPEG/PNG file base64-encoded (or as a data: URI) in 'image'", "bad_image")
@@ -295,6 +340,7 @@ def request_from_json(payload: bytes | bytearray, limits: RequestLimits = Reques
     stream = doc.get("stream")
     if stream is not None and not isinstance(stream, str):
         raise RequestError(f"stream must be a string id, got {type(stream).__name__}", "bad_request")
+    context = context_from_value(doc.get("context"), limits)
     return EdgeRequest(
         request_id=rid if isinstance(rid, str) else str(rid)[:80],
         question=_question(doc.get("question"), limits),
@@ -305,6 +351,7 @@ def request_from_json(payload: bytes | bytearray, limits: RequestLimits = Reques
         split_layer=doc.get("split_layer"),
         keep_ratio=doc.get("keep_ratio"),
         max_new_tokens=doc.get("max_new_tokens"),
+        context=context,
     )
 
 
@@ -328,13 +375,20 @@ def image_bytes_from_base64(value: str) -> bytes:
 def request_from_raw_image(
     payload: bytes | bytearray, properties: dict[str, str], limits: RequestLimits = RequestLimits(), request_id: str | None = None
 ) -> EdgeRequest:
-    """A raw JPEG/PNG payload with the question (and optional ``stream``, ``deadline_ms``) in properties."""
+    """A raw JPEG/PNG payload with the question (and optional ``stream``, ``deadline_ms``) in properties.
+
+    Unknown properties are ignored; the keys that only the JSON form has (``split_layer``,
+    ``context``, ...) are refused, since a property cannot carry them and would go unseen.
+    """
     _check_size(payload, limits)
     if not payload:
         raise RequestError("image is empty; send the JPEG/PNG file's bytes as the payload", "bad_request")
-    unknown = sorted(set(properties) - {"question", "stream", "deadline_ms", "request_id", "policy", "traceparent"})
-    if unknown:
-        raise RequestError(f"unknown request properties {[k[:40] for k in unknown[:8]]}", "bad_request")
+    json_only = sorted(set(properties) & JSON_ONLY_KEYS)
+    if json_only:
+        raise RequestError(
+            f"request properties {json_only} exist only in the JSON form; send a JSON request with the image in base64", "bad_request"
+        )
+    _ignored("user properties", sorted(set(properties) - _PROPERTY_KEYS), properties.get("request_id") or request_id)
     deadline = properties.get("deadline_ms")
     try:
         deadline_value = None if deadline is None else float(deadline)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
-from msao.cloud_bridge.messages import JobHeader, ResultHeader, ServedModel, WorkerStatus
+from msao.cloud_bridge.messages import EdgeStatus, JobHeader, ResultHeader, ServedModel, WorkerStatus
 from msao.cloud_bridge.sessions import RecentResults, SessionTable, StoredResult
 from msao.cloud_bridge.stats import TransferStats
 from msao.cloud_bridge.topics import check_id, shared_job_filter, worker_job_topic
@@ -59,6 +60,21 @@ def test_worker_status_json_is_strict():
     assert WorkerStatus.from_dict(s.to_dict()) == s and s.serves(H) and not s.serves("cd" * 32)
     with pytest.raises(ValueError, match="unknown keys"):
         WorkerStatus.from_dict({**s.to_dict(), "gpu": "A100"})
+
+
+def test_edge_status_json_says_readiness_and_still_reads_the_older_four_key_form():
+    s = EdgeStatus("jetson-1", "online", 12.5, ready=True, mode="edge-only")
+    assert EdgeStatus.from_dict(s.to_dict()) == s and json.loads(s.to_json_bytes()) == s.to_dict()
+    old = EdgeStatus.from_dict({"edge_id": "jetson-1", "state": "offline", "updated_unix_s": 0.0, "layout": "1"})  # a Last Will of before
+    assert (old.ready, old.mode) == (False, "")
+    with pytest.raises(ValueError, match="unknown keys"):
+        EdgeStatus.from_dict({**s.to_dict(), "gpu": "Orin"})
+    with pytest.raises(ValueError, match="not in"):
+        EdgeStatus("jetson-1", "busy")
+    with pytest.raises(ValueError, match="do not fit state 'starting'"):
+        EdgeStatus("jetson-1", "starting", ready=True)  # only an online edge is ready
+    with pytest.raises(ValueError, match="do not fit"):
+        EdgeStatus("jetson-1", "online", ready=True, mode="fast")
 
 
 def test_topics_refuse_ids_with_separators_or_wildcards():

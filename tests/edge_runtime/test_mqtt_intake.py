@@ -26,12 +26,12 @@ import pytest
 
 from msao.cloud_bridge.client import BridgeClient
 from msao.cloud_bridge.mqtt_options import ClientOptions
-from msao.cloud_bridge.topics import edge_request_topic, edge_response_topic
+from msao.cloud_bridge.topics import edge_request_topic, edge_response_topic, edge_status_topic
 from msao.edge_runtime.mqtt_intake import IntakeOptions, MqttIntake, intake_client_id, response_topic_problem
 from msao.edge_runtime.requests import RequestLimits
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.errors import ConfigError
-from testbed import Broker
+from testbed import Broker, EdgeDaemon, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "mqtt-api.md"
@@ -102,6 +102,7 @@ class Got:
     correlation_data: bytes | None
     content_type: str | None
     raw: bytes
+    retained: bool = False
 
     @property
     def body(self) -> dict:
@@ -129,16 +130,22 @@ class Requester:
     def _on_message(self, client, userdata, msg) -> None:
         p = msg.properties
         corr = getattr(p, "CorrelationData", None)
-        got = Got(msg.topic, bytes(corr) if corr is not None else None, getattr(p, "ContentType", None), bytes(msg.payload))
+        got = Got(
+            msg.topic, bytes(corr) if corr is not None else None, getattr(p, "ContentType", None), bytes(msg.payload), bool(msg.retain)
+        )
         with self._cond:
             self.got.append(got)
             self._cond.notify_all()
 
-    def publish(self, topic: str, payload: bytes | str, *, response_topic=None, correlation_data=None, user=(), retain=False) -> None:
+    def publish(
+        self, topic: str, payload: bytes | str, *, response_topic=None, correlation_data=None, user=(), retain=False, expiry_s=None
+    ) -> None:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         p = Properties(PacketTypes.PUBLISH)
+        if expiry_s is not None:
+            p.MessageExpiryInterval = expiry_s
         if response_topic is not None:
             p.ResponseTopic = response_topic
         if correlation_data is not None:
@@ -350,7 +357,7 @@ def test_mosquitto_rr_run_as_documented_gets_a_valid_answer(broker, edge_model, 
 
 
 def test_bad_requests_get_an_error_naming_the_problem_and_the_intake_keeps_serving(broker, edge_model, colour_samples, schemas):
-    limits = RequestLimits(max_payload_bytes=4096)
+    limits = RequestLimits(max_payload_bytes=4096, max_context_bytes=256)
     s = Served(broker, _runtime(edge_model), limits=limits)
     mine = f"clients/{uuid.uuid4().hex[:8]}/answers"
     default = edge_response_topic(s.edge_id)
@@ -362,7 +369,6 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_intake_keeps_servi
         ("not_json", b'{"question": "what color?", "image": ', (), mine, "bad_request", "not JSON"),
         ("no_question", json.dumps({"image": b64}), (), mine, "bad_request", "question"),
         ("empty_question", json.dumps({"question": "  ", "image": b64}), (), mine, "bad_request", "question"),
-        ("unknown_key", json.dumps({"question": "q?", "image": b64, "colour": "red"}), (), mine, "bad_request", "unknown request keys"),
         ("not_base64", json.dumps({"question": "what color?", "image": "***not base64***"}), (), mine, "bad_image", "base64"),
         ("not_utf8", b'{"question": "what \xff\xfe color?", "image": "' + b64.encode() + b'"}', (), mine, "bad_request", "UTF-8"),
         ("too_large", json.dumps({"question": "q?", "image": b64 + "A" * 5000}), (), mine, "too_large", "over the limit of 4096"),
@@ -370,7 +376,10 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_intake_keeps_servi
         ("deadline_negative", json.dumps(sample.json_request(deadline_ms=-50)), (), mine, "deadline", "in the past"),
         ("wildcard_topic", json.dumps(sample.json_request()), (), "clients/+/answers", "bad_request", "wildcard"),
         ("raw_no_question", sample.png, (), mine, "bad_request", "question"),
-        ("raw_typo_property", sample.png, (("qustion", "what color?"),), mine, "bad_request", "unknown request properties"),
+        ("raw_typo_property", sample.png, (("qustion", "what color?"),), mine, "bad_request", "question is missing"),
+        ("raw_json_only_property", sample.png, (("question", "what color?"), ("split_layer", "1")), mine, "bad_request", "JSON form"),
+        ("wrong_type_known_key", json.dumps(sample.json_request(deadline_ms="5000")), (), mine, "bad_request", "deadline_ms must be"),
+        ("context_too_large", json.dumps(sample.json_request(context=["x" * 100] * 3)), (), mine, "bad_request", "context is 310 bytes"),
         ("raw_too_large", sample.png + b"\0" * 5000, (("question", "what color?"),), mine, "too_large", "over the limit"),
         ("bad_request_id", json.dumps(sample.json_request("no spaces allowed")), (), mine, "bad_request", "request id"),
         ("not_an_image", json.dumps({"question": "what color?", "image": base64.b64encode(b"hello, not a png").decode()}), (),
@@ -389,7 +398,7 @@ def test_bad_requests_get_an_error_naming_the_problem_and_the_intake_keeps_servi
             assert (body["status"], body["error_code"]) == ("error", code), f"{name}: {body}"
             assert words.lower() in body["error"].lower(), f"{name}: error {body['error']!r} does not mention {words!r}"
         # the JSON schema refuses what the intake refuses (for the cases a schema can see)
-        for name in ("no_question", "empty_question", "unknown_key", "deadline_zero", "deadline_negative", "bad_request_id"):
+        for name in ("no_question", "empty_question", "deadline_zero", "deadline_negative", "bad_request_id", "wrong_type_known_key"):
             payload = next(c[1] for c in cases if c[0] == name)
             assert schema_errors(schemas["edge-request"], json.loads(payload)), f"{name} passes the request schema"
         # ... and the intake still serves
@@ -631,3 +640,187 @@ def test_manual_ack_goes_only_to_the_connection_the_message_came_on_and_unacked_
         client.stop()
         req.close()
         relay.close()
+
+
+# -- integrators: tolerated extra keys, context, message expiry, readiness status with a Last Will --
+
+
+def _states(got: list[Got]) -> list[str]:
+    """The status states seen, consecutive repeats folded (a reconnect republishes the same state)."""
+    out: list[str] = []
+    for g in got:
+        state = g.body["state"]
+        if not out or out[-1] != state:
+            out.append(state)
+    return out
+
+
+def test_unknown_keys_and_properties_are_ignored_and_the_context_comes_back_unchanged(broker, edge_model, colour_samples, schemas):
+    s = Served(broker, _runtime(edge_model))
+    req = Requester(broker, edge_response_topic(s.edge_id))
+    topic = edge_request_topic(s.edge_id)
+    sample = colour_samples[0]
+    context = {"flow": "cam-1", "seq": [1, 2.5, None, True], "note": "\u00fcn\u00efcode", "n": 12345678901234567890}
+    # what a Node-RED function node leaves in: its message id, topic and payload besides the request's keys
+    node_red = sample.json_request("ctx-json", _msgid="a1b2c3d4.e5f6a7", topic="camera/front", payload={"x": 1}, context=context)
+    user = [("question", sample.question), ("request_id", "ctx-raw"), ("_msgid", "a1b2c3d4.e5f6a7"), ("x-node-red", "1")]
+    try:
+        assert not schema_errors(schemas["edge-request"], node_red), "the request schema refuses extra keys or a context"
+        req.publish(topic, json.dumps(node_red))
+        req.publish(topic, sample.png, user=user)
+        # a known key of the wrong type is still refused, and its context still comes back
+        req.publish(topic, json.dumps(sample.json_request("ctx-bad", stream=5, context=context)))
+        req.publish(topic, json.dumps(sample.json_request("ctx-none")))
+        by = {g.body["request_id"]: _valid_response(schemas, g.body) for g in req.wait_count(4)}
+        ok = by["ctx-json"]
+        assert (ok["status"], ok["answer"], ok["context"]) == ("ok", sample.answer, context)
+        assert ok["context"]["n"] == 12345678901234567890, "a big integer did not come back exactly"
+        assert (by["ctx-raw"]["status"], by["ctx-raw"]["answer"], by["ctx-raw"]["context"]) == ("ok", sample.answer, None)
+        bad = by["ctx-bad"]
+        assert (bad["status"], bad["error_code"], bad["context"]) == ("error", "bad_request", context)
+        assert "stream must be a string" in bad["error"]
+        assert by["ctx-none"]["context"] is None and "context" in by["ctx-none"]
+    finally:
+        req.close()
+        s.close()
+
+
+def test_the_message_expiry_interval_caps_the_deadline_of_a_request_that_waited(broker, edge_model, colour_samples, schemas):
+    rt = _runtime(edge_model, start=False)  # the workers are "busy": both requests wait in the queue
+    s = Served(broker, rt)
+    req = Requester(broker, edge_response_topic(s.edge_id))
+    try:
+        req.publish(edge_request_topic(s.edge_id), json.dumps(colour_samples[0].json_request("exp-2s", deadline_ms=60000)), expiry_s=2)
+        req.publish(edge_request_topic(s.edge_id), json.dumps(colour_samples[1].json_request("exp-none", deadline_ms=60000)))
+        _wait_until(lambda: s.intake.counters().requests_in == 2, what="both requests delivered")
+        time.sleep(2.5)  # the condition is the clock itself: past the 2 s expiry, well within the 60 s deadline
+        rt.start()
+        by = {g.body["request_id"]: _valid_response(schemas, g.body) for g in req.wait_count(2)}
+        late = by["exp-2s"]
+        assert (late["status"], late["error_code"], late["answer"]) == ("error", "deadline", ""), late
+        m = re.search(r"deadline of (\d+) ms passed while queued", late["error"])
+        assert m and 0 < int(m.group(1)) <= 2000, f"the deadline was not capped by the 2 s expiry: {late['error']!r}"
+        fresh = by["exp-none"]
+        assert (fresh["status"], fresh["answer"]) == ("ok", colour_samples[1].answer)
+    finally:
+        req.close()
+        s.close()
+
+
+def test_requests_held_while_starting_are_served_once_ready_unless_expired_and_the_status_follows(
+    broker, edge_model, colour_samples, schemas
+):
+    edge_id = "e-" + uuid.uuid4().hex[:10]
+    status = Requester(broker, edge_status_topic(edge_id))
+    req = Requester(broker, edge_response_topic(edge_id))
+    intake = MqttIntake(None, ClientOptions(broker.url, "replaced"), edge_id).start()  # the daemon is "loading its models"
+    rt = None
+    try:
+        assert intake.wait_ready(10)
+        (first,) = status.wait_count(1)
+        assert {k: first.body[k] for k in ("edge_id", "state", "ready", "mode")} == {
+            "edge_id": edge_id, "state": "starting", "ready": False, "mode": ""}  # fmt: skip
+        req.publish(edge_request_topic(edge_id), json.dumps(colour_samples[0].json_request("held-1s")), expiry_s=1)
+        req.publish(edge_request_topic(edge_id), json.dumps(colour_samples[1].json_request("held-fresh", context={"k": 7})))
+        _wait_until(lambda: intake.counters().held == 2, what="both requests held while starting")
+        time.sleep(1.5)  # past the first one's expiry, still starting
+        assert req.got == [], "a request was answered before the runtime served"
+        rt = _runtime(edge_model)
+        intake.serve(rt)
+        by = {g.body["request_id"]: _valid_response(schemas, g.body) for g in req.wait_count(2)}
+        assert (by["held-1s"]["error_code"], by["held-1s"]["answer"]) == ("deadline", "")
+        assert "MessageExpiryInterval" in by["held-1s"]["error"]
+        assert (by["held-fresh"]["status"], by["held-fresh"]["answer"], by["held-fresh"]["context"]) == (
+            "ok", colour_samples[1].answer, {"k": 7})  # fmt: skip
+        online = status.wait(lambda g: g[-1].body["state"] == "online")[-1].body
+        assert (online["ready"], online["mode"]) == (True, "edge-only")
+        late = Requester(broker, edge_status_topic(edge_id))  # a subscriber that comes later gets the retained status
+        try:
+            (g,) = late.wait_count(1)
+            assert g.retained and g.body["state"] == "online"
+        finally:
+            late.close()
+        _wait_until(lambda: intake.counters().acked == 2, what="both held requests acknowledged")
+        c = intake.counters()
+        assert (c.held, c.requests_in, c.expired, c.published) == (2, 2, 1, 2)
+        rt.stop()
+        intake.stop()
+        got = status.wait(lambda g: g[-1].body["state"] == "offline")
+        assert _states(got) == ["starting", "online", "stopping", "offline"]
+        assert got[-1].body["updated_unix_s"] > 0, "a clean stop published the Last Will instead of its own offline status"
+    finally:
+        if rt is not None:
+            rt.stop()
+        intake.stop()
+        status.close()
+        req.close()
+
+
+def test_the_last_will_says_offline_when_the_connection_dies_and_a_reconnect_says_online_again(broker, edge_model):
+    relay = Relay(broker.port)
+    edge_id = "e-" + uuid.uuid4().hex[:10]
+    status = Requester(broker, edge_status_topic(edge_id))
+    rt = _runtime(edge_model)
+    options = ClientOptions(f"mqtt://127.0.0.1:{relay.port}", "replaced", reconnect_min_s=0.5, reconnect_max_s=1.0)
+    intake = MqttIntake(rt, options, edge_id).start()
+    try:
+        status.wait(lambda g: bool(g) and g[-1].body["state"] == "online")
+        relay.cut()  # no DISCONNECT: the broker publishes the Last Will
+        will = status.wait(lambda g: "offline" in _states(g))
+        offline = next(g.body for g in will if g.body["state"] == "offline")
+        assert (offline["ready"], offline["mode"], offline["updated_unix_s"]) == (False, "", 0.0), offline
+        again = status.wait(lambda g: _states(g)[-1] == "online" and "offline" in _states(g))
+        assert _states(again) == ["online", "offline", "online"]
+        assert again[-1].body["ready"] and again[-1].body["mode"] == "edge-only"
+    finally:
+        rt.stop()
+        intake.stop()
+        status.close()
+        relay.close()
+
+
+def test_an_edge_only_daemon_publishes_its_readiness_and_its_last_will_when_killed(broker, edge_bundle_dir, tmp_path):
+    edge_id = "e-" + uuid.uuid4().hex[:10]
+    status = Requester(broker, edge_status_topic(edge_id))
+    http_port = free_port()
+    args = ["--broker", broker.url, "--edge-id", edge_id, "--http", f"127.0.0.1:{http_port}", "--bundle", str(edge_bundle_dir),
+            "--large-bundle", "", "--calibration", ""]  # fmt: skip
+    daemon = EdgeDaemon(args, tmp_path / "edge.log", http_port)
+    try:
+        daemon.wait_ready()
+        got = status.wait(lambda g: bool(g) and g[-1].body["state"] == "online", timeout_s=60)
+        assert set(_states(got)) <= {"starting", "online"}, _states(got)
+        assert (got[-1].body["ready"], got[-1].body["mode"]) == (True, "edge-only")
+        daemon.kill()  # SIGKILL: nothing announced; the broker speaks for it
+        got = status.wait(lambda g: g[-1].body["state"] == "offline", timeout_s=30)
+        assert got[-1].body["updated_unix_s"] == 0, "the offline status after SIGKILL is not the Last Will"
+        n = len(got)
+        daemon = daemon.restarted(tmp_path / "edge-2.log")
+        daemon.wait_ready()
+        status.wait(lambda g: g[-1].body["state"] == "online", timeout_s=60)
+        assert daemon.stop() == 0
+        got = status.wait(lambda g: g[-1].body["state"] == "offline", timeout_s=30)
+        assert "online" in _states(got[n:]) and got[-1].body["updated_unix_s"] > 0, "a clean stop did not publish its own offline status"
+    finally:
+        daemon.stop()
+        status.close()
+
+
+def test_the_cloud_link_leaves_the_edge_status_to_the_intake_when_told_so(broker):
+    from msao.cloud_bridge.link import CloudLink, LinkOptions
+
+    edge_id = "e-" + uuid.uuid4().hex[:10]
+    status = Requester(broker, edge_status_topic(edge_id))
+    try:
+        # what `msao edge` runs beside its MQTT intake: a link that publishes no status and sets no Last Will
+        quiet = CloudLink(LinkOptions(edge_id, ClientOptions(broker.url, f"quiet-{edge_id}"), publish_status=False)).start(timeout_s=10)
+        assert quiet.client.connected and quiet.client.options.will_topic is None
+        quiet.close()
+        # the link alone (the intake switched off) still announces the edge
+        loud = CloudLink(LinkOptions(edge_id, ClientOptions(broker.url, f"loud-{edge_id}"))).start(timeout_s=10)
+        status.wait(lambda g: "online" in _states(g))
+        loud.close()
+        got = status.wait(lambda g: _states(g)[-1] == "offline")
+        assert _states(got) == ["online", "offline"] and len(got) == 2, f"the quiet link published a status: {[g.body for g in got]}"
+    finally:
+        status.close()

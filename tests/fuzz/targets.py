@@ -5,7 +5,9 @@ Shared by the Hypothesis properties (``test_fuzz_properties.py``) and the atheri
 with its typed error (checking the invariants of either outcome), and raises anything else.
 
     target          parser                                             allowed error
-    edge_request    request_from_json / request_from_raw_image (+ props)    RequestError (code in ERROR_CODES)
+    edge_request    request_from_json / request_from_raw_image (+ props)    RequestError (code in ERROR_CODES); unknown keys
+                                                                       and properties are accepted, so an accepted
+                                                                       request's context must still be bounded JSON
     chat_body       openai_chat.call_from_chat                           RequestError (code in OPENAI_ERRORS: an HTTP status)
     codec           tensors_from_payload, then Job/ResultHeader          CodecError (PayloadTooLarge included)
     chunks          ChunkHeader.from_property + Reassembler.add        CodecError
@@ -15,6 +17,7 @@ with its typed error (checking the invariants of either outcome), and raises any
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 
@@ -32,7 +35,8 @@ __all__ = ["TARGETS", "fuzz_chat_body", "fuzz_chunks", "fuzz_codec", "fuzz_edge_
 
 LIMITS = RequestLimits(max_payload_bytes=64 * 1024)
 CODEC_LIMITS = CodecLimits(max_payload_bytes=64 * 1024)
-PROPERTY_KEYS = ("question", "stream", "deadline_ms", "request_id", "policy", "traceparent", "qustion")
+# known properties, JSON-only keys (refused as properties) and unknown ones (ignored)
+PROPERTY_KEYS = ("question", "stream", "deadline_ms", "request_id", "policy", "traceparent", "qustion", "split_layer", "context", "_msgid")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -64,6 +68,12 @@ def _check_request(r: EdgeRequest, text_only_ok: bool = False) -> None:
     _check(isinstance(r.image, bytes) and (text_only_ok or r.image) and len(r.image) <= LIMITS.max_payload_bytes, "accepted image")
     _check(0 < r.deadline_ms <= LIMITS.max_deadline_ms, f"accepted deadline {r.deadline_ms}")
     _check(r.stream_id is None or _SAFE_ID.fullmatch(r.stream_id), f"accepted stream id {r.stream_id!r}")
+    if r.context is not None:  # echoed in every response: it must be plain JSON within the bound
+        try:
+            size = len(json.dumps(r.context, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8"))
+        except ValueError:
+            raise FuzzFinding(f"accepted a context that is not plain JSON: {str(r.context)[:80]}") from None
+        _check(size <= LIMITS.max_context_bytes, f"accepted a context of {size} bytes")
 
 
 def fuzz_edge_request(data: bytes) -> None:

@@ -27,7 +27,7 @@ from tests.strategies import json_values, mutated, request_docs, wire_metadata, 
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 VALID = {"request_id": "fuzz-1", "question": Q, "image": GOOD_B64, "stream": "cam-1", "deadline_ms": 2000, "policy": "edge_only",
-         "split_layer": 1, "keep_ratio": 0.5}  # fmt: skip
+         "split_layer": 1, "keep_ratio": 0.5, "context": {"flow": "f-1", "seq": [1, 2]}}  # fmt: skip
 GOOD_JOB = payload_from_tensors(
     {"hidden_states": np.ones((1, 2, 8), np.float32), "position_ids": np.arange(2)[None]},
     JobHeader("fuzz-job", "ab" * 32, "split", 4e9, segment="decoder[1:2]").to_metadata(),
@@ -59,7 +59,7 @@ def test_edge_request_parser_on_json_with_known_keys_and_any_values(doc):
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(("question", "stream", "deadline_ms", "request_id", "policy", "traceparent", "x")), st.text(max_size=30)),
+@given(st.dictionaries(st.sampled_from(("question", "stream", "deadline_ms", "request_id", "policy", "traceparent", "x", "_msgid", "context")), st.text(max_size=30)),
        st.sampled_from((GOOD_PNG, b"", b"\0" * 64, b"GIF89a")))  # fmt: skip
 def test_edge_request_parser_on_raw_images_with_any_properties(props, payload):
     head = "\n".join(f"{k}={v}" for k, v in props.items() if "\n" not in v and "=" not in k).encode("utf-8", "replace")
