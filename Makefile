@@ -9,10 +9,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUILTINS := msao-tiny-edge msao-tiny-cloud
 CHECKPOINTS := $(wildcard msao/export/checkpoints/*/*)
 
-.PHONY: setup broker demo test models export eval lint clean
+.PHONY: setup broker chromium demo test models export eval lint clean
 
-## setup: virtual environment with msao[dev] (torch CPU, transformers, onnxruntime) + mosquitto
-setup: $(STAMP) broker
+## setup: virtual environment with msao[dev] (torch CPU, transformers, onnxruntime) + mosquitto + chromium (the web view's test)
+setup: $(STAMP) broker chromium
 
 $(STAMP): pyproject.toml
 	@echo "==> [1/2] creating $(VENV) (Python: $$($(PYTHON) --version))"
@@ -28,9 +28,21 @@ broker:
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients >/dev/null; }
 	@command -v mosquitto >/dev/null && echo "==> mosquitto: $$(mosquitto -h 2>/dev/null | head -1)"
 
+# headless Chromium drives the live web view (GET /ui) in tests/edge_runtime/test_web_view.py
+chromium:
+	@command -v chromium >/dev/null || { echo "==> installing chromium (Debian package)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium >/dev/null; }
+	@command -v chromium >/dev/null && echo "==> chromium: $$(chromium --version 2>/dev/null | head -1)"
+
 ## test: the whole suite (CI runs this through .ci/run); it also compiles msao/engines/mas.cu for sm_87 and sm_90 with nvcc
-test: setup
+test: setup integrations
 	$(BIN)/python -m pytest -q
+
+# the integrators' tools the suite drives where this machine can install them (Node-RED from npm); skipped, said, where not
+.PHONY: integrations
+integrations:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory node-red || echo "==> Node-RED could not be installed: its test will be skipped"; \
+	  else echo "==> no npm: the Node-RED test will be skipped (Debian package npm installs it)"; fi
 
 ## models: retrain the built-in checkpoints (replaces the committed ones; see docs/models.md for time)
 models: $(STAMP)
@@ -107,6 +119,17 @@ FUZZ_S ?= 60
 fuzz: $(STAMP)
 	@$(BIN)/python -m pip install --progress-bar off -q -e '.[fuzz]' || echo "atheris not installable here; using the Hypothesis loop"
 	$(BIN)/python -m tests.fuzz.run_fuzz --seconds $(FUZZ_S)
+
+## node-red: Node-RED under build/node-red for tests/deploy/test_node_red.py and deploy/node-red/ (npm; 4.1.x: Node-RED 5 needs Node.js >= 22.9)
+.PHONY: node-red
+NODE_RED_VERSION ?= 4.1.8
+node-red: build/node-red/node_modules/.bin/node-red
+
+build/node-red/node_modules/.bin/node-red:
+	@command -v npm >/dev/null || { echo "npm is not installed: Debian package npm (Node.js >= 18.5), or Node.js from nodejs.org"; exit 1; }
+	@mkdir -p build/node-red
+	npm install --no-audit --no-fund --prefix build/node-red node-red@$(NODE_RED_VERSION)
+	@build/node-red/node_modules/.bin/node-red --help >/dev/null 2>&1 || { echo "node-red installed but does not run on Node.js $$(node --version)"; exit 1; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check msao tests bench examples

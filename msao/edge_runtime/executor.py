@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from msao.edge_runtime.image_cache import image_key
 from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.requests import EdgeRequest
+from msao.edge_runtime.verifier import DraftSample
 from msao.engines.flops import request_flops
 from msao.engines.generation import Answer, finish_reason_from_ids
 from msao.engines.pipeline import Prepared
@@ -58,6 +60,7 @@ class Outcome:
     completion_tokens: int = 0  # its generated tokens, the end token not counted
     finish_reason: str = "stop"  # stop | length
     image_cached: bool = False  # the edge took the image's tokens from its image cache
+    relevance: tuple[float, ...] | None = None  # MAS relevance per image token (N,), row-major; None where MAS did not run
 
 
 def _vision_flops(model: LocalModel, p: Prepared) -> int:
@@ -73,6 +76,11 @@ def _local_flops(model: LocalModel, p: Prepared, a: Answer) -> int:
         model.manifest, image_tokens=a.kept_tokens, text_tokens=a.text_tokens, new_tokens=len(a.token_ids),
         include_vision=p.encoder_ran,
     )  # fmt: skip
+
+
+def _relevance(p: Prepared | None) -> tuple[float, ...] | None:
+    """The MAS relevance of each image token (for the web view's heat-map), or None where MAS did not run."""
+    return tuple(p.mas.scores.relevance.tolist()) if p is not None and p.mas is not None else None
 
 
 def _mas_fields(p: Prepared) -> dict[str, float]:
@@ -139,6 +147,9 @@ class Executor:
         edge: the edge model. large: the large model held on the edge (split, local_large).
         link: the cloud link (None: edge-only deployment; cloud plans fall back).
         speculation_threads: helper threads that wait for speculative cloud answers.
+        commit_score: what a draft/verify plan's commit threshold is compared with: the
+            calibration's commit verifier (``PairCalibration.commit_score``); None = the
+            draft's lowest token probability.
     """
 
     def __init__(
@@ -149,10 +160,12 @@ class Executor:
         speculation_threads: int = 4,
         mas_always: bool = False,
         dilation: float = 1.0,
+        commit_score: Callable[[DraftSample], float] | None = None,
     ):
         self.edge, self.large, self.link = edge, large, link
         self.mas_always = mas_always  # run MAS for its values even when every token is kept
         self.dilation = dilation  # emulated slowness of this edge (RuntimeOptions.edge_dilation)
+        self.commit_score = commit_score
         self._pool = ThreadPoolExecutor(max_workers=speculation_threads, thread_name_prefix="msao-speculate")
 
     def close(self) -> None:
@@ -233,6 +246,7 @@ class Executor:
             a.text, a.confidence, "edge", model.name, fallback, _mas_fields(p), self._timings(p, local=local_ms),
             flops_edge=_local_flops(model, p, a), local_observed_ms=p.vision_ms + local_ms,
             prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, finish_reason=a.finish_reason, image_cached=p.cached,
+            relevance=_relevance(p),
         )  # fmt: skip
 
     def _cloud_text_tokens(self, question: str) -> int:
@@ -285,6 +299,7 @@ class Executor:
             flops_cloud=self._cloud_flops(run.request.question, kept, len(r.token_ids)),
             prompt_tokens=kept + self._cloud_text_tokens(run.request.question),
             completion_tokens=len(r.token_ids) - (finish == "stop"), finish_reason=finish, image_cached=bool(p and p.cached),
+            relevance=_relevance(p),
         )  # fmt: skip
 
     def _cloud(self, run: _Run) -> Outcome:
@@ -321,6 +336,7 @@ class Executor:
             flops_edge=request_flops(large.manifest, **tokens, layers=(0, k), include_head=False, include_vision=p.encoder_ran),
             flops_cloud=request_flops(large.manifest, **tokens, layers=(k, n), include_vision=False),
             prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, finish_reason=a.finish_reason, image_cached=p.cached,
+            relevance=_relevance(p),
         )  # fmt: skip
 
     def _draft_verify(self, run: _Run) -> Outcome:
@@ -332,13 +348,15 @@ class Executor:
         future: Future | None = None
         if plan.speculate:  # publish now; the edge answer is computed meanwhile
             future = self._pool.submit(self._cloud_answer, run, keep, run.deadline, job_id)
-        draft = self._dilated_answer(self.edge, p, request.question, budget=request.token_budget)
+        draft = self._dilated_answer(self.edge, p, request.question, budget=request.token_budget, signals=self.commit_score is not None)
         committed = self._draft_outcome(self.edge, p, draft)
         kept = p.kept_tokens if keep is not None else self._large().n_tokens
-        if draft.confidence >= plan.commit_threshold:
+        score = draft.confidence if self.commit_score is None else self.commit_score(DraftSample(draft, p.mas, plan.keep_ratio))
+        rule = "confidence" if self.commit_score is None else "verifier P(right)"
+        if score >= plan.commit_threshold:
             if future is None or self.link is None:
-                return replace(committed, speculation="edge committed")
-            spec = "edge committed; " + ("speculative cloud answer unused" if future.done() else "speculative cloud job cancelled")
+                return replace(committed, speculation=f"edge committed ({rule} {score:.3f} >= {plan.commit_threshold:g})")
+            spec = f"edge committed ({rule} {score:.3f} >= {plan.commit_threshold:g}); " + ("speculative cloud answer unused" if future.done() else "speculative cloud job cancelled")
             if not future.done():
                 self.link.cancel(job_id)
                 wait([future], timeout=0.5)  # the link lets go at once; its bytes are then logged
@@ -363,7 +381,8 @@ class Executor:
             return replace(committed, fallback=reason, bytes_up=up, bytes_down=down, speculation="cloud failed")
         cloud_ms = (time.perf_counter() - started) * 1e3
         out = self._cloud_outcome(run, r, p, cloud_ms, local=committed.timings_ms.get("local", 0.0))
-        return replace(out, flops_edge=committed.flops_edge, local_observed_ms=committed.local_observed_ms, speculation="cloud committed")
+        spec = f"cloud committed ({rule} {score:.3f} < {plan.commit_threshold:g})"
+        return replace(out, flops_edge=committed.flops_edge, local_observed_ms=committed.local_observed_ms, speculation=spec)
 
     # -- fallback ---------------------------------------------------------------------------
 

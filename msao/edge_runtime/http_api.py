@@ -5,9 +5,12 @@
     GET  /v1/models             the edge and large models, with their bundle hashes
     GET  /healthz               200 while the server runs (liveness), from before the models load
     GET  /readyz                200 with ``EdgeRuntime.health()`` when the runtime serves, else 503 and why
+    GET  /ui                    the live web view (one self-contained HTML page, ``web_view``)
+    GET  /ui/state              what the page polls: recent requests, link estimate, cloud queue, edge load
 
 Optional ``api_key`` (``msao edge --api-key`` or ``MSAO_API_KEY``): every ``/v1/`` route then
-needs ``Authorization: Bearer <key>`` (the health routes stay open for probes, as vLLM's). Optional
+needs ``Authorization: Bearer <key>`` (the health routes stay open for probes, as vLLM's), and so
+does ``/ui/state``; the ``/ui`` page itself holds no data and asks for the key. Optional
 ``cors_origins``: browsers on those origins may call the API (preflights answered, credentials not).
 
 Metrics are not served here: they have their own listener (``msao edge --metrics HOST:PORT``,
@@ -45,17 +48,19 @@ from msao.edge_runtime.openai_chat import (
 )
 from msao.edge_runtime.requests import EdgeResponse, new_request_id
 from msao.edge_runtime.runtime import EdgeRuntime
+from msao.edge_runtime.web_view import page, since_from_query, state
 from msao.errors import ConfigError, RequestError
 from msao.http_server import HttpLimits, HttpServer, Request, Response
 from msao.listener import BackgroundListener
 
-__all__ = ["CHAT_PATH", "HttpIntake", "HttpOptions"]
+__all__ = ["CHAT_PATH", "UI_PATH", "UI_STATE_PATH", "HttpIntake", "HttpOptions"]
 
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
-_ROUTES = {CHAT_PATH: "POST", MODELS_PATH: "GET", "/healthz": "GET", "/readyz": "GET"}
+UI_PATH, UI_STATE_PATH = "/ui", "/ui/state"
+_ROUTES = {CHAT_PATH: "POST", MODELS_PATH: "GET", "/healthz": "GET", "/readyz": "GET", UI_PATH: "GET", UI_STATE_PATH: "GET"}
 _SSE = "text/event-stream"
 
 
@@ -226,7 +231,8 @@ class _Routes:
         want = _ROUTES.get(path)
         if want is None:
             raise _Refusal(
-                "not_found", f"no such endpoint {path[:80]!r}; use POST {CHAT_PATH}, GET {MODELS_PATH}, /healthz or /readyz", count=False
+                "not_found", f"no such endpoint {path[:80]!r}; use POST {CHAT_PATH}, GET {MODELS_PATH}, {UI_PATH}, /healthz or /readyz",
+                count=False,
             )
         if method != want and not (method == "HEAD" and want == "GET"):
             raise _Refusal("method_not_allowed", f"{path} takes {want}, not {method[:20]}", {"Allow": want}, count=False)
@@ -239,10 +245,19 @@ class _Routes:
             if not health["ready"]:
                 health["reason"] = "the runtime is stopping"
             return self._json(request, 200 if health["ready"] else 503, health)
+        if path == UI_PATH:  # no data in it: served like the probes; the state it polls needs the key
+            body, headers = page()
+            return Response(200, body, content_type="text/html; charset=utf-8", headers=(("X-Request-Id", request.request_id), *headers))
         self._authorize(request)
         runtime = self._serving()
         if path == MODELS_PATH:
             return self._json(request, 200, _models(runtime))
+        if path == UI_STATE_PATH:
+            try:
+                since = since_from_query(request.target)
+            except RequestError as exc:
+                raise _Refusal(exc.code, str(exc), count=False) from None
+            return self._json(request, 200, state(runtime, since), {"Cache-Control": "no-store"})
         runtime.metrics.intake_requests.inc(source="http")
         if not request.header("content-length") and not request.header("transfer-encoding"):
             raise _Refusal("length_required", "Content-Length is missing; send the JSON body with its length (or chunked)")

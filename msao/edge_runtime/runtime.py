@@ -22,7 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from msao.cloud_bridge.link import CloudLink
 from msao.edge_runtime.calibration import Calibration
@@ -32,6 +34,7 @@ from msao.edge_runtime.executor import Executor, Outcome
 from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.metrics import EdgeMetrics
 from msao.edge_runtime.plans import Plan, PlanKind
+from msao.edge_runtime.recent import RecentRequests
 from msao.edge_runtime.requests import EdgeRequest, EdgeResponse, RequestLimits
 from msao.edge_runtime.scheduler import CostInputs, SchedulerOptions
 from msao.engines.images import MAX_IMAGE_PIXELS
@@ -63,6 +66,8 @@ class RuntimeOptions:
             production): every piece of edge compute holds its worker for (k - 1) times its
             measured time, so queueing is real while the CPU stays free for other processes.
             1 = the device's own speed.
+        recent_requests: served requests the live web view (``GET /ui``) shows, each with a
+            small thumbnail (about 10 KB); 0 keeps none.
     """
 
     workers: int = 2
@@ -73,6 +78,7 @@ class RuntimeOptions:
     mas_always: bool = False
     profile_at_start: bool = True
     edge_dilation: float = 1.0
+    recent_requests: int = 50
     limits: RequestLimits = RequestLimits()
     scheduler: SchedulerOptions = SchedulerOptions()
     ewma: EwmaOptions = EwmaOptions()
@@ -84,6 +90,8 @@ class RuntimeOptions:
             )
         if self.probe_interval_s < 0 or self.drain_s < 0:
             raise ConfigError("probe_interval_s and drain_s must be >= 0")
+        if not 0 <= self.recent_requests <= 10_000:
+            raise ConfigError(f"recent_requests must be in [0, 10000] (0 turns the web view's history off), got {self.recent_requests}")
         if not 1.0 <= self.edge_dilation <= 1000.0:
             raise ConfigError(f"edge_dilation must be in [1, 1000] (1 = this device's own speed), got {self.edge_dilation}")
 
@@ -94,6 +102,8 @@ class _Item:
     accepted: float  # time.monotonic()
     on_done: Done
     deadline: float = field(init=False)
+    rgb: np.ndarray | None = None  # the decoded image, for the web view's thumbnail (set by _serve)
+    relevance: tuple[float, ...] | None = None  # MAS relevance per image token (set by _serve where MAS ran)
 
     def __post_init__(self) -> None:
         self.deadline = self.accepted + self.request.deadline_ms / 1e3
@@ -124,12 +134,15 @@ class EdgeRuntime:
                                    options.workers)  # fmt: skip
         self.scheduler = self.estimator.scheduler
         self.load = self.estimator.load
+        pair = self.scheduler.pair
         self.executor = Executor(
-            edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always, dilation=options.edge_dilation
-        )
+            edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always, dilation=options.edge_dilation,
+            commit_score=pair.commit_score if pair is not None and pair.verifier is not None else None,
+        )  # fmt: skip
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=options.queue_size)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.recent = RecentRequests(options.recent_requests)  # what GET /ui shows
         self.metrics = EdgeMetrics(queue_depth=lambda: float(self._queue.qsize()), cloud_available=lambda: float(self.cloud_ok()))
         if link is not None:
             link.transfers.subscribe(self.estimator.observe_transfer)
@@ -270,6 +283,7 @@ class EdgeRuntime:
                 self.load.finish()
             self.metrics.requests.inc(plan=kind.value if kind else "none", outcome=response.error_code or "ok")
             _deliver(item, response)
+            self._remember(item, response)  # after delivery: the thumbnail costs the client nothing
 
     def _serve(self, item: _Item) -> tuple[PlanKind | None, EdgeResponse]:
         req = item.request
@@ -282,6 +296,7 @@ class EdgeRuntime:
         if not req.text_only:
             try:
                 rgb, decode_ms = self.edge.decode(req.image, self.options.max_image_pixels)
+                item.rgb = rgb
                 decode_ms = self.executor.dilate(decode_ms)
             except ImageError as exc:
                 return None, EdgeResponse.failure(req.request_id, "bad_image", str(exc))
@@ -296,6 +311,7 @@ class EdgeRuntime:
         except MsaoError as exc:  # bad input found while running (e.g. MAS refused the question)
             return plan.kind, EdgeResponse.failure(req.request_id, "bad_request", str(exc))
         total_ms = (time.monotonic() - item.accepted) * 1e3
+        item.relevance = out.relevance
         log.info(
             "request %s: %s by the %s in %.1f ms (%s)%s", req.request_id, plan.describe(), out.answered_by, total_ms,
             "ok" if total_ms <= req.deadline_ms else "late", f"; fallback: {out.fallback}" if out.fallback else "",
@@ -316,16 +332,32 @@ class EdgeRuntime:
 
     # -- live estimates -------------------------------------------------------------------------
 
+    def cloud_queue_depth(self) -> float:
+        """Jobs waiting per thread on the least loaded cloud worker of the large model (0 with no cloud)."""
+        if not self.cloud_ok():
+            return 0.0
+        assert self.link is not None and self.large is not None
+        workers = self.link.workers(self.large.manifest.model_hash)
+        return min((w.queue_depth / max(1, w.threads) for w in workers), default=0.0)
+
     def _cost_inputs(self, req: EdgeRequest, deadline: float) -> CostInputs:
         cloud = self.cloud_ok()
-        depth = 0.0
-        if cloud:
-            assert self.link is not None and self.large is not None
-            workers = self.link.workers(self.large.manifest.model_hash)
-            depth = min((w.queue_depth / max(1, w.threads) for w in workers), default=0.0)
+        depth = self.cloud_queue_depth() if cloud else 0.0
         return self.estimator.snapshot(
             cloud_ok=cloud, cloud_queue_depth=depth, image_bytes=len(req.image), deadline_ms=(deadline - time.monotonic()) * 1e3
         )
+
+    def _remember(self, item: _Item, response: EdgeResponse | None) -> None:
+        """Hand a served request to the web view's ring; a failure to draw it is logged, never raised."""
+        if response is None:
+            return
+        model = self.edge
+        if self.large is not None and item.relevance is not None and len(item.relevance) == self.large.n_tokens != self.edge.n_tokens:
+            model = self.large  # the large model's encoder ran MAS (a split or local-large plan): its crop and grid
+        try:
+            self.recent.record(item.request, response, item.rgb, item.relevance, model.manifest.preprocess)
+        except Exception:
+            log.exception("request %s: could not keep it for the web view", item.request.request_id)
 
     def _record(self, plan: Plan, out: Outcome, timings: dict[str, float]) -> None:
         m = self.metrics
@@ -353,6 +385,8 @@ class EdgeRuntime:
 
 
 def _deliver(item: _Item, response: EdgeResponse | None) -> None:
+    if response is not None and item.request.context is not None:  # every answer echoes the caller's context
+        response = replace(response, context=item.request.context)
     try:
         item.on_done(response)
     except Exception:

@@ -9,6 +9,7 @@ nothing of bundles or segments. Layout:
     ├──────────────────────────────┬────────────────────────────────┤
     │ image, kept patches outlined │ heat-map of the combined score │
     │ the rest dimmed              │ w, kept patches outlined       │
+    │                              │ ▁▁▁▁ colour scale 0 … max w ▁▁ │
     └──────────────────────────────┴────────────────────────────────┘
 """
 
@@ -21,19 +22,19 @@ import numpy as np
 from msao.engines.images import ImagePreprocess
 from msao.engines.mas import KeepSet, ModalityMas
 
-__all__ = ["heatmap_png", "model_view_from_pixels"]
+__all__ = ["HEAT_STOPS", "heatmap_png", "model_view_from_pixels"]
 
 # black -> dark red -> orange -> pale yellow: readable on screens and in greyscale print
-_STOPS = np.array([[0, 0, 0], [150, 20, 30], [240, 120, 20], [255, 250, 190]], np.float64)
+HEAT_STOPS = np.array([[0, 0, 0], [150, 20, 30], [240, 120, 20], [255, 250, 190]], np.float64)
 _KEPT_RGB = (60, 255, 120)
 
 
 def _colormap(w: np.ndarray) -> np.ndarray:
-    """float (…) in [0, 1] -> uint8 (…, 3) along _STOPS."""
-    x = np.clip(w, 0.0, 1.0) * (len(_STOPS) - 1)
-    lo = np.minimum(x.astype(int), len(_STOPS) - 2)
+    """float (…) in [0, 1] -> uint8 (…, 3) along HEAT_STOPS."""
+    x = np.clip(w, 0.0, 1.0) * (len(HEAT_STOPS) - 1)
+    lo = np.minimum(x.astype(int), len(HEAT_STOPS) - 2)
     f = (x - lo)[..., None]
-    return np.rint(_STOPS[lo] * (1 - f) + _STOPS[lo + 1] * f).astype(np.uint8)
+    return np.rint(HEAT_STOPS[lo] * (1 - f) + HEAT_STOPS[lo + 1] * f).astype(np.uint8)
 
 
 def model_view_from_pixels(pixels: np.ndarray, pre: ImagePreprocess) -> np.ndarray:
@@ -49,6 +50,23 @@ def _font(size: int):
         return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType (>= 10.1)
     except TypeError:
         return ImageFont.load_default()
+
+
+def _colour_scale(canvas, draw, at: tuple[int, int, int], top: float, font) -> None:
+    """A horizontal colour bar at (x, y) of ``width`` px mapping the heat-map's colours back to scores 0 … ``top``."""
+    from PIL import Image
+
+    x, y, width = at
+    ramp = _colormap(np.linspace(0.0, 1.0, width))[None].repeat(12, axis=0)  # (12, width, 3)
+    canvas.paste(Image.fromarray(ramp), (x, y))
+    draw.rectangle((x, y, x + width - 1, y + 11), outline=(120, 120, 120))
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        tx = x + round(frac * (width - 1))
+        draw.line((tx, y + 12, tx, y + 16), fill=(200, 200, 200))
+        label = f"{frac * top:.2f}"
+        lw = draw.textlength(label, font=font)
+        draw.text((min(max(x, tx - lw / 2), x + width - lw), y + 17), label, fill=(200, 200, 200), font=font)
+    draw.text((x - 4 - draw.textlength("w:", font=font), y - 2), "w:", fill=(200, 200, 200), font=font)
 
 
 def heatmap_png(
@@ -93,7 +111,8 @@ def heatmap_png(
     font = _font(15)
     title_h = 64
     gap = 8
-    canvas = Image.new("RGB", (2 * pw + gap, ph + title_h), (20, 20, 24))
+    legend_h = 46
+    canvas = Image.new("RGB", (2 * pw + gap, ph + title_h + legend_h), (20, 20, 24))
     canvas.paste(Image.fromarray(left), (0, title_h))
     canvas.paste(Image.fromarray(right), (pw + gap, title_h))
     draw = ImageDraw.Draw(canvas)
@@ -111,8 +130,9 @@ def heatmap_png(
         font=font,
     )
     draw.text(
-        (6, 44), "left: kept tokens outlined, others dimmed   right: combined score w / max w (dark = low)", fill=(170, 170, 170), font=font
+        (6, 44), "left: kept tokens outlined, others dimmed   right: combined MAS score w per token (scale below)", fill=(170, 170, 170), font=font
     )
+    _colour_scale(canvas, draw, (pw + gap, title_h + ph + 6, pw), float(combined.max()), _font(13))
     out = io.BytesIO()
     canvas.save(out, format="PNG")
     return out.getvalue()

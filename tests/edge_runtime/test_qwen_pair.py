@@ -1,0 +1,134 @@
+"""The paper's pairing through msao's runtime and a real cloud worker: a Qwen2-VL edge model, a Qwen2.5-VL cloud model.
+
+Both are random-initialised at reduced depth (tests/export/tiny_qwen.py) and share a patch-4,
+merge-2 grid of 16 image tokens, as Qwen2-VL-2B and Qwen2.5-VL-7B share patch 14, merge 2. Their
+answers are arbitrary words, so the checks are identities: what the cloud answers through
+MQTT equals what the same bundle answers here, for the whole image, for the edge's keep-set
+(the kept tokens at their original 3-D positions) and for a split whose cloud half receives
+M-RoPE position ids of shape (3, B, T).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msao.cloud_bridge.link import CloudLink, LinkOptions
+from msao.cloud_bridge.mqtt_options import ClientOptions
+from msao.edge_runtime.local_model import LocalModel
+from msao.edge_runtime.plans import Plan
+from msao.edge_runtime.requests import EdgeRequest
+from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
+from msao.engines.bundle import load_bundle
+from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+from msao.export.exporter import ExportOptions, export_bundle
+from testbed import start_broker, start_workers, stop_all, wait_online
+
+from ..export.tiny_qwen import make_tiny_qwen
+
+QUESTIONS = ("what color is the shape?", "what shape is in the image?", "is there a red shape?", "does the image contain a circle?")
+
+
+@pytest.fixture(scope="module")
+def qwen_bundles(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("qwen-pair")
+    opts = ExportOptions(check_questions=8, profile_repeats=1, max_new_tokens=4)
+    edge = export_bundle(make_tiny_qwen(root / "edge-model", "qwen2_vl", seed=0), root / "edge", opts, progress=lambda _m: None)
+    cloud = export_bundle(make_tiny_qwen(root / "cloud-model", "qwen2_5_vl", seed=1), root / "cloud", opts, progress=lambda _m: None)
+    assert edge.model.image_tokens == cloud.model.image_tokens == 16 and edge.model.family != cloud.model.family
+    return root / "edge", root / "cloud"
+
+
+@pytest.fixture(scope="module")
+def pair(qwen_bundles):
+    be = OnnxRuntimeBackend(OrtOptions(threads=1))
+    edge, large = (LocalModel(load_bundle(d), be, image_cache_bytes=0) for d in qwen_bundles)
+    yield edge, large
+    edge.close()
+    large.close()
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory, qwen_bundles, pair):
+    root = tmp_path_factory.mktemp("qwen-cloud")
+    broker = start_broker(root / "broker")
+    workers = start_workers(broker.url, qwen_bundles[1], root, count=1)
+    edge_id = "edge-" + uuid.uuid4().hex[:8]
+    link = CloudLink(LinkOptions(edge_id, ClientOptions(broker.url, f"msao-{edge_id}", keepalive_s=5))).start()
+    rt = None
+    try:
+        wait_online(link, workers)
+        rt = EdgeRuntime(*pair, link, None, RuntimeOptions(workers=1, probe_interval_s=0)).start()
+        yield rt
+    finally:
+        if rt is not None:
+            rt.stop()
+        link.close()
+        stop_all(workers)
+        broker.stop()
+
+
+def _images(n: int) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(buf, format="PNG")  # not square: resized and cropped
+        out.append(buf.getvalue())
+    return out
+
+
+def _ask(rt: EdgeRuntime, image: bytes, question: str, **kw):
+    r = rt.answer(EdgeRequest("q" + uuid.uuid4().hex[:10], question, image, deadline_ms=30_000, **kw))
+    assert r.status == "ok" and not r.fallback, r
+    return r
+
+
+def test_cloud_only_answers_in_the_cloud_as_the_qwen2_5_bundle_does_here(runtime, pair):
+    _, large = pair
+    for image, q in zip(_images(4), QUESTIONS):
+        r = _ask(runtime, image, q, policy="cloud_only")
+        assert r.answered_by == "cloud" and r.model == large.name
+        here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q)
+        assert r.answer == here.text and r.prompt_tokens == here.prompt_tokens
+
+
+def test_the_edge_keep_set_reaches_the_cloud_model_at_its_original_positions(runtime, pair):
+    edge, large = pair
+    plan = Plan("cloud", 0.5, send_keep=True, reason="test: the edge's MAS picks the 8 tokens the cloud prefills")
+    for image, q in zip(_images(4), QUESTIONS):
+        request = EdgeRequest("k" + uuid.uuid4().hex[:10], q, image, deadline_ms=30_000)
+        r = runtime.executor.run(plan, request, edge.decode(image, 10**6)[0], 0.0, time.monotonic() + 30)
+        keep = edge.prepare(edge.decode(image, 10**6)[0], q, 0.5).keep
+        assert r.answered_by == "cloud" and not r.fallback, r
+        assert keep is not None and len(keep) == 8 and r.mas["kept_tokens"] == 8
+        pl = large.prepare(large.decode(image, 10**6)[0], q, analyse=False)
+        here = large.answer(pl, q, keep=keep)  # the same kept tokens at the same (t, h, w) positions
+        assert r.answer == here.text and r.prompt_tokens == here.prompt_tokens
+
+
+def test_a_split_sends_m_rope_positions_and_answers_as_the_whole_model(runtime, pair):
+    _, large = pair
+    (k,) = large.manifest.split_points  # the exporter's default for a 3-layer decoder: its middle
+    for image, q in zip(_images(3), QUESTIONS):
+        r = _ask(runtime, image, q, policy="static_split", split_layer=k)
+        assert r.answered_by == "cloud" and r.plan == f"split@{k} keep=1"
+        here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q)
+        assert r.answer == here.text  # fp16 hidden states across the link, (3, 1, T) position ids for the cloud's layers
+
+
+def test_draft_verify_drafts_with_qwen2_vl_and_commits_the_qwen2_5_answer(runtime, pair):
+    edge, large = pair
+    image, q = _images(1)[0], QUESTIONS[0]
+    r = _ask(runtime, image, q, policy="draft_verify_static")
+    assert r.answered_by == "cloud" and "cloud committed" in r.reason
+    assert r.answer == large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q).text
+    draft = edge.answer(edge.prepare(edge.decode(image, 10**6)[0], q, analyse=False), q)
+    assert draft.text and r.flops_edge > 0  # the edge drafted meanwhile
