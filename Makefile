@@ -11,8 +11,8 @@ CHECKPOINTS := $(wildcard msao/export/checkpoints/*/*)
 
 .PHONY: setup broker chromium demo test models export eval lint clean
 
-## setup: virtual environment with msao[dev] (torch CPU, transformers, onnxruntime) + mosquitto + chromium (the web view's test)
-setup: $(STAMP) broker chromium
+## setup: virtual environment with msao[dev] (torch CPU, transformers, onnxruntime) + mosquitto
+setup: $(STAMP) broker
 
 $(STAMP): pyproject.toml
 	@echo "==> [1/2] creating $(VENV) (Python: $$($(PYTHON) --version))"
@@ -35,10 +35,10 @@ chromium:
 	@command -v chromium >/dev/null && echo "==> chromium: $$(chromium --version 2>/dev/null | head -1)"
 
 ## test: the whole suite (CI runs this through .ci/run); it also compiles msao/engines/mas.cu for sm_87 and sm_90 with nvcc
-test: setup integrations
+test: setup chromium integrations
 	$(BIN)/python -m pytest -q
 
-# the integrators' tools the suite drives where this machine can install them (Node-RED from npm); skipped, said, where not
+# chromium drives the web view's test; the integrators' tools the suite drives where this machine can install them (Node-RED from npm); skipped, said, where not
 .PHONY: integrations
 integrations:
 	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory node-red || echo "==> Node-RED could not be installed: its test will be skipped"; \
