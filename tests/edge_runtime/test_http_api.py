@@ -21,6 +21,7 @@ from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.errors import ConfigError
 from msao.prometheus import MetricsListener
+from testbed import poll_until
 from tests.edge_runtime.test_openai_chat import chat_body, data_uri
 from tests.test_prometheus import samples, scrape
 
@@ -323,7 +324,17 @@ def test_metrics_listener_counts_http_answers_by_route_and_status(models, easyvq
             http_call(h, "GET", "/healthz")
             http_call(h, "GET", "/no/such/path")
             http_call(h, "POST", CHAT, b"{", {"Content-Type": "application/json"})
-            after = samples(scrape("127.0.0.1", listener.port)[2])
+            answers = [("msao_http_responses_total", labels) for labels in (
+                chat, frozenset({("route", "/healthz"), ("code", "200")}), frozenset({("route", "other"), ("code", "404")}),
+                frozenset({("route", CHAT), ("code", "400")}))]  # fmt: skip
+            scrapes: list[dict] = []
+
+            def counted() -> bool:  # each answer is counted just after it is sent, on its connection's thread
+                scrapes.append(samples(scrape("127.0.0.1", listener.port)[2]))
+                return all(scrapes[-1].get(k, 0.0) > before.get(k, 0.0) for k in answers)
+
+            assert poll_until(counted, 10, poll_s=0.05)
+            after = scrapes[-1]
     finally:
         rt.stop()
 
