@@ -301,7 +301,8 @@ def calibrate_models(
     if len(rows) >= MIN_VERIFIER_QUESTIONS:  # fit on the first half of the questions (every ratio), tabulate on the second
         fit, tab = np.arange(len(rows) // 2), np.arange(len(rows) // 2, len(rows))
         verifier = fit_commit_verifier([drafts[a][j] for a in range(n_r) for j in fit], edge_ok[:, fit].reshape(-1))
-        score = np.stack([verifier.scores([drafts[a][j] for j in range(len(rows))]) for a in range(n_r)])
+        score = np.zeros_like(edge_conf)  # only the held-out drafts are scored: the tables read nothing else
+        score[:, tab] = np.stack([verifier.scores([drafts[a][j] for j in tab]) for a in range(n_r)])
         held_score, held_ok = score[:, tab].reshape(-1), edge_ok[:, tab].reshape(-1)
         verifier = replace(
             verifier, held_out_questions=len(tab), auroc=round(auroc(held_score, held_ok), 5),

@@ -13,6 +13,7 @@ dropped. Decides no placement: the plan comes from the scheduler.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -124,11 +125,12 @@ class _Run:
     decode_ms: float
     deadline: float  # time.monotonic() by which the answer must be committed
     jobs: list[str] = field(default_factory=list)
-    image_key: bytes | None = field(init=False)  # the image cache's key of a still image
 
-    def __post_init__(self) -> None:
+    @functools.cached_property
+    def image_key(self) -> bytes | None:
+        """The image cache's key of a still image, hashed only when a plan encodes it here (not for a raw upload)."""
         r = self.request
-        self.image_key = image_key(r.image) if r.image and r.stream_id is None else None
+        return image_key(r.image) if r.image and r.stream_id is None else None
 
     @property
     def cloud_deadline(self) -> float:

@@ -326,7 +326,7 @@ class Generator:
         taps: dict[int, np.ndarray] | None = {} if signals and tail is None else None
         h = stack.run(hidden, positions, mask, taps)
         probs = softmax(head_logits(h, positions, mask)[0, -1])
-        first_hidden = h[0, -1].astype(np.float32, copy=True)
+        first_hidden = h[0, -1].astype(np.float32, copy=True) if signals else None
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
         ids: list[int] = []
@@ -359,7 +359,7 @@ class Generator:
                 if name in self.runners:
                     p_exit = softmax(self.runners[name].infer({"hidden_states": tapped[:, -1:]})["logits"][0, -1])
                     exits.append((k, float(p_exit[ids[0]]), int(p_exit.argmax()) == ids[0]))
-            draft = DraftSignals(tuple(margins), tuple(entropies), tuple(exits), first_hidden)
+            draft = DraftSignals(tuple(margins), tuple(entropies), tuple(exits), first_hidden)  # type: ignore[arg-type]
         text_ids = [t for t in ids if t not in self.eos]
         total_ms = (time.perf_counter() - t_start) * 1e3 + image.vision_ms
         return Answer(
