@@ -19,6 +19,7 @@ from msao.errors import FeedError
 
 if TYPE_CHECKING:
     from msao.engines.bundle import Bundle
+    from msao.engines.kv_cache import KvCache
 
 __all__ = ["Backend", "check_feeds", "Runner"]
 
@@ -101,6 +102,21 @@ class Runner(abc.ABC):
         t0 = time.perf_counter()
         out = self._infer(feeds)
         self.last_latency_ms = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def run_chunk(self, feeds: dict[str, np.ndarray], cache: KvCache) -> dict[str, np.ndarray]:
+        """Run a decoder chunk on ``cache``: feeds without ``past_*``, the mask over past + new tokens.
+
+        The cache's buffers are the past (the mask hides unused slots) and its new slots are
+        written from the outputs. A backend whose memory is elsewhere (TensorRT) overrides this
+        to keep its own copy of the cache there and move only the new slots.
+        """
+        t = feeds["hidden_states"].shape[1]
+        out = self.infer({**feeds, "attention_mask": cache.key_mask(feeds["attention_mask"], t), **cache.past_feeds()})
+        if any(name.startswith("present_") for name in out):  # a format 1/2 bundle: the chunk returned its whole cache
+            cache.replace(out)
+        else:
+            cache.append(out, t)
         return out
 
     @abc.abstractmethod

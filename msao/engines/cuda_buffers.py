@@ -173,6 +173,12 @@ class DeviceBuffers:
             kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
             _ok(self._rt.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, kind, stream.handle), "cudaMemcpyAsync(D2H)")
 
+    def copy_rows(self, dst: int, dst_pitch: int, src: int, src_pitch: int, row_bytes: int, rows: int, stream: CudaStream) -> None:
+        """Device-to-device copy of ``rows`` rows of ``row_bytes`` between pitched layouts (a KV slot range)."""
+        if row_bytes and rows:
+            kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            _ok(self._rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows, kind, stream.handle), "cudaMemcpy2DAsync(D2D)")
+
     def close(self) -> None:
         for ptr, _ in self._bufs.values():
             self._rt.cudaFree(ptr)

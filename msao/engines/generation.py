@@ -26,6 +26,7 @@ import numpy as np
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
 from msao.engines.images import decode_image, pixels_from_image
+from msao.engines.kv_cache import KvCache
 from msao.engines.manifest import exit_segment_name
 from msao.engines.positions import decode_positions, prefill_positions
 from msao.errors import FeedError, MsaoError
@@ -161,7 +162,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class DecoderStack:
-    """Decoder chunks covering layers [start, end) and their KV cache for one sequence batch."""
+    """Decoder chunks covering layers [start, end) and their KV cache for one sequence batch.
+
+    Each chunk's cache is a ``KvCache`` of preallocated buffers; ``reset(capacity=…)`` sizes
+    them for a whole request at once (they grow if a sequence runs past it).
+    """
 
     def __init__(self, runners: list[Runner], num_kv_heads: int, head_dim: int):
         if not runners:
@@ -170,39 +175,40 @@ class DecoderStack:
         self.start = runners[0].spec.layers[0]  # type: ignore[index]
         self.end = runners[-1].spec.layers[1]  # type: ignore[index]
         self.kv_shape = (num_kv_heads, head_dim)
-        self.past: dict[str, np.ndarray] = {}
+        self.caches: list[KvCache] = []
 
-    def reset(self, batch: int = 1) -> None:
-        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)
-        self.past = {}
+    def reset(self, batch: int = 1, capacity: int = 0) -> None:
+        """Forget the sequence; room for ``capacity`` tokens (prompt + answer budget) up front."""
+        self.caches = []
         for r in self.runners:
-            for t in r.spec.inputs:
-                if t.name.startswith("past_"):
-                    self.past[t.name] = empty
+            cache = KvCache([t.name for t in r.spec.inputs if t.name.startswith("past_")], batch, *self.kv_shape)
+            cache.reserve(capacity)
+            self.caches.append(cache)
 
     @property
     def past_length(self) -> int:
-        return next(iter(self.past.values())).shape[2] if self.past else 0
+        return self.caches[0].length if self.caches else 0
+
+    def truncate(self, length: int) -> None:
+        """Drop every cached token from ``length`` on (e.g. drafted tokens a verifier rejected)."""
+        for cache in self.caches:
+            cache.truncate(length)
 
     def run(
         self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, taps: dict[int, np.ndarray] | None = None
     ) -> np.ndarray:
         """hidden (B, T, D) at ``position_ids`` (B, T) → hidden after layer ``end``; KV appended.
 
+        ``attention_mask``: 0/1 over the cached tokens and the T new ones (B, past_length + T).
         ``taps``: filled with the hidden states after every chunk that ends below ``end``, by layer.
         """
-        for r in self.runners:
-            feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}
-            for t in r.spec.inputs:
-                if t.name.startswith("past_"):
-                    feeds[t.name] = self.past[t.name]
-            out = r.infer(feeds)
+        if not self.caches:
+            self.reset(hidden.shape[0])
+        for r, cache in zip(self.runners, self.caches):
+            out = r.run_chunk({"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}, cache)
             hidden = out["hidden_states_out"]
             if taps is not None and r.spec.layers[1] < self.end:  # type: ignore[index]
                 taps[r.spec.layers[1]] = hidden  # type: ignore[index]
-            for t in r.spec.outputs:
-                if t.name.startswith("present_"):
-                    self.past["past_" + t.name[len("present_") :]] = out[t.name]
         return hidden
 
 
@@ -311,9 +317,8 @@ class Generator:
                 return head.infer({"hidden_states": h[:, -1:]})["logits"]
 
         stack = self.stack(end)
-        stack.reset()
-
         prefix, suffix = self.prompt_ids(question)
+        stack.reset(capacity=len(prefix) + len(keep_idx) + len(suffix) + max_new_tokens)
         t0 = time.perf_counter()
         emb = self.runners["text_embed"].infer({"input_ids": np.concatenate([prefix, suffix])[None]})["embeddings"]
         embed_ms = (time.perf_counter() - t0) * 1e3

@@ -7,8 +7,12 @@ Format documented in docs/bundle.md; bump ``FORMAT_VERSION`` on any incompatible
 Versions: 1 is a LLaVA bundle (1-D position ids). 2 adds ``model.family`` and ``model.mrope`` for
 the M-RoPE families (Qwen2-VL, Qwen2.5-VL), whose decoders take 3-D position ids; an msao that
 reads only version 1 refuses those bundles by their version instead of misplacing every image
-token. LLaVA bundles are still written as version 1 (``format_version_for``), byte for byte as
-before, so older readers keep loading them.
+token. 3 changes what a decoder chunk returns: the new tokens' key/value (``new_key_i``,
+``new_value_i``: batch, kv heads, seq, head dim) instead of the whole present cache
+(``present_key_i``: past+seq), so the runtime appends into a preallocated cache instead of
+receiving a copy of it per step. Every family is written as version 3, so an older msao
+refuses these bundles by their version instead of dropping their KV; this msao still runs
+version 1 and 2 bundles, the old way (``DecoderStack``), until they are re-exported.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = [
     "FORMAT_VERSIONS",
     "MANIFEST_NAME",
     "MODEL_FAMILIES",
+    "NEW_KV_VERSION",
     "SEGMENT_KINDS",
     "BundleChecks",
     "FileEntry",
@@ -43,8 +48,9 @@ __all__ = [
     "format_version_for",
 ]
 
-FORMAT_VERSION = 2  # the newest version this msao writes
-FORMAT_VERSIONS = (1, 2)  # versions this msao reads
+FORMAT_VERSION = 3  # the version this msao writes, for every family
+FORMAT_VERSIONS = (1, 2, 3)  # versions this msao reads
+NEW_KV_VERSION = 3  # from this version on, decoder chunks return the new tokens' KV (``new_*``), not ``present_*``
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 SEGMENT_KINDS = ("vision_encoder", "text_embed", "decoder", "lm_head", "exit_head")
@@ -68,8 +74,8 @@ def _only_known(cls, d: dict) -> dict:
 
 
 def format_version_for(family: str) -> int:
-    """The manifest version a bundle of ``family`` is written with: 1 for LLaVA (older readers), else 2."""
-    return 1 if family == "llava" else FORMAT_VERSION
+    """The oldest manifest version that can hold a model of ``family``: 1 for LLaVA, 2 for M-RoPE."""
+    return 1 if family == "llava" else 2
 
 
 def decoder_segment_name(start: int, end: int) -> str:
@@ -409,7 +415,18 @@ class Manifest:
         if self.format_version not in FORMAT_VERSIONS:
             raise ValueError(f"format_version {self.format_version}, this msao reads {list(FORMAT_VERSIONS)}")
         if self.format_version < format_version_for(self.model.family):
-            raise ValueError(f"format_version {self.format_version} cannot hold a {self.model.family} model (needs {FORMAT_VERSION})")
+            raise ValueError(
+                f"format_version {self.format_version} cannot hold a {self.model.family} model (needs {format_version_for(self.model.family)}+)"
+            )
+        kv_prefix = "new_" if self.format_version >= NEW_KV_VERSION else "present_"
+        for seg in self.segments:
+            wrong = [
+                t.name for t in seg.outputs if seg.kind == "decoder" and t.name != "hidden_states_out" and not t.name.startswith(kv_prefix)
+            ]
+            if wrong:
+                raise ValueError(
+                    f"segment {seg.name}: outputs {wrong}; a version {self.format_version} decoder chunk returns {kv_prefix}* KV"
+                )
         if not _SHA256.match(self.model_hash):
             raise ValueError("model_hash must be 64 lower-case hex digits")
         names = [s.name for s in self.segments]

@@ -108,6 +108,9 @@ class _Borrowed(Runner):
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._runner.infer(feeds)
 
+    def run_chunk(self, feeds: dict[str, np.ndarray], cache) -> dict[str, np.ndarray]:
+        return self._runner.run_chunk(feeds, cache)
+
 
 class _Lending(_SharedRunners):
     def open(self, bundle: Bundle, spec: SegmentSpec) -> Runner:

@@ -11,11 +11,14 @@ removed. One difference matters at run time: under 8.6 the ONNX parser turns INT
 into INT32 engine inputs (10.x keeps INT64), so feeds are cast to the engine's own dtype.
 
 Per runner: one execution context, one CUDA stream, device buffers that grow and are reused
-across calls, and two ping-pong buffers per ``present_*`` output. When a decode step feeds
-back, as ``past_*``, the very array the previous step returned (``DecoderStack`` does), the
-runner binds the device buffer that already holds it instead of copying it up again; returned
-``present_*`` arrays are read-only so that identity means equal contents. The host copy of
-``present_*`` is still made, because ``Runner.infer`` returns NumPy arrays.
+across calls. A decoder chunk of a format 3 bundle (``run_chunk``) keeps a device copy of the
+request's ``KvCache``: while the host cache is the one it mirrors (same epoch, no slot added
+elsewhere), the past is bound in place and only the step's new slots move, device to device
+into the copy and down to the host cache (T slots, not the cache). Format 1/2 chunks return
+``present_*``, held in two ping-pong buffers each: when a decode step feeds back, as
+``past_*``, the very array the previous step returned, the runner binds the device buffer that
+already holds it; returned ``present_*`` arrays are read-only so that identity means equal
+contents.
 
 Untested on hardware: there was no GPU where this was written. tests/engines/test_tensorrt_gpu.py
 compares it with ONNX Runtime wherever TensorRT and a GPU exist.
@@ -41,6 +44,7 @@ from msao.errors import EngineMismatch, FeedError, GpuUnavailable, MissingDepend
 
 if TYPE_CHECKING:
     from msao.engines.bundle import Bundle
+    from msao.engines.kv_cache import KvCache
 
 __all__ = [
     "TENSORRT_INSTALL_HINT",
@@ -201,12 +205,45 @@ class TrtRunner(Runner):
         self._lock = threading.RLock()
         self._resident: dict[str, tuple[np.ndarray, int]] = {}  # present name -> (array returned last, ping-pong slot)
         self._device_out: dict[str, DeviceTensor] = {}
+        self._mirror: tuple[int, int] = (0, 0)  # (epoch, length) of the KvCache whose past the ("kv", name) buffers hold
         self.keepalive: object = None  # what the engine needs alive (its runtime), released after it in close()
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._run(feeds, None)
 
-    def _run(self, feeds: dict[str, np.ndarray], download: Collection[str] | None) -> dict[str, np.ndarray]:
+    def run_chunk(self, feeds: dict[str, np.ndarray], cache: KvCache) -> dict[str, np.ndarray]:
+        if self._past_of or cache.whole:  # format 1/2: present_* ping-pong (see the module docstring)
+            return super().run_chunk(feeds, cache)
+        t = feeds["hidden_states"].shape[1]
+        full = {**feeds, "attention_mask": cache.key_mask(feeds["attention_mask"], t), **cache.past_feeds()}
+        check_feeds(self.spec, full)
+        with self._lock:
+            t0 = time.perf_counter()
+            resident = self._mirror == (cache.epoch, cache.length)
+            bound = {}
+            for name in cache.names:  # not resident: the whole host buffer, zeros in unused slots (cudaMalloc'd memory may hold NaNs)
+                buf, key = cache.buffer(name), ("kv", name)
+                bound[name] = self._buffers.ensure(key, buf.nbytes) if resident else self._buffers.upload(key, buf, self._stream)
+            out = self._run(full, None, bound=bound)
+            fits = cache.length + t <= cache.capacity  # else the host cache grows (new epoch) and is uploaded next call
+            if fits:
+                for name in cache.names:
+                    new = self._device_out["new_" + name[len("past_") :]]
+                    b, h, cap, d = cache.buffer(name).shape
+                    row = t * d * np.dtype(new.dtype).itemsize
+                    slot = cache.length * d * np.dtype(new.dtype).itemsize
+                    self._buffers.copy_rows(
+                        bound[name] + slot, cap * d * np.dtype(new.dtype).itemsize, new.ptr, row, row, b * h, self._stream
+                    )
+                self._stream.synchronize()
+            cache.append(out, t)
+            self._mirror = (cache.epoch, cache.length) if fits else (0, 0)
+            self.last_latency_ms = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def _run(
+        self, feeds: dict[str, np.ndarray], download: Collection[str] | None, bound: dict[str, int] | None = None
+    ) -> dict[str, np.ndarray]:
         with self._lock:
             ctx, stream = self._context, self._stream
             profile = choose_profile(self.profiles, {n: a.shape for n, a in feeds.items()}, f"segment {self.spec.name}")
@@ -219,7 +256,9 @@ class TrtRunner(Runner):
                 arr = feeds[name]
                 present = self._past_of.get(name)
                 held = self._resident.get(present) if present else None
-                if present and held is not None and held[0] is arr:
+                if bound and name in bound:  # already on the device (``run_chunk``'s copy of the KV cache)
+                    ptr = bound[name]
+                elif present and held is not None and held[0] is arr:
                     ptr = self._buffers.ensure((present, held[1]), arr.nbytes)  # holds arr already: no growth, no copy
                     write_slot[present] = 1 - held[1]
                 else:

@@ -28,6 +28,7 @@ from msao.engines.bundle import load_bundle, sha256_of_file
 from msao.engines.generation import Generator
 from msao.engines.images import pixels_from_image
 from msao.engines.manifest import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     BundleChecks,
     FileEntry,
@@ -39,7 +40,6 @@ from msao.engines.manifest import (
     TensorSpec,
     decoder_segment_name,
     exit_segment_name,
-    format_version_for,
 )
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.engines.profile import profile_bundle
@@ -199,9 +199,7 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
     positions = ("batch", "seq") if info.mrope is None else (3, "batch", "seq")  # M-RoPE: (t, h, w) ids per token
     for a, b in zip(bounds, bounds[1:]):
         past = tuple(TensorSpec(f"past_{kv}_{i}", f32, ("batch", hkv, "past", hd)) for i in range(a, b) for kv in ("key", "value"))
-        present = tuple(
-            TensorSpec(f"present_{kv}_{i}", f32, ("batch", hkv, "past+seq", hd)) for i in range(a, b) for kv in ("key", "value")
-        )
+        new_kv = tuple(TensorSpec(f"new_{kv}_{i}", f32, ("batch", hkv, "seq", hd)) for i in range(a, b) for kv in ("key", "value"))
         spec = SegmentSpec(
             decoder_segment_name(a, b), "decoder", f"decoder_{a}_{b}.onnx",
             inputs=(
@@ -210,7 +208,7 @@ def _segments(ck: LlavaCheckpoint, info: ModelInfo, bounds: list[int], mas_layer
                 TensorSpec("attention_mask", "int64", ("batch", "past+seq")),
                 *past,
             ),
-            outputs=(TensorSpec("hidden_states_out", f32, ("batch", "seq", d)), *present),
+            outputs=(TensorSpec("hidden_states_out", f32, ("batch", "seq", d)), *new_kv),
             layers=(a, b),
         )  # fmt: skip
         out.append((spec, DecoderChunk(m, a, b)))
@@ -288,13 +286,16 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        segs = _segments(ck, info, bounds, mas_layer)
-        for spec, module in segs:
+        segs = []
+        for spec, module in _segments(ck, info, bounds, mas_layer):
             t0 = time.perf_counter()
-            onnx_from_segment(
+            data = onnx_from_segment(
                 module, torch_feeds(spec, info, batch=2, seq=5, past=3), spec.inputs, spec.outputs, work / spec.file, options.opset
             )
-            progress(f"  exported {spec.name:<16} {(work / spec.file).stat().st_size / 1e6:7.2f} MB  {time.perf_counter() - t0:5.1f}s")
+            segs.append((replace(spec, external_data=data), module))
+            size = sum((work / f).stat().st_size for f in (spec.file, *data)) / 1e6
+            shown = f"{size:7.2f} MB" + (f" ({', '.join(data)})" if data else "")
+            progress(f"  exported {spec.name:<16} {shown}  {time.perf_counter() - t0:5.1f}s")
         (work / "tokenizer.json").write_text(ck.tokenizer_json)
         if ck.mrope is not None:
             _check_vision_against_hf(segs[0][1], ck, samples[:4], options, progress)
@@ -311,7 +312,7 @@ def export_bundle(
             "source": str(model) if builtin else folder.name,
         }
         manifest = Manifest(
-            format_version=format_version_for(ck.family),
+            format_version=FORMAT_VERSION,
             name=name,
             model_hash=model_hash,
             created_by=created_by,

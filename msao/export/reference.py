@@ -80,8 +80,9 @@ class TorchPipeline:
                         feeds[ti.name] = past.get(ti.name, np.zeros((bsz, self.kv_shape[0], 0, self.kv_shape[1]), np.float32))
                 out = self._call(name, feeds)
                 for to in spec.outputs:
-                    if to.name.startswith("present_"):
-                        past["past_" + to.name[len("present_") :]] = out[to.name]
+                    if to.name.startswith("new_"):  # the chunk returns the new tokens' KV; the reference concatenates
+                        name = "past_" + to.name[len("new_") :]
+                        past[name] = np.concatenate([feeds[name], out[to.name]], axis=2)
                 tap = out["hidden_states_out"]
                 exit_name = f"exit_head@{spec.layers[1]}"
                 if exit_name in self.specs:

@@ -7,7 +7,7 @@ modules, so the graph we ship is the graph we trained.
 
     pixel_values ─► vision_encoder ─► image_tokens (B, N, D)   mas_features (B, N, Dv)
     input_ids ────► text_embed ─────► embeddings (B, T, D)
-    hidden ───────► decoder[a:b] ───► hidden (B, T, D) + present KV per layer
+    hidden ───────► decoder[a:b] ───► hidden (B, T, D) + the new tokens' KV per layer
     hidden ───────► lm_head / exit_head@k ─► logits (B, T, V)
 """
 
@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 __all__ = [
     "DecoderChunk",
     "ExitHead",
     "LmHead",
     "MASK_NEG",
+    "SPLIT_ATTENTION",
     "TextEmbed",
     "VisionEncoder",
     "causal_mask_from_padding",
     "image_token_layout",
+    "split_past_attention",
 ]
 
 # Additive mask value: representable in fp16 (TensorRT FP16 engines) yet exp() underflows to 0.
@@ -100,22 +103,50 @@ def causal_mask_from_padding(attention_mask: torch.Tensor, query_len: int, dtype
     return torch.where(allowed, zero, neg).unsqueeze(1)
 
 
-class _ChunkCache:
-    """Duck-typed HF cache for one forward pass: concatenates the given past with new KV.
+SPLIT_ATTENTION = "msao_split_past"  # the attention function decoder chunks run (registered below)
 
-    HF attention calls ``cache.update(k, v, layer_idx)`` and attends over what it returns; we
-    record the result as the layer's present KV. Plain tensors in and out keep export simple.
+
+def split_past_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, msao_past=None, **kwargs):
+    """Attention over a given past and this call's new keys, without concatenating them.
+
+    Why: a graph that returns the whole present cache copies every past key and value on every
+    decode step, and its caller allocates a new cache per step. Here the scores of the past
+    (B, Hkv, g*T, P) and of the new keys (B, Hkv, g*T, T) are joined (small: no head dim), one
+    softmax runs over both, and the two weighted sums are added; the past is only read, so the
+    runtime may hand in a preallocated buffer whose unused slots the mask hides. Query heads
+    are grouped per KV head (g = H / Hkv), so grouped-query attention repeats no past either.
+    """
+    past_key, past_value = msao_past[module.layer_idx]
+    bsz, heads, t, d = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(bsz, kv_heads, (heads // kv_heads) * t, d)  # HF repeat_kv order: head h reads kv head h // g
+    scores = torch.cat([q @ past_key.transpose(-1, -2), q @ key.transpose(-1, -2)], dim=-1) * scaling
+    scores = scores.reshape(bsz, heads, t, -1)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).reshape(bsz, kv_heads, (heads // kv_heads) * t, -1)
+    p = past_key.shape[2]
+    out = probs[..., :p] @ past_value + probs[..., p:] @ value  # (B, Hkv, g*T, d)
+    return out.reshape(bsz, heads, t, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SPLIT_ATTENTION, split_past_attention)
+
+
+class _ChunkCache:
+    """Duck-typed HF cache for one forward pass: keeps the given past apart from the new KV.
+
+    HF attention calls ``cache.update(k, v, layer_idx)``; we record the new (rotated) key and
+    value as the layer's output and hand them back unchanged: ``split_past_attention`` reads
+    the past from ``past`` itself. Plain tensors in and out keep export simple.
     """
 
     def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.past = past
-        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        pk, pv = self.past[layer_idx]
-        key = torch.cat([pk, key], dim=2)  # (B, Hkv, P, d) + (B, Hkv, T, d) -> (B, Hkv, P+T, d)
-        value = torch.cat([pv, value], dim=2)
-        self.present[layer_idx] = (key, value)
+        self.new[layer_idx] = (key, value)
         return key, value
 
 
@@ -123,9 +154,10 @@ class DecoderChunk(nn.Module):
     """Decoder layers [start:end) over explicit tensors; prefill and decode share the graph.
 
     Inputs: hidden (B, T, D), position_ids (B, T), attention_mask (B, P+T) of 0/1, and for
-    each layer past_key / past_value (B, Hkv, P, d). Outputs hidden (B, T, D) and the present
-    key/value (B, Hkv, P+T, d) per layer. Position ids are explicit so that pruned image
-    tokens keep their original positions.
+    each layer past_key / past_value (B, Hkv, P, d). Outputs hidden (B, T, D) and the new
+    tokens' key/value (B, Hkv, T, d) per layer: the caller appends them to its cache, which
+    may be a preallocated buffer of P slots with the unused ones masked out (``KvCache``).
+    Position ids are explicit so that pruned image tokens keep their original positions.
     """
 
     def __init__(self, model, start: int, end: int):
@@ -133,6 +165,7 @@ class DecoderChunk(nn.Module):
         lm = model.model.language_model
         self.layers = nn.ModuleList(lm.layers[start:end])
         self.rotary_emb = lm.rotary_emb
+        self.config = lm.config
         self.start, self.end = start, end
 
     def forward(self, hidden, position_ids, attention_mask, *past_kv):
@@ -143,13 +176,23 @@ class DecoderChunk(nn.Module):
         cache = _ChunkCache(past)
         mask = causal_mask_from_padding(attention_mask, hidden.shape[1], hidden.dtype)
         cos_sin = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers:
-            out = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache, position_embeddings=cos_sin)
-            hidden = out[0] if isinstance(out, tuple) else out
-        presents = []
+        # Training feeds an empty past: the configured kernel (sdpa) is the same math, faster.
+        split = past_kv[0].shape[2] > 0 or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+        configured = self.config._attn_implementation
+        if split:
+            self.config._attn_implementation = SPLIT_ATTENTION
+        try:
+            for layer in self.layers:
+                out = layer(
+                    hidden, attention_mask=mask, position_ids=position_ids, cache=cache, position_embeddings=cos_sin, msao_past=past
+                )
+                hidden = out[0] if isinstance(out, tuple) else out
+        finally:
+            self.config._attn_implementation = configured
+        news = []
         for i in range(n):
-            presents.extend(cache.present[self.start + i])
-        return (hidden, *presents)
+            news.extend(cache.new[self.start + i])
+        return (hidden, *news)
 
 
 class LmHead(nn.Module):

@@ -77,7 +77,7 @@ def test_runner_refuses_bad_feeds_before_running(chunk, geometry):
     bundle, spec = chunk
     with OnnxRuntimeBackend(OrtOptions(threads=1)).open(bundle, spec) as runner:
         out = runner.infer(_feeds(geometry=geometry))
-        assert out["present_key_0"].shape == (1, 1, 6, geometry[2])
+        assert out["new_key_0"].shape == (1, 1, 4, geometry[2])  # the 4 new tokens only: the caller keeps the cache
         assert runner.last_latency_ms > 0
         with pytest.raises(FeedError, match="hidden_states: got shape"):
             runner.infer({**_feeds(geometry=geometry), "hidden_states": np.zeros((1, 4), np.float32)})

@@ -86,6 +86,11 @@ def test_a_version_one_manifest_cannot_hold_an_mrope_model():
         Manifest.from_dict(raw)
     raw["format_version"] = 2
     assert Manifest.from_dict(raw).model == QWEN
-    raw["format_version"] = 3
-    with pytest.raises(ValueError, match=r"this msao reads \[1, 2\]"):
+    raw["format_version"] = 3  # version 3 decoder chunks return new_* KV; the golden v1 chunks return present_*
+    with pytest.raises(
+        ValueError, match=r"decoder\[0:1\]: outputs \['present_key_0', 'present_value_0'\]; a version 3 decoder chunk returns new_\* KV"
+    ):
+        Manifest.from_dict(raw)
+    raw["format_version"] = 4
+    with pytest.raises(ValueError, match=r"this msao reads \[1, 2, 3\]"):
         Manifest.from_dict(raw)

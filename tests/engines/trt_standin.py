@@ -62,6 +62,10 @@ class HostBuffers:
     def download(self, ptr: int, out: np.ndarray, stream) -> None:
         ctypes.memmove(out.ctypes.data, ptr, out.nbytes)
 
+    def copy_rows(self, dst: int, dst_pitch: int, src: int, src_pitch: int, row_bytes: int, rows: int, stream) -> None:
+        for r in range(rows):
+            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, row_bytes)
+
     def close(self) -> None:
         self._bufs.clear()
 

@@ -51,7 +51,7 @@ def test_exports_checks_and_answers_a_local_qwen_checkpoint(exported):
     arch, _, bundle_dir, manifest = exported
     grid = CASES[arch][2]
     info = manifest.model
-    assert (info.family, manifest.format_version) == (arch, 2)
+    assert (info.family, manifest.format_version) == (arch, 3)
     assert (info.mrope.grid_t, info.mrope.grid_h, info.mrope.grid_w) == (1, *grid)
     assert info.image_tokens == grid[0] * grid[1] // 4 and info.mrope.mrope_section == (2, 3, 3)
     assert manifest.preprocess.crop_height == grid[0] * 4
