@@ -102,6 +102,17 @@ bench-mas-scenes: $(STAMP) bundles/msao-scenes-cloud/manifest.json
 	$(BIN)/python bench/mas.py --dataset scenes --bundle bundles/msao-scenes-cloud --ratios 1,0.5,0.25,0.125,0.0625 \
 	  --policies mas,random,saliency --out bench/results/mas_scenes.json
 
+## bench-genai: Qwen2-VL-2B widths (4 decoder layers, 2 vision blocks, random weights): export it (~5 min, ~10 GB), then msao vs onnxruntime-genai decode (docs/qwen.md)
+.PHONY: bench-genai
+REAL := build/real-widths
+$(REAL)/qwen2-vl-2b-widths/config.json: $(STAMP)
+	$(BIN)/python -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from bench.real_width_models import make_qwen2_vl_2b_widths as m; m(Path('$(REAL)/qwen2-vl-2b-widths'))"
+bundles/qwen2-vl-2b-widths/manifest.json: $(REAL)/qwen2-vl-2b-widths/config.json
+	$(BIN)/msao export --model $(REAL)/qwen2-vl-2b-widths --out bundles/qwen2-vl-2b-widths --check-questions 4 --max-new-tokens 4 --profile-repeats 1
+bench-genai: bundles/qwen2-vl-2b-widths/manifest.json
+	$(BIN)/pip install -q onnxruntime-genai==0.18.0 onnx_ir==1.1.0
+	$(BIN)/python bench/genai_compare.py --bundle bundles/qwen2-vl-2b-widths --model $(REAL)/qwen2-vl-2b-widths --out bench/results/genai-compare.json
+
 ## bench-load: 4 edge daemons x 3 cloud workers on loopback for 60 s (lost must be 0), then cloud throughput with 1..3 workers (~5 min)
 .PHONY: bench-load soak
 bench-load: $(STAMP) export

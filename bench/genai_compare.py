@@ -136,7 +136,12 @@ def build_genai_model(model_dir: Path, out: Path, threads: int) -> Path:
     state = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))
-    renamed = {("model." + k[len("model.language_model.") :]): v for k, v in state.items() if k.startswith("model.language_model.")}
+    renamed = {}  # transformers saves Qwen2-VL's decoder as model.* (older layout) or model.language_model.* (in memory)
+    for k, v in state.items():
+        if k.startswith("model.language_model."):
+            renamed["model." + k[len("model.language_model.") :]] = v
+        elif k.startswith("model.") and not k.startswith("model.visual."):
+            renamed[k] = v
     renamed["lm_head.weight"] = state["lm_head.weight"]
     hf_dir = out.parent / f"{out.name}-hf"
     with torch.device("meta"):

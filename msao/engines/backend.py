@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from msao.engines.bundle import Bundle
     from msao.engines.kv_cache import KvCache
 
-__all__ = ["Backend", "check_feeds", "Runner"]
+__all__ = ["Backend", "check_feeds", "chunk_feeds", "Runner"]
 
 
 def check_feeds(spec: SegmentSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
@@ -85,6 +85,26 @@ def check_feeds(spec: SegmentSpec, feeds: dict[str, np.ndarray]) -> dict[str, in
     return dims
 
 
+def chunk_feeds(spec: SegmentSpec, feeds: dict[str, np.ndarray], cache: KvCache) -> tuple[int, dict[str, np.ndarray]]:
+    """(new tokens T, the chunk's full feeds): ``feeds`` plus the cache's past and its key mask over the buffer.
+
+    Raises:
+        FeedError: hidden states not (B, T, D), or a mask that does not cover the cache and the new tokens.
+    """
+    hidden, mask = feeds.get("hidden_states"), feeds.get("attention_mask")
+    if not isinstance(hidden, np.ndarray) or hidden.ndim != 3:
+        got = getattr(hidden, "shape", type(hidden).__name__)
+        raise FeedError(f"segment {spec.name}: input hidden_states must be (batch, seq, hidden), got {got}")
+    t = hidden.shape[1]
+    want = (cache.batch, cache.length + t)
+    if not isinstance(mask, np.ndarray) or mask.shape != want:
+        got = getattr(mask, "shape", type(mask).__name__)
+        raise FeedError(
+            f"segment {spec.name}: input attention_mask must be {want} (the {cache.length} cached tokens and the {t} new ones), got {got}"
+        )
+    return t, {**feeds, "attention_mask": cache.key_mask(mask, t), **cache.past_feeds()}
+
+
 def _fmt(t: TensorSpec) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
 
@@ -111,8 +131,8 @@ class Runner(abc.ABC):
         written from the outputs. A backend whose memory is elsewhere (TensorRT) overrides this
         to keep its own copy of the cache there and move only the new slots.
         """
-        t = feeds["hidden_states"].shape[1]
-        out = self.infer({**feeds, "attention_mask": cache.key_mask(feeds["attention_mask"], t), **cache.past_feeds()})
+        t, full = chunk_feeds(self.spec, feeds, cache)
+        out = self.infer(full)
         if any(name.startswith("present_") for name in out):  # a format 1/2 bundle: the chunk returned its whole cache
             cache.replace(out)
         else:

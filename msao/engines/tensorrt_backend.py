@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from msao.engines.backend import Backend, Runner, check_feeds
+from msao.engines.backend import Backend, Runner, check_feeds, chunk_feeds
 from msao.engines.cuda_buffers import CudaStream, DeviceBuffers, DeviceTensor, _cudart, device_properties
 from msao.engines.engine_records import EngineTarget, find_engine, jetpack_from_l4t, read_engine_verified, read_l4t_release
 from msao.engines.manifest import SegmentSpec
@@ -214,8 +214,7 @@ class TrtRunner(Runner):
     def run_chunk(self, feeds: dict[str, np.ndarray], cache: KvCache) -> dict[str, np.ndarray]:
         if self._past_of or cache.whole:  # format 1/2: present_* ping-pong (see the module docstring)
             return super().run_chunk(feeds, cache)
-        t = feeds["hidden_states"].shape[1]
-        full = {**feeds, "attention_mask": cache.key_mask(feeds["attention_mask"], t), **cache.past_feeds()}
+        t, full = chunk_feeds(self.spec, feeds, cache)
         check_feeds(self.spec, full)
         with self._lock:
             t0 = time.perf_counter()
