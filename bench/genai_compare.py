@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 
-def _prompt_ids(bundle: Path, prompt_tokens: int) -> list[int]:
-    """msao's prompt (its template around a question of filler words) of about ``prompt_tokens`` ids."""
+def _prompt_ids(bundle: Path, prompt_tokens: int) -> tuple[list[int], str]:
+    """msao's prompt ids (its template around a question of filler words) of about ``prompt_tokens`` ids, and that question."""
     from tokenizers import Tokenizer
 
     from msao.engines.bundle import load_bundle
