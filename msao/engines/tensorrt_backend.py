@@ -229,11 +229,9 @@ class TrtRunner(Runner):
                 for name in cache.names:
                     new = self._device_out["new_" + name[len("past_") :]]
                     b, h, cap, d = cache.buffer(name).shape
-                    row = t * d * np.dtype(new.dtype).itemsize
-                    slot = cache.length * d * np.dtype(new.dtype).itemsize
-                    self._buffers.copy_rows(
-                        bound[name] + slot, cap * d * np.dtype(new.dtype).itemsize, new.ptr, row, row, b * h, self._stream
-                    )
+                    slot = d * np.dtype(new.dtype).itemsize  # bytes of one token's key (or value) in one head
+                    rows = t * slot  # (B * Hkv) rows of T slots: from the packed output into the buffer's [length, length + T)
+                    self._buffers.copy_rows(bound[name] + cache.length * slot, cap * slot, new.ptr, rows, rows, b * h, self._stream)
                 self._stream.synchronize()
             cache.append(out, t)
             self._mirror = (cache.epoch, cache.length) if fits else (0, 0)
