@@ -35,7 +35,8 @@ class OrtOptions:
         spin: let a session's idle intra-op threads spin-wait for work. Off by default: a
             request runs several sessions in turn (embedding, decoder chunks, head), and each
             one's spinning threads take the cores from the next (measured on the Qwen2-VL-2B
-            widths decode, 2 cores: 221 -> 153 ms per token with spinning off; docs/qwen.md).
+            widths decode, 2 cores, 2026-12-07 beside a test run: 221 -> 153 ms per token with
+            spinning off; docs/qwen.md).
     """
 
     threads: int = 2
