@@ -96,13 +96,17 @@ def chunk_feeds(spec: SegmentSpec, feeds: dict[str, np.ndarray], cache: KvCache)
         got = getattr(hidden, "shape", type(hidden).__name__)
         raise FeedError(f"segment {spec.name}: input hidden_states must be (batch, seq, hidden), got {got}")
     t = hidden.shape[1]
-    want = (cache.batch, cache.length + t)
-    if not isinstance(mask, np.ndarray) or mask.shape != want:
+    try:
+        if not isinstance(mask, np.ndarray):
+            raise ValueError("not an array")
+        key_mask = cache.key_mask(mask, t)  # checks the mask covers the cache and the new tokens
+    except ValueError as exc:
         got = getattr(mask, "shape", type(mask).__name__)
+        want = (cache.batch, cache.length + t)
         raise FeedError(
             f"segment {spec.name}: input attention_mask must be {want} (the {cache.length} cached tokens and the {t} new ones), got {got}"
-        )
-    return t, {**feeds, "attention_mask": cache.key_mask(mask, t), **cache.past_feeds()}
+        ) from exc
+    return t, {**feeds, "attention_mask": key_mask, **cache.past_feeds()}
 
 
 def _fmt(t: TensorSpec) -> str:
