@@ -44,7 +44,7 @@ from msao.cloud_bridge.topics import (
 from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS
 from msao.errors import CloudBusy, CloudJobFailed, CloudUnavailable, CodecError, ConfigError, MsaoError
 
-__all__ = ["CloudLink", "JobResult", "LinkOptions", "new_job_id", "RemoteAnswer"]
+__all__ = ["CloudLink", "JobResult", "LinkOptions", "new_job_id", "RemoteAnswer", "VerifiedBlock"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,26 @@ class RemoteAnswer:
     token_ids: tuple[int, ...]
     token_probs: tuple[float, ...]
     confidence: float
+    worker_id: str
+    stats: TransferStats
+
+
+@dataclass(frozen=True)
+class VerifiedBlock:
+    """The large model's verdict on one block of drafted tokens (token-level speculation).
+
+    Attributes:
+        token_ids / token_probs: tokens this block committed (the accepted drafts, then the
+            large model's own next token unless the answer ended first) and their probabilities.
+        committed: answer tokens the session has committed so far.
+        finish_reason: "" while the answer goes on, else ``stop`` or ``length``.
+        worker_id: the worker that holds the session (send the next block there).
+    """
+
+    token_ids: tuple[int, ...]
+    token_probs: tuple[float, ...]
+    committed: int
+    finish_reason: str
     worker_id: str
     stats: TransferStats
 
@@ -329,6 +349,50 @@ class CloudLink:
         ids = tuple(int(t) for t in res.tensors["token_ids"])
         probs = tuple(float(p) for p in res.tensors["token_probs"])
         return RemoteAnswer(res.header.text, ids, probs, res.header.confidence, res.header.worker_id, res.stats)
+
+    def verify(
+        self,
+        model_hash: str,
+        session_id: str,
+        drafts: np.ndarray,
+        *,
+        committed: int,
+        job_id: str | None = None,
+        worker_id: str | None = None,
+        question: str = "",
+        prompt: Mapping[str, np.ndarray] | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        deadline_s: float = 5.0,
+    ) -> VerifiedBlock:
+        """Send one block of drafts (k,) for the large model to check in one forward pass.
+
+        Args:
+            committed: answer tokens the session has committed before this block; 0 = the first
+                block, which carries ``question``, ``prompt`` (an answer job's tensors: image
+                [+ keep], image_tokens + keep, or none) and ``max_new_tokens``, to any worker.
+            worker_id: later blocks: the worker holding the session (``VerifiedBlock.worker_id``).
+        """
+        tensors: dict[str, np.ndarray] = {"draft": np.asarray(drafts, np.int64)}
+        if committed == 0:
+            tensors.update(prompt or {})
+        elif prompt:
+            raise ConfigError("only the first block (committed=0) carries the prompt")
+        header = JobHeader(
+            job_id=job_id or new_job_id(), model_hash=model_hash, kind="verify", deadline_unix_s=time.time() + deadline_s,
+            session_id=session_id, past_length=committed, question=question if committed == 0 else "",
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        res = self.submit(header, tensors, worker_id=worker_id)
+        ids = tuple(int(t) for t in res.tensors["token_ids"])
+        probs = tuple(float(p) for p in res.tensors["token_probs"])
+        h = res.header
+        if not ids or len(ids) != len(probs) or h.past_length != committed + len(ids):
+            raise CloudJobFailed(
+                f"worker {h.worker_id}: verify result of job {header.job_id} is inconsistent ({len(ids)} tokens, {len(probs)} "
+                f"probabilities, {h.past_length} committed after {committed})",
+                "internal",
+            )
+        return VerifiedBlock(ids, probs, h.past_length, h.finish_reason, h.worker_id, res.stats)
 
     def probe(
         self, model_hash: str, up_bytes: int, reply_bytes: int = 0, deadline_s: float = 5.0, worker_id: str | None = None

@@ -13,6 +13,13 @@ Job kinds:
             the answer), per-token probabilities and confidence (cloud-only, draft/verify, pruned).
     probe   any tensors up, ``reply_bytes`` zeros down, no compute: measures the link (bandwidth,
             RTT) through the same broker, worker queue and codec as real jobs.
+    verify  token-level speculation: a block of drafted tokens (``draft``, int64 (k,)) checked
+            by the large model in one forward pass; the first block of a session (``past_length``
+            0) also carries the prompt as an answer job does. The result holds the committed
+            tokens (the accepted drafts, then the large model's own next token), ``past_length``
+            the answer tokens committed so far, ``finish_reason`` whether the answer ended.
+            ``session_id`` keeps the large model's KV cache until the answer ends or the
+            request's deadline passes.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ __all__ = [
 ]
 
 LAYOUT_VERSION = "1"
-JOB_KINDS = ("split", "answer", "probe")
+JOB_KINDS = ("split", "answer", "probe", "verify")
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 RESULT_STATUSES = ("ok", "busy", "error")
 ERROR_CODES = (
@@ -54,8 +61,8 @@ ERROR_CODES = (
     "unknown_model",  # no bundle with this model hash on this worker
     "unknown_segment",  # no such decoder range or head in the bundle
     "bad_input",  # tensors do not match the segment (names, dtypes, shapes) or the image is bad
-    "session_unknown",  # a decode step for a KV session this worker does not hold (expired, evicted, other worker)
-    "session_mismatch",  # the session holds a different past length than the step expects
+    "session_unknown",  # a decode step or block for a KV session this worker does not hold (expired, evicted, other worker)
+    "session_mismatch",  # the session holds a different past length than the step (or block) expects
     "internal",  # a bug; the worker logged a traceback
 )
 _RANGE = re.compile(r"^decoder\[(\d{1,4}):(\d{1,4})\]\Z")
@@ -124,12 +131,13 @@ class JobHeader:
         head: split: ``lm_head``, ``exit_head@L`` or ``none`` (return hidden states).
         logits: split: ``last`` (only the last position, what generation needs) or ``all``.
         session_id: split: keep this range's KV cache under this id for later decode steps
-            ("" = stateless, nothing kept).
+            ("" = stateless, nothing kept); verify: the speculation session (required).
         past_length: split: KV length the session must hold before this step; 0 = prefill,
-            which (re)starts the session.
+            which (re)starts the session. verify: answer tokens the session must have committed
+            before this block; 0 = the first block, which carries the prompt.
         result_dtype: ``float32`` or ``float16`` for returned logits / hidden states.
-        question: answer: the question text.
-        max_new_tokens: answer: generation bound, the end token included (1..``MAX_NEW_TOKENS``);
+        question: answer and a first verify block: the question text.
+        max_new_tokens: answer and a first verify block: generation bound, the end token included (1..``MAX_NEW_TOKENS``);
             a job from an older edge that sends none gets ``DEFAULT_MAX_NEW_TOKENS``.
         exit_layer: answer: answer from the exit head after this layer; -1 = full depth.
         reply_bytes: probe: size of the reply tensor (downlink measurement).
@@ -180,7 +188,12 @@ class JobHeader:
                 problems.append(f"logits {self.logits!r} not last/all")
             if self.past_length < 0 or (self.past_length > 0 and not self.session_id):
                 problems.append(f"past_length {self.past_length} needs a session_id (and must be >= 0)")
-        if self.kind == "answer":
+        if self.kind == "verify":
+            if not self.session_id:
+                problems.append("a verify job needs a session_id (its speculation session)")
+            if self.past_length < 0:
+                problems.append(f"past_length {self.past_length} must be >= 0 (answer tokens committed before this block)")
+        if self.kind == "answer" or (self.kind == "verify" and self.past_length == 0):
             if not self.question or len(self.question) > MAX_TEXT_CHARS:
                 problems.append(f"question must be 1-{MAX_TEXT_CHARS} characters")
             elif not self.question.isascii() and any("\ud800" <= c <= "\udfff" for c in self.question):  # the tokenizer refuses these
@@ -212,8 +225,11 @@ class ResultHeader:
         queue_wait_ms: time the job waited in the worker's queue.
         compute_ms: inference time (the segments only).
         codec_ms: worker time decoding the job and encoding this result.
-        session_id / past_length: split: the session and its KV length after this step.
+        session_id / past_length: split: the session and its KV length after this step;
+            verify: the session and the answer tokens committed so far.
         text / confidence: answer: the answer and its lowest token probability.
+        finish_reason: verify: "" while the answer goes on, ``stop`` (the model's end token)
+            or ``length`` (the budget or the context ran out); the session is then freed.
         providers: execution providers the worker's segments ran on (comma-separated).
     """
 
@@ -230,11 +246,14 @@ class ResultHeader:
     text: str = ""
     confidence: float = -1.0
     providers: str = ""
+    finish_reason: str = ""
     layout: str = LAYOUT_VERSION
 
     def __post_init__(self) -> None:
         check_id(self.job_id, "job id")
         check_id(self.worker_id, "worker id")
+        if self.finish_reason not in ("", "stop", "length"):
+            raise CodecError(f"result finish_reason {self.finish_reason!r} not '', stop or length")
         if self.status not in RESULT_STATUSES:
             raise CodecError(f"result status {self.status!r} not in {RESULT_STATUSES}")
         if (self.status == "error") != bool(self.error_code) or (self.error_code and self.error_code not in ERROR_CODES):

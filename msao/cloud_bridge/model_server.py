@@ -1,4 +1,4 @@
-"""Runs decoded jobs on one verified bundle: split ranges with cloud-side KV sessions, whole answers.
+"""Runs decoded jobs on one verified bundle: split ranges with cloud-side KV sessions, whole answers, draft blocks.
 
 Knows jobs and segments, not MQTT: the worker hands it a ``JobHeader`` and tensors, and gets
 tensors back or a ``CloudJobFailed`` whose ``code`` goes into the error result. The bundle's
@@ -8,6 +8,7 @@ decoder chunks with a KV cache per session.
 
     split:  hidden (B, T, D) at layer k ─decoder[k:L] (+ KV of session)─► (B, T, D) ─head─► logits (B, 1|T, V)
     answer: image bytes | kept tokens (K, D) + keep (K,) | nothing (text-only) ─Generator─► token ids, probs, text
+    verify: [prompt as for answer, first block only] + draft (k,) ─VerifySession (+ KV of session)─► committed ids, probs
     probe:  anything ─(decoded, discarded)─► reply_bytes zeros
 """
 
@@ -28,6 +29,7 @@ from msao.engines.bundle import Bundle
 from msao.engines.generation import DecoderStack, ImageEncoding, text_only_encoding
 from msao.engines.manifest import exit_segment_name
 from msao.engines.pipeline import RequestPipeline
+from msao.engines.speculation import VerifySession
 from msao.errors import CloudJobFailed
 
 __all__ = ["JobOutput", "ModelServer", "SPLIT_INPUTS"]
@@ -35,6 +37,7 @@ __all__ = ["JobOutput", "ModelServer", "SPLIT_INPUTS"]
 log = logging.getLogger(__name__)
 
 SPLIT_INPUTS = ("attention_mask", "hidden_states", "position_ids")
+PROMPT_INPUTS = ((), ("image",), ("image", "keep"), ("image_tokens", "keep"))  # an answer job's, or a first verify block's
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class JobOutput:
     past_length: int = 0
     text: str = ""
     confidence: float = -1.0
+    finish_reason: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -94,6 +98,8 @@ class ModelServer:
             return self._split(header, tensors)
         if header.kind == "probe":  # link measurement: the tensors were decoded (checked), nothing runs
             return JobOutput({"reply": np.zeros(header.reply_bytes, np.uint8)} if header.reply_bytes else {}, 0.0)
+        if header.kind == "verify":
+            return self._verify(header, tensors)
         return self._answer(header, tensors)
 
     # -- split --------------------------------------------------------------------------------
@@ -144,6 +150,8 @@ class ModelServer:
                     "session_unknown",
                 )
             state, lock = found
+            if not isinstance(state, _SplitSession):
+                raise CloudJobFailed(f"session {sid} is a speculation session, not a split session", "session_mismatch")
             if (state.segment, state.head) != (header.segment, header.head):
                 raise CloudJobFailed(
                     f"session {sid} runs {state.segment}+{state.head}, this step asks {header.segment}+{header.head}", "session_mismatch"
@@ -172,29 +180,30 @@ class ModelServer:
 
     # -- answer -------------------------------------------------------------------------------
 
-    def _answer(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
+    def _prompt(self, tensors: Mapping[str, np.ndarray], what: str) -> tuple[ImageEncoding, np.ndarray | None]:
+        """The image encoding and keep-set of an answer job or a first verify block."""
         names = tuple(sorted(tensors))
-        if names not in ((), ("image",), ("image", "keep"), ("image_tokens", "keep")):
-            raise CloudJobFailed(
-                f"answer job takes image [+ keep], image_tokens + keep, or no tensor (text-only), got {list(names)}", "bad_input"
-            )
+        if names not in PROMPT_INPUTS:
+            raise CloudJobFailed(f"{what} takes image [+ keep], image_tokens + keep, or no tensor (text-only), got {list(names)}", "bad_input")
+        keep = tensors.get("keep")
+        if "image" in tensors:
+            img = tensors["image"]
+            if img.dtype != np.uint8 or img.ndim != 1:
+                raise CloudJobFailed(f"image must be the file's bytes as uint8 (n,), got {img.dtype} {img.shape}", "bad_input")
+            return self.pipeline.encode(self.pipeline.decode(img.tobytes())[0]), keep
+        if not names:  # a text-only turn: the question alone, no image tokens
+            return text_only_encoding(self.manifest.model.hidden_size), None
+        return self._encoding_from_kept(tensors["image_tokens"], keep), keep
+
+    def _answer(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
         exit_layer = None if header.exit_layer == -1 else header.exit_layer
         if exit_layer is not None and exit_layer not in self.manifest.exit_layers:
             raise CloudJobFailed(
                 f"model {self.manifest.name} has exit heads after layers {list(self.manifest.exit_layers)}, not {exit_layer}",
                 "unknown_segment",
             )
-        keep = tensors.get("keep")
         t0 = time.perf_counter()
-        if "image" in tensors:
-            img = tensors["image"]
-            if img.dtype != np.uint8 or img.ndim != 1:
-                raise CloudJobFailed(f"image must be the file's bytes as uint8 (n,), got {img.dtype} {img.shape}", "bad_input")
-            enc = self.pipeline.encode(self.pipeline.decode(img.tobytes())[0])
-        elif not names:  # a text-only turn: the question alone, no image tokens
-            enc = text_only_encoding(self.manifest.model.hidden_size)
-        else:
-            enc = self._encoding_from_kept(tensors["image_tokens"], keep)
+        enc, keep = self._prompt(tensors, "answer job")
         ans = self.pipeline.generator().generate(
             enc, header.question, keep=keep, exit_layer=exit_layer, max_new_tokens=header.max_new_tokens
         )
@@ -215,3 +224,51 @@ class ModelServer:
         full = np.zeros((n, d), np.float32)  # rows not kept are never read: generate() takes only keep
         full[keep] = tokens
         return ImageEncoding(full, np.zeros((n, 0), np.float32), 0.0)
+
+    # -- verify (token-level speculation) -----------------------------------------------------
+
+    def _verify(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
+        """One block of drafts for a speculation session; the first block (past_length 0) starts it from its prompt."""
+        sid = header.session_id
+        draft = tensors.get("draft")
+        if draft is None:
+            raise CloudJobFailed(f"verify job needs a draft tensor (int64 (k,)), got {sorted(tensors)}", "bad_input")
+        t0 = time.perf_counter()
+        if header.past_length == 0:
+            enc, keep = self._prompt({k: v for k, v in tensors.items() if k != "draft"}, "first verify block")
+            session = VerifySession(self.pipeline.generator(), enc, header.question, keep=keep, max_new_tokens=header.max_new_tokens)
+            lock = self.sessions.put(sid, session, expires_in_s=max(0.0, header.deadline_unix_s - time.time()))
+        else:
+            if len(tensors) != 1:
+                raise CloudJobFailed(f"a verify block after the first carries only draft, got {sorted(tensors)}", "bad_input")
+            found = self.sessions.get(sid)
+            if found is None:
+                raise CloudJobFailed(
+                    f"this worker holds no speculation session {sid} (its answer ended, its deadline or idle time passed, it was "
+                    "evicted, or it lives on another worker); start again with the prompt and the committed tokens as drafts",
+                    "session_unknown",
+                )
+            session, lock = found
+            if not isinstance(session, VerifySession):
+                raise CloudJobFailed(f"session {sid} is a split session, not a speculation session", "session_mismatch")
+        with lock:
+            if len(session.committed) != header.past_length:
+                raise CloudJobFailed(
+                    f"session {sid} has committed {len(session.committed)} answer tokens, the block expects {header.past_length}; "
+                    "blocks were lost or re-ordered: start again with the prompt",
+                    "session_mismatch",
+                )
+            try:
+                verdict = session.verify(draft)
+            except Exception:
+                if header.past_length == 0:  # a first block that failed leaves no session behind
+                    self.sessions.drop(sid)
+                raise
+        if verdict.finish_reason:
+            self.sessions.drop(sid)
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        out = {"token_ids": np.asarray(verdict.token_ids, np.int64), "token_probs": np.asarray(verdict.token_probs, np.float32)}
+        return JobOutput(
+            out, compute_ms, session_id=sid, past_length=verdict.committed, confidence=min(verdict.token_probs),
+            finish_reason=verdict.finish_reason,
+        )  # fmt: skip

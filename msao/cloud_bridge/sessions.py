@@ -1,8 +1,9 @@
-"""Worker-side memory with bounds: KV sessions for split decode steps, and recent results by job id.
+"""Worker-side memory with bounds: KV sessions (split decode steps, speculation), and recent results by job id.
 
 Knows nothing of MQTT or models beyond an opaque value per session. Both tables are bounded
 in entries (and results in bytes), least recently used first out, and sessions also expire
-after an idle time, so a fleet of edges that vanish mid-conversation cannot fill a worker.
+after an idle time, or at their request's deadline when they have one, so a fleet of edges
+that vanish mid-conversation cannot fill a worker.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class SessionTable(Generic[T]):
 
     Args:
         max_sessions: entries kept; adding one more evicts the least recently used.
-        idle_s: an entry unused this long is dropped at the next ``put``/``get``/``sweep``.
+        idle_s: an entry unused this long is dropped at the next ``put``/``get``/``sweep``
+            (or sooner: at the expiry given to ``put``).
     """
 
     def __init__(self, max_sessions: int = 64, idle_s: float = 60.0):
@@ -37,7 +39,7 @@ class SessionTable(Generic[T]):
             raise ValueError(f"max_sessions and idle_s must be positive, got {max_sessions}, {idle_s}")
         self.max_sessions = max_sessions
         self.idle_s = idle_s
-        self._items: OrderedDict[str, tuple[T, threading.Lock, float]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[T, threading.Lock, float, float]] = OrderedDict()  # state, lock, last use, expiry
         self._lock = threading.Lock()
         self.evicted_total = 0
         self.expired_total = 0
@@ -46,8 +48,8 @@ class SessionTable(Generic[T]):
         with self._lock:
             return len(self._items)
 
-    def put(self, session_id: str, state: T) -> threading.Lock:
-        """Store (or replace) a session; return its step lock."""
+    def put(self, session_id: str, state: T, expires_in_s: float | None = None) -> threading.Lock:
+        """Store (or replace) a session; return its step lock. ``expires_in_s``: drop it then, used or not."""
         with self._lock:
             self._sweep(time.monotonic())
             self._items.pop(session_id, None)
@@ -58,7 +60,8 @@ class SessionTable(Generic[T]):
                     "evicted KV session %s (table full, %d sessions); its next decode step gets session_unknown", old, self.max_sessions
                 )
             lock = threading.Lock()
-            self._items[session_id] = (state, lock, time.monotonic())
+            now = time.monotonic()
+            self._items[session_id] = (state, lock, now, now + expires_in_s if expires_in_s is not None else float("inf"))
             return lock
 
     def get(self, session_id: str) -> tuple[T, threading.Lock] | None:
@@ -67,7 +70,7 @@ class SessionTable(Generic[T]):
             item = self._items.get(session_id)
             if item is None:
                 return None
-            self._items[session_id] = (item[0], item[1], time.monotonic())
+            self._items[session_id] = (item[0], item[1], time.monotonic(), item[3])
             self._items.move_to_end(session_id)
             return item[0], item[1]
 
@@ -80,11 +83,11 @@ class SessionTable(Generic[T]):
             self._sweep(time.monotonic())
 
     def _sweep(self, now: float) -> None:
-        stale = [sid for sid, (_, _, used) in self._items.items() if now - used > self.idle_s]
+        stale = [sid for sid, (_, _, used, expiry) in self._items.items() if now - used > self.idle_s or now > expiry]
         for sid in stale:
             del self._items[sid]
             self.expired_total += 1
-            log.debug("KV session %s idle for more than %.0f s; dropped", sid, self.idle_s)
+            log.debug("KV session %s idle for more than %.0f s or past its request's deadline; dropped", sid, self.idle_s)
 
 
 @dataclass(frozen=True)

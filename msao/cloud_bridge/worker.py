@@ -272,7 +272,7 @@ class CloudWorker:
             job_id=job_id, status="ok", worker_id=self.options.worker_id, queue_wait_ms=round(queue_wait_ms, 3),
             compute_ms=round(out.compute_ms, 3), codec_ms=round(codec_ms + (time.perf_counter() - t0) * 1e3, 3),
             session_id=out.session_id, past_length=out.past_length, text=out.text[:2000], confidence=out.confidence,
-            providers=",".join(server.served().providers),
+            providers=",".join(server.served().providers), finish_reason=out.finish_reason,
         ).to_metadata()  # fmt: skip
         # a probe's reply measures the downlink: compressed, 4 MB of zeros would cross as 400 bytes
         compress = body_bytes > COMPRESS_RESULTS_ABOVE and header.kind != "probe"

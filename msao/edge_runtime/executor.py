@@ -29,10 +29,12 @@ from msao.edge_runtime.image_cache import image_key
 from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.requests import EdgeRequest
+from msao.edge_runtime.token_speculation import BlockReply, SpeculationOutcome, speculate
 from msao.edge_runtime.verifier import DraftSample
 from msao.engines.flops import request_flops
 from msao.engines.generation import Answer, finish_reason_from_ids
 from msao.engines.pipeline import Prepared
+from msao.engines.speculation import TokenSequence
 from msao.errors import CloudError, CloudUnavailable
 
 __all__ = ["Executor", "Outcome"]
@@ -152,6 +154,8 @@ class Executor:
         commit_score: what a draft/verify plan's commit threshold is compared with: the
             calibration's commit verifier (``PairCalibration.commit_score``); None = the
             draft's lowest token probability.
+        round_trip_ms: the live estimate of a small job's round trip (speculative plans size
+            their blocks with it); None = 20 ms.
     """
 
     def __init__(
@@ -163,11 +167,13 @@ class Executor:
         mas_always: bool = False,
         dilation: float = 1.0,
         commit_score: Callable[[DraftSample], float] | None = None,
+        round_trip_ms: Callable[[], float] | None = None,
     ):
         self.edge, self.large, self.link = edge, large, link
         self.mas_always = mas_always  # run MAS for its values even when every token is kept
         self.dilation = dilation  # emulated slowness of this edge (RuntimeOptions.edge_dilation)
         self.commit_score = commit_score
+        self.round_trip_ms = round_trip_ms  # the live link's round trip of a small job (token-level speculation's block size)
         self._pool = ThreadPoolExecutor(max_workers=speculation_threads, thread_name_prefix="msao-speculate")
 
     def close(self) -> None:
@@ -190,6 +196,8 @@ class Executor:
             return self._cloud(run)
         if plan.kind is PlanKind.SPLIT:
             return self._split(run)
+        if plan.kind is PlanKind.SPECULATIVE:
+            return self._speculative(run)
         return self._draft_verify(run)
 
     # -- device emulation -------------------------------------------------------------------
@@ -385,6 +393,80 @@ class Executor:
         out = self._cloud_outcome(run, r, p, cloud_ms, local=committed.timings_ms.get("local", 0.0))
         spec = f"cloud committed ({rule} {score:.3f} < {plan.commit_threshold:g})"
         return replace(out, flops_edge=committed.flops_edge, local_observed_ms=committed.local_observed_ms, speculation=spec)
+
+    def _speculative(self, run: _Run) -> Outcome:
+        """Token-level speculation: the prompt goes up at once (no drafts), the edge drafts while the cloud prefills."""
+        plan, request, large = run.plan, run.request, self._large()
+        if self.link is None:
+            return self._fallback(CloudUnavailable("no cloud link configured (--broker)"), run)
+        link = self.link
+        p = self._prepare(self.edge, run, plan.keep_ratio)
+        keep = p.keep if plan.send_keep and large.n_tokens == self.edge.n_tokens else None
+        prompt: dict[str, np.ndarray] = {}
+        if not request.text_only:
+            prompt["image"] = np.frombuffer(request.image, np.uint8)
+            if keep is not None:
+                prompt["keep"] = keep
+        session = {"id": new_job_id(), "worker": None}
+        budget = request.token_budget
+
+        def verify(drafts: list[int], committed: list[int], restart: bool) -> BlockReply:
+            remaining = run.cloud_deadline - time.monotonic()
+            if remaining <= 0.005:
+                raise CloudUnavailable("no time left in the request's deadline for another block")
+            if restart:
+                session["id"], session["worker"] = new_job_id(), None
+            t0 = time.perf_counter()
+            v = link.verify(
+                large.manifest.model_hash, session["id"], np.asarray(drafts, np.int64), committed=0 if restart else len(committed),
+                job_id=run.new_job(), worker_id=session["worker"], question=request.question, prompt=prompt if restart else None,
+                max_new_tokens=budget, deadline_s=remaining,
+            )  # fmt: skip
+            session["worker"] = v.worker_id
+            verify_ms.append((time.perf_counter() - t0) * 1e3)
+            return BlockReply(v.token_ids, v.token_probs, v.committed, v.finish_reason, v.stats.compute_ms)
+
+        verify_ms: list[float] = []
+        started = time.perf_counter()
+        gen = self.edge.generator()
+        seq = TokenSequence(gen)
+        t0 = time.perf_counter()
+        first = seq.start(p.encoding, request.question, keep=p.keep, capacity=budget)[-1]
+        prefill_ms = self.dilate((time.perf_counter() - t0) * 1e3)
+        link_rtt = self.round_trip_ms() if self.round_trip_ms is not None else 20.0
+        s: SpeculationOutcome = speculate(
+            seq, first, verify, self._pool.submit, budget=budget, eos=gen.eos, round_trip_ms=link_rtt,
+            edge_step_ms=max(0.05, prefill_ms / max(1, seq.prompt_length)), first_block=0, dilate=self.dilate,
+            deadline=run.cloud_deadline,
+        )  # fmt: skip
+        if s.fallback:
+            for job_id in run.jobs:
+                link.cancel(job_id)
+        total_ms = (time.perf_counter() - started) * 1e3
+        ids = s.token_ids
+        text = gen.tokenizer.decode([t for t in ids if t not in gen.eos], skip_special_tokens=True).strip()
+        up, down = self._sent(run)
+        kept = p.kept_tokens if keep is not None else (0 if request.text_only else large.n_tokens)
+        text_tokens = self._cloud_text_tokens(request.question)
+        edge_flops = _vision_flops(self.edge, p) + request_flops(
+            self.edge.manifest, image_tokens=p.kept_tokens, text_tokens=text_tokens, new_tokens=s.edge_steps, include_vision=False
+        )
+        cloud_flops = request_flops(large.manifest, image_tokens=kept, text_tokens=text_tokens, new_tokens=s.drafted + s.blocks) if s.blocks else 0
+        spec = (
+            f"token-level: {s.blocks} blocks (k={','.join(map(str, s.block_sizes))}), {s.accepted}/{s.drafted} drafts accepted, "
+            f"{s.verified} of {len(ids)} tokens verified"
+        )
+        if s.fallback:
+            spec += "; the edge finished the answer alone"
+        finish = s.finish_reason
+        return Outcome(
+            text, min(s.token_probs) if s.token_probs else 0.0, "cloud" if not s.fallback else "edge",
+            large.name if not s.fallback else self.edge.name, s.fallback, _mas_fields(p),
+            self._timings(p, local=prefill_ms + s.edge_ms, cloud=sum(verify_ms), speculation=total_ms), up, down,
+            flops_edge=edge_flops, flops_cloud=cloud_flops, local_observed_ms=p.vision_ms + prefill_ms + s.edge_ms,
+            speculation=spec, prompt_tokens=kept + text_tokens, completion_tokens=len(ids) - (finish == "stop"), finish_reason=finish,
+            image_cached=p.cached, relevance=_relevance(p),
+        )  # fmt: skip
 
     # -- fallback ---------------------------------------------------------------------------
 

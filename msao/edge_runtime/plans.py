@@ -16,7 +16,7 @@ from msao.errors import ConfigError
 __all__ = ["ALWAYS_VERIFY", "PLAN_KINDS", "POLICIES", "Plan", "PlanKind"]
 
 # ``msao`` is the adaptive policy; the others are the fixed baselines the benchmark compares it with.
-POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
+POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static", "speculative")
 ALWAYS_VERIFY = 1.01  # a commit threshold no confidence reaches
 
 
@@ -28,6 +28,7 @@ class PlanKind(str, Enum):
     CLOUD = "cloud"  # the large model answers in the cloud
     SPLIT = "split"  # the large model's first layers here, the rest in the cloud
     DRAFT_VERIFY = "draft_verify"  # the edge model drafts; committed, or the cloud's answer wins
+    SPECULATIVE = "speculative"  # the edge model drafts tokens, the cloud verifies them in blocks: the large model's answer
 
     def __str__(self) -> str:
         return self.value
@@ -37,7 +38,7 @@ class PlanKind(str, Enum):
 
     @property
     def uses_cloud(self) -> bool:
-        return self in (PlanKind.CLOUD, PlanKind.SPLIT, PlanKind.DRAFT_VERIFY)
+        return self in (PlanKind.CLOUD, PlanKind.SPLIT, PlanKind.DRAFT_VERIFY, PlanKind.SPECULATIVE)
 
     @property
     def is_local(self) -> bool:
@@ -53,6 +54,8 @@ class Plan:
 
     Attributes:
         kind: a ``PlanKind`` (a plain string value is converted; anything else is refused).
+        block: speculative: drafts in the first block (0 = chosen from the live link and the
+            edge's step time; later blocks adapt to the acceptance measured).
         fallback_reserve_ms: time kept back from the cloud path for an edge-only answer if the
             cloud fails: the cloud's deadline is the request's minus this (0 for local plans,
             and for draft/verify, whose fallback, the draft, is already there).
@@ -63,7 +66,8 @@ class Plan:
     split_layer: int = 0
     commit_threshold: float = ALWAYS_VERIFY
     speculate: bool = False
-    send_keep: bool = True  # cloud/draft_verify: prune the cloud's prefill with the edge's keep-set
+    send_keep: bool = True  # cloud/draft_verify/speculative: prune the cloud's prefill with the edge's keep-set
+    block: int = 0
     est_latency_ms: float = 0.0
     est_accuracy: float = 0.0
     est_uplink_bytes: float = 0.0
@@ -77,6 +81,8 @@ class Plan:
             object.__setattr__(self, "kind", PlanKind(self.kind))
         if not 0 < self.keep_ratio <= 1:
             raise ConfigError(f"keep ratio {self.keep_ratio} not in (0, 1]")
+        if not 0 <= self.block <= 64:
+            raise ConfigError(f"block {self.block} not in 0..64 drafts")
         if self.fallback_reserve_ms < 0:
             raise ConfigError(f"fallback reserve {self.fallback_reserve_ms} ms must be >= 0")
 
@@ -90,4 +96,6 @@ class Plan:
         if self.kind is PlanKind.DRAFT_VERIFY:
             parts.append("verify=always" if self.commit_threshold > 1 else f"commit>={self.commit_threshold:g}")
             parts.append("speculative" if self.speculate else "sequential")
+        if self.kind is PlanKind.SPECULATIVE and self.block:
+            parts.append(f"k={self.block}")
         return " ".join(parts)

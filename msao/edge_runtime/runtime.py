@@ -138,6 +138,7 @@ class EdgeRuntime:
         self.executor = Executor(
             edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always, dilation=options.edge_dilation,
             commit_score=pair.commit_score if pair is not None and pair.verifier is not None else None,
+            round_trip_ms=lambda: self.estimator.link.snapshot().transfer_ms(700, 700),
         )  # fmt: skip
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=options.queue_size)
         self._stopping = threading.Event()

@@ -10,6 +10,8 @@ Plans (``Plan.kind``), each with a MAS keep ratio r (share of image tokens that 
     draft_verify  the edge model answers; its answer is committed when its confidence >= θ,
                   otherwise the cloud's; with speculation the cloud job starts as soon as the
                   edge's keep-set is known, before the edge answer
+    speculative   token-level: the cloud prefills the prompt while the edge drafts; then blocks of
+                  k drafted tokens, each checked in one cloud pass (the large model's answer)
 
 Expected latency (ms), from ``CostInputs``; E = edge model, C = large model, T = prompt tokens
 (text + kept image tokens), n = answer tokens (calibrated), f = edge load factor:
@@ -21,6 +23,9 @@ Expected latency (ms), from ``CostInputs``; E = edge model, C = large model, T =
                  + (n-1)·(f·step_C[0:k] + link(D·2 B) + σ·step_C[k:L])
     draft_verify p·edge + (1-p)·(speculate ? max(edge, pre_E + cloud') : edge + cloud')
                  (p = calibrated commit share at θ; cloud' = cloud without the edge encoder it shares)
+    speculative  max(first, f·[vision_E + prefill_E(T)]) + B·max(rtt + σ·pass_C(k+1), f·k·step_E)
+                 (first = the cloud answer's upload, queue and prefill; B = ceil((n-1) / E_k) blocks,
+                 E_k = (1 - a^(k+1)) / (1 - a) tokens per block at per-token acceptance a; k from ``block_size``)
 
 σ is the cloud's live scale (its reported compute time / its profile). Expected accuracy comes
 from the calibration tables (train data). The scheduler keeps plans whose accuracy is within
@@ -36,12 +41,14 @@ no keep-set), ``static_split`` (one k), ``prune_only`` (edge model at a fixed ra
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from msao.edge_runtime.calibration import Calibration
 from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
 from msao.edge_runtime.plans import ALWAYS_VERIFY, PLAN_KINDS, POLICIES, Plan, PlanKind
+from msao.edge_runtime.token_speculation import PRIOR_ACCEPTANCE, block_size
 from msao.engines.manifest import Manifest
 from msao.errors import ConfigError
 
@@ -297,6 +304,34 @@ class Scheduler:
                 )
         return plans
 
+    def _speculative_plan(self, r: float, x: CostInputs, send_keep: bool) -> Plan:
+        """Token-level speculation; the per-token acceptance is the prior until calibrated per pair."""
+        m, cc = self.large, self.cloud_clock
+        assert m is not None and cc is not None
+        t = self.prompt_tokens(m, r)
+        n = self._answer_tokens(m)
+        layers = m.model.num_layers
+        pre = self._edge_pre_ms(x) if send_keep else 0.0
+        first = pre + x.link.transfer_ms(self._cloud_up_bytes(r, x, send_keep), 600) + x.cloud_queue_ms
+        first += cc.ms("vision_encoder") + cc.ms("text_embed", t) + cc.decoder_ms(0, layers, t) + cc.ms("lm_head", 1)
+        ec = self.edge_clock
+        t_edge = self.prompt_tokens(self.edge, r)
+        edge_ready = x.edge_load * (ec.ms("vision_encoder") + ec.ms("text_embed", t_edge) + ec.decoder_ms(0, self.edge.model.num_layers, t_edge))
+        edge_step = x.edge_load * (ec.ms("text_embed", 1) + ec.decoder_ms(0, self.edge.model.num_layers, 1, t_edge) + ec.ms("lm_head", 1))
+        rtt = x.link.transfer_ms(700, 700)
+        a = PRIOR_ACCEPTANCE
+        k = block_size(a, rtt + cc.decoder_ms(0, layers, 1, t), edge_step)
+        cloud_pass = cc.ms("text_embed", k + 1) + cc.decoder_ms(0, layers, k + 1, t) + cc.ms("lm_head", k + 1)
+        per_block = (1 - a ** (k + 1)) / (1 - a)
+        blocks = math.ceil(max(0.0, n - 1) / per_block)
+        ms = max(first, edge_ready) + blocks * max(rtt + cloud_pass, k * edge_step)
+        acc = self.pair.large_accuracy[self.pair.row(r)] if send_keep and self.pair is not None and r in self.pair.keep_ratios else None
+        return Plan(
+            "speculative", r, send_keep=send_keep, block=k, est_latency_ms=ms,
+            est_accuracy=acc if acc is not None else self._accuracy(self.large, r if send_keep else 1.0),
+            est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep) + blocks * 700,
+        )  # fmt: skip
+
     def candidates(self, x: CostInputs) -> list[Plan]:
         """Every plan the adaptive policy may take now, with its estimates."""
         o = self.options
@@ -316,6 +351,7 @@ class Scheduler:
                     continue
                 plans.append(self._cloud_plan(r, x, send_keep=r < 1))
                 plans += self._draft_verify_plans(r, x, o.speculate)
+                plans.append(self._speculative_plan(r, x, send_keep=r < 1))
             if self.large_clock is not None:
                 plans += [
                     Plan(
@@ -375,7 +411,7 @@ class Scheduler:
         the budget, never more than half of it. Local plans need none; neither does
         draft/verify, whose fallback (the draft) is computed anyway.
         """
-        if plan.kind not in (PlanKind.CLOUD, PlanKind.SPLIT):
+        if plan.kind not in (PlanKind.CLOUD, PlanKind.SPLIT, PlanKind.SPECULATIVE):
             return 0.0
         budget = max(0.0, x.deadline_ms)
         return min(0.5 * budget, max(3.0 * self.edge_fallback_ms(x), 0.1 * budget))
@@ -398,6 +434,8 @@ class Scheduler:
                 "split", 1.0, split_layer=k, est_latency_ms=self._split_ms(k, 1.0, x), est_accuracy=self._accuracy(self.large, 1.0),
                 est_uplink_bytes=self._split_up_bytes(k, 1.0), reason=f"policy static_split at layer {k}",
             )  # fmt: skip
+        if policy == "speculative":
+            return replace(self._speculative_plan(1.0, x, send_keep=False), reason="policy speculative: token-level, raw image uploaded")
         # draft_verify_static: the edge always drafts, the cloud always verifies (its answer wins)
         plan = self._draft_verify_plans(1.0, x, speculate=True, always_verify=True)[0]
         return replace(plan, reason="policy draft_verify_static: the edge drafts, the cloud always verifies")

@@ -1,0 +1,258 @@
+"""The edge's side of token-level speculation: draft ahead, send blocks, reconcile with the cloud's verdicts.
+
+Why: whole-answer draft/verify throws the draft away whenever it is not committed, and the
+cloud then decodes every token itself. Here the edge model drafts a block of k tokens, the
+large model checks the whole block in one forward pass (``msao.engines.speculation``) and
+answers the accepted prefix plus its own next token, so the committed answer is the large
+model's greedy answer while the cloud runs about one pass per k + 1 tokens. While a block is
+in flight the edge keeps drafting past it (assuming it will be accepted), so the round trip
+is hidden whenever the drafts turn out right.
+
+    edge:  draft d1..dk ─block─► cloud: accept d1..dn, own token c ─► edge: keep drafts that agree,
+           else roll its KV cache back to the committed tokens and continue from c
+
+The loop knows no MQTT: ``verify`` is a callable (the cloud link's ``verify`` in the daemon, a
+local ``VerifySession`` in tests). Any ``CloudError`` from it ends the collaboration: the edge
+finishes the answer alone from its own drafts, and the result says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from msao.engines.speculation import TokenSequence
+from msao.errors import CloudError, CloudJobFailed
+
+__all__ = ["BlockReply", "SpeculationOutcome", "block_size", "speculate"]
+
+MAX_BLOCK = 16
+PRIOR_ACCEPTANCE = 0.6  # per-token acceptance before a request has seen any verdict
+
+
+@dataclass(frozen=True)
+class BlockReply:
+    """What the verifier answered to one block: the tokens it committed, whether the answer ended, what it cost."""
+
+    token_ids: tuple[int, ...]
+    token_probs: tuple[float, ...]
+    committed: int
+    finish_reason: str
+    cloud_ms: float = 0.0  # the verifier's compute for this block
+
+
+@dataclass(frozen=True)
+class SpeculationOutcome:
+    """A speculated answer.
+
+    Attributes:
+        token_ids / token_probs: the answer (the large model's greedy answer unless ``fallback``).
+        finish_reason: ``stop`` or ``length``.
+        fallback: "" when the large model verified every token; else why the edge finished alone
+            (then the tokens after ``verified`` are the edge model's).
+        verified: tokens the large model committed.
+        blocks / drafted / accepted: blocks sent, drafts in them, drafts accepted.
+        edge_steps: tokens the edge model fed (its decode steps, rolled-back ones included).
+        edge_ms / cloud_ms: the edge model's decode compute (device time: dilated where the edge is emulated) and the verifier's.
+        block_sizes: k of each block sent.
+    """
+
+    token_ids: tuple[int, ...]
+    token_probs: tuple[float, ...]
+    finish_reason: str
+    fallback: str
+    verified: int
+    blocks: int
+    drafted: int
+    accepted: int
+    edge_steps: int
+    edge_ms: float
+    cloud_ms: float
+    block_sizes: tuple[int, ...] = field(default=())
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def block_size(acceptance: float, round_trip_ms: float, edge_step_ms: float, max_block: int = MAX_BLOCK) -> int:
+    """The k that commits the most tokens per unit of time.
+
+    A block of k drafts commits (1 - a^(k+1)) / (1 - a) tokens on average (per-token acceptance
+    a, independent tokens), and the next block can leave once both its drafts are made (k edge
+    steps) and this block's verdict is back (a round trip, the cloud's pass included): a block
+    takes max(round trip, k x edge step). Larger blocks pay only when drafts are likely right and
+    the edge drafts them within the round trip.
+    """
+    a = min(max(acceptance, 0.0), 0.99)
+    best, best_rate = 1, -1.0
+    for k in range(1, max_block + 1):
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        rate = tokens / max(round_trip_ms, k * edge_step_ms, 1e-3)
+        if rate > best_rate + 1e-12:
+            best, best_rate = k, rate
+    return best
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def speculate(
+    seq: TokenSequence,
+    first_probs: np.ndarray,
+    verify: Callable[[list[int], list[int], bool], BlockReply],
+    submit: Callable[[Callable[[], BlockReply]], object],
+    *,
+    budget: int,
+    eos: set[int],
+    round_trip_ms: float,
+    edge_step_ms: float,
+    first_block: int | None = None,
+    dilate: Callable[[float], float] = lambda ms: ms,
+    deadline: float = math.inf,
+) -> SpeculationOutcome:
+    """Run one answer's speculation loop on this thread.
+
+    Args:
+        seq: the edge model's sequence, its prompt prefilled; ``first_probs`` its distribution after the prompt.
+        verify: ``verify(drafts, committed, restart)`` sends one block; ``committed`` the tokens the edge
+            holds as committed, ``restart`` True when the session must start again from the prompt
+            (its first block, or after the worker lost it: then the committed tokens are re-sent as drafts).
+        submit: runs a call on a helper thread; returns a future (``concurrent.futures``).
+        budget: the answer's budget, the end token included.
+        round_trip_ms: the link's expected time for a block's round trip (the cloud's pass included), for k.
+        edge_step_ms: the edge model's expected decode step (device time), until this answer measures its own.
+        first_block: k of the first block; None = from ``block_size`` with the prior acceptance. 0 sends
+            the prompt at once, so the cloud's prefill overlaps the edge's (worth it when the upload is an image).
+        dilate: turns edge compute just done into emulated device time (``Executor.dilate``).
+        deadline: ``time.monotonic()`` after which no more blocks are sent (the edge finishes alone).
+    """
+    state = _Drafting(seq, first_probs, budget, eos, dilate, edge_step_ms)
+    committed: list[int] = []
+    probs_of: list[float] = []
+    blocks = drafted = accepted = 0
+    cloud_ms = 0.0
+    sizes: list[int] = []
+    restart = True
+    restarted = False
+    k = block_size(PRIOR_ACCEPTANCE, round_trip_ms, edge_step_ms) if first_block is None else first_block
+    k_next = block_size(PRIOR_ACCEPTANCE, round_trip_ms, edge_step_ms)
+    while True:
+        state.draft_until(len(committed) + k)
+        block = state.tokens[len(committed) : len(committed) + k]
+        if time.monotonic() > deadline:
+            return state.finish_alone(committed, probs_of, "the request's deadline left no time for another block", blocks, drafted, accepted, cloud_ms, sizes)
+        drafts = (committed + block) if restart else block
+        future = submit(lambda d=drafts, c=list(committed), r=restart: verify(d, c, r))
+        sizes.append(len(block))
+        while not future.done() and not state.ended and len(state.tokens) < len(committed) + len(block) + 1 + k_next:
+            state.draft_one()  # speculation: draft the next block while this one's verdict travels
+        try:
+            reply: BlockReply = future.result(timeout=max(0.0, deadline - time.monotonic()) + 0.05)
+        except CloudJobFailed as exc:
+            if exc.code == "session_unknown" and not restarted:  # the worker restarted or evicted it: start again, once
+                restart = restarted = True
+                continue
+            return state.finish_alone(committed, probs_of, f"{type(exc).__name__}: {exc}", blocks, drafted, accepted, cloud_ms, sizes)
+        except (CloudError, FutureTimeout) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else "the cloud gave no verdict within the deadline"
+            return state.finish_alone(committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes)
+        blocks += 1
+        drafted += len(block)
+        cloud_ms += reply.cloud_ms
+        new = (list(committed) if not restart else []) + list(reply.token_ids)
+        new_probs = (probs_of if not restart else []) + list(reply.token_probs)
+        n_block = _common_prefix(new[len(committed) :], block) if len(new) > len(committed) else 0
+        accepted += min(n_block, len(block))
+        committed, probs_of = new, new_probs
+        restart = False
+        if reply.finish_reason:
+            return SpeculationOutcome(
+                tuple(committed), tuple(probs_of), reply.finish_reason, "", len(committed), blocks, drafted, accepted,
+                state.steps, state.edge_ms, cloud_ms, tuple(sizes),
+            )  # fmt: skip
+        state.reconcile(committed)
+        k = k_next = block_size(_acceptance(accepted, drafted), round_trip_ms, state.step_ms)
+
+
+def _acceptance(accepted: int, drafted: int) -> float:
+    """Per-token acceptance so far, pulled towards the prior while few drafts were seen."""
+    weight = 4.0
+    return (accepted + weight * PRIOR_ACCEPTANCE) / (drafted + weight)
+
+
+class _Drafting:
+    """The edge model's drafted continuation (``tokens``), kept fed in its KV cache."""
+
+    def __init__(
+        self, seq: TokenSequence, probs: np.ndarray, budget: int, eos: set[int], dilate: Callable[[float], float], prior_step_ms: float
+    ):
+        self.seq, self.probs, self.budget, self.eos, self.dilate = seq, probs, budget, eos, dilate
+        self.prior_step_ms = prior_step_ms
+        self.tokens: list[int] = []  # committed tokens, then drafts; all fed except an end token
+        self.token_probs: list[float] = []  # the edge model's probability of each (for a fallback answer)
+        self.ended = False
+        self.steps = 0
+        self.edge_ms = 0.0
+
+    @property
+    def step_ms(self) -> float:
+        return self.edge_ms / self.steps if self.steps else self.prior_step_ms
+
+    def draft_one(self) -> None:
+        tok = int(self.probs.argmax())
+        self.tokens.append(tok)
+        self.token_probs.append(float(self.probs[tok]))
+        if tok in self.eos or len(self.tokens) >= self.budget or self.seq.room == 0:
+            self.ended = True
+            return
+        t0 = time.perf_counter()
+        self.probs = self.seq.feed(np.asarray([tok], np.int64))[-1]
+        self.edge_ms += self.dilate((time.perf_counter() - t0) * 1e3)
+        self.steps += 1
+
+    def draft_until(self, length: int) -> None:
+        while not self.ended and len(self.tokens) < length:
+            self.draft_one()
+
+    def reconcile(self, committed: list[int]) -> None:
+        """Keep the drafts that continue ``committed``; else roll back to it and continue from its last token."""
+        same = _common_prefix(self.tokens, committed)
+        if same == len(committed):
+            return  # the drafts past the committed tokens were drafted from them: still valid
+        fed = self.seq.fed
+        self.seq.rollback(min(same, fed))
+        self.tokens = self.tokens[: min(same, fed)]
+        self.token_probs = self.token_probs[: len(self.tokens)]
+        self.ended = False
+        rest = committed[len(self.tokens) :]
+        t0 = time.perf_counter()
+        self.probs = self.seq.feed(np.asarray(rest, np.int64))[-1]  # the cloud's token(s) the edge did not draft
+        self.edge_ms += self.dilate((time.perf_counter() - t0) * 1e3)
+        self.steps += len(rest)
+        self.tokens = list(committed)
+        self.token_probs += [1.0] * len(rest)  # placeholders; a fallback reports the cloud's probabilities for committed tokens
+
+    def finish_alone(self, committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes) -> SpeculationOutcome:
+        """The cloud is gone: the edge's drafts continue the committed answer; draft to its end."""
+        if committed:
+            self.reconcile(committed)
+        while not self.ended:
+            self.draft_one()
+        ids = self.tokens[: self.budget]
+        probs = list(probs_of) + self.token_probs[len(committed) : len(ids)]
+        finish = "stop" if ids and ids[-1] in self.eos else "length"
+        return SpeculationOutcome(
+            tuple(ids), tuple(probs), finish, reason, len(committed), blocks, drafted, accepted, self.steps, self.edge_ms, cloud_ms,
+            tuple(sizes),
+        )  # fmt: skip
