@@ -34,6 +34,7 @@ import numpy as np
 
 from msao.edge_runtime.estimates import SegmentClock
 from msao.edge_runtime.scheduler import Plan, Scheduler
+from msao.edge_runtime.token_speculation import PRIOR_ACCEPTANCE
 from msao.engines.manifest import Manifest
 
 __all__ = ["Draws", "Job", "Link", "Stage", "draw_requests", "mean_draws", "job_from_plan", "closed_loop_ms", "run_open_loop"]
@@ -83,6 +84,7 @@ class Job:
     prefix: tuple[Stage, ...]
     branches: tuple[tuple[Stage, ...], ...] = ()
     wait_for: tuple[int, ...] = ()
+    suffix: tuple[Stage, ...] = ()  # after the waited branches: a token-speculation answer's blocks
     bytes_up: float = 0.0
     bytes_down: float = 0.0
     answered_by: str = "edge"
@@ -90,7 +92,7 @@ class Job:
     correct: bool = False
 
     def busy_ms(self, resource: str) -> float:
-        return sum(ms for stages in (self.prefix, *self.branches) for r, ms in stages if r == resource)
+        return sum(ms for stages in (self.prefix, *self.branches, self.suffix) for r, ms in stages if r == resource)
 
 
 def draw_requests(n: int, seed: int, pmf, image_mean: float, image_sigma: float, edge_cv: float, cloud_cv: float) -> list[Draws]:
@@ -227,6 +229,8 @@ def job_from_plan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float,
             up_total += w * (2 * dim + 600)
             down_total += w * (4 * vocab + 300)
         return Job(tuple(stages), bytes_up=up_total, bytes_down=down_total, answered_by="cloud", mas_ms=mas_ms, correct=correct)
+    if plan.kind == "speculative":
+        return _speculative_job(s, plan, net, d, pre, t, correct, mas_ms)
     # draft_verify: the edge answers; the cloud's answer (with the edge's keep-set) replaces it unless committed
     committed = d.v < commit_share
     edge_ms = edge_answer()
@@ -245,12 +249,45 @@ def job_from_plan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float,
     )
 
 
+def _speculative_job(s: Scheduler, plan: Plan, net: _Transfers, d: Draws, pre: float, t: int, correct: bool, mas_ms: float) -> Job:
+    """Token-level speculation: the cloud's prefill beside the edge's, then blocks of ``plan.block`` drafts.
+
+    Each block is a round trip with one cloud pass over k + 1 tokens; the edge drafts the next block
+    meanwhile and holds the edge only for what drafting takes beyond the round trip. The number of
+    blocks is the scheduler's expectation at the prior acceptance (not drawn per token), so the
+    simulation tests the plan's timing, not the acceptance model.
+    """
+    m, e, c, n, r, k = s.large, d.edge_factor, d.cloud_factor, d.answer_tokens, plan.keep_ratio, plan.block
+    assert m is not None and s.cloud_clock is not None and k is not None
+    cc, large_cloud, edge_t = s.cloud_clock, _Times(m, s.cloud_clock), _Times(s.edge, s.edge_clock)
+    up = d.image_bytes + (8 * round(r * m.model.image_tokens) if plan.send_keep else 0) + 600
+    cloud_first = ([("edge", pre)] if plan.send_keep else []) + net.around(
+        up, 600, [("cloud", c * (large_cloud.vision() + large_cloud.prefill(t)))]
+    )
+    t_edge = s.prompt_tokens(s.edge, r)
+    edge_first = [("edge", e * (edge_t.vision() + edge_t.prefill(t_edge)))]
+    a = PRIOR_ACCEPTANCE
+    blocks = math.ceil(max(0.0, n - 1) / ((1 - a ** (k + 1)) / (1 - a)))
+    layers, suffix, down = m.model.num_layers, [], 600
+    for _ in range(blocks):
+        cloud_pass = c * (cc.ms("text_embed", k + 1) + cc.decoder_ms(0, layers, k + 1, t) + cc.ms("lm_head", k + 1))
+        trip = net.around(700, 700, [("cloud", cloud_pass)])
+        drafting = e * k * edge_t.step(t_edge)
+        suffix += [*trip, ("edge", max(0.0, drafting - sum(ms for _, ms in trip)))]
+        up, down = up + 700, down + 700
+    return Job(
+        (), (tuple(cloud_first), tuple(edge_first)), (0, 1), suffix=tuple(suffix), bytes_up=up, bytes_down=down, answered_by="cloud",
+        mas_ms=mas_ms if plan.send_keep else 0.0, correct=correct,
+    )  # fmt: skip
+
+
 def closed_loop_ms(job: Job) -> float:
     """The job alone on idle resources (one request at a time)."""
     head = sum(ms for _, ms in job.prefix)
+    tail = sum(ms for _, ms in job.suffix)
     if not job.branches:
-        return head
-    return head + max(sum(ms for _, ms in job.branches[i]) for i in job.wait_for)
+        return head + tail
+    return head + max(sum(ms for _, ms in job.branches[i]) for i in job.wait_for) + tail
 
 
 @dataclass
@@ -291,7 +328,18 @@ def run_open_loop(arrivals_ms: list[float], make_job, servers: dict[str, int]) -
             return res["cloud"].wait_ms(State.now)
 
     def chain(job: Job, c: int) -> tuple[Stage, ...]:
-        return job.prefix if c == 0 else job.branches[c - 1]
+        if c == 0:
+            return job.prefix
+        return job.branches[c - 1] if c <= len(job.branches) else job.suffix
+
+    def then(i: int, job: Job, t: float) -> None:
+        """Chain 0 (and the waited branches) are done at ``t``: the suffix runs, or the job is done."""
+        nonlocal seq
+        if job.suffix:
+            heapq.heappush(events, (t, seq, i, len(job.branches) + 1, 0))
+            seq += 1
+        else:
+            finish(i, t)
 
     def finish(i: int, t: float) -> None:
         done_at[i] = t
@@ -323,10 +371,15 @@ def run_open_loop(arrivals_ms: list[float], make_job, servers: dict[str, int]) -
         chain_done[i][c] = t  # chain c of job i is done at t
         if c == 0:
             if not job.branches:
-                finish(i, t)
+                then(i, job, t)
             for b in range(len(job.branches)):
                 heapq.heappush(events, (t, seq, i, b + 1, 0))
                 seq += 1
-        elif i not in done_at and all(w + 1 in chain_done[i] for w in job.wait_for):
+        elif c > len(job.branches):
+            finish(i, t)
+        elif i not in done_at and not job.suffix and all(w + 1 in chain_done[i] for w in job.wait_for):
             finish(i, max(chain_done[i][w + 1] for w in job.wait_for))
+        elif job.suffix and len(job.branches) + 1 not in chain_done[i] and all(w + 1 in chain_done[i] for w in job.wait_for):
+            chain_done[i][len(job.branches) + 1] = -1.0  # started
+            then(i, job, max(chain_done[i][w + 1] for w in job.wait_for))
     return [done_at[i] - a for i, a in enumerate(arrivals_ms)]

@@ -184,7 +184,9 @@ class ModelServer:
         """The image encoding and keep-set of an answer job or a first verify block."""
         names = tuple(sorted(tensors))
         if names not in PROMPT_INPUTS:
-            raise CloudJobFailed(f"{what} takes image [+ keep], image_tokens + keep, or no tensor (text-only), got {list(names)}", "bad_input")
+            raise CloudJobFailed(
+                f"{what} takes image [+ keep], image_tokens + keep, or no tensor (text-only), got {list(names)}", "bad_input"
+            )
         keep = tensors.get("keep")
         if "image" in tensors:
             img = tensors["image"]

@@ -316,7 +316,7 @@ class Scheduler:
         first += cc.ms("vision_encoder") + cc.ms("text_embed", t) + cc.decoder_ms(0, layers, t) + cc.ms("lm_head", 1)
         ec = self.edge_clock
         t_edge = self.prompt_tokens(self.edge, r)
-        edge_ready = x.edge_load * (ec.ms("vision_encoder") + ec.ms("text_embed", t_edge) + ec.decoder_ms(0, self.edge.model.num_layers, t_edge))
+        edge_ready = x.edge_load * (ec.ms("vision_encoder") + ec.ms("text_embed", t_edge) + ec.decoder_ms(0, self.edge.model.num_layers, t_edge) + ec.ms("lm_head", 1))
         edge_step = x.edge_load * (ec.ms("text_embed", 1) + ec.decoder_ms(0, self.edge.model.num_layers, 1, t_edge) + ec.ms("lm_head", 1))
         rtt = x.link.transfer_ms(700, 700)
         a = PRIOR_ACCEPTANCE

@@ -76,7 +76,7 @@ def test_with_every_draw_at_its_mean_each_plan_costs_exactly_its_estimate(profil
     plans = s.candidates(x) + [
         s.choose(x, policy, split_layer=k) for policy in POLICIES for k in (s.large.split_points if policy == "static_split" else (None,))
     ]
-    assert {p.kind for p in plans} == {"edge", "local_large", "cloud", "split", "draft_verify"}
+    assert {p.kind for p in plans} == {"edge", "local_large", "cloud", "split", "draft_verify", "speculative"}
     for plan in plans:
         share = draft_commit_share(s, plan)
         # a draft/verify plan commits with probability `share`: its estimate is the expectation over both outcomes

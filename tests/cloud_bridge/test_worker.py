@@ -282,3 +282,52 @@ def test_retained_status_counts_are_the_metrics_counts(gen, link, metrics_port):
     status = _status(link, link.workers()[0].worker_id, lambda s: s.jobs_total == jobs)
     assert status is not None, f"status never showed {jobs} jobs"
     assert (status.busy_total, status.errors_total, status.expired_total) == (busy, errors, got[("msao_worker_expired_total", frozenset())])
+
+
+def _verify(link, gen, sid, drafts, committed, **kw):
+    return link.verify(gen.bundle.manifest.model_hash, sid, np.asarray(drafts, np.int64), committed=committed, **kw)
+
+
+def test_a_speculation_session_commits_the_local_greedy_answer_block_by_block(gen, link, easyvqa_test):
+    png = easyvqa_test.image_pngs[0]
+    want = gen.answer(png, QUESTION)
+    sid = new_job_id()
+    first = _verify(link, gen, sid, [], 0, question=QUESTION, prompt={"image": np.frombuffer(png, np.uint8)})
+    assert first.token_ids == want.token_ids[:1] and first.committed == 1 and first.finish_reason == ""
+    wrong = (want.token_ids[1] + 1) % gen.info.vocab_size  # a rejected draft: the worker answers its own token instead
+    second = _verify(link, gen, sid, [wrong], 1, worker_id=first.worker_id)
+    assert first.token_ids + second.token_ids == want.token_ids and second.finish_reason == want.finish_reason
+    with pytest.raises(CloudJobFailed) as exc:  # the answer ended: the session was freed
+        _verify(link, gen, sid, [want.token_ids[0]], 2, worker_id=first.worker_id)
+    assert exc.value.code == "session_unknown"
+
+
+def test_a_lost_or_reordered_block_is_refused_and_leaves_the_session_usable(gen, link, easyvqa_test):
+    png = easyvqa_test.image_pngs[1]
+    want = gen.answer(png, QUESTION)
+    sid = new_job_id()
+    first = _verify(link, gen, sid, [], 0, question=QUESTION, prompt={"image": np.frombuffer(png, np.uint8)})
+    with pytest.raises(CloudJobFailed) as exc:  # claims two committed tokens: a block in between was lost
+        _verify(link, gen, sid, [want.token_ids[1]], 2, worker_id=first.worker_id)
+    assert exc.value.code == "session_mismatch" and "lost or re-ordered" in str(exc.value)
+    with pytest.raises(CloudJobFailed) as exc:  # a later block re-sending the prompt
+        link.submit(
+            JobHeader(job_id=new_job_id(), model_hash=gen.bundle.manifest.model_hash, kind="verify", deadline_unix_s=time.time() + 5,
+                      session_id=sid, past_length=1),
+            {"draft": np.asarray([1], np.int64), "image": np.frombuffer(png, np.uint8)}, worker_id=first.worker_id,
+        )  # fmt: skip
+    assert exc.value.code == "bad_input"
+    rest = _verify(link, gen, sid, list(want.token_ids[1:]), 1, worker_id=first.worker_id)
+    assert first.token_ids + rest.token_ids == want.token_ids
+
+
+def test_a_speculation_session_expires_with_its_request_deadline(gen, link, easyvqa_test):
+    png = easyvqa_test.image_pngs[2]
+    sid = new_job_id()
+    deadline = time.time() + 4.0  # room for the first block on a loaded machine
+    first = _verify(link, gen, sid, [], 0, question=QUESTION, prompt={"image": np.frombuffer(png, np.uint8)}, deadline_s=4.0)
+    assert first.finish_reason == ""
+    time.sleep(max(0.0, deadline - time.time()) + 0.3)  # past the request's deadline: the worker drops the session at its next table access
+    with pytest.raises(CloudJobFailed) as exc:
+        _verify(link, gen, sid, [0], 1, worker_id=first.worker_id)
+    assert exc.value.code == "session_unknown" and "start again" in str(exc.value)

@@ -581,6 +581,9 @@ def job_cases() -> list[dict[str, Any]]:
     def ans(**over) -> dict:
         return {"kind": "answer", "segment": "", "question": Q, **over}
 
+    def ver(**over) -> dict:
+        return {"kind": "verify", "segment": "", "question": Q, "session_id": "corpus-speculation", **over}
+
     img = np.frombuffer(GOOD_PNG, np.uint8)
     # fmt: off
     c: list[tuple] = [
@@ -702,6 +705,15 @@ def job_cases() -> list[dict[str, Any]]:
         ("s_answer_keep_negative", "server", None, "bad_input", "keep indices", job(ans(), {"image_tokens": np.zeros((1, 128), np.float32), "keep": np.array([-1])}), "keep index -1"),
         ("s_answer_keep_duplicates", "server", None, "bad_input", "keep", job(ans(), {"image_tokens": np.zeros((2, 128), np.float32), "keep": np.array([1, 1])}), "keep index 1 twice"),
         ("s_answer_question_placeholder", "server", None, "bad_input", "placeholder", job(ans(question="what is <image>?"), {"image": img}), "question with the image placeholder"),
+        # token-level speculation blocks: malformed, lost or out of order
+        ("h_verify_no_session", "header", "CodecError", BJ, "needs a session_id", job({"kind": "verify", "segment": "", "question": Q}, {"draft": np.zeros(0, np.int64)}), "verify job without a session"),
+        ("s_verify_no_draft", "server", None, "bad_input", "needs a draft tensor", job(ver(), {"image": img}), "first verify block without drafts"),
+        ("s_verify_draft_float", "server", None, "bad_input", "1-D integer array", job(ver(), {"image": img, "draft": np.zeros(2, np.float32)}), "float32 drafts"),
+        ("s_verify_draft_2d", "server", None, "bad_input", "1-D integer array", job(ver(), {"image": img, "draft": np.zeros((1, 2), np.int64)}), "drafts of rank 2"),
+        ("s_verify_draft_out_of_vocab", "server", None, "bad_input", "token ids must lie in", job(ver(), {"image": img, "draft": np.array([10**9])}), "draft token 10^9"),
+        ("s_verify_not_an_image", "server", None, "bad_input", "cannot decode image", job(ver(), {"image": np.frombuffer(b"GIF89a-nope", np.uint8), "draft": np.zeros(1, np.int64)}), "first block, image bytes not an image"),
+        ("s_verify_session_unknown", "server", None, "session_unknown", "no speculation session", job(ver(past_length="3", question=""), {"draft": np.zeros(1, np.int64)}), "block 4 of a session nobody holds"),
+        ("s_verify_prompt_again", "server", None, "bad_input", "only draft", job(ver(past_length="2", question=""), {"image": img, "draft": np.zeros(1, np.int64)}), "a later block re-sending the image"),
         ("s_job_id_mismatch", "server", None, "bad_job", "differs from CorrelationData", lambda jid: payload_from_tensors(_feeds(), _meta("someone-else")), "header job id differs from CorrelationData"),
     ]
     # fmt: on

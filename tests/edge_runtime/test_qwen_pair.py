@@ -27,7 +27,7 @@ from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.engines.bundle import load_bundle
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.export.exporter import ExportOptions, export_bundle
-from testbed import start_broker, start_workers, stop_all, wait_online
+from testbed import LinkShape, ShapingProxy, start_broker, start_workers, stop_all, wait_online
 
 from ..export.tiny_qwen import make_tiny_qwen
 
@@ -132,3 +132,83 @@ def test_draft_verify_drafts_with_qwen2_vl_and_commits_the_qwen2_5_answer(runtim
     assert r.answer == large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q).text
     draft = edge.answer(edge.prepare(edge.decode(image, 10**6)[0], q, analyse=False), q)
     assert draft.text and r.flops_edge > 0  # the edge drafted meanwhile
+
+
+def test_token_level_speculation_commits_the_qwen2_5_greedy_answer_token_for_token(runtime, pair):
+    """Blocks of Qwen2-VL drafts verified by the worker's Qwen2.5-VL session: the answer is the cloud model's, whatever was drafted."""
+    edge, large = pair
+    for image, q in zip(_images(4), QUESTIONS):
+        r = _ask(runtime, image, q, policy="speculative", max_new_tokens=12)
+        here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q, max_new_tokens=12)
+        assert r.answered_by == "cloud" and r.model == large.name and r.plan.startswith("speculative")
+        assert r.answer == here.text and r.finish_reason == here.finish_reason
+        assert r.completion_tokens == len(here.token_ids) - (here.finish_reason == "stop")
+        assert "token-level:" in r.reason and r.flops_edge > 0 and r.flops_cloud > 0
+
+
+@pytest.fixture(scope="module")
+def same_model_runtime(runtime, qwen_bundles):
+    """The cloud bundle on both sides: every draft is right, so whole blocks are accepted."""
+    be = OnnxRuntimeBackend(OrtOptions(threads=1))
+    edge, large = (LocalModel(load_bundle(qwen_bundles[1]), be, image_cache_bytes=0) for _ in range(2))
+    link = runtime.executor.link
+    rt = EdgeRuntime(edge, large, link, None, RuntimeOptions(workers=1, probe_interval_s=0)).start()
+    yield rt
+    rt.stop()
+    edge.close()
+    large.close()
+
+
+def test_right_drafts_are_accepted_in_blocks_so_the_cloud_runs_fewer_passes_than_tokens(same_model_runtime, pair):
+    _, large = pair
+    image, q = _images(1)[0], QUESTIONS[1]
+    r = _ask(same_model_runtime, image, q, policy="speculative", max_new_tokens=12)
+    here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q, max_new_tokens=12)
+    assert r.answer == here.text
+    blocks, accepted, drafted = _speculation_counts(r.reason)
+    assert accepted == drafted > 0  # the drafts are the cloud model's own tokens
+    assert blocks < len(here.token_ids)  # fewer verification passes than answer tokens
+
+
+def _speculation_counts(reason: str) -> tuple[int, int, int]:
+    import re
+
+    m = re.search(r"token-level: (\d+) blocks \(k=[\d,]*\), (\d+)/(\d+) drafts accepted", reason)
+    assert m, reason
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def test_a_worker_killed_mid_answer_leaves_the_edge_to_finish_it_alone_within_the_deadline(tmp_path, qwen_bundles, pair):
+    """Fault case: the worker holding the session dies while blocks are in flight; the edge's drafts finish the answer."""
+    import threading
+
+    broker = start_broker(tmp_path / "broker")
+    workers = start_workers(broker.url, qwen_bundles[1], tmp_path, count=1)
+    proxy = ShapingProxy("127.0.0.1", broker.port, LinkShape(delay_ms=100)).start()  # each block's round trip >= 200 ms
+    edge_id = "edge-" + uuid.uuid4().hex[:8]
+    link = CloudLink(LinkOptions(edge_id, ClientOptions(f"mqtt://127.0.0.1:{proxy.port}", f"msao-{edge_id}", keepalive_s=5))).start()
+    rt = None
+    try:
+        wait_online(link, workers)
+        rt = EdgeRuntime(*pair, link, None, RuntimeOptions(workers=1, probe_interval_s=0)).start()
+        image, q = _images(1)[0], QUESTIONS[0]  # 12 one-token blocks (tests above): >= 2.4 s of round trips
+        got = []
+        asker = threading.Thread(
+            target=lambda: got.append(rt.answer(EdgeRequest("f" + uuid.uuid4().hex[:10], q, image, deadline_ms=8_000, policy="speculative",
+                                                            max_new_tokens=12)))
+        )  # fmt: skip
+        asker.start()
+        time.sleep(0.8)
+        workers[0].kill()
+        asker.join(30)
+        (r,) = got
+        assert r.status == "ok" and r.answered_by == "edge" and r.fallback, r
+        assert "the edge finished the answer alone" in r.reason and r.finish_reason in ("stop", "length") and 0 < r.completion_tokens <= 12
+        assert r.timings_ms["total"] < 8_000 + 3_000  # the deadline bounds the wait for a verdict; the rest is local drafting
+    finally:
+        if rt is not None:
+            rt.stop()
+        link.close()
+        stop_all(workers)
+        proxy.stop()
+        broker.stop()
