@@ -102,6 +102,12 @@ bench-mas-scenes: $(STAMP) bundles/msao-scenes-cloud/manifest.json
 	$(BIN)/python bench/mas.py --dataset scenes --bundle bundles/msao-scenes-cloud --ratios 1,0.5,0.25,0.125,0.0625 \
 	  --policies mas,random,saliency --out bench/results/mas_scenes.json
 
+## bench-speculation: token-level speculation on the scenes pair, offline (describe family, 500 test questions): identity, acceptance, cloud passes per token (docs/speculation.md)
+.PHONY: bench-speculation
+bench-speculation: $(STAMP) bundles/msao-scenes-edge/manifest.json bundles/msao-scenes-cloud/manifest.json
+	@mkdir -p bench/results
+	$(BIN)/python bench/speculation.py --edge bundles/msao-scenes-edge --cloud bundles/msao-scenes-cloud --out bench/results/speculation.json
+
 ## bench-genai: Qwen2-VL-2B widths (4 decoder layers, 2 vision blocks, random weights): export it (~5 min, ~10 GB), then msao vs onnxruntime-genai decode (docs/qwen.md)
 .PHONY: bench-genai
 REAL := build/real-widths

@@ -1,4 +1,4 @@
-"""``msao train``: re-create the built-in models' checkpoints from easy-VQA (CPU)."""
+"""``msao train``: re-create the built-in models' checkpoints on this CPU (each from its own dataset: easy-VQA or scenes)."""
 
 from __future__ import annotations
 

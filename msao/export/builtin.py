@@ -101,6 +101,19 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
             text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2,
             exit_layers=(1, 2), split_points=(1, 2, 3),
         ),
+        # the scenes pair (docs/scenes.md): 192 px at patch 16 = 144 image tokens, multi-word answers
+        BuiltinSpec(
+            name="msao-scenes-edge",
+            vision_hidden=32, vision_layers=2, vision_heads=2,
+            text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1,
+            exit_layers=(1,), split_points=(1,), image_size=192, patch_size=16, dataset="scenes",
+        ),
+        BuiltinSpec(
+            name="msao-scenes-cloud",
+            vision_hidden=128, vision_layers=4, vision_heads=4,
+            text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2,
+            exit_layers=(1, 2), split_points=(1, 2, 3), image_size=192, patch_size=16, dataset="scenes",
+        ),
     )
 }  # fmt: skip
 
