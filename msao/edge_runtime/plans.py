@@ -54,8 +54,9 @@ class Plan:
 
     Attributes:
         kind: a ``PlanKind`` (a plain string value is converted; anything else is refused).
-        block: speculative: drafts in the first block (0 = chosen from the live link and the
-            edge's step time; later blocks adapt to the acceptance measured).
+        block: speculative: the block size its estimate assumed (``block_size`` at the prior
+            acceptance). The run sends the prompt alone first and then sizes every block live,
+            from the link, the edge's measured step and the acceptance so far.
         fallback_reserve_ms: time kept back from the cloud path for an edge-only answer if the
             cloud fails: the cloud's deadline is the request's minus this (0 for local plans,
             and for draft/verify, whose fallback, the draft, is already there).
