@@ -1,7 +1,8 @@
 """`make demo`: a broker, a cloud worker and the edge daemon on this machine, asked real easy-VQA questions.
 
 Starts Mosquitto on a free port, `msao cloud` (the large built-in model) and `msao edge`
-(both built-ins, the calibration, MQTT and HTTP intake; time-dilated to a device 10x slower than
+(both built-ins, the calibration, MQTT and HTTP intake; by default in the paper's regime, the
+edge holding only the small model; time-dilated to a device 10x slower than
 this machine, since on one machine the "edge" would otherwise be as fast as the "cloud"), sends a handful of easy-VQA test
 questions over MQTT and over the OpenAI-compatible HTTP API, prints each answer with the plan
 the scheduler took and why, then stops everything. Needs `make export` first (the Makefile
@@ -29,6 +30,11 @@ def main() -> int:
         help="the edge daemon emulates a device K times slower than this machine, as a Jetson is beside a cloud GPU "
              "(default 10; 1 = this machine's own speed)",
     )  # fmt: skip
+    p.add_argument(
+        "--large-on-edge", choices=("true", "false"), default="false",
+        help="false (default): the paper's regime, the edge holds only the small model and the large one runs in the cloud; "
+             "true: the large model is on the edge too (local-large and split plans)",
+    )  # fmt: skip
     args = p.parse_args()
     if not (ROOT / "bundles" / "msao-tiny-cloud" / "manifest.json").exists():
         sys.exit("no bundles: run `make export` first")
@@ -47,10 +53,12 @@ def main() -> int:
         print("==> msao cloud (worker: msao-tiny-cloud on ONNX Runtime)")
         cloud = CloudWorker("demo-cloud", ROOT / "bundles" / "msao-tiny-cloud", broker.url, tmp / "cloud.log", verbosity="-v", threads=None)
         started.append(cloud)
-        print(f"==> msao edge (edge model msao-tiny-edge, large model msao-tiny-cloud; HTTP on 127.0.0.1:{http_port};"
+        regime = "only the edge model on the edge" if args.large_on_edge == "false" else "the large model on the edge too"
+        print(f"==> msao edge (edge model msao-tiny-edge, large model msao-tiny-cloud, {regime}; HTTP on 127.0.0.1:{http_port};"
               f" {args.edge_slowdown:g}x slower than this machine, time-dilated)")  # fmt: skip
         edge = EdgeDaemon(
-            ["--broker", broker.url, "--edge-id", "demo-edge", "--http", f"127.0.0.1:{http_port}"], tmp / "edge.log", http_port,
+            ["--broker", broker.url, "--edge-id", "demo-edge", "--http", f"127.0.0.1:{http_port}", "--large-on-edge", args.large_on_edge],
+            tmp / "edge.log", http_port,
             dilation=args.edge_slowdown if args.edge_slowdown != 1 else None,
         )  # fmt: skip
         started.append(edge)

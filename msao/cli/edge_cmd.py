@@ -19,6 +19,7 @@ FLAG_KEYS = {
     "edge_id": "edge.edge_id",
     "bundle": "edge.bundle",
     "large_bundle": "edge.large_bundle",
+    "large_on_edge": "edge.large_on_edge",
     "calibration": "edge.calibration",
     "http": "edge.http",
     "cors_origins": "edge.cors_origins",
@@ -52,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--large-bundle", metavar="DIR",
         help="the large (cloud) model's bundle, also held here for split and local plans and to name the cloud model "
         "(default bundles/msao-tiny-cloud; '' = edge-only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--large-on-edge", choices=("true", "false"),
+        help="also run the large model on this edge (local-large and split plans; default true). false: the paper's regime, "
+        "the edge holds only the small model and the large one runs in the cloud only",
     )  # fmt: skip
     p.add_argument(
         "--calibration", metavar="PATH",

@@ -69,7 +69,7 @@ class EdgeApp:
             if not (path / "manifest.json").exists() and e.large_bundle == type(e)().large_bundle:
                 log.warning("no large-model bundle at %s (`make export` writes it): serving edge-only plans", path)
             else:
-                large = LocalModel(load_bundle(path), backend, image_cache_bytes=cache)
+                large = LocalModel(load_bundle(path), backend, image_cache_bytes=cache, resident=e.large_on_edge)
         self._models = [m for m in (edge, large) if m is not None]
         return edge, large
 

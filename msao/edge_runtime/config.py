@@ -54,6 +54,10 @@ class EdgeSection:
     edge_id: this edge's id in topics (``[A-Za-z0-9_-]``).
     bundle: the edge (draft) model's bundle folder.
     large_bundle: the large model's bundle folder on this edge ("" = none: edge-only plans).
+    large_on_edge: also run the large model here (local-large and split plans). False is the
+        paper's regime, an edge that holds only the small model: the large bundle's manifest and
+        tokenizer are read (to name the cloud's model and count its prompt) and none of its
+        segments is opened.
     calibration: accuracy tables from ``msao calibrate`` ("" = none: the scheduler never commits drafts).
     http: ``HOST:PORT`` of the OpenAI-compatible HTTP API ("" = off). Its API key is never
         configured here (it would show in ``--print-config``): ``--api-key`` or ``MSAO_API_KEY``.
@@ -69,6 +73,7 @@ class EdgeSection:
     edge_id: str = "edge-1"
     bundle: str = "bundles/msao-tiny-edge"
     large_bundle: str = "bundles/msao-tiny-cloud"
+    large_on_edge: bool = True
     calibration: str = "bundles/calibration.json"
     http: str = ""
     cors_origins: tuple[str, ...] = ()

@@ -61,6 +61,8 @@ class Estimator:
         calibration: accuracy tables for the scheduler (``msao calibrate``), or None.
         options: EWMA smoothing and link priors.
         workers: the runtime's worker threads (the edge load's denominator).
+        large_on_edge: the large model's weights are on this device too (False: no local-large
+            or split plan is a candidate; the paper's regime).
     """
 
     def __init__(
@@ -71,10 +73,11 @@ class Estimator:
         calibration=None,
         options: EwmaOptions = EwmaOptions(),
         workers: int = 1,
+        large_on_edge: bool = True,
     ):
         self.options = options
         self.edge_clock = SegmentClock(edge, options.alpha)
-        self.large_clock = SegmentClock(large, options.alpha) if large is not None else None
+        self.large_clock = SegmentClock(large, options.alpha) if large is not None and large_on_edge else None
         self.cloud_clock = SegmentClock(large, options.alpha) if large is not None else None
         self.scheduler = Scheduler(scheduler_options, edge, self.edge_clock, large, self.large_clock, self.cloud_clock, calibration)
         self.link = LinkEstimate(options)

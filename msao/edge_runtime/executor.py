@@ -260,7 +260,7 @@ class Executor:
         )  # fmt: skip
 
     def _cloud_text_tokens(self, question: str) -> int:
-        prefix, suffix = self._large().generator().prompt_ids(question)
+        prefix, suffix = self._large().prompt_ids(question)
         return len(prefix) + len(suffix)
 
     def _cloud_flops(self, question: str, kept: int, new_tokens: int) -> int:

@@ -52,6 +52,8 @@ class LocalModel(RequestPipeline):
         max_streams: streams whose tokens are kept (least recently used dropped first).
         image_cache_bytes: budget of the image cache (tokens of images asked about before);
             0 turns it off.
+        resident: open its segments here (``RequestPipeline``); False for the large model of an
+            edge that holds only the edge model (``edge.large_on_edge = false``).
     """
 
     def __init__(
@@ -62,8 +64,9 @@ class LocalModel(RequestPipeline):
         cache: TokenCacheOptions = TokenCacheOptions(),
         max_streams: int = 64,
         image_cache_bytes: int = 64 << 20,
+        resident: bool = True,
     ):
-        super().__init__(bundle, backend, mas)
+        super().__init__(bundle, backend, mas, resident=resident)
         self.cache_options = cache
         self.max_streams = max_streams
         self._streams: OrderedDict[str, tuple[threading.Lock, StreamTokenCache]] = OrderedDict()

@@ -131,7 +131,7 @@ class EdgeRuntime:
         self.options = options
         self.edge, self.large, self.link = edge, large, link
         self.estimator = Estimator(options.scheduler, edge.manifest, large.manifest if large else None, calibration, options.ewma,
-                                   options.workers)  # fmt: skip
+                                   options.workers, large_on_edge=large is not None and large.resident)  # fmt: skip
         self.scheduler = self.estimator.scheduler
         self.load = self.estimator.load
         pair = self.scheduler.pair
@@ -154,7 +154,7 @@ class EdgeRuntime:
         if self.options.profile_at_start:
             k = self.options.edge_dilation  # a dilated edge is k times slower than its segments' profile: so is its starting scale
             self.estimator.profile_local(PlanKind.EDGE, self.edge.profile(), lambda: k * self.edge.timed_request())
-            if self.large is not None:
+            if self.large is not None and self.large.resident:
                 large = self.large
                 self.estimator.profile_local(PlanKind.LOCAL_LARGE, large.profile(), lambda: k * large.timed_request())
         for i in range(self.options.workers):
@@ -264,7 +264,7 @@ class EdgeRuntime:
 
     def _work(self) -> None:
         for model in (self.edge, self.large):
-            if model is not None:
+            if model is not None and model.resident:
                 model.warm_up()  # this thread's generator, sessions and question cache
         while not self._stopping.is_set():
             try:

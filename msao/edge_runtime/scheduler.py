@@ -427,6 +427,11 @@ class Scheduler:
         if policy == "cloud_only":
             return replace(self._cloud_plan(1.0, x, send_keep=False), reason="policy cloud_only: raw image uploaded")
         if policy == "static_split":
+            if self.large_clock is None:
+                raise ConfigError(
+                    f"policy static_split runs {self.large.name}'s first layers on this edge, which holds only its manifest "
+                    "(edge.large_on_edge = false); use cloud_only or speculative, or set large_on_edge = true"
+                )
             k = o.split_layer if split_layer is None else split_layer
             if k not in self.large.split_points:
                 raise ConfigError(f"split layer {k} is not one of {self.large.name}'s split points {list(self.large.split_points)}")

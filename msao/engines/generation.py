@@ -40,6 +40,7 @@ __all__ = [
     "DraftSignals",
     "Generator",
     "ImageEncoding",
+    "PromptEncoder",
     "StageTimings",
     "finish_reason_from_ids",
     "softmax",
@@ -212,6 +213,31 @@ class DecoderStack:
         return hidden
 
 
+class PromptEncoder:
+    """A bundle's tokenizer and prompt template, without any segment: what counting a prompt's tokens needs.
+
+    (The edge holds the large model's bundle this way when its weights stay in the cloud.)
+    """
+
+    def __init__(self, bundle: Bundle):
+        from tokenizers import Tokenizer
+
+        m = bundle.manifest
+        self.prompt = m.prompt
+        self.tokenizer = Tokenizer.from_str(bundle.read_verified(m.tokenizer).decode("utf-8"))
+        self.placeholder_id = self.tokenizer.token_to_id(m.prompt.image_placeholder)
+        if self.placeholder_id is None:
+            raise MsaoError(f"tokenizer of {m.name} has no token {m.prompt.image_placeholder!r}; re-export the bundle")
+
+    def ids(self, question: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids before and after the image placeholder of the prompt template."""
+        ids = self.tokenizer.encode(self.prompt.template.format(question=question)).ids
+        if ids.count(self.placeholder_id) != 1:
+            raise FeedError(f"the question must not contain the image placeholder {self.prompt.image_placeholder!r}")
+        cut = ids.index(self.placeholder_id)
+        return np.asarray(ids[:cut], np.int64), np.asarray(ids[cut + 1 :], np.int64)
+
+
 class Generator:
     """Answers questions about images with one bundle on one backend (batch 1).
 
@@ -220,16 +246,12 @@ class Generator:
     """
 
     def __init__(self, bundle: Bundle, backend: Backend):
-        from tokenizers import Tokenizer
-
         self.bundle = bundle
         m = bundle.manifest
         self.info = m.model
         self.runners: dict[str, Runner] = {s.name: backend.open(bundle, s) for s in m.segments}
-        self.tokenizer = Tokenizer.from_str(bundle.read_verified(m.tokenizer).decode("utf-8"))
-        self.placeholder_id = self.tokenizer.token_to_id(m.prompt.image_placeholder)
-        if self.placeholder_id is None:
-            raise MsaoError(f"tokenizer of {m.name} has no token {m.prompt.image_placeholder!r}; re-export the bundle")
+        self.prompt_encoder = PromptEncoder(bundle)
+        self.tokenizer, self.placeholder_id = self.prompt_encoder.tokenizer, self.prompt_encoder.placeholder_id
         self.eos = set(m.model.eos_token_ids)
         self._stacks: dict[int, DecoderStack] = {}
 
@@ -262,11 +284,7 @@ class Generator:
 
     def prompt_ids(self, question: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids before and after the image placeholder of the bundle's prompt template."""
-        ids = self.tokenizer.encode(self.bundle.manifest.prompt.template.format(question=question)).ids
-        if ids.count(self.placeholder_id) != 1:
-            raise FeedError(f"the question must not contain the image placeholder {self.bundle.manifest.prompt.image_placeholder!r}")
-        cut = ids.index(self.placeholder_id)
-        return np.asarray(ids[:cut], np.int64), np.asarray(ids[cut + 1 :], np.int64)
+        return self.prompt_encoder.ids(question)
 
     # -- generation -------------------------------------------------------------------------
 

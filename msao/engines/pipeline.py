@@ -31,7 +31,7 @@ import numpy as np
 
 from msao.engines.backend import Backend, Runner
 from msao.engines.bundle import Bundle
-from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS, Answer, Generator, ImageEncoding, text_only_encoding
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS, Answer, Generator, ImageEncoding, PromptEncoder, text_only_encoding
 from msao.engines.images import MAX_IMAGE_PIXELS, decode_image, pixels_from_image
 from msao.engines.keep_policy import KeepDecision, KeepPolicy, keep_policy_from_name
 from msao.engines.manifest import LatencyProfile, SegmentSpec
@@ -135,17 +135,22 @@ class RequestPipeline:
         mas: MAS settings of the keep policy (the keep ratio is chosen per request).
         keep_policy: a name from ``KEEP_POLICIES``; the daemon prunes with ``mas``, ``msao eval``
             may measure the others.
+        resident: open the segments (False: the manifest and tokenizer only, for a model that
+            runs elsewhere: an edge that names the cloud's model but holds none of its weights;
+            every step that would run a segment raises ``MsaoError``).
 
     Raises:
         ConfigError: unknown keep policy (before any session opens).
     """
 
-    def __init__(self, bundle: Bundle, backend: Backend, mas: MasOptions = MasOptions(), keep_policy: str = "mas"):
+    def __init__(self, bundle: Bundle, backend: Backend, mas: MasOptions = MasOptions(), keep_policy: str = "mas", resident: bool = True):
         keep_policy_from_name(keep_policy, mas)  # an unknown name fails here, not at the first request
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.name = bundle.manifest.name
-        self.runners: dict[str, Runner] = {s.name: backend.open(bundle, s) for s in bundle.manifest.segments}
+        self.resident = resident
+        self.runners: dict[str, Runner] = {s.name: backend.open(bundle, s) for s in bundle.manifest.segments} if resident else {}
+        self.prompt_encoder = PromptEncoder(bundle)
         self.backend_description = backend.describe()
         self.mas_options = mas
         self.keep_policy = keep_policy
@@ -175,7 +180,16 @@ class RequestPipeline:
         """This thread's generator (its own KV cache) over the shared runners."""
         return self._thread().generator
 
+    def prompt_ids(self, question: str) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt's token ids before and after the image placeholder (no segment runs)."""
+        return self.prompt_encoder.ids(question)
+
     def _check_open(self) -> None:
+        if not self.resident:
+            raise MsaoError(
+                f"model {self.name} is not held on this device (edge.large_on_edge = false): it runs in the cloud only; "
+                "set large_on_edge = true to run it here"
+            )
         if self._closed:
             raise MsaoError(f"the pipeline of model {self.name} is closed (its runners are freed); open a new one to answer requests")
 

@@ -192,3 +192,35 @@ def test_a_speculative_job_lost_to_a_committed_draft_is_cancelled_and_its_bytes_
     out = runtime.executor.run(plan, req, rgb, decode_ms, _time.monotonic() + 10)
     assert out.answered_by == "edge" and ("cancelled" in out.speculation or "unused" in out.speculation)
     assert out.bytes_up >= len(req.image)  # the image went up before the draft won: that cost is reported
+
+
+def test_an_edge_holding_only_the_small_model_answers_through_the_cloud_and_opens_no_large_segment(
+    cloud_bundle_dir, models, calibration, link, easyvqa_test
+):
+    """The paper's regime (edge.large_on_edge = false): no local-large or split plan, the large bundle read for its manifest only."""
+    from msao.edge_runtime.local_model import LocalModel
+    from msao.engines.bundle import load_bundle
+    from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+    edge, large_here = models
+    remote = LocalModel(load_bundle(cloud_bundle_dir), OnnxRuntimeBackend(OrtOptions(threads=1)), resident=False)
+    rt = EdgeRuntime(edge, remote, link, calibration, RuntimeOptions(workers=1, probe_interval_s=0)).start()
+    try:
+        for i in range(4):
+            r = rt.answer(_request(easyvqa_test, i, deadline_ms=10_000))
+            assert r.status == "ok" and not r.fallback, r
+            assert r.plan.split()[0] in ("edge", "cloud", "draft_verify", "speculative"), r.plan
+        r = rt.answer(_request(easyvqa_test, 5, policy="cloud_only", deadline_ms=10_000))
+        here = large_here.answer(
+            large_here.prepare(large_here.decode(easyvqa_test.image_pngs[easyvqa_test.image_ids[5]], 10**6)[0], easyvqa_test.questions[5],
+                               analyse=False),
+            easyvqa_test.questions[5],
+        )  # fmt: skip
+        assert r.answered_by == "cloud" and r.answer == here.text and r.prompt_tokens == here.prompt_tokens
+        refused = rt.answer(_request(easyvqa_test, 6, policy="static_split", split_layer=1, deadline_ms=10_000))
+        assert refused.status == "error" and "large_on_edge" in refused.error, refused
+        assert remote.runners == {}  # none of the large model's segments was opened on this edge
+        with pytest.raises(Exception, match="large_on_edge = false"):
+            remote.generator()
+    finally:
+        rt.stop()
+        remote.close()

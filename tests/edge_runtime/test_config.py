@@ -51,6 +51,14 @@ def test_every_key_has_one_environment_name():
     assert c.runtime.scheduler.keep_ratios == (1.0, 0.5) and c.runtime.mas_always is True
 
 
+def test_the_papers_regime_is_one_edge_key_with_its_environment_variable_and_flag():
+    assert EdgeConfig().edge.large_on_edge is True  # the resident regime stays the default
+    assert load_edge_config(None, env={"MSAO_EDGE_LARGE_ON_EDGE": "false"}).edge.large_on_edge is False
+    assert load_edge_config(None, env={}, flags={"edge.large_on_edge": "false"}).edge.large_on_edge is False
+    with pytest.raises(ConfigError, match="not a boolean"):
+        load_edge_config(None, env={"MSAO_EDGE_LARGE_ON_EDGE": "sometimes"})
+
+
 def test_print_config_output_loads_back_to_the_same_config(tmp_path):
     c = load_edge_config(None, env={"MSAO_BROKER_URL": "mqtt://10.0.0.2:1883", "MSAO_RUNTIME_SCHEDULER_ACCURACY_SLACK": "0.02"})
     f = tmp_path / "printed.toml"
