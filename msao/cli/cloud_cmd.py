@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "evicted and its next decode step fails with session_unknown (the edge re-runs prefill or falls back)",
     )  # fmt: skip
     p.add_argument(
+        "--max-session-mb", type=float, default=1024.0, metavar="MB",
+        help="memory the speculation sessions may hold together, each counted at its KV cache's full budget (default 1024); "
+        "the least recently used is evicted to make room, and a session larger than all of it is refused with too_large",
+    )  # fmt: skip
+    p.add_argument(
         "--session-idle-s", type=float, default=60.0, metavar="S",
         help="drop a KV session unused this long (default 60 s); shorter frees memory sooner but breaks slow conversations",
     )  # fmt: skip
@@ -86,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("workers", "queue_size", "max_sessions"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_payload_mb <= 0 or args.session_idle_s <= 0 or args.threads < 0:
-        raise ConfigError("--max-payload-mb and --session-idle-s must be > 0, --threads >= 0")
+    if args.max_payload_mb <= 0 or args.session_idle_s <= 0 or args.max_session_mb <= 0 or args.threads < 0:
+        raise ConfigError("--max-payload-mb, --session-idle-s and --max-session-mb must be > 0, --threads >= 0")
     worker_id = (
         args.worker_id or "cloud-" + "".join(c if c.isalnum() or c in "_-" else "-" for c in socket.gethostname())[:40] + f"-{os.getpid()}"
     )
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     listener = MetricsListener(*parse_listen_address(args.metrics, "--metrics"), "--metrics").start() if args.metrics else None
     try:
         backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads, providers=providers))
-        sessions: SessionTable = SessionTable(args.max_sessions, args.session_idle_s)
+        sessions: SessionTable = SessionTable(args.max_sessions, args.session_idle_s, max_bytes=int(args.max_session_mb * (1 << 20)))
         servers = [ModelServer(load_bundle(Path(d)), backend, sessions) for d in (args.bundle or [DEFAULT_BUNDLE])]
         worker = CloudWorker(servers, options)
         if listener is not None:

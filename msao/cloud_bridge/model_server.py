@@ -229,6 +229,13 @@ class ModelServer:
 
     # -- verify (token-level speculation) -----------------------------------------------------
 
+    def _kv_bytes(self, enc: ImageEncoding, keep: np.ndarray | None, question: str, budget: int) -> int:
+        """A speculation session's KV cache at its full budget (float32 keys and values of every layer)."""
+        m = self.manifest.model
+        prefix, suffix = self.pipeline.prompt_ids(question)
+        positions = len(prefix) + len(suffix) + (len(keep) if keep is not None else enc.tokens.shape[0]) + budget
+        return min(positions, m.max_positions) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4
+
     def _verify(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
         """One block of drafts for a speculation session; the first block (past_length 0) starts it from its prompt."""
         sid = header.session_id
@@ -239,7 +246,12 @@ class ModelServer:
         if header.past_length == 0:
             enc, keep = self._prompt({k: v for k, v in tensors.items() if k != "draft"}, "first verify block")
             session = VerifySession(self.pipeline.generator(), enc, header.question, keep=keep, max_new_tokens=header.max_new_tokens)
-            lock = self.sessions.put(sid, session, expires_in_s=max(0.0, header.deadline_unix_s - time.time()))
+            nbytes = self._kv_bytes(enc, keep, header.question, header.max_new_tokens)
+            try:
+                lock = self.sessions.put(sid, session, expires_in_s=max(0.0, header.deadline_unix_s - time.time()), nbytes=nbytes)
+            except ValueError as exc:
+                raise CloudJobFailed(f"{exc}: ask for fewer max_new_tokens or fewer image tokens, or start the worker with more "
+                                     "--max-session-mb", "too_large") from None  # fmt: skip
         else:
             if len(tensors) != 1:
                 raise CloudJobFailed(f"a verify block after the first carries only draft, got {sorted(tensors)}", "bad_input")

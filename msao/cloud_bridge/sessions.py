@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass
+class _Session(Generic[T]):
+    state: T
+    lock: threading.Lock
+    used: float  # time.monotonic() of the last put/get
+    expiry: float  # time.monotonic() after which it is dropped, used or not
+    nbytes: int  # what its owner said it may hold at most (0 = not counted)
+
+
 class SessionTable(Generic[T]):
     """session id -> state (e.g. a ``DecoderStack`` holding the cloud half of a KV cache).
 
@@ -32,14 +41,18 @@ class SessionTable(Generic[T]):
         max_sessions: entries kept; adding one more evicts the least recently used.
         idle_s: an entry unused this long is dropped at the next ``put``/``get``/``sweep``
             (or sooner: at the expiry given to ``put``).
+        max_bytes: bound on the sum of the entries' declared sizes (``put(nbytes=)``, e.g. a
+            speculation session's KV cache at its full budget); adding one evicts the least
+            recently used until it fits. None = bounded by count only.
     """
 
-    def __init__(self, max_sessions: int = 64, idle_s: float = 60.0):
-        if max_sessions <= 0 or idle_s <= 0:
-            raise ValueError(f"max_sessions and idle_s must be positive, got {max_sessions}, {idle_s}")
+    def __init__(self, max_sessions: int = 64, idle_s: float = 60.0, max_bytes: int | None = None):
+        if max_sessions <= 0 or idle_s <= 0 or (max_bytes is not None and max_bytes <= 0):
+            raise ValueError(f"max_sessions, idle_s and max_bytes must be positive, got {max_sessions}, {idle_s}, {max_bytes}")
         self.max_sessions = max_sessions
         self.idle_s = idle_s
-        self._items: OrderedDict[str, tuple[T, threading.Lock, float, float]] = OrderedDict()  # state, lock, last use, expiry
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, _Session[T]] = OrderedDict()
         self._lock = threading.Lock()
         self.evicted_total = 0
         self.expired_total = 0
@@ -48,31 +61,49 @@ class SessionTable(Generic[T]):
         with self._lock:
             return len(self._items)
 
-    def put(self, session_id: str, state: T, expires_in_s: float | None = None) -> threading.Lock:
-        """Store (or replace) a session; return its step lock. ``expires_in_s``: drop it then, used or not."""
+    @property
+    def nbytes(self) -> int:
+        """The sum of the sizes the sessions were declared with."""
+        with self._lock:
+            return sum(e.nbytes for e in self._items.values())
+
+    def put(self, session_id: str, state: T, expires_in_s: float | None = None, nbytes: int = 0) -> threading.Lock:
+        """Store (or replace) a session; return its step lock. ``expires_in_s``: drop it then, used or not.
+
+        Raises:
+            ValueError: ``nbytes`` alone is over ``max_bytes`` (nothing is evicted for it).
+        """
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise ValueError(f"a session of {nbytes} bytes is over the table's bound of {self.max_bytes} bytes")
         with self._lock:
             self._sweep(time.monotonic())
             self._items.pop(session_id, None)
-            while len(self._items) >= self.max_sessions:
-                old, _ = self._items.popitem(last=False)
+            held = sum(e.nbytes for e in self._items.values())
+            while self._items and (
+                len(self._items) >= self.max_sessions or (self.max_bytes is not None and held + nbytes > self.max_bytes)
+            ):
+                old, entry = self._items.popitem(last=False)
+                held -= entry.nbytes
                 self.evicted_total += 1
                 log.info(
-                    "evicted KV session %s (table full, %d sessions); its next decode step gets session_unknown", old, self.max_sessions
-                )
+                    "evicted KV session %s (table full: %d sessions at most, %s bytes at most); its next step gets session_unknown",
+                    old, self.max_sessions, self.max_bytes,
+                )  # fmt: skip
             lock = threading.Lock()
             now = time.monotonic()
-            self._items[session_id] = (state, lock, now, now + expires_in_s if expires_in_s is not None else float("inf"))
+            expiry = now + expires_in_s if expires_in_s is not None else float("inf")
+            self._items[session_id] = _Session(state, lock, now, expiry, nbytes)
             return lock
 
     def get(self, session_id: str) -> tuple[T, threading.Lock] | None:
         with self._lock:
             self._sweep(time.monotonic())
-            item = self._items.get(session_id)
-            if item is None:
+            entry = self._items.get(session_id)
+            if entry is None:
                 return None
-            self._items[session_id] = (item[0], item[1], time.monotonic(), item[3])
+            entry.used = time.monotonic()
             self._items.move_to_end(session_id)
-            return item[0], item[1]
+            return entry.state, entry.lock
 
     def drop(self, session_id: str) -> None:
         with self._lock:
@@ -83,7 +114,7 @@ class SessionTable(Generic[T]):
             self._sweep(time.monotonic())
 
     def _sweep(self, now: float) -> None:
-        stale = [sid for sid, (_, _, used, expiry) in self._items.items() if now - used > self.idle_s or now > expiry]
+        stale = [sid for sid, e in self._items.items() if now - e.used > self.idle_s or now > e.expiry]
         for sid in stale:
             del self._items[sid]
             self.expired_total += 1

@@ -117,3 +117,18 @@ def test_only_probe_jobs_may_ask_for_reply_bytes():
     assert JobHeader("j", H, "probe", 1.0, reply_bytes=10).reply_bytes == 10
     with pytest.raises(CodecError, match="reply_bytes"):
         JobHeader("j", H, "split", 1.0, segment="decoder[0:1]", reply_bytes=10)
+
+
+def test_session_table_is_bounded_by_declared_bytes_least_recently_used_first():
+    t: SessionTable = SessionTable(max_sessions=10, idle_s=60, max_bytes=100)
+    t.put("a", 1, nbytes=40)
+    t.put("b", 2, nbytes=40)
+    assert t.get("a") is not None  # b is now the least recently used
+    t.put("c", 3, nbytes=40)  # 120 > 100: b goes
+    assert t.get("b") is None and t.get("a") is not None and t.get("c") is not None
+    assert t.nbytes == 80 and t.evicted_total == 1
+    with pytest.raises(ValueError, match="over the table's bound"):
+        t.put("d", 4, nbytes=101)
+    assert len(t) == 2  # a refused session evicts nothing
+    t.drop("a")
+    assert t.nbytes == 40

@@ -331,3 +331,28 @@ def test_a_speculation_session_expires_with_its_request_deadline(gen, link, easy
     with pytest.raises(CloudJobFailed) as exc:
         _verify(link, gen, sid, [0], 1, worker_id=first.worker_id)
     assert exc.value.code == "session_unknown" and "start again" in str(exc.value)
+
+
+def test_speculation_sessions_are_bounded_in_memory_and_an_oversized_one_is_refused(broker, gen, cloud_bundle_dir, tmp_path, easyvqa_test):
+    m = gen.bundle.manifest.model
+    per_position = m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4
+    prefix, suffix = gen.prompt_ids(QUESTION)
+    session_bytes = (len(prefix) + len(suffix) + m.image_tokens + 16) * per_position  # the default budget, 16 tokens
+    mb = 1.5 * session_bytes / (1 << 20)  # room for one session, not two
+    (small,) = start_workers(broker.url, cloud_bundle_dir, tmp_path, extra=("--max-session-mb", f"{mb:.6f}"), prefix="wmem-")
+    lk = open_link(broker.url)
+    try:
+        wait_online(lk, [small])
+        png = np.frombuffer(easyvqa_test.image_pngs[3], np.uint8)
+        a, b = new_job_id(), new_job_id()
+        first = _verify(lk, gen, a, [], 0, question=QUESTION, prompt={"image": png}, worker_id=small.worker_id)
+        _verify(lk, gen, b, [], 0, question=QUESTION, prompt={"image": png}, worker_id=small.worker_id)  # evicts a
+        with pytest.raises(CloudJobFailed) as exc:
+            _verify(lk, gen, a, [first.token_ids[0]], 1, worker_id=small.worker_id)
+        assert exc.value.code == "session_unknown"
+        with pytest.raises(CloudJobFailed) as exc:  # a budget whose KV cache alone is over the bound
+            _verify(lk, gen, new_job_id(), [], 0, question=QUESTION, prompt={"image": png}, max_new_tokens=200, worker_id=small.worker_id)
+        assert exc.value.code == "too_large" and "--max-session-mb" in str(exc.value)
+    finally:
+        lk.close()
+        stop_all([small])
