@@ -56,7 +56,7 @@ class SpeculationOutcome:
         fallback: "" when the large model verified every token; else why the edge finished alone
             (then the tokens after ``verified`` are the edge model's).
         verified: tokens the large model committed.
-        blocks / drafted / accepted: blocks sent, drafts in them, drafts accepted.
+        blocks / drafted / accepted: blocks the cloud answered, the drafts in them, drafts accepted.
         edge_steps: tokens the edge model fed (its decode steps, rolled-back ones included).
         edge_ms / cloud_ms: the edge model's decode compute (device time: dilated where the edge is emulated) and the verifier's.
         block_sizes / block_accepted: k of each block sent (one that got no verdict included), and how many
