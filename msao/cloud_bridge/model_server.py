@@ -142,16 +142,11 @@ class ModelServer:
             state.stack.reset(hidden.shape[0] if hidden.ndim == 3 else 1)
             lock = self.sessions.put(sid, state) if sid else threading.Lock()
         else:
-            found = self.sessions.get(sid)
-            if found is None:
-                raise CloudJobFailed(
-                    f"this worker holds no KV session {sid} (idle-expired after {self.sessions.idle_s:.0f} s, evicted, "
-                    "or it lives on another worker); run prefill again or fall back to the edge",
-                    "session_unknown",
-                )
-            state, lock = found
-            if not isinstance(state, _SplitSession):
-                raise CloudJobFailed(f"session {sid} is a speculation session, not a split session", "session_mismatch")
+            state, lock = self._held(
+                sid, _SplitSession,
+                f"this worker holds no KV session {sid} (idle-expired after {self.sessions.idle_s:.0f} s, evicted, "
+                "or it lives on another worker); run prefill again or fall back to the edge",
+            )  # fmt: skip
             if (state.segment, state.head) != (header.segment, header.head):
                 raise CloudJobFailed(
                     f"session {sid} runs {state.segment}+{state.head}, this step asks {header.segment}+{header.head}", "session_mismatch"
@@ -177,6 +172,17 @@ class ModelServer:
             past = state.stack.past_length
         name = "hidden_states_out" if head is None else "logits"
         return JobOutput({name: out.astype(header.result_dtype, copy=False)}, compute_ms, session_id=sid, past_length=past)
+
+    def _held(self, sid: str, kind: type, unknown: str):
+        """The session ``sid`` of ``kind`` (a split or a speculation session) and its lock; ``unknown``: the message when none is held."""
+        found = self.sessions.get(sid)
+        if found is None:
+            raise CloudJobFailed(unknown, "session_unknown")
+        state, lock = found
+        if not isinstance(state, kind):
+            names = {_SplitSession: "split", VerifySession: "speculation"}
+            raise CloudJobFailed(f"session {sid} is a {names[type(state)]} session, not a {names[kind]} session", "session_mismatch")
+        return state, lock
 
     # -- answer -------------------------------------------------------------------------------
 
@@ -255,16 +261,11 @@ class ModelServer:
         else:
             if len(tensors) != 1:
                 raise CloudJobFailed(f"a verify block after the first carries only draft, got {sorted(tensors)}", "bad_input")
-            found = self.sessions.get(sid)
-            if found is None:
-                raise CloudJobFailed(
-                    f"this worker holds no speculation session {sid} (its answer ended, its deadline or idle time passed, it was "
-                    "evicted, or it lives on another worker); start again with the prompt and the committed tokens as drafts",
-                    "session_unknown",
-                )
-            session, lock = found
-            if not isinstance(session, VerifySession):
-                raise CloudJobFailed(f"session {sid} is a split session, not a speculation session", "session_mismatch")
+            session, lock = self._held(
+                sid, VerifySession,
+                f"this worker holds no speculation session {sid} (its answer ended, its deadline or idle time passed, it was "
+                "evicted, or it lives on another worker); start again with the prompt and the committed tokens as drafts",
+            )  # fmt: skip
         with lock:
             if len(session.committed) != header.past_length:
                 raise CloudJobFailed(
