@@ -108,6 +108,23 @@ bench-speculation: $(STAMP) bundles/msao-scenes-edge/manifest.json bundles/msao-
 	@mkdir -p bench/results
 	$(BIN)/python bench/speculation.py --edge bundles/msao-scenes-edge --cloud bundles/msao-scenes-cloud --out bench/results/speculation.json
 
+## bench-uploads: upload forms live on the scenes pair (edge holds only the small model), cloud_only vs msao on lte and congested, 300 test questions each (docs/scheduler.md)
+.PHONY: bench-uploads
+bench-uploads: $(STAMP) bundles/calibration-scenes.json
+	@mkdir -p bench/results
+	$(BIN)/python -m bench.scenes_live --calibration bundles/calibration-scenes.json --out bench/results/uploads.json
+
+## bench-speculation-live: token-level speculation live on the scenes pair (describe questions, >= 3 tokens), lte, the edge dilated x30 (docs/speculation.md)
+.PHONY: bench-speculation-live
+bench-speculation-live: $(STAMP) bundles/calibration-scenes.json
+	@mkdir -p bench/results
+	$(BIN)/python -m bench.scenes_live --calibration bundles/calibration-scenes.json --policies cloud_only,speculative,msao --family describe \
+	  --links lte --questions 150 --edge-dilation 30 --out bench/results/speculation_live.json
+
+## bundles/calibration-scenes.json: the scenes pair calibrated on 1,000 scenes train questions (~6 min)
+bundles/calibration-scenes.json: bundles/msao-scenes-edge/manifest.json bundles/msao-scenes-cloud/manifest.json
+	$(BIN)/msao calibrate --edge bundles/msao-scenes-edge --large bundles/msao-scenes-cloud --dataset scenes --questions 1000 --out $@
+
 ## bench-genai: Qwen2-VL-2B widths (4 decoder layers, 2 vision blocks, random weights): export it (~5 min, ~10 GB), then msao vs onnxruntime-genai decode (docs/qwen.md)
 .PHONY: bench-genai
 REAL := build/real-widths

@@ -28,7 +28,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from msao.edge_runtime.calibration import CALIBRATION_FORMAT, Calibration, ModelCalibration, PairCalibration
+from msao.edge_runtime.calibration import CALIBRATION_FORMAT, Calibration, ModelCalibration, PairCalibration, UploadCalibration
 from msao.edge_runtime.estimates import SegmentClock
 from msao.engines.images import ImagePreprocess
 from msao.engines.manifest import (
@@ -238,6 +238,34 @@ def _latency_profile(timing, manifest: Manifest, ratios: tuple[float, ...], text
     )  # fmt: skip
 
 
+def _upload_figures(f: _Figures) -> dict[str, tuple[float, float, float]]:
+    """Per upload form in ``[uploads."<form>"]``: (image bytes, edge build ms, accuracy change in points / 100).
+
+    Only image forms (``jpeg@q``, ``region@q``): a tokens form needs the two models to share their
+    projected tokens, which no two LLMs of different widths do.
+    """
+    from msao.edge_runtime.plans import UPLOAD_FORMS
+
+    out = {}
+    for form in f.doc.get("uploads", {}):
+        if form not in UPLOAD_FORMS or not form.startswith(("jpeg@", "region@")):
+            f.problems.append(
+                f"uploads.{form}: not an image upload form ({[u for u in UPLOAD_FORMS if '@' in u and not u.startswith('tokens')]})"
+            )
+            continue
+        raw = [f.fig("uploads", form, k) for k in ("image_bytes", "build_ms", "accuracy_delta")]
+        try:
+            nbytes, build, delta = (float(v) for v in raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            f.problems.append(f"uploads.{form}: image_bytes, build_ms and accuracy_delta must be numbers")
+            continue
+        if nbytes <= 0 or build < 0:
+            f.problems.append(f"uploads.{form}: image_bytes must be > 0 and build_ms >= 0")
+            continue
+        out[form] = (nbytes, build, delta / 100)
+    return out
+
+
 def _model(f: _Figures, key: str) -> ModelSpec | None:
     m = f.section("models", key)
     keep = f.fig("models", key, "keep_tokens", default=[])
@@ -287,6 +315,7 @@ def load_sim_profile(path: str | Path = DEFAULT_PROFILE) -> SimProfile:
     timings = [_timing(f, key) for key in TIMINGS]
     if edge is not None and large is not None and edge.keep_ratios != large.keep_ratios:
         f.problems.append("models.edge and models.large need the same keep_tokens")
+    upload_figures = _upload_figures(f)
     f.raise_if_any()
     assert edge is not None and large is not None and all(timings)
     devices = {"edge": str(f.section("edge_device").get("name", "edge")), "cloud": str(f.section("cloud_device").get("name", "cloud"))}
@@ -295,9 +324,22 @@ def load_sim_profile(path: str | Path = DEFAULT_PROFILE) -> SimProfile:
     mean_tokens = sum(n * p for n, p in pmf)
     models = tuple(ModelCalibration(m.name, m.manifest.model_hash, ratios, m.accuracy, mean_tokens) for m in (edge, large))
     large_with_edge = large.accuracy_with_edge_keep or large.accuracy
+    uploads = tuple(
+        UploadCalibration(
+            form,
+            ratios,
+            tuple(max(0.0, a + delta) for a in large_with_edge),
+            (nbytes,) * len(ratios),
+            (build,) * len(ratios),
+            tuple((e, max(0.0, g + delta)) for e, g in zip(edge.accuracy, large_with_edge)),
+            (delta,) * len(ratios),
+            (0.0,) * len(ratios),
+        )  # fmt: skip
+        for form, (nbytes, build, delta) in upload_figures.items()
+    )
     pair = PairCalibration(
         edge.manifest.model_hash, large.manifest.model_hash, ratios, DV_THRESHOLDS, large_with_edge,
-        tuple((1.0, 0.0) for _ in ratios), tuple((e, g) for e, g in zip(edge.accuracy, large_with_edge)),
+        tuple((1.0, 0.0) for _ in ratios), tuple((e, g) for e, g in zip(edge.accuracy, large_with_edge)), uploads=uploads,
     )  # fmt: skip
     # split="train" only because Calibration refuses anything else: these are published test-set
     # figures, and nothing is tuned on them (the two thresholds above are fixed, not chosen).

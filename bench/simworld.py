@@ -198,10 +198,12 @@ def job_from_plan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float,
         ms = e * (large_edge.answer(t, n) + (mas_ms if r < 1 else 0.0))
         return Job((("edge", ms),), answered_by="edge", mas_ms=mas_ms if r < 1 else 0.0, correct=correct)
     keep_bytes = 8 * round(r * m.model.image_tokens)
+    image_bytes, build_ms = _upload(s, plan, d)
 
     def cloud_after_pre(send_keep: bool) -> tuple[list[Stage], float]:
-        up = d.image_bytes + (keep_bytes if send_keep else 0) + 600
-        return net.around(up, 600, [("cloud", c * large_cloud.answer(t, n))]), up
+        up = image_bytes + (keep_bytes if send_keep else 0) + 600
+        build = [("edge", build_ms)] if build_ms > 0 else []
+        return build + net.around(up, 600, [("cloud", c * large_cloud.answer(t, n))]), up
 
     pre = e * (edge_t.vision() + mas_ms)
     if plan.kind == "cloud":
@@ -249,6 +251,20 @@ def job_from_plan(s: Scheduler, plan: Plan, link: Link, d: Draws, mas_ms: float,
     )
 
 
+def _upload(s: Scheduler, plan: Plan, d: Draws) -> tuple[float, float]:
+    """(image bytes, edge build ms) of the plan's upload form: the request's file, or the form's profile figures.
+
+    A form's bytes are its mean (no per-request spread): the estimate and the world then agree
+    on them, and the simulation tests what the form saves, not its size model.
+    """
+    u = s.pair.upload(plan.upload) if s.pair is not None and plan.upload != "file" else None
+    if u is None:
+        return float(d.image_bytes), 0.0
+    row = u.row(plan.keep_ratio)
+    assert row is not None, f"upload {plan.upload} has no figure at keep ratio {plan.keep_ratio}"
+    return u.image_bytes[row], d.edge_factor * u.build_ms[row]
+
+
 def _speculative_job(s: Scheduler, plan: Plan, net: _Transfers, d: Draws, pre: float, t: int, correct: bool, mas_ms: float) -> Job:
     """Token-level speculation: the cloud's prefill beside the edge's, then blocks of ``plan.block`` drafts.
 
@@ -260,9 +276,12 @@ def _speculative_job(s: Scheduler, plan: Plan, net: _Transfers, d: Draws, pre: f
     m, e, c, n, r, k = s.large, d.edge_factor, d.cloud_factor, d.answer_tokens, plan.keep_ratio, plan.block
     assert m is not None and s.cloud_clock is not None and k is not None
     cc, large_cloud, edge_t = s.cloud_clock, _Times(m, s.cloud_clock), _Times(s.edge, s.edge_clock)
-    up = d.image_bytes + (8 * round(r * m.model.image_tokens) if plan.send_keep else 0) + 600
-    cloud_first = ([("edge", pre)] if plan.send_keep else []) + net.around(
-        up, 600, [("cloud", c * (large_cloud.vision() + large_cloud.prefill(t)))]
+    image_bytes, build_ms = _upload(s, plan, d)
+    up = image_bytes + (8 * round(r * m.model.image_tokens) if plan.send_keep else 0) + 600
+    cloud_first = (
+        ([("edge", pre)] if plan.send_keep else [])
+        + ([("edge", build_ms)] if build_ms > 0 else [])
+        + net.around(up, 600, [("cloud", c * (large_cloud.vision() + large_cloud.prefill(t)))])
     )
     t_edge = s.prompt_tokens(s.edge, r)
     edge_first = [("edge", e * (edge_t.vision() + edge_t.prefill(t_edge)))]

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         accs = ", ".join(f"{r:g}: {a:.4f}" for r, a in zip(m.keep_ratios, m.accuracy))
         report_progress(f"  {m.name}: train accuracy by keep ratio {accs}")
     pair = cal.pairs[0]
-    for line in commit_report(pair):
+    for line in commit_report(pair) + upload_report(pair):
         report_progress("  " + line)
     if args.plot:
         from msao.edge_runtime.verifier_plot import plot_verifier
@@ -92,4 +92,16 @@ def commit_report(pair) -> list[str]:
             old = f" (old rule {pair.commit_at_floor(r, large - f, confidence_rule=True):.1%})" if pair.confidence_commit_share else ""
             parts.append(f"-{f * 100:g} pt: {mine:.1%}{old}")
         out.append(f"keep {r:g}: large {large:.4f}, oracle commits {oracle:.1%}; {rule} commits at " + ", ".join(parts))
+    return out
+
+
+def upload_report(pair) -> list[str]:
+    """Per upload form and keep ratio: the accuracy change against the file (± its standard error), what the tables charge, the bytes."""
+    out = []
+    for u in pair.uploads:
+        cells = ", ".join(
+            f"{r:g}: {100 * d:+.1f} ± {100 * se:.1f} pt (charged {100 * (acc - pair.large_accuracy[pair.row(r)]):+.1f}) {b / 1024:.1f} KiB"
+            for r, d, se, acc, b in zip(u.keep_ratios, u.accuracy_delta, u.accuracy_se, u.large_accuracy, u.image_bytes)
+        )
+        out.append(f"upload {u.form} vs the file, by keep ratio: {cells}; built in {max(u.build_ms):.2f} ms")
     return out

@@ -32,6 +32,8 @@ __all__ = [
     "CodecLimits",
     "compress_payload",
     "DecodedPayload",
+    "dequantize_rows",
+    "quantize_rows",
     "payload_from_tensors",
     "tensors_from_payload",
 ]
@@ -145,6 +147,29 @@ def payload_from_tensors(
     # one copy of each tensor's bytes, straight into the result
     out = b"".join([struct.pack("<Q", len(hjson)), hjson, *(x for _, x in arrays)])
     return compress_payload(out, level) if compress else out
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 rows with one float32 scale each (max |row| / 127): a quarter of float32's bytes.
+
+    Symmetric per row because image tokens differ in norm by orders of magnitude between rows,
+    so one scale for the whole tensor would flatten the small rows to zero.
+    """
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise CodecError(f"quantize_rows takes a finite 2-D array, got {x.dtype} {x.shape}")
+    scale = np.abs(x).max(axis=1) / 127.0 if x.size else np.zeros(x.shape[0], np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 rows back from ``quantize_rows``; ``CodecError`` when the two do not fit together."""
+    if q.dtype != np.int8 or q.ndim != 2 or scale.dtype != np.float32 or scale.shape != (q.shape[0],):
+        raise CodecError(f"int8 rows (K, D) need float32 scales (K,), got {q.dtype} {q.shape} and {scale.dtype} {scale.shape}")
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise CodecError("row scales must be finite and > 0")
+    return q.astype(np.float32) * scale[:, None]
 
 
 def compress_payload(body: bytes, level: int = 1) -> bytes:

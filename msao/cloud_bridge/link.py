@@ -318,6 +318,7 @@ class CloudLink:
         image: bytes | None = None,
         image_tokens: np.ndarray | None = None,
         keep: np.ndarray | None = None,
+        prompt: Mapping[str, np.ndarray] | None = None,
         exit_layer: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         deadline_s: float = 5.0,
@@ -326,13 +327,19 @@ class CloudLink:
 
         Args:
             image: the image file's bytes; ``b""`` = a text-only turn (the job carries no tensor).
+            prompt: instead of image / image_tokens / keep, the job's prompt tensors as an upload
+                form builds them (``msao.edge_runtime.uploads.upload_tensors``).
             job_id: the job's id (to ``cancel`` it from another thread); None = a fresh one.
             max_new_tokens: the answer's budget, the end token included.
         """
-        if (image is None) == (image_tokens is None):
-            raise ConfigError("answer needs exactly one of image (file bytes, b\"\" for text-only) or image_tokens (+ keep)")
+        if sum(x is not None for x in (image, image_tokens, prompt)) != 1:
+            raise ConfigError("answer needs exactly one of image (file bytes, b\"\" for text-only), image_tokens (+ keep) or prompt")
         tensors: dict[str, np.ndarray] = {}
-        if image is not None:
+        if prompt is not None:
+            if keep is not None:
+                raise ConfigError("a prompt carries its own keep-set")
+            tensors.update(prompt)
+        elif image is not None:
             if image:  # b"": a text-only turn carries no tensor
                 tensors["image"] = np.frombuffer(image, np.uint8)
         else:

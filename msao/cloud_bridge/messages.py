@@ -8,7 +8,8 @@ version must match, so two msao versions never half-understand each other.
 Job kinds:
     split   hidden states at layer k -> decoder[k:L] (+ head) -> logits (or hidden states);
             ``session_id`` keeps the cloud half of the KV cache for later decode steps.
-    answer  image bytes (PNG/JPEG), kept image tokens, or no tensor at all (a text-only turn)
+    answer  image bytes (PNG/JPEG) [+ keep], kept image tokens (float, or int8 with a scale per
+            row: ``image_token_scales``) + keep, or no tensor at all (a text-only turn)
             + a question -> answer text, token ids (the end token last when the model ended
             the answer), per-token probabilities and confidence (cloud-only, draft/verify, pruned).
     probe   any tensors up, ``reply_bytes`` zeros down, no compute: measures the link (bandwidth,

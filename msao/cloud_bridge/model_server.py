@@ -7,7 +7,7 @@ answer jobs run that pipeline's steps (the edge's and ``msao eval``'s), split jo
 decoder chunks with a KV cache per session.
 
     split:  hidden (B, T, D) at layer k ─decoder[k:L] (+ KV of session)─► (B, T, D) ─head─► logits (B, 1|T, V)
-    answer: image bytes | kept tokens (K, D) + keep (K,) | nothing (text-only) ─Generator─► token ids, probs, text
+    answer: image bytes [+ keep] | kept tokens (K, D) fp32/fp16, or int8 + scales (K,), + keep (K,) | nothing ─Generator─► ids, probs, text
     verify: [prompt as for answer, first block only] + draft (k,) ─VerifySession (+ KV of session)─► committed ids, probs
     probe:  anything ─(decoded, discarded)─► reply_bytes zeros
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from msao.cloud_bridge.codec import dequantize_rows
 from msao.cloud_bridge.messages import JobHeader, ServedModel, parse_decoder_range
 from msao.cloud_bridge.sessions import SessionTable
 from msao.engines.backend import Backend, Runner
@@ -30,14 +31,20 @@ from msao.engines.generation import DecoderStack, ImageEncoding, text_only_encod
 from msao.engines.manifest import exit_segment_name
 from msao.engines.pipeline import RequestPipeline
 from msao.engines.speculation import VerifySession
-from msao.errors import CloudJobFailed
+from msao.errors import CloudJobFailed, CodecError
 
 __all__ = ["JobOutput", "ModelServer", "SPLIT_INPUTS"]
 
 log = logging.getLogger(__name__)
 
 SPLIT_INPUTS = ("attention_mask", "hidden_states", "position_ids")
-PROMPT_INPUTS = ((), ("image",), ("image", "keep"), ("image_tokens", "keep"))  # an answer job's, or a first verify block's
+PROMPT_INPUTS = (
+    (),
+    ("image",),
+    ("image", "keep"),
+    ("image_tokens", "keep"),
+    ("image_token_scales", "image_tokens", "keep"),
+)  # an answer job's, or a first verify block's
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,8 @@ class ModelServer:
         names = tuple(sorted(tensors))
         if names not in PROMPT_INPUTS:
             raise CloudJobFailed(
-                f"{what} takes image [+ keep], image_tokens + keep, or no tensor (text-only), got {list(names)}", "bad_input"
+                f"{what} takes image [+ keep], image_tokens [+ image_token_scales] + keep, or no tensor (text-only), got {list(names)}",
+                "bad_input",
             )
         keep = tensors.get("keep")
         if "image" in tensors:
@@ -201,7 +209,7 @@ class ModelServer:
             return self.pipeline.encode(self.pipeline.decode(img.tobytes())[0]), keep
         if not names:  # a text-only turn: the question alone, no image tokens
             return text_only_encoding(self.manifest.model.hidden_size), None
-        return self._encoding_from_kept(tensors["image_tokens"], keep), keep
+        return self._encoding_from_kept(tensors["image_tokens"], keep, tensors.get("image_token_scales")), keep
 
     def _answer(self, header: JobHeader, tensors: Mapping[str, np.ndarray]) -> JobOutput:
         exit_layer = None if header.exit_layer == -1 else header.exit_layer
@@ -219,9 +227,23 @@ class ModelServer:
         out = {"token_ids": np.asarray(ans.token_ids, np.int64), "token_probs": np.asarray(ans.token_probs, np.float32)}
         return JobOutput(out, compute_ms, text=ans.text, confidence=ans.confidence)
 
-    def _encoding_from_kept(self, tokens: np.ndarray, keep: np.ndarray) -> ImageEncoding:
+    def _encoding_from_kept(self, tokens: np.ndarray, keep: np.ndarray, scales: np.ndarray | None = None) -> ImageEncoding:
+        """Kept image tokens (float32 or float16, or int8 with a float32 scale per row) in place of the vision encoder."""
         info = self.manifest.model
         n, d = info.image_tokens, info.hidden_size
+        if (scales is None) != (tokens.dtype != np.int8) or (scales is None and tokens.dtype not in (np.float32, np.float16)):
+            raise CloudJobFailed(
+                f"image_tokens must be float32 or float16, or int8 with image_token_scales; got {tokens.dtype}"
+                + ("" if scales is None else " with scales"),
+                "bad_input",
+            )
+        if scales is not None:
+            try:
+                tokens = dequantize_rows(tokens, scales)
+            except CodecError as exc:
+                raise CloudJobFailed(f"image_tokens: {exc}", "bad_input") from None
+        elif not np.isfinite(tokens).all():
+            raise CloudJobFailed("image_tokens hold NaN or infinite values", "bad_input")
         if tokens.ndim != 2 or tokens.shape[1] != d or keep.ndim != 1 or len(keep) != tokens.shape[0] or keep.dtype.kind not in "iu":
             raise CloudJobFailed(
                 f"image_tokens must be (K, {d}) with keep (K,) integer indices; got {tokens.shape} and {keep.dtype} {keep.shape}",

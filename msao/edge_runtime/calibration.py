@@ -12,6 +12,10 @@ otherwise; ``verifier.py``).
     per pair, per r, per threshold θ: commit share P(score_edge >= θ) and draft/verify accuracy
                                       mean(correct_edge if score_edge >= θ else correct_large)
 
+    per pair, per upload form, per r: the large model's accuracy change when the image crosses
+                                      the link in that form (``uploads.py``, paired with the file,
+                                      less one standard error), its mean bytes and build time
+
 The score is the verifier's, fit on the first half of the sampled train questions and
 tabulated on the second half (held out from the fit, so the tables are not flattered by it);
 with too few questions for a fit the score is the draft's lowest token probability, tabulated
@@ -53,9 +57,10 @@ __all__ = [
     "ModelCalibration",
     "PairCalibration",
     "save_calibration",
+    "UploadCalibration",
 ]
 
-CALIBRATION_FORMAT = 2  # 2: the pair holds the commit verifier its thresholds apply to
+CALIBRATION_FORMAT = 3  # 2: the pair holds the commit verifier its thresholds apply to; 3: and its upload forms
 MIN_VERIFIER_QUESTIONS = 40  # fewer sampled questions: no verifier, thresholds on the lowest token probability
 DEFAULT_KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)
 # 1.01: never commit the edge answer (always verify); 0: always commit it.
@@ -102,6 +107,67 @@ class ModelCalibration:
 
 
 @dataclass(frozen=True)
+class UploadCalibration:
+    """The large model fed one upload form (``UPLOAD_FORMS``) instead of the file.
+
+    Rows follow ``keep_ratios`` (a subset of the pair's: ``region`` forms exist only below 1),
+    columns of ``accuracy`` the pair's thresholds. ``accuracy_delta`` is the form's accuracy
+    minus the file's, paired question by question over every sampled question, and
+    ``accuracy_se`` its standard error. The tables charge the delta minus one standard error
+    (``large_accuracy`` = the file's + delta - se; ``accuracy`` = the file's draft/verify
+    accuracy + (1 - commit share) x (delta - se), the form touching only verified requests),
+    because the scheduler takes the best of several noisy estimates and would otherwise favour
+    whichever form happened to be lucky on the sample. The scheduler adds ``charged`` to the
+    accuracy of the same plan with the file, so a form is compared on the file's own baseline. ``image_bytes`` is the mean size of what
+    replaces the file (the image or the tokens and their scales, the keep-set not counted);
+    ``build_ms`` the mean time to make it on the machine that calibrated.
+    """
+
+    form: str
+    keep_ratios: tuple[float, ...]
+    large_accuracy: tuple[float, ...]
+    image_bytes: tuple[float, ...]
+    build_ms: tuple[float, ...]
+    accuracy: tuple[tuple[float, ...], ...]
+    accuracy_delta: tuple[float, ...]
+    accuracy_se: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        from msao.edge_runtime.plans import UPLOAD_FORMS
+
+        n = len(self.keep_ratios)
+        if self.form not in UPLOAD_FORMS or self.form == "file":
+            raise ConfigError(f"calibration: upload form {self.form!r} is not one of {list(UPLOAD_FORMS[1:])}")
+        _shares(self.keep_ratios, n, f"{self.form} keep_ratios")
+        _shares(self.large_accuracy, n, f"{self.form} large_accuracy")
+        if len(self.image_bytes) != n or len(self.build_ms) != n or not all(b >= 0 for b in (*self.image_bytes, *self.build_ms)):
+            raise ConfigError(f"calibration: {self.form} image_bytes and build_ms need {n} values >= 0")
+        if len(self.accuracy) != n:
+            raise ConfigError(f"calibration: {self.form} accuracy needs {n} rows")
+        if len(self.accuracy_delta) != n or len(self.accuracy_se) != n:
+            raise ConfigError(f"calibration: {self.form} accuracy_delta and accuracy_se need {n} values")
+
+    def row(self, keep_ratio: float) -> int | None:
+        return self.keep_ratios.index(keep_ratio) if keep_ratio in self.keep_ratios else None
+
+    def charged(self, keep_ratio: float) -> float:
+        """The accuracy change the scheduler charges a plan that sends this form instead of the file: delta - se."""
+        b = self.row(keep_ratio)
+        if b is None:
+            raise ConfigError(f"upload {self.form} was not calibrated at keep ratio {keep_ratio}")
+        return self.accuracy_delta[b] - self.accuracy_se[b] if self.accuracy_delta else 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UploadCalibration:
+        d = _only_known(cls, d)
+        return cls(
+            str(d["form"]), tuple(d["keep_ratios"]), tuple(d["large_accuracy"]), tuple(float(b) for b in d["image_bytes"]),
+            tuple(float(t) for t in d["build_ms"]), tuple(tuple(r) for r in d["accuracy"]),
+            tuple(float(x) for x in d["accuracy_delta"]), tuple(float(x) for x in d["accuracy_se"]),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class PairCalibration:
     """An edge (draft) model and a large (verifying) model on the same questions.
 
@@ -124,9 +190,15 @@ class PairCalibration:
     oracle_commit_share: tuple[float, ...] = ()
     confidence_commit_share: tuple[tuple[float, ...], ...] = ()
     confidence_accuracy: tuple[tuple[float, ...], ...] = ()
+    uploads: tuple[UploadCalibration, ...] = ()  # the other upload forms than the file (whose tables are the ones above)
 
     def __post_init__(self) -> None:
         n, m = len(self.keep_ratios), len(self.thresholds)
+        for u in self.uploads:
+            if not set(u.keep_ratios) <= set(self.keep_ratios) or any(len(row) != m for row in u.accuracy):
+                raise ConfigError(f"calibration: upload {u.form} needs keep ratios of the pair's and {m} thresholds per row")
+            for row in u.accuracy:
+                _shares(row, m, f"an upload {u.form} threshold row")
         _shares(self.large_accuracy, n, "large_accuracy")
         if len(self.commit_share) != n or len(self.accuracy) != n:
             raise ConfigError(f"calibration: commit_share and accuracy need {n} rows")
@@ -150,6 +222,9 @@ class PairCalibration:
             return 0.0
         return max((c for c, x in zip(commit[a], acc[a]) if x >= floor - 1e-12), default=0.0)
 
+    def upload(self, form: str) -> UploadCalibration | None:
+        return next((u for u in self.uploads if u.form == form), None)
+
     def commit_score(self, sample: DraftSample) -> float:
         """What the thresholds compare: the verifier's P(right), else the draft's lowest token probability."""
         return self.verifier.score(sample) if self.verifier is not None else sample.answer.confidence
@@ -163,6 +238,7 @@ class PairCalibration:
             tuple(d["large_accuracy"]), tuple(tuple(r) for r in d["commit_share"]), tuple(tuple(r) for r in d["accuracy"]),
             verifier, int(d.get("held_out", 0)), tuple(d.get("oracle_commit_share", ())),
             tuple(tuple(r) for r in d.get("confidence_commit_share", ())), tuple(tuple(r) for r in d.get("confidence_accuracy", ())),
+            tuple(UploadCalibration.from_dict(u) for u in d.get("uploads", ())),
         )  # fmt: skip
 
 
@@ -245,19 +321,29 @@ def calibrate_models(
     seed: int = 0,
     keep_ratios: tuple[float, ...] = DEFAULT_KEEP_RATIOS,
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+    upload_forms: tuple[str, ...] | None = None,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> Calibration:
     """Measure the tables on ``questions`` seeded train questions of ``dataset`` (easy-vqa or scenes).
 
     Args:
         edge / large: ``LocalModel`` of the edge (draft) model and the large (cloud) model.
+        upload_forms: the upload forms to tabulate besides the file (None: every form the pair
+            allows, ``forms_for``; () = none, for a quick calibration).
     """
     from msao.datasets.vqa import load_vqa
+    from msao.edge_runtime.uploads import forms_for, shares_encoder
 
     data = load_vqa(dataset, "train")
     rows = np.random.default_rng(seed).permutation(len(data))[:questions]
     same_grid = edge.n_tokens == large.n_tokens
     n_r = len(keep_ratios)
+    allowed = [f for f in forms_for(send_keep=same_grid, shared_encoder=shares_encoder(edge.manifest, large.manifest)) if f != "file"]
+    forms = allowed if upload_forms is None else [f for f in upload_forms if f in allowed]
+    form_ratios = {f: tuple(r for r in keep_ratios if r < 1 or not f.startswith("region")) for f in forms}
+    form_ok = {f: np.zeros((len(form_ratios[f]), len(rows)), bool) for f in forms}
+    form_bytes = {f: np.zeros((len(form_ratios[f]), len(rows))) for f in forms}
+    form_ms = {f: np.zeros((len(form_ratios[f]), len(rows))) for f in forms}
     edge_ok = np.zeros((n_r, len(rows)), bool)
     edge_conf = np.zeros((n_r, len(rows)))
     large_ok = np.zeros((n_r, len(rows)), bool)  # own keep-set
@@ -269,8 +355,11 @@ def calibrate_models(
     for j, i in enumerate(rows):
         rgb = data.images[data.image_ids[i]]
         q, truth = data.questions[i], data.answers[i]
+        edge_keeps: dict[float, np.ndarray | None] = {}
+        large_full = None
         for a, r in enumerate(keep_ratios):
             pe = edge.prepare(rgb, q, r, analyse=False)
+            edge_keeps[r] = pe.keep if same_grid else None
             ae = edge.answer(pe, q, signals=True)
             drafts[a].append(DraftSample(ae, pe.mas, r))
             edge_ok[a, j], edge_conf[a, j] = ae.text == truth, ae.confidence
@@ -282,6 +371,13 @@ def calibrate_models(
             if r == 1.0:
                 tokens[edge.name].append(len(ae.token_ids))
                 tokens[large.name].append(len(al.token_ids))
+                large_full = pl
+        if large_full is None and any(f.startswith("tokens") for f in forms):
+            large_full = large.prepare(rgb, q, 1.0, analyse=False)
+        for f in forms:
+            for b, r in enumerate(form_ratios[f]):
+                ok, form_bytes[f][b, j], form_ms[f][b, j] = _upload_answer(f, large, rgb, q, edge_keeps[r], large_full)
+                form_ok[f][b, j] = ok == truth
         bar.update()
     bar.close()
     progress(f"calibrated {len(rows)} train questions in {time.perf_counter() - t0:.0f}s")
@@ -323,10 +419,66 @@ def calibrate_models(
 
     commit, acc = tables(score[:, tab])
     conf_commit, conf_acc = tables(edge_conf[:, tab]) if verifier is not None else ((), ())
+    large_file = ok_l.mean(axis=1)
+    uploads = []
+    for f in forms:
+        rs = form_ratios[f]
+        deltas, ses, large_f, acc_f = [], [], [], []
+        for b, r in enumerate(rs):
+            a = list(keep_ratios).index(r)
+            # paired with the file on every sampled question (the verifier's split does not touch the large model's answers)
+            d = form_ok[f][b].astype(float) - large_ok_edge_keep[a].astype(float)
+            delta, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+            margin = delta - se  # one standard error charged: the scheduler picks the best of several noisy forms
+            deltas.append(round(delta, 5))
+            ses.append(round(se, 5))
+            large_f.append(round(min(1.0, max(0.0, float(large_file[a]) + margin)), 5))
+            acc_f.append(tuple(round(min(1.0, max(0.0, x + (1 - c) * margin)), 5) for x, c in zip(acc[a], commit[a])))
+        uploads.append(
+            UploadCalibration(
+                f,
+                rs,
+                tuple(large_f),
+                tuple(round(float(x), 1) for x in form_bytes[f].mean(axis=1)),
+                tuple(round(float(x), 3) for x in form_ms[f].mean(axis=1)),
+                tuple(acc_f),
+                tuple(deltas),
+                tuple(ses),
+            )  # fmt: skip
+        )
     pair = PairCalibration(
         edge.manifest.model_hash, large.manifest.model_hash, tuple(keep_ratios), tuple(thresholds),
         tuple(round(float(x), 5) for x in ok_l.mean(axis=1)), commit, acc, verifier, len(tab),
-        tuple(round(float(x), 5) for x in (ok_e | ~ok_l).mean(axis=1)), conf_commit, conf_acc,
+        tuple(round(float(x), 5) for x in (ok_e | ~ok_l).mean(axis=1)), conf_commit, conf_acc, tuple(uploads),
     )  # fmt: skip
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return Calibration(CALIBRATION_FORMAT, "train", len(rows), seed, created, models, (pair,), dataset)
+
+
+def _upload_answer(form: str, large, rgb: np.ndarray, question: str, keep: np.ndarray | None, large_full) -> tuple[str, int, float]:
+    """The large model's answer when the image crossed the link in ``form``, what crossed, and the time to build it.
+
+    Image forms are decoded and encoded by the large model as its worker would; tokens forms
+    round-trip the large model's own tokens (the edge's, since a tokens form needs a shared encoder).
+    """
+    from msao.cloud_bridge.codec import dequantize_rows
+    from msao.edge_runtime.uploads import upload_tensors
+    from msao.engines.images import decode_image
+
+    m = large.manifest
+    t0 = time.perf_counter()
+    tensors = upload_tensors(
+        form, image_file=b"", rgb=rgb, keep=keep, preprocess=m.preprocess, n_tokens=m.model.image_tokens,
+        tokens=large_full.encoding.tokens if form.startswith("tokens") else None,
+    )  # fmt: skip
+    build_ms = (time.perf_counter() - t0) * 1e3
+    nbytes = sum(v.nbytes for k, v in tensors.items() if k != "keep")
+    if "image" in tensors:
+        prepared = large.prepare(decode_image(tensors["image"].tobytes()), question, 1.0, analyse=False)
+    else:
+        kept = tensors["image_tokens"]
+        kept = dequantize_rows(kept, tensors["image_token_scales"]) if "image_token_scales" in tensors else kept.astype(np.float32)
+        full = large_full.encoding.tokens.copy()
+        full[tensors["keep"]] = kept
+        prepared = replace(large_full, encoding=replace(large_full.encoding, tokens=full))
+    return large.answer(prepared, question, keep=keep).text, nbytes, build_ms

@@ -68,6 +68,7 @@ class SegmentClock:
                 points.setdefault(p.segment, []).append((p.tokens, p.past, p.ms_p50))
         with self._lock:
             self._points = points
+            self._profiled: dict[tuple[str, int, int], float] = {}  # profiled_ms per (segment, tokens, past): the profile is fixed
             self._scale = float("nan")
             self.observations = 0
             self.device = profile.device if profile is not None else "unprofiled"
@@ -101,8 +102,16 @@ class SegmentClock:
 
         Decode steps (tokens == 1 with a past) use the profiled decode point; prefill lengths
         interpolate linearly between profiled lengths and extrapolate from the two nearest.
-        A segment the profile lacks costs 0 (and the bundle should be re-exported).
+        A segment the profile lacks costs 0 (and the bundle should be re-exported). Memoised: the
+        scheduler asks for the same few hundred points on every request.
         """
+        key = (segment, tokens, past)
+        hit = self._profiled.get(key)
+        if hit is None:
+            hit = self._profiled[key] = self._interpolate(segment, tokens, past)
+        return hit
+
+    def _interpolate(self, segment: str, tokens: int, past: int) -> float:
         pts = self._points.get(segment)
         if not pts:
             return 0.0

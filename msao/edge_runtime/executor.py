@@ -30,6 +30,7 @@ from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.token_speculation import BlockReply, SpeculationOutcome, speculate
+from msao.edge_runtime.uploads import upload_tensors
 from msao.edge_runtime.verifier import DraftSample
 from msao.engines.flops import request_flops
 from msao.engines.generation import Answer, finish_reason_from_ids
@@ -274,7 +275,15 @@ class Executor:
         t.update(more)
         return {k: round(v, 3) for k, v in t.items()}
 
-    def _cloud_answer(self, run: _Run, keep: np.ndarray | None, deadline: float, job_id: str) -> RemoteAnswer:
+    def _upload(self, run: _Run, keep: np.ndarray | None, p: Prepared | None) -> dict[str, np.ndarray]:
+        """The cloud job's prompt tensors in the plan's upload form (built on the calling thread, before the job goes up)."""
+        large = self._large().manifest
+        return upload_tensors(
+            run.plan.upload, image_file=run.request.image, rgb=run.rgb, keep=keep, preprocess=large.preprocess,
+            n_tokens=large.model.image_tokens, tokens=p.encoding.tokens if p is not None else None,
+        )  # fmt: skip
+
+    def _cloud_answer(self, run: _Run, prompt: dict[str, np.ndarray], deadline: float, job_id: str) -> RemoteAnswer:
         if self.link is None:
             raise CloudUnavailable("no cloud link configured (--broker)")
         large = self._large()
@@ -283,7 +292,7 @@ class Executor:
             raise CloudUnavailable("no time left in the request's deadline for a cloud job")
         r = run.request
         return self.link.answer(
-            large.manifest.model_hash, r.question, job_id=job_id, image=r.image, keep=keep, deadline_s=remaining, max_new_tokens=r.token_budget
+            large.manifest.model_hash, r.question, job_id=job_id, prompt=prompt, deadline_s=remaining, max_new_tokens=r.token_budget
         )
 
     def _sent(self, run: _Run) -> tuple[int, int]:
@@ -314,11 +323,11 @@ class Executor:
 
     def _cloud(self, run: _Run) -> Outcome:
         p = None
-        if run.plan.send_keep:  # the edge model's encoder + MAS pick the tokens the cloud prefills
+        if run.plan.send_keep or run.plan.upload.startswith("tokens"):  # the edge encoder's tokens (+ MAS: the keep-set) go up
             p = self._prepare(self.edge, run, run.plan.keep_ratio)
         t0 = time.perf_counter()
         try:
-            r = self._cloud_answer(run, p.keep if p else None, run.cloud_deadline, run.new_job())
+            r = self._cloud_answer(run, self._upload(run, p.keep if p and run.plan.send_keep else None, p), run.cloud_deadline, run.new_job())
         except CloudError as exc:
             return self._fallback(exc, run, p)
         return self._cloud_outcome(run, r, p, (time.perf_counter() - t0) * 1e3, decode_image=run.decode_ms)
@@ -357,7 +366,7 @@ class Executor:
         started = time.perf_counter()
         future: Future | None = None
         if plan.speculate:  # publish now; the edge answer is computed meanwhile
-            future = self._pool.submit(self._cloud_answer, run, keep, run.deadline, job_id)
+            future = self._pool.submit(self._cloud_answer, run, self._upload(run, keep, p), run.deadline, job_id)
         draft = self._dilated_answer(self.edge, p, request.question, budget=request.token_budget, signals=self.commit_score is not None)
         committed = self._draft_outcome(self.edge, p, draft)
         kept = p.kept_tokens if keep is not None else self._large().n_tokens
@@ -375,7 +384,7 @@ class Executor:
             cloud = self._cloud_flops(request.question, kept, len(draft.token_ids)) if up else 0
             return replace(committed, bytes_up=up, bytes_down=down, flops_cloud=cloud, speculation=spec)
         if future is None:
-            future = self._pool.submit(self._cloud_answer, run, keep, run.deadline, job_id)
+            future = self._pool.submit(self._cloud_answer, run, self._upload(run, keep, p), run.deadline, job_id)
         try:
             r: RemoteAnswer = future.result(timeout=max(0.0, run.deadline - time.monotonic()) + 0.05)
         except (CloudError, FutureTimeout) as exc:
@@ -402,11 +411,7 @@ class Executor:
         link = self.link
         p = self._prepare(self.edge, run, plan.keep_ratio)
         keep = p.keep if plan.send_keep and large.n_tokens == self.edge.n_tokens else None
-        prompt: dict[str, np.ndarray] = {}
-        if not request.text_only:
-            prompt["image"] = np.frombuffer(request.image, np.uint8)
-            if keep is not None:
-                prompt["keep"] = keep
+        prompt = self._upload(run, keep, p)
         session = {"id": new_job_id(), "worker": None}
         budget = request.token_budget
 

@@ -13,11 +13,16 @@ from enum import Enum
 
 from msao.errors import ConfigError
 
-__all__ = ["ALWAYS_VERIFY", "PLAN_KINDS", "POLICIES", "Plan", "PlanKind"]
+__all__ = ["ALWAYS_VERIFY", "PLAN_KINDS", "POLICIES", "UPLOAD_FORMS", "Plan", "PlanKind"]
 
 # ``msao`` is the adaptive policy; the others are the fixed baselines the benchmark compares it with.
 POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static", "speculative")
 ALWAYS_VERIFY = 1.01  # a commit threshold no confidence reaches
+# What a cloud job carries for the image (``uploads.py`` builds each): the request's file as it came;
+# the image fitted to the cloud model's input and re-encoded as JPEG at a quality; only the kept
+# patches (the rest flattened) as JPEG, with the keep-set; the edge encoder's kept image tokens in
+# fp16 or in int8 with a scale per row (only where the two models share their vision encoder).
+UPLOAD_FORMS = ("file", "jpeg@90", "jpeg@70", "jpeg@50", "region@70", "tokens@fp16", "tokens@int8")
 
 
 class PlanKind(str, Enum):
@@ -68,6 +73,7 @@ class Plan:
     commit_threshold: float = ALWAYS_VERIFY
     speculate: bool = False
     send_keep: bool = True  # cloud/draft_verify/speculative: prune the cloud's prefill with the edge's keep-set
+    upload: str = "file"  # cloud/draft_verify/speculative: what the cloud job carries for the image (``UPLOAD_FORMS``)
     block: int = 0
     est_latency_ms: float = 0.0
     est_accuracy: float = 0.0
@@ -82,6 +88,8 @@ class Plan:
             object.__setattr__(self, "kind", PlanKind(self.kind))
         if not 0 < self.keep_ratio <= 1:
             raise ConfigError(f"keep ratio {self.keep_ratio} not in (0, 1]")
+        if self.upload not in UPLOAD_FORMS:
+            raise ConfigError(f"upload form {self.upload!r} not in {UPLOAD_FORMS}")
         if not 0 <= self.block <= 64:
             raise ConfigError(f"block {self.block} not in 0..64 drafts")
         if self.fallback_reserve_ms < 0:
@@ -99,4 +107,6 @@ class Plan:
             parts.append("speculative" if self.speculate else "sequential")
         if self.kind is PlanKind.SPECULATIVE and self.block:
             parts.append(f"k={self.block}")
+        if self.upload != "file" and self.kind in (PlanKind.CLOUD, PlanKind.DRAFT_VERIFY, PlanKind.SPECULATIVE):
+            parts.append(f"upload={self.upload}")
         return " ".join(parts)

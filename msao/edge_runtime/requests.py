@@ -181,6 +181,8 @@ class EdgeResponse:
             the model's context ran out first); "" on a failure.
         image_cached: the image's tokens came from the edge's image cache (an image asked about
             before, e.g. a follow-up question): no vision encoder ran.
+        upload: what the cloud job carried for the image (``UPLOAD_FORMS``: ``file``, ``jpeg@70``,
+            ``region@70``, ``tokens@int8``, ...); "" when no answer job went up.
         context: the request's ``context``, unchanged (None when it had none).
     """
 
@@ -203,6 +205,7 @@ class EdgeResponse:
     completion_tokens: int = 0
     finish_reason: str = ""
     image_cached: bool = False
+    upload: str = ""
     error_code: str = ""
     error: str = ""
     context: Any = None

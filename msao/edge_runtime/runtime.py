@@ -43,6 +43,7 @@ from msao.errors import ConfigError, ImageError, MsaoError, RequestError
 __all__ = ["EdgeRuntime", "RuntimeOptions"]
 
 log = logging.getLogger(__name__)
+_IMAGE_UPLOADS = (PlanKind.CLOUD, PlanKind.DRAFT_VERIFY, PlanKind.SPECULATIVE)  # plans whose cloud job carries the image in an upload form
 
 Done = Callable[[EdgeResponse | None], None]
 
@@ -328,6 +329,7 @@ class EdgeRuntime:
             fallback=out.fallback, mas=out.mas, timings_ms=timings, bytes_up=out.bytes_up, bytes_down=out.bytes_down,
             flops_edge=out.flops_edge, flops_cloud=out.flops_cloud, prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens, finish_reason=out.finish_reason, image_cached=out.image_cached,
+            upload=plan.upload if out.bytes_up and plan.kind in _IMAGE_UPLOADS else "",
             error_code="deadline" if late else "", error=f"answered after {total_ms:.0f} ms, past the {req.deadline_ms:.0f} ms deadline" if late else "",
         )  # fmt: skip
 

@@ -18,7 +18,7 @@ Expected latency (ms), from ``CostInputs``; E = edge model, C = large model, T =
 
     edge         f·[vision_E + mas + prefill_E(T) + (n-1)·step_E]
     local_large  f·[vision_C + mas + prefill_C(T) + (n-1)·step_C]
-    cloud        f·[vision_E + mas] + link(image + keep, answer) + queue + σ·[vision_C + prefill_C(T) + (n-1)·step_C]
+    cloud        f·[vision_E + mas + build_u] + link(upload_u + keep, answer) + queue + σ·[vision_C + prefill_C(T) + (n-1)·step_C]
     split@k      f·[vision_C + mas + prefill_C[0:k](T)] + link(T·D·2 B) + queue + σ·prefill_C[k:L](T)
                  + (n-1)·(f·step_C[0:k] + link(D·2 B) + σ·step_C[k:L])
     draft_verify p·edge + (1-p)·(speculate ? max(edge, pre_E + cloud') : edge + cloud')
@@ -27,6 +27,13 @@ Expected latency (ms), from ``CostInputs``; E = edge model, C = large model, T =
                  (first = the cloud answer's upload, queue and prefill; B = ceil((n-1) / E_k) blocks,
                  E_k = (1 - a^(k+1)) / (1 - a) tokens per block at per-token acceptance a; k from ``block_size``)
 
+u is the upload form (``uploads.py``): the request's file (build 0, its own size), or a
+calibrated form (``jpeg@q``, ``region@q``, ``tokens@int8``...) with its calibrated mean bytes,
+build time and large-model accuracy; a tokens form also drops vision_C. Every cloud,
+draft/verify and speculative candidate is priced once per form that applies (region needs the
+keep-set; tokens a shared encoder), and a form's accuracy decides like any plan's: a form that
+costs more than the slack is never taken; among plans within ``latency_tolerance`` of the
+fastest the fewest uplink bytes win.
 σ is the cloud's live scale (its reported compute time / its profile). Expected accuracy comes
 from the calibration tables (train data). The scheduler keeps plans whose accuracy is within
 ``accuracy_slack`` of the most accurate available plan, then takes the lowest latency; when no
@@ -40,12 +47,13 @@ no keep-set), ``static_split`` (one k), ``prune_only`` (edge model at a fixed ra
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from msao.edge_runtime.calibration import Calibration
+from msao.edge_runtime.calibration import Calibration, UploadCalibration
 from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
 from msao.edge_runtime.plans import ALWAYS_VERIFY, PLAN_KINDS, POLICIES, Plan, PlanKind
 from msao.edge_runtime.token_speculation import PRIOR_ACCEPTANCE, block_size
@@ -152,6 +160,7 @@ class Scheduler:
         self.edge_cal = calibration.model(edge.model_hash) if calibration else None
         self.large_cal = calibration.model(large.model_hash) if calibration and large else None
         self.pair = calibration.pair(edge.model_hash, large.model_hash) if calibration and large else None
+        self._frontiers: dict[tuple[str, float], tuple[int, ...]] = {}
         if calibration is not None and (self.edge_cal is None or (large is not None and (self.large_cal is None or self.pair is None))):
             log.warning("the calibration file does not cover these bundles (model hashes differ); re-run `msao calibrate`")
         if options.policy == "static_split" and large is not None and options.split_layer not in large.split_points:
@@ -213,14 +222,34 @@ class Scheduler:
         assert self.large is not None and self.cloud_clock is not None
         return self._answer_ms(self.large, self.cloud_clock.ms, r)
 
-    def _cloud_up_bytes(self, r: float, x: CostInputs, send_keep: bool) -> int:
-        """What a cloud answer job uploads: the image file, the keep indices, the header."""
-        assert self.large is not None
-        return x.image_bytes + (8 * round(r * self.large.model.image_tokens) if send_keep else 0) + 600
+    def _forms(self, r: float, x: CostInputs, send_keep: bool) -> list[UploadCalibration | None]:
+        """The upload forms a cloud job at keep ratio ``r`` may take: the file (None), then each calibrated one that applies."""
+        if self.pair is None or x.image_bytes <= 0:  # uncalibrated forms cannot be priced; a text-only turn uploads nothing
+            return [None]
+        return [None] + [u for u in self.pair.uploads if u.row(r) is not None and (send_keep or not u.form.startswith("region"))]
 
-    def _cloud_ms(self, r: float, x: CostInputs, send_keep: bool) -> float:
-        """Cloud answer after the edge has what it sends: upload, queue, compute, result."""
-        return x.link.transfer_ms(self._cloud_up_bytes(r, x, send_keep), 600) + x.cloud_queue_ms + self.cloud_compute_ms(r)
+    def _cloud_up_bytes(self, r: float, x: CostInputs, send_keep: bool, form: UploadCalibration | None = None) -> int:
+        """What a cloud answer job uploads: the image (the file, or its calibrated size in ``form``), the keep indices, the header."""
+        assert self.large is not None
+        image = x.image_bytes if form is None else round(form.image_bytes[form.row(r)])
+        keep = send_keep or (form is not None and form.form.startswith("tokens"))
+        return image + (8 * round(r * self.large.model.image_tokens) if keep else 0) + 600
+
+    def _build_ms(self, r: float, x: CostInputs, form: UploadCalibration | None) -> float:
+        """Edge time to make the upload (resize and re-encode, flatten, quantise): none for the file."""
+        return 0.0 if form is None else x.edge_load * form.build_ms[form.row(r)]
+
+    def _cloud_ms(self, r: float, x: CostInputs, send_keep: bool, form: UploadCalibration | None = None) -> float:
+        """Cloud answer after the edge has what it sends: build the upload, upload, queue, compute, result.
+
+        A tokens form replaces the cloud's vision encoder, so its time is not charged.
+        """
+        compute = self.cloud_compute_ms(r)
+        if form is not None and form.form.startswith("tokens"):
+            assert self.cloud_clock is not None
+            compute -= self.cloud_clock.ms("vision_encoder")
+        up = self._cloud_up_bytes(r, x, send_keep, form)
+        return self._build_ms(r, x, form) + x.link.transfer_ms(up, 600) + x.cloud_queue_ms + compute
 
     def _split_up_bytes(self, k: int, r: float) -> float:
         """fp16 hidden states of the prompt (+ position ids and mask), then one hidden vector per decode step."""
@@ -255,65 +284,102 @@ class Scheduler:
         ms = self._local_ms(self.edge, self.edge_clock, r, x, r < 1) * x.local_residual("edge", r)
         return Plan("edge", r, est_latency_ms=ms, est_accuracy=self._accuracy(self.edge, r), reason=reason)
 
-    def _cloud_plan(self, r: float, x: CostInputs, send_keep: bool) -> Plan:
-        """The large model in the cloud; with ``send_keep`` the edge first encodes + runs MAS for the keep-set."""
+    def _cloud_accuracy(self, r: float, send_keep: bool, form: UploadCalibration | None) -> float:
+        """The large model's accuracy in the cloud: fed the edge's keep-set at ``r`` (or every token), from ``form``."""
         assert self.large is not None
-        pre = self._edge_pre_ms(x) if send_keep else 0.0
+        if form is not None:  # the same plan's accuracy with the file, less what the form costs
+            return min(1.0, max(0.0, self._cloud_accuracy(r, send_keep, None) + form.charged(r)))
         if send_keep and self.pair is not None and r in self.pair.keep_ratios:
-            acc = self.pair.large_accuracy[self.pair.row(r)]  # the large model fed the edge's keep-set
-        else:
-            acc = self._accuracy(self.large, r if send_keep else 1.0)
+            return self.pair.large_accuracy[self.pair.row(r)]  # the large model fed the edge's keep-set
+        return self._accuracy(self.large, r if send_keep else 1.0)
+
+    def _cloud_plan(self, r: float, x: CostInputs, send_keep: bool, form: UploadCalibration | None = None) -> Plan:
+        """The large model in the cloud; with ``send_keep`` (or a tokens form) the edge first encodes + runs MAS for the keep-set."""
+        pre = self._edge_pre_ms(x) if send_keep or (form is not None and form.form.startswith("tokens")) else 0.0
         return Plan(
-            "cloud", r, send_keep=send_keep, est_latency_ms=pre + self._cloud_ms(r, x, send_keep), est_accuracy=acc,
-            est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep),
+            "cloud", r, send_keep=send_keep, upload=form.form if form else "file", est_latency_ms=pre + self._cloud_ms(r, x, send_keep, form),
+            est_accuracy=self._cloud_accuracy(r, send_keep, form), est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep, form),
         )  # fmt: skip
 
     def _edge_pre_ms(self, x: CostInputs) -> float:
         """What the edge does before a cloud job can carry its keep-set: encode + MAS with the edge model."""
         return x.edge_load * (self.edge_clock.ms("vision_encoder") + x.mas_ms)
 
-    def _draft_verify_plans(self, r: float, x: CostInputs, speculate: bool, always_verify: bool = False) -> list[Plan]:
-        """One plan per calibrated threshold (only "always verify" without a calibration)."""
+    def _draft_verify_plans(
+        self, r: float, x: CostInputs, speculate: bool, always_verify: bool = False, form: UploadCalibration | None = None
+    ) -> list[Plan]:
+        """One plan per calibrated threshold (only "always verify" without a calibration), the verify job in ``form``."""
+        return [make() for _, make in self._draft_verify_options(r, x, speculate, always_verify, form)]
+
+    def _draft_verify_options(
+        self, r: float, x: CostInputs, speculate: bool, always_verify: bool = False, form: UploadCalibration | None = None
+    ) -> list[tuple[float, Callable[[], Plan]]]:
+        """(expected accuracy, the plan) per threshold and speculation; the row is priced once, on the first plan asked for."""
         assert self.large is not None
-        edge = self._edge_plan(r, x)
-        cloud = self._cloud_ms(r, x, True)
-        pre = self._edge_pre_ms(x)
-        plans = []
+        row: list[tuple[Plan, float, float, float]] = []
+
+        def priced() -> tuple[Plan, float, float, float]:
+            if not row:
+                row.append((self._edge_plan(r, x), self._cloud_ms(r, x, True, form), self._edge_pre_ms(x), self._cloud_up_bytes(r, x, True, form)))
+            return row[0]
+
+        def make(th: float, p: float, acc: float, spec: bool) -> Plan:
+            edge, cloud, pre, up = priced()
+            slow = max(edge.est_latency_ms, pre + cloud) if spec else edge.est_latency_ms + cloud
+            return Plan(
+                PlanKind.DRAFT_VERIFY, r, commit_threshold=th, speculate=spec, upload=form.form if form else "file",
+                est_latency_ms=p * edge.est_latency_ms + (1 - p) * slow, est_accuracy=acc, est_uplink_bytes=up if spec else (1 - p) * up,
+            )  # fmt: skip
+
+        out = []
         pair = self.pair if (self.pair is not None and r in self.pair.keep_ratios) else None
         grid = pair.thresholds if pair and not always_verify else (ALWAYS_VERIFY,)
+        if pair is not None and not always_verify:
+            grid = tuple(pair.thresholds[j] for j in self._frontier(r, form))
         for th in grid:
             if pair is not None and th in pair.thresholds:
                 j = pair.thresholds.index(th)
-                p, acc = pair.commit_share[pair.row(r)][j], pair.accuracy[pair.row(r)][j]
+                p = pair.commit_share[pair.row(r)][j]
+                acc = form.accuracy[form.row(r)][j] if form is not None else pair.accuracy[pair.row(r)][j]
             else:  # never commits the draft: the large model's accuracy with the edge's keep-set
-                p = 0.0
-                acc = pair.large_accuracy[pair.row(r)] if pair else self._accuracy(self.large, r)
-            up = self._cloud_up_bytes(r, x, True)
+                p, acc = 0.0, self._cloud_accuracy(r, True, form)
             for spec in (True, False) if speculate else (False,):
-                slow = max(edge.est_latency_ms, pre + cloud) if spec else edge.est_latency_ms + cloud
-                plans.append(
-                    Plan(
-                        "draft_verify",
-                        r,
-                        commit_threshold=th,
-                        speculate=spec,
-                        est_latency_ms=p * edge.est_latency_ms + (1 - p) * slow,
-                        est_accuracy=acc,
-                        est_uplink_bytes=up if spec else (1 - p) * up,
-                    )  # fmt: skip
-                )
-        return plans
+                out.append((acc, functools.partial(make, th, p, acc, spec)))
+        return out
 
-    def _speculative_plan(self, r: float, x: CostInputs, send_keep: bool) -> Plan:
+    def _frontier(self, r: float, form: UploadCalibration | None) -> tuple[int, ...]:
+        """The thresholds of one calibrated row that no other threshold beats on both commit share and accuracy.
+
+        A draft/verify plan gets faster and sends fewer bytes as its commit share grows (its
+        fallback is never faster than the draft), so a threshold that commits less without
+        being more accurate can never be chosen: it is not priced. Static per calibration.
+        """
+        key = (form.form if form is not None else "file", r)
+        hit = self._frontiers.get(key)
+        if hit is None:
+            assert self.pair is not None
+            a = self.pair.row(r)
+            shares = self.pair.commit_share[a]
+            accs = form.accuracy[form.row(r)] if form is not None else self.pair.accuracy[a]
+            best, keep = -1.0, []
+            for j in sorted(range(len(shares)), key=lambda j: (-shares[j], -accs[j])):
+                if accs[j] > best + 1e-12:
+                    keep.append(j)
+                    best = accs[j]
+            hit = self._frontiers[key] = tuple(sorted(keep))
+        return hit
+
+    def _speculative_plan(self, r: float, x: CostInputs, send_keep: bool, form: UploadCalibration | None = None) -> Plan:
         """Token-level speculation; the per-token acceptance is the prior until calibrated per pair."""
         m, cc = self.large, self.cloud_clock
         assert m is not None and cc is not None
         t = self.prompt_tokens(m, r)
         n = self._answer_tokens(m)
         layers = m.model.num_layers
-        pre = self._edge_pre_ms(x) if send_keep else 0.0
-        first = pre + x.link.transfer_ms(self._cloud_up_bytes(r, x, send_keep), 600) + x.cloud_queue_ms
-        first += cc.ms("vision_encoder") + cc.ms("text_embed", t) + cc.decoder_ms(0, layers, t) + cc.ms("lm_head", 1)
+        tokens_form = form is not None and form.form.startswith("tokens")
+        pre = self._edge_pre_ms(x) if send_keep or tokens_form else 0.0
+        first = pre + self._build_ms(r, x, form) + x.link.transfer_ms(self._cloud_up_bytes(r, x, send_keep, form), 600) + x.cloud_queue_ms
+        first += (0.0 if tokens_form else cc.ms("vision_encoder")) + cc.ms("text_embed", t) + cc.decoder_ms(0, layers, t) + cc.ms("lm_head", 1)
         ec = self.edge_clock
         t_edge = self.prompt_tokens(self.edge, r)
         edge_ready = x.edge_load * (ec.ms("vision_encoder") + ec.ms("text_embed", t_edge) + ec.decoder_ms(0, self.edge.model.num_layers, t_edge) + ec.ms("lm_head", 1))
@@ -325,43 +391,52 @@ class Scheduler:
         per_block = (1 - a ** (k + 1)) / (1 - a)
         blocks = math.ceil(max(0.0, n - 1) / per_block)
         ms = max(first, edge_ready) + blocks * max(rtt + cloud_pass, k * edge_step)
-        acc = self.pair.large_accuracy[self.pair.row(r)] if send_keep and self.pair is not None and r in self.pair.keep_ratios else None
         return Plan(
-            "speculative", r, send_keep=send_keep, block=k, est_latency_ms=ms,
-            est_accuracy=acc if acc is not None else self._accuracy(self.large, r if send_keep else 1.0),
-            est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep) + blocks * 700,
+            "speculative", r, send_keep=send_keep, block=k, upload=form.form if form else "file", est_latency_ms=ms,
+            est_accuracy=self._cloud_accuracy(r, send_keep, form), est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep, form) + blocks * 700,
         )  # fmt: skip
 
-    def candidates(self, x: CostInputs) -> list[Plan]:
-        """Every plan the adaptive policy may take now, with its estimates."""
+    def candidates(self, x: CostInputs, min_accuracy: float = 0.0) -> list[Plan]:
+        """Every plan the adaptive policy may take now, with its estimates (only those expected at least ``min_accuracy``)."""
+        return [make() for acc, make in self._options(x) if acc >= min_accuracy - 1e-9]
+
+    def _options(self, x: CostInputs) -> list[tuple[float, Callable[[], Plan]]]:
+        """(expected accuracy, the plan) of every candidate: accuracies come from the tables, so ``choose`` prices only
+        the plans above its floor (a few dozen of the hundreds a calibration with upload forms allows)."""
         o = self.options
-        plans = [self._edge_plan(r, x) for r in o.keep_ratios]
+        out: list[tuple[float, Callable[[], Plan]]] = [(self._accuracy(self.edge, r), functools.partial(self._edge_plan, r, x)) for r in o.keep_ratios]
         if self.large is not None and self.large_clock is not None and o.allow_local_large:
-            plans += [
-                Plan(
-                    "local_large", r, est_latency_ms=self._local_ms(self.large, self.large_clock, r, x, r < 1) * x.local_residual("local_large", r),
-                    est_accuracy=self._accuracy(self.large, r),
-                )
-                for r in o.keep_ratios
-            ]  # fmt: skip
+            out += [(self._accuracy(self.large, r), functools.partial(self._local_large_plan, r, x)) for r in o.keep_ratios]
         if x.cloud_ok and self.large is not None and self.cloud_clock is not None:
             same_grid = self.large.model.image_tokens == self.edge.model.image_tokens
             for r in o.keep_ratios:
                 if r < 1 and not same_grid:
                     continue
-                plans.append(self._cloud_plan(r, x, send_keep=r < 1))
-                plans += self._draft_verify_plans(r, x, o.speculate)
-                plans.append(self._speculative_plan(r, x, send_keep=r < 1))
+                for form in self._forms(r, x, send_keep=r < 1):
+                    acc = self._cloud_accuracy(r, r < 1, form)
+                    out.append((acc, functools.partial(self._cloud_plan, r, x, r < 1, form)))
+                    out.append((acc, functools.partial(self._speculative_plan, r, x, r < 1, form)))
+                for form in self._forms(r, x, send_keep=True):
+                    out += self._draft_verify_options(r, x, o.speculate, form=form)
             if self.large_clock is not None:
-                plans += [
-                    Plan(
-                        "split", r, split_layer=k, est_latency_ms=self._split_ms(k, r, x), est_accuracy=self._accuracy(self.large, r),
-                        est_uplink_bytes=self._split_up_bytes(k, r),
-                    )
-                    for k in self.large.split_points
-                    for r in o.keep_ratios
-                ]  # fmt: skip
-        return plans
+                out += [
+                    (self._accuracy(self.large, r), functools.partial(self._split_plan, k, r, x)) for k in self.large.split_points for r in o.keep_ratios
+                ]
+        return out
+
+    def _local_large_plan(self, r: float, x: CostInputs) -> Plan:
+        assert self.large is not None and self.large_clock is not None
+        return Plan(
+            PlanKind.LOCAL_LARGE, r, est_latency_ms=self._local_ms(self.large, self.large_clock, r, x, r < 1) * x.local_residual("local_large", r),
+            est_accuracy=self._accuracy(self.large, r),
+        )  # fmt: skip
+
+    def _split_plan(self, k: int, r: float, x: CostInputs, reason: str = "") -> Plan:
+        assert self.large is not None
+        return Plan(
+            PlanKind.SPLIT, r, split_layer=k, est_latency_ms=self._split_ms(k, r, x), est_accuracy=self._accuracy(self.large, r),
+            est_uplink_bytes=self._split_up_bytes(k, r), reason=reason,
+        )  # fmt: skip
 
     # -- the decision -----------------------------------------------------------------------
 
@@ -371,10 +446,9 @@ class Scheduler:
         if policy != "msao":
             plan = self._fixed(policy, x, split_layer, keep_ratio)
             return replace(plan, fallback_reserve_ms=self.fallback_reserve_ms(plan, x))
-        plans = self.candidates(x)
-        best_acc = max(p.est_accuracy for p in plans)
-        floor = best_acc - self.options.accuracy_slack
-        eligible = [p for p in plans if p.est_accuracy >= floor - 1e-9]
+        options = self._options(x)
+        floor = max(acc for acc, _ in options) - self.options.accuracy_slack
+        eligible = [make() for acc, make in options if acc >= floor - 1e-9]  # only these are priced
         in_time = [p for p in eligible if p.est_latency_ms <= x.deadline_ms]
         pool = in_time or eligible
         fastest = min(pool, key=lambda p: (round(p.est_latency_ms, 6), -p.est_accuracy))
@@ -435,10 +509,7 @@ class Scheduler:
             k = o.split_layer if split_layer is None else split_layer
             if k not in self.large.split_points:
                 raise ConfigError(f"split layer {k} is not one of {self.large.name}'s split points {list(self.large.split_points)}")
-            return Plan(
-                "split", 1.0, split_layer=k, est_latency_ms=self._split_ms(k, 1.0, x), est_accuracy=self._accuracy(self.large, 1.0),
-                est_uplink_bytes=self._split_up_bytes(k, 1.0), reason=f"policy static_split at layer {k}",
-            )  # fmt: skip
+            return self._split_plan(k, 1.0, x, reason=f"policy static_split at layer {k}")
         if policy == "speculative":
             return replace(self._speculative_plan(1.0, x, send_keep=False), reason="policy speculative: token-level, raw image uploaded")
         # draft_verify_static: the edge always drafts, the cloud always verifies (its answer wins)

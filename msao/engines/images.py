@@ -13,7 +13,7 @@ import numpy as np
 
 from msao.errors import ImageError
 
-__all__ = ["IMAGE_FORMATS", "ImagePreprocess", "MAX_IMAGE_PIXELS", "decode_image", "pixels_from_image"]
+__all__ = ["IMAGE_FORMATS", "ImagePreprocess", "MAX_IMAGE_PIXELS", "decode_image", "fitted_image", "pixels_from_image"]
 
 # Decoding refuses anything larger before touching pixel data (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -97,15 +97,11 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     return rgb
 
 
-def pixels_from_image(rgb: np.ndarray, pre: ImagePreprocess) -> np.ndarray:
-    """Resize, centre-crop and normalise one RGB image.
+def fitted_image(rgb: np.ndarray, pre: ImagePreprocess) -> np.ndarray:
+    """The pixels the model's encoder sees, before normalisation: resized and centre-cropped, uint8 (crop_height, crop_width, 3).
 
-    Args:
-        rgb: uint8 array (H, W, 3).
-        pre: the model's preprocessing settings.
-
-    Returns:
-        float32 array (3, crop_height, crop_width), ready to stack into ``pixel_values``.
+    An upload re-encoded from these is already at the cloud model's input size, so the cloud's
+    own preprocessing of it resizes nothing (when ``shortest_edge`` is the crop's shorter side).
     """
     from PIL import Image
 
@@ -117,7 +113,20 @@ def pixels_from_image(rgb: np.ndarray, pre: ImagePreprocess) -> np.ndarray:
     if (new_h, new_w) != (h, w):
         rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), _RESAMPLE[pre.resample]))
     top, left = (new_h - pre.crop_height) // 2, (new_w - pre.crop_width) // 2
-    rgb = rgb[top : top + pre.crop_height, left : left + pre.crop_width]
+    return rgb[top : top + pre.crop_height, left : left + pre.crop_width]
+
+
+def pixels_from_image(rgb: np.ndarray, pre: ImagePreprocess) -> np.ndarray:
+    """Resize, centre-crop and normalise one RGB image.
+
+    Args:
+        rgb: uint8 array (H, W, 3).
+        pre: the model's preprocessing settings.
+
+    Returns:
+        float32 array (3, crop_height, crop_width), ready to stack into ``pixel_values``.
+    """
+    rgb = fitted_image(rgb, pre)
     x = rgb.astype(np.float32) / 255.0  # (H, W, 3)
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)

@@ -77,7 +77,10 @@ def test_with_every_draw_at_its_mean_each_plan_costs_exactly_its_estimate(profil
         s.choose(x, policy, split_layer=k) for policy in POLICIES for k in (s.large.split_points if policy == "static_split" else (None,))
     ]
     assert {p.kind for p in plans} == {"edge", "local_large", "cloud", "split", "draft_verify", "speculative"}
+    assert {p.upload for p in plans} == {"file", "jpeg@90", "jpeg@70", "jpeg@50"}  # the profile's upload forms are priced
     for plan in plans:
+        if plan.kind == "cloud":  # what the world sends is what the plan priced, in every form
+            assert job_from_plan(s, plan, link, d, profile.mas_ms, 0.0).bytes_up == pytest.approx(plan.est_uplink_bytes, rel=REL)
         share = draft_commit_share(s, plan)
         # a draft/verify plan commits with probability `share`: its estimate is the expectation over both outcomes
         committed = closed_loop_ms(job_from_plan(s, plan, link, dataclasses.replace(d, v=-1.0), profile.mas_ms, share))

@@ -154,6 +154,28 @@ def test_answer_job_equals_the_local_answer_for_image_bytes_and_pruned_tokens(ge
     assert got.stats.bytes_up < enc.tokens.nbytes  # only the kept half crossed
 
 
+@pytest.mark.parametrize("form", ["jpeg@90", "jpeg@70", "jpeg@50", "region@70", "tokens@fp16", "tokens@int8"])
+def test_each_upload_form_is_answered_by_the_worker_as_its_calibration_measured_it(models, link, easyvqa_test, form):
+    """The worker's answer from a form is the one `msao calibrate` tabulated for that form (tokens: the cloud's own, as with a shared encoder)."""
+    from msao.edge_runtime.calibration import _upload_answer
+    from msao.edge_runtime.uploads import upload_tensors
+
+    edge, large = models
+    m = large.manifest
+    for i in (1, 7, 12):
+        rgb, q = easyvqa_test.images[easyvqa_test.image_ids[i]], easyvqa_test.questions[i]
+        keep = edge.prepare(rgb, q, 0.25, analyse=False).keep if form.startswith(("region", "tokens")) else None
+        full = large.prepare(rgb, q, 1.0, analyse=False)
+        prompt = upload_tensors(
+            form, image_file=easyvqa_test.image_pngs[easyvqa_test.image_ids[i]], rgb=rgb, keep=keep, preprocess=m.preprocess,
+            n_tokens=m.model.image_tokens, tokens=full.encoding.tokens,
+        )  # fmt: skip
+        got = link.answer(m.model_hash, q, prompt=prompt)
+        claimed, nbytes, _ = _upload_answer(form, large, rgb, q, keep, full)
+        assert got.text == claimed, (i, got.text, claimed)
+        assert got.stats.bytes_up >= nbytes  # what calibration counted is what crossed (plus header and keep-set)
+
+
 def test_resent_job_gets_the_stored_result_and_does_not_run_twice(gen, link):
     """paho may re-send a job after a reconnect: a decode step must not grow the KV twice."""
     d = gen.info.hidden_size

@@ -704,6 +704,14 @@ def job_cases() -> list[dict[str, Any]]:
         ("s_answer_keep_float", "server", None, "bad_input", "image_tokens must be", job(ans(), {"image_tokens": np.zeros((1, 128), np.float32), "keep": np.zeros(1, np.float32)}), "float keep indices"),
         ("s_answer_keep_negative", "server", None, "bad_input", "keep indices", job(ans(), {"image_tokens": np.zeros((1, 128), np.float32), "keep": np.array([-1])}), "keep index -1"),
         ("s_answer_keep_duplicates", "server", None, "bad_input", "keep", job(ans(), {"image_tokens": np.zeros((2, 128), np.float32), "keep": np.array([1, 1])}), "keep index 1 twice"),
+        # kept tokens in an upload form (uploads.py): int8 needs its row scales, floats must be finite
+        ("s_answer_int8_no_scales", "server", None, "bad_input", "int8 with image_token_scales", job(ans(), {"image_tokens": np.zeros((1, 128), np.int8), "keep": np.array([0])}), "int8 tokens without scales"),
+        ("s_answer_scales_float_tokens", "server", None, "bad_input", "int8 with image_token_scales", job(ans(), {"image_tokens": np.zeros((1, 128), np.float32), "image_token_scales": np.ones(1, np.float32), "keep": np.array([0])}), "scales beside float tokens"),
+        ("s_answer_scales_shape", "server", None, "bad_input", "need float32 scales", job(ans(), {"image_tokens": np.zeros((2, 128), np.int8), "image_token_scales": np.ones(3, np.float32), "keep": np.array([0, 1])}), "3 scales for 2 rows"),
+        ("s_answer_scales_zero", "server", None, "bad_input", "finite and > 0", job(ans(), {"image_tokens": np.zeros((1, 128), np.int8), "image_token_scales": np.zeros(1, np.float32), "keep": np.array([0])}), "a zero row scale"),
+        ("s_answer_scales_nan", "server", None, "bad_input", "finite and > 0", job(ans(), {"image_tokens": np.zeros((1, 128), np.int8), "image_token_scales": np.full(1, np.nan, np.float32), "keep": np.array([0])}), "a NaN row scale"),
+        ("s_answer_tokens_nan", "server", None, "bad_input", "NaN or infinite", job(ans(), {"image_tokens": np.full((1, 128), np.nan, np.float32), "keep": np.array([0])}), "NaN float tokens"),
+        ("s_answer_tokens_int64", "server", None, "bad_input", "float32 or float16", job(ans(), {"image_tokens": np.zeros((1, 128), np.int64), "keep": np.array([0])}), "int64 tokens"),
         ("s_answer_question_placeholder", "server", None, "bad_input", "placeholder", job(ans(question="what is <image>?"), {"image": img}), "question with the image placeholder"),
         # token-level speculation blocks: malformed, lost or out of order
         ("h_verify_no_session", "header", "CodecError", BJ, "needs a session_id", job({"kind": "verify", "segment": "", "question": Q}, {"draft": np.zeros(0, np.int64)}), "verify job without a session"),

@@ -224,3 +224,31 @@ def test_an_edge_holding_only_the_small_model_answers_through_the_cloud_and_open
     finally:
         rt.stop()
         remote.close()
+
+
+def test_a_camera_frame_goes_up_re_encoded_at_the_cloud_models_size_and_is_answered_as_calibrated(runtime, models, easyvqa_test):
+    """A 1280x960 camera JPEG: a jpeg or region form sends a small fraction of it, and the cloud answers as `msao calibrate` measured."""
+    import time as _time
+
+    from msao.edge_runtime.calibration import _upload_answer
+    from msao.edge_runtime.scheduler import Plan
+    from tests.edge_runtime.test_uploads import _camera_jpeg
+
+    edge, large = models
+    for i in (2, 9):
+        camera = _camera_jpeg(easyvqa_test.images[easyvqa_test.image_ids[i]])
+        req = EdgeRequest(f"t{uuid.uuid4().hex[:10]}", easyvqa_test.questions[i], camera, deadline_ms=10_000)
+        rgb, decode_ms = edge.decode(camera, 10**7)
+        file = runtime.executor.run(Plan("cloud", 1.0, send_keep=False), req, rgb, decode_ms, _time.monotonic() + 10)
+        assert file.bytes_up > len(camera)
+        for plan in (Plan("cloud", 1.0, send_keep=False, upload="jpeg@70"), Plan("cloud", 0.25, upload="region@70")):
+            out = runtime.executor.run(plan, req, rgb, decode_ms, _time.monotonic() + 10)
+            assert out.answered_by == "cloud" and not out.fallback, out
+            assert out.bytes_up < file.bytes_up / 10, (plan.upload, out.bytes_up, file.bytes_up)
+            keep = edge.prepare(rgb, req.question, plan.keep_ratio, analyse=False).keep if plan.send_keep else None
+            claimed, _, _ = _upload_answer(plan.upload, large, rgb, req.question, keep, large.prepare(rgb, req.question, analyse=False))
+            assert out.answer == claimed
+    sent = runtime.answer(_request(easyvqa_test, 3, policy="cloud_only", deadline_ms=10_000))
+    assert sent.upload == "file" and sent.bytes_up > 0  # the response names what went up ...
+    local = runtime.answer(_request(easyvqa_test, 3, policy="edge_only", deadline_ms=10_000))
+    assert local.upload == "" and local.bytes_up == 0  # ... and nothing when nothing did

@@ -125,6 +125,10 @@ def test_a_calibration_of_other_models_is_ignored_with_a_warning(models, calibra
         (lambda d: d["models"][0].update(accuracy=[0.5]), "needs"),
         (lambda d: d["pairs"][0]["commit_share"][0].__setitem__(0, 1.5), r"in \[0, 1\]"),
         (lambda d: d.update(format_version=99), "re-run `msao calibrate`"),
+        (lambda d: d["pairs"][0]["uploads"][0].update(form="jpeg@10"), "is not one of"),
+        (lambda d: d["pairs"][0]["uploads"][0]["image_bytes"].pop(), "image_bytes and build_ms need"),
+        (lambda d: d["pairs"][0]["uploads"][0]["accuracy"][0].pop(), "thresholds per row"),
+        (lambda d: d["pairs"][0]["uploads"][0].update(keep_ratios=[0.3] * len(d["pairs"][0]["uploads"][0]["keep_ratios"])), "keep ratios of the pair"),
     ],
 )
 def test_a_damaged_calibration_file_is_refused_with_the_fix(calibration, tmp_path, edit, message):
@@ -191,3 +195,56 @@ def test_a_local_plan_that_runs_slower_than_estimated_is_corrected_until_the_est
     assert untouched.est_latency_ms == pytest.approx(other.est_latency_ms)  # only the plan that was observed moves
     est.observe_local(replace(corrected, kind="cloud"), 1e6)  # remote plans are not local evidence
     assert est.residual("cloud", 0.25) == 1.0
+
+
+def _camera_inputs(image_bytes: int, rtt_ms: float = 60.0, mbps: float = 20.0) -> CostInputs:
+    """An lte-like link (60 ms RTT, 20 Mbit/s) and a request carrying a file of ``image_bytes``."""
+    return CostInputs(LinkSnapshot(rtt_ms, mbps * 1e6, True), True, 0.0, 1.0, 0.3, image_bytes, 5000.0)
+
+
+def test_the_calibration_prices_every_upload_form_the_pair_allows(calibration, models):
+    edge, large = models
+    pair = calibration.pair(edge.manifest.model_hash, large.manifest.model_hash)
+    forms = {u.form: u for u in pair.uploads}
+    assert set(forms) == {"jpeg@90", "jpeg@70", "jpeg@50", "region@70"}  # no tokens forms: the two encoders differ
+    assert forms["region@70"].keep_ratios == (0.5, 0.25) and forms["jpeg@70"].keep_ratios == pair.keep_ratios
+    assert forms["jpeg@90"].image_bytes[0] > forms["jpeg@50"].image_bytes[0] > 0  # a lower quality is a smaller file
+    for u in pair.uploads:
+        assert len(u.accuracy) == len(u.keep_ratios) and all(len(row) == len(pair.thresholds) for row in u.accuracy)
+        for b, r in enumerate(u.keep_ratios):
+            file = pair.large_accuracy[pair.row(r)]
+            assert u.accuracy_se[b] > 0 or u.accuracy_delta[b] == 0  # a paired difference with its standard error
+            # charged one standard error below the measured change: a lucky sample does not make a form look free
+            assert u.large_accuracy[b] == pytest.approx(min(1.0, max(0.0, file + u.accuracy_delta[b] - u.accuracy_se[b])), abs=2e-5)
+            assert u.accuracy[b][-1] == pytest.approx(u.large_accuracy[b], abs=2e-5)  # always verifying: the large model's, with the form
+            assert u.accuracy[b][0] == pair.accuracy[pair.row(r)][0]  # always committing: the edge's, whatever the form
+
+
+def test_a_camera_sized_file_goes_up_re_encoded_and_a_small_file_goes_up_as_it_came(models, calibration):
+    """The paper's regime (no large model on the edge, so the cloud is where the accuracy is)."""
+    s = _scheduler(models, calibration, accuracy_slack=0.01, allow_local_large=False)
+    cloud_only = s.choose(_camera_inputs(150_000), policy="cloud_only")
+    assert cloud_only.upload == "file" and cloud_only.est_uplink_bytes > 150_000  # the baseline sends the file as it came
+    big = s.choose(_camera_inputs(150_000))
+    assert big.uses_cloud and big.upload != "file", big
+    assert big.est_uplink_bytes <= 0.3 * cloud_only.est_uplink_bytes and big.est_latency_ms < cloud_only.est_latency_ms
+    assert f"upload={big.upload}" in big.describe()
+    small = [p for p in s.candidates(_camera_inputs(300)) if p.kind == "cloud" and p.keep_ratio == 1.0]
+    thriftiest = min(small, key=lambda p: p.est_uplink_bytes)
+    assert thriftiest.upload == "file"  # a 300-byte PNG is smaller than any re-encode of it
+
+
+def test_an_upload_form_that_costs_more_accuracy_than_the_slack_is_never_taken(models, calibration):
+    edge, large = models
+    pair = calibration.pair(edge.manifest.model_hash, large.manifest.model_hash)
+    worse = tuple(
+        replace(u, accuracy_delta=tuple(d - 0.2 for d in u.accuracy_delta), accuracy=tuple(tuple(max(0.0, a - 0.2) for a in row) for row in u.accuracy))
+        if u.form == "jpeg@50" else u
+        for u in pair.uploads
+    )  # fmt: skip
+    damaged = replace(calibration, pairs=(replace(pair, uploads=worse),))
+    s = _scheduler(models, damaged, accuracy_slack=0.01, allow_local_large=False)
+    for mbps in (2.0, 20.0, 200.0):
+        x = _camera_inputs(150_000, mbps=mbps)
+        assert any(p.upload == "jpeg@50" for p in s.candidates(x))  # priced, the cheapest on the wire ...
+        assert s.choose(x).upload != "jpeg@50"  # ... and refused for its accuracy

@@ -1,0 +1,38 @@
+"""bench/scenes_live.py on the easy-VQA pair, a few questions over a real broker and worker: it runs and reports every policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.scenes_live import main
+
+
+def test_the_live_benchmark_asks_every_question_once_per_policy_and_reports_what_went_up(
+    tmp_path, edge_bundle_dir, cloud_bundle_dir, calibration
+):
+    from msao.edge_runtime.calibration import save_calibration
+
+    save_calibration(calibration, tmp_path / "cal.json")
+    out = tmp_path / "live.json"
+    rc = main(["--edge", str(edge_bundle_dir), "--cloud", str(cloud_bundle_dir), "--dataset", "easy-vqa", "--calibration", str(tmp_path / "cal.json"),
+               "--links", "wifi", "--questions", "4", "--policies", "cloud_only,msao,edge_only", "--out", str(out)])  # fmt: skip
+    assert rc == 0 and out.with_suffix(".png").stat().st_size > 0
+    result = json.loads(out.read_text())
+    assert result["regime"] == "large_on_edge = false" and result["policies"] == ["cloud_only", "msao", "edge_only"]
+    cells = result["cells"]["wifi"]
+    assert all(c["requests"] == 4 and c["errors"] == 0 for c in cells.values())
+    assert cells["cloud_only"]["uploads"] == {"file": 4} and cells["cloud_only"]["uplink_bytes_per_request"] > 0
+    assert cells["edge_only"]["uploads"] == {"-": 4} and cells["edge_only"]["uplink_bytes_per_request"] == 0
+
+
+def test_bad_flags_get_usage_and_a_calibration_of_another_dataset_is_refused(tmp_path, calibration, capsys):
+    from msao.edge_runtime.calibration import save_calibration
+
+    with pytest.raises(SystemExit):
+        main(["--calibration", "x.json", "--policies", "cloud_only"])
+    assert "two or more" in capsys.readouterr().err
+    save_calibration(calibration, tmp_path / "cal.json")  # an easy-VQA calibration
+    with pytest.raises(SystemExit, match="calibrated on easy-vqa, not scenes"):
+        main(["--calibration", str(tmp_path / "cal.json"), "--dataset", "scenes", "--questions", "1"])
