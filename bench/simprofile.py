@@ -246,12 +246,11 @@ def _upload_figures(f: _Figures) -> dict[str, tuple[float, float, float]]:
     """
     from msao.edge_runtime.plans import UPLOAD_FORMS
 
+    image_forms = [u for u in UPLOAD_FORMS if u.startswith(("jpeg@", "region@"))]
     out = {}
     for form in f.doc.get("uploads", {}):
-        if form not in UPLOAD_FORMS or not form.startswith(("jpeg@", "region@")):
-            f.problems.append(
-                f"uploads.{form}: not an image upload form ({[u for u in UPLOAD_FORMS if '@' in u and not u.startswith('tokens')]})"
-            )
+        if form not in image_forms:
+            f.problems.append(f"uploads.{form}: not an image upload form ({image_forms})")
             continue
         raw = [f.fig("uploads", form, k) for k in ("image_bytes", "build_ms", "accuracy_delta")]
         try:
@@ -334,7 +333,7 @@ def load_sim_profile(path: str | Path = DEFAULT_PROFILE) -> SimProfile:
             tuple((e, max(0.0, g + delta)) for e, g in zip(edge.accuracy, large_with_edge)),
             (delta,) * len(ratios),
             (0.0,) * len(ratios),
-        )  # fmt: skip
+        )
         for form, (nbytes, build, delta) in upload_figures.items()
     )
     pair = PairCalibration(

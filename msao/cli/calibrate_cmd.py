@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--questions", type=int, default=2000, metavar="N",
-        help="train questions answered by both models at every keep ratio (default 2000, about 6 minutes on 2 cores); fewer = noisier thresholds",
+        help="train questions answered by both models at every keep ratio (default 2000, about 8 minutes on 2 cores with the upload forms); fewer = noisier thresholds",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="which train questions (default 0)")
     p.add_argument("--dataset", choices=("easy-vqa", "scenes"), default="easy-vqa", help="whose train questions (default easy-vqa)")

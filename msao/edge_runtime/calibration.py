@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msao.edge_runtime.plans import UPLOAD_FORMS, sends_tokens
 from msao.edge_runtime.verifier import (
     CommitVerifier,
     DraftSample,
@@ -118,7 +119,8 @@ class UploadCalibration:
     accuracy + (1 - commit share) x (delta - se), the form touching only verified requests),
     because the scheduler takes the best of several noisy estimates and would otherwise favour
     whichever form happened to be lucky on the sample. The scheduler adds ``charged`` to the
-    accuracy of the same plan with the file, so a form is compared on the file's own baseline. ``image_bytes`` is the mean size of what
+    accuracy of the same plan with the file, so a form is compared on the file's own baseline;
+    ``large_accuracy`` is for the calibration report only. ``image_bytes`` is the mean size of what
     replaces the file (the image or the tokens and their scales, the keep-set not counted);
     ``build_ms`` the mean time to make it on the machine that calibrated.
     """
@@ -133,8 +135,6 @@ class UploadCalibration:
     accuracy_se: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        from msao.edge_runtime.plans import UPLOAD_FORMS
-
         n = len(self.keep_ratios)
         if self.form not in UPLOAD_FORMS or self.form == "file":
             raise ConfigError(f"calibration: upload form {self.form!r} is not one of {list(UPLOAD_FORMS[1:])}")
@@ -372,7 +372,7 @@ def calibrate_models(
                 tokens[edge.name].append(len(ae.token_ids))
                 tokens[large.name].append(len(al.token_ids))
                 large_full = pl
-        if large_full is None and any(f.startswith("tokens") for f in forms):
+        if large_full is None and any(sends_tokens(f) for f in forms):
             large_full = large.prepare(rgb, q, 1.0, analyse=False)
         for f in forms:
             for b, r in enumerate(form_ratios[f]):
@@ -390,7 +390,7 @@ def calibrate_models(
             tuple(keep_ratios),
             tuple(round(float(x), 5) for x in ok.mean(axis=1)),
             round(float(np.mean(tokens[m.name])) if tokens[m.name] else 2.0, 4),
-        )  # fmt: skip
+        )
         for m, ok in ((edge, edge_ok), (large, large_ok))
     )
     verifier, score, tab = None, edge_conf, np.arange(len(rows))
@@ -444,7 +444,7 @@ def calibrate_models(
                 tuple(acc_f),
                 tuple(deltas),
                 tuple(ses),
-            )  # fmt: skip
+            )
         )
     pair = PairCalibration(
         edge.manifest.model_hash, large.manifest.model_hash, tuple(keep_ratios), tuple(thresholds),
@@ -469,7 +469,7 @@ def _upload_answer(form: str, large, rgb: np.ndarray, question: str, keep: np.nd
     t0 = time.perf_counter()
     tensors = upload_tensors(
         form, image_file=b"", rgb=rgb, keep=keep, preprocess=m.preprocess, n_tokens=m.model.image_tokens,
-        tokens=large_full.encoding.tokens if form.startswith("tokens") else None,
+        tokens=large_full.encoding.tokens if sends_tokens(form) else None,
     )  # fmt: skip
     build_ms = (time.perf_counter() - t0) * 1e3
     nbytes = sum(v.nbytes for k, v in tensors.items() if k != "keep")

@@ -27,7 +27,7 @@ from msao.cloud_bridge.link import CloudLink, RemoteAnswer, new_job_id
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
 from msao.edge_runtime.image_cache import image_key
 from msao.edge_runtime.local_model import LocalModel
-from msao.edge_runtime.plans import Plan, PlanKind
+from msao.edge_runtime.plans import Plan, PlanKind, sends_tokens
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.token_speculation import BlockReply, SpeculationOutcome, speculate
 from msao.edge_runtime.uploads import upload_tensors
@@ -323,7 +323,7 @@ class Executor:
 
     def _cloud(self, run: _Run) -> Outcome:
         p = None
-        if run.plan.send_keep or run.plan.upload.startswith("tokens"):  # the edge encoder's tokens (+ MAS: the keep-set) go up
+        if run.plan.send_keep or sends_tokens(run.plan.upload):  # the edge encoder's tokens (+ MAS: the keep-set) go up
             p = self._prepare(self.edge, run, run.plan.keep_ratio)
         t0 = time.perf_counter()
         try:

@@ -13,7 +13,7 @@ from enum import Enum
 
 from msao.errors import ConfigError
 
-__all__ = ["ALWAYS_VERIFY", "PLAN_KINDS", "POLICIES", "UPLOAD_FORMS", "Plan", "PlanKind"]
+__all__ = ["ALWAYS_VERIFY", "PLAN_KINDS", "POLICIES", "UPLOAD_FORMS", "Plan", "PlanKind", "sends_tokens"]
 
 # ``msao`` is the adaptive policy; the others are the fixed baselines the benchmark compares it with.
 POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static", "speculative")
@@ -23,6 +23,11 @@ ALWAYS_VERIFY = 1.01  # a commit threshold no confidence reaches
 # patches (the rest flattened) as JPEG, with the keep-set; the edge encoder's kept image tokens in
 # fp16 or in int8 with a scale per row (only where the two models share their vision encoder).
 UPLOAD_FORMS = ("file", "jpeg@90", "jpeg@70", "jpeg@50", "region@70", "tokens@fp16", "tokens@int8")
+
+
+def sends_tokens(upload: str) -> bool:
+    """Whether ``upload`` carries the edge encoder's image tokens, so the edge encodes (and runs MAS) before the job goes up."""
+    return upload.startswith("tokens@")
 
 
 class PlanKind(str, Enum):

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 
 from msao.edge_runtime.calibration import Calibration, UploadCalibration
 from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
-from msao.edge_runtime.plans import ALWAYS_VERIFY, PLAN_KINDS, POLICIES, Plan, PlanKind
+from msao.edge_runtime.plans import ALWAYS_VERIFY, PLAN_KINDS, POLICIES, Plan, PlanKind, sends_tokens
 from msao.edge_runtime.token_speculation import PRIOR_ACCEPTANCE, block_size
 from msao.engines.manifest import Manifest
 from msao.errors import ConfigError
@@ -232,7 +232,7 @@ class Scheduler:
         """What a cloud answer job uploads: the image (the file, or its calibrated size in ``form``), the keep indices, the header."""
         assert self.large is not None
         image = x.image_bytes if form is None else round(form.image_bytes[form.row(r)])
-        keep = send_keep or (form is not None and form.form.startswith("tokens"))
+        keep = send_keep or (form is not None and sends_tokens(form.form))
         return image + (8 * round(r * self.large.model.image_tokens) if keep else 0) + 600
 
     def _build_ms(self, r: float, x: CostInputs, form: UploadCalibration | None) -> float:
@@ -245,7 +245,7 @@ class Scheduler:
         A tokens form replaces the cloud's vision encoder, so its time is not charged.
         """
         compute = self.cloud_compute_ms(r)
-        if form is not None and form.form.startswith("tokens"):
+        if form is not None and sends_tokens(form.form):
             assert self.cloud_clock is not None
             compute -= self.cloud_clock.ms("vision_encoder")
         up = self._cloud_up_bytes(r, x, send_keep, form)
@@ -285,17 +285,20 @@ class Scheduler:
         return Plan("edge", r, est_latency_ms=ms, est_accuracy=self._accuracy(self.edge, r), reason=reason)
 
     def _cloud_accuracy(self, r: float, send_keep: bool, form: UploadCalibration | None) -> float:
-        """The large model's accuracy in the cloud: fed the edge's keep-set at ``r`` (or every token), from ``form``."""
+        """The large model's accuracy in the cloud fed ``form``: the same plan's with the file, less what the form costs."""
+        with_file = self._cloud_file_accuracy(r, send_keep)
+        return with_file if form is None else min(1.0, max(0.0, with_file + form.charged(r)))
+
+    def _cloud_file_accuracy(self, r: float, send_keep: bool) -> float:
+        """The large model's accuracy in the cloud given the file, pruned to the edge's keep-set at ``r`` (or every token)."""
         assert self.large is not None
-        if form is not None:  # the same plan's accuracy with the file, less what the form costs
-            return min(1.0, max(0.0, self._cloud_accuracy(r, send_keep, None) + form.charged(r)))
         if send_keep and self.pair is not None and r in self.pair.keep_ratios:
             return self.pair.large_accuracy[self.pair.row(r)]  # the large model fed the edge's keep-set
         return self._accuracy(self.large, r if send_keep else 1.0)
 
     def _cloud_plan(self, r: float, x: CostInputs, send_keep: bool, form: UploadCalibration | None = None) -> Plan:
         """The large model in the cloud; with ``send_keep`` (or a tokens form) the edge first encodes + runs MAS for the keep-set."""
-        pre = self._edge_pre_ms(x) if send_keep or (form is not None and form.form.startswith("tokens")) else 0.0
+        pre = self._edge_pre_ms(x) if send_keep or (form is not None and sends_tokens(form.form)) else 0.0
         return Plan(
             "cloud", r, send_keep=send_keep, upload=form.form if form else "file", est_latency_ms=pre + self._cloud_ms(r, x, send_keep, form),
             est_accuracy=self._cloud_accuracy(r, send_keep, form), est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep, form),
@@ -376,7 +379,7 @@ class Scheduler:
         t = self.prompt_tokens(m, r)
         n = self._answer_tokens(m)
         layers = m.model.num_layers
-        tokens_form = form is not None and form.form.startswith("tokens")
+        tokens_form = form is not None and sends_tokens(form.form)
         pre = self._edge_pre_ms(x) if send_keep or tokens_form else 0.0
         first = pre + self._build_ms(r, x, form) + x.link.transfer_ms(self._cloud_up_bytes(r, x, send_keep, form), 600) + x.cloud_queue_ms
         first += (0.0 if tokens_form else cc.ms("vision_encoder")) + cc.ms("text_embed", t) + cc.decoder_ms(0, layers, t) + cc.ms("lm_head", 1)
