@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -67,7 +68,15 @@ def _cell(rows: list[dict]) -> dict:
         "plans": dict(Counter(r["plan_kind"] for r in rows).most_common()), "uploads": dict(Counter(r["upload"] or "-" for r in rows).most_common()),
         "fallbacks": sum(bool(r["fallback"]) for r in rows),
         "completion_tokens_mean": float(np.mean([r["completion_tokens"] for r in rows])),
+        "edge_compute_ms_p50": float(np.median([r["edge_ms"] for r in rows])), "cloud_wait_ms_p50": float(np.median([r["cloud_ms"] for r in rows])),
+        "blocks_mean": float(np.mean([r["blocks"] for r in rows])),
     }  # fmt: skip
+
+
+def _blocks(reason: str) -> int:
+    """Verification blocks of a speculative answer, from its reason ("token-level: N blocks ..."); 0 for other plans."""
+    m = re.search(r"token-level: (\d+) blocks", reason)
+    return int(m.group(1)) if m else 0
 
 
 def run(
@@ -105,7 +114,8 @@ def run(
                         rows[policy].append({
                             "ms": (time.perf_counter() - t) * 1e3, "bytes_up": r.bytes_up, "correct": r.answer == truth, "status": r.status,
                             "plan_kind": r.plan.split(" ")[0], "upload": r.upload, "fallback": r.fallback,
-                            "completion_tokens": r.completion_tokens,
+                            "completion_tokens": r.completion_tokens, "edge_ms": r.timings_ms.get("local", 0.0),
+                            "cloud_ms": r.timings_ms.get("cloud", 0.0), "blocks": _blocks(r.reason),
                         })  # fmt: skip
                 cells[name] = {p: _cell(rows[p]) for p in policies}
                 c = cells[name][policies[0]]
@@ -125,7 +135,7 @@ def run(
         edge.close()
         large.close()
     return {
-        "benchmark": "uploads", "dataset": dataset, "edge": edge.manifest.name, "cloud": large.manifest.name, "calibration": str(calibration),
+        "benchmark": "scenes_live", "dataset": dataset, "edge": edge.manifest.name, "cloud": large.manifest.name, "calibration": str(calibration),
         "calibration_questions": cal.questions, "regime": "large_on_edge = false", "questions": len(questions), "seed": seed, "cells": cells,
         "policies": list(policies), "family": family, "edge_dilation": edge_dilation,
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from msao.cloud_bridge.client import BridgeClient
@@ -22,6 +24,8 @@ from msao.edge_runtime.requests import EdgeResponse, new_request_id
 from msao.errors import CloudUnavailable, RequestError
 
 __all__ = ["EdgeClient", "EdgeReply"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,10 @@ class EdgeReply:
 
 
 class _Waiter:
-    def __init__(self) -> None:
+    def __init__(self, on_partial: Callable[[EdgeResponse], None] | None = None) -> None:
         self.event = threading.Event()
         self.payload: bytes | None = None
+        self.on_partial = on_partial
 
 
 class EdgeClient:
@@ -77,12 +82,14 @@ class EdgeClient:
         deadline_ms: float = 5000.0,
         wait_s: float | None = None,
         request_id: str | None = None,
+        on_partial: Callable[[EdgeResponse], None] | None = None,
         **fields: object,
     ) -> EdgeReply:
         """Send one request and wait for its response (``wait_s``: default deadline + 10 s).
 
         ``fields`` are the optional JSON request keys (``stream``, ``policy``, ``split_layer``,
-        ``keep_ratio``).
+        ``keep_ratio``). ``on_partial`` asks for ``partials`` and gets each ``partial`` response
+        (the answer so far, final) on the client's network thread before this returns the last.
 
         Raises:
             CloudUnavailable: no response in time (the daemon is down or the broker unreachable).
@@ -90,7 +97,9 @@ class EdgeClient:
         rid = request_id or new_request_id()
         doc = {"request_id": rid, "question": question, "image": base64.b64encode(image).decode("ascii"), "deadline_ms": deadline_ms}
         doc.update({k: v for k, v in fields.items() if v is not None})
-        waiter = _Waiter()
+        if on_partial is not None:
+            doc["partials"] = True
+        waiter = _Waiter(on_partial)
         with self._lock:
             self._waiting[rid] = waiter
         try:
@@ -117,9 +126,21 @@ class EdgeClient:
         rid = (msg.correlation_data or b"").decode("ascii", "replace")
         with self._lock:
             waiter = self._waiting.get(rid)
-        if waiter is not None:
-            waiter.payload = bytes(msg.payload)
-            waiter.event.set()
+        if waiter is None:
+            return
+        if waiter.on_partial is not None and b'"partial"' in msg.payload:
+            try:
+                response = EdgeResponse.from_dict(json.loads(msg.payload))
+            except (ValueError, TypeError, RequestError):
+                response = None  # unreadable: read again as the final response, which reports it
+            if response is not None and response.status == "partial":
+                try:
+                    waiter.on_partial(response)
+                except Exception:  # the caller's code must not stop this client's network thread
+                    log.exception("request %s: the on_partial callback failed", rid)
+                return
+        waiter.payload = bytes(msg.payload)
+        waiter.event.set()
 
     @staticmethod
     def new_client_id() -> str:

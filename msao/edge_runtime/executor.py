@@ -33,14 +33,16 @@ from msao.edge_runtime.token_speculation import BlockReply, SpeculationOutcome, 
 from msao.edge_runtime.uploads import upload_tensors
 from msao.edge_runtime.verifier import DraftSample
 from msao.engines.flops import request_flops
-from msao.engines.generation import Answer, finish_reason_from_ids
+from msao.engines.generation import Answer, Generator, finish_reason_from_ids
 from msao.engines.pipeline import Prepared
 from msao.engines.speculation import TokenSequence
 from msao.errors import CloudError, CloudUnavailable
 
-__all__ = ["Executor", "Outcome"]
+__all__ = ["Executor", "Outcome", "Partial"]
 
 log = logging.getLogger(__name__)
+
+Partial = Callable[[str], None]  # gets the answer's text so far whenever more of it is final before the end
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,30 @@ def _mas_fields(p: Prepared) -> dict[str, float]:
     return out
 
 
+def _answer_text(gen: Generator, ids: tuple[int, ...]) -> str:
+    return gen.tokenizer.decode([t for t in ids if t not in gen.eos], skip_special_tokens=True).strip()
+
+
+def _partial_text(run: _Run, gen: Generator) -> Callable[[tuple[int, ...]], None]:
+    """Verified tokens -> ``run.on_partial(text so far)`` when the text grew (a token may decode to nothing);
+    a listener that fails is logged and dropped, never the answer."""
+    last = [""]
+
+    def committed(ids: tuple[int, ...]) -> None:
+        listener = run.on_partial
+        text = _answer_text(gen, ids).rstrip("\ufffd")  # a character cut in the middle waits for its next token
+        if listener is None or len(text) <= len(last[0]):
+            return
+        last[0] = text
+        try:
+            listener(text)
+        except Exception:
+            log.exception("request %s: its partial-answer listener failed; it gets no more partials", run.request.request_id)
+            run.on_partial = None
+
+    return committed
+
+
 class _TimedTail(RemoteRunner):
     """A remote ``decoder[k:L]`` + head that adds up its wall time and names every job it sends in ``run.jobs``."""
 
@@ -127,6 +153,7 @@ class _Run:
     rgb: np.ndarray
     decode_ms: float
     deadline: float  # time.monotonic() by which the answer must be committed
+    on_partial: Partial | None = None
     jobs: list[str] = field(default_factory=list)
 
     @functools.cached_property
@@ -180,15 +207,20 @@ class Executor:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, plan: Plan, request: EdgeRequest, rgb: np.ndarray | None, decode_ms: float, deadline: float) -> Outcome:
+    def run(
+        self, plan: Plan, request: EdgeRequest, rgb: np.ndarray | None, decode_ms: float, deadline: float, on_partial: Partial | None = None
+    ) -> Outcome:
         """Run ``plan``; ``deadline`` is ``time.monotonic()`` by which the answer must be committed.
 
         ``rgb`` is None for a text-only request: no model encodes anything, MAS does not run.
+        ``on_partial`` gets the answer's text so far each time more of it is final before the
+        end (the speculative plan's verified tokens); a plan that commits its answer whole never
+        calls it.
 
         Cloud and split plans give their cloud jobs ``deadline - plan.fallback_reserve_ms``, so
         that an edge-only answer still fits if the cloud fails.
         """
-        run = _Run(plan, request, rgb, decode_ms, deadline)
+        run = _Run(plan, request, rgb, decode_ms, deadline, on_partial)
         if plan.kind is PlanKind.EDGE:
             return self._local(self.edge, run)
         if plan.kind is PlanKind.LOCAL_LARGE:
@@ -442,14 +474,14 @@ class Executor:
         s: SpeculationOutcome = speculate(
             seq, first, verify, self._pool.submit, budget=budget, eos=gen.eos, round_trip_ms=link_rtt,
             edge_step_ms=max(0.05, prefill_ms / max(1, seq.prompt_length)), first_block=0, dilate=self.dilate,
-            deadline=run.cloud_deadline,
+            deadline=run.cloud_deadline, on_commit=_partial_text(run, gen) if run.on_partial is not None else None,
         )  # fmt: skip
         if s.fallback:
             for job_id in run.jobs:
                 link.cancel(job_id)
         total_ms = (time.perf_counter() - started) * 1e3
         ids = s.token_ids
-        text = gen.tokenizer.decode([t for t in ids if t not in gen.eos], skip_special_tokens=True).strip()
+        text = _answer_text(gen, ids)
         up, down = self._sent(run)
         kept = p.kept_tokens if keep is not None else (0 if request.text_only else large.n_tokens)
         text_tokens = self._cloud_text_tokens(request.question)

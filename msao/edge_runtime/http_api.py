@@ -26,13 +26,13 @@ hands it the runtime once ready): a port in use fails at once, and probes see 50
 
 from __future__ import annotations
 
-import concurrent.futures
 import hmac
 import json
 import logging
+import queue
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,7 +40,7 @@ from msao.edge_runtime.openai_chat import (
     MAX_JSON_DEPTH,
     MAX_JSON_ITEMS,
     OPENAI_ERRORS,
-    ChatCall,
+    ChunkStream,
     call_from_chat,
     chunks_from_response,
     completion_from_response,
@@ -311,14 +311,23 @@ class _Routes:
             raise _Refusal(exc.code, str(exc)) from None
         rid = call.request.request_id
         wait_s = call.request.deadline_ms / 1e3 + options.deadline_margin_s
-        try:
-            response = runtime.submit_and_wait(call.request, wait_s)
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        try:  # partial texts only where the client streams: the others get the whole answer at once
+            runtime.submit(call.request, lambda r: events.put(("done", r)), (lambda t: events.put(("partial", t))) if call.stream else None)
         except RequestError as exc:  # refused at admission; the runtime counted it already
             raise _Refusal(exc.code, str(exc), {"Retry-After": "1"}, count=False) from None
-        except concurrent.futures.TimeoutError:
+        until = time.monotonic() + wait_s
+        try:
+            kind, first = events.get(timeout=wait_s)
+        except queue.Empty:
             raise _Refusal(
                 "deadline", f"no answer within {wait_s:.1f} s (deadline {call.request.deadline_ms:.0f} ms + margin)", count=False
             ) from None
+        headers = (("X-Request-Id", rid), ("Cache-Control", "no-cache"), *self._cors(request))
+        if kind == "partial":  # part of the answer is final already: stream it now, the rest as it comes
+            model = runtime.large.name if runtime.large is not None else runtime.edge.name
+            return Response(200, _live_events(ChunkStream(call, model), first, events, until, wait_s), content_type=_SSE, headers=headers)
+        response: EdgeResponse | None = first
         if response is None:
             raise _Refusal(
                 "unavailable", "the edge daemon stopped before serving this request; send it again", {"Retry-After": "1"}, count=False
@@ -328,8 +337,7 @@ class _Routes:
             body = error_body(response.error or "request failed", response.error_code or "internal", response)
             return self._json(request, status, body, {"Retry-After": "1"} if status in (429, 503) else None, rid)
         if call.stream:
-            headers = (("X-Request-Id", rid), ("Cache-Control", "no-cache"), *self._cors(request))
-            return Response(200, _events(response, call), content_type=_SSE, headers=headers)
+            return Response(200, _events(chunks_from_response(response, call)), content_type=_SSE, headers=headers)
         return self._json(request, 200, completion_from_response(response, call), None, rid)
 
     # -- answering ---------------------------------------------------------------------------------
@@ -352,11 +360,39 @@ class _Routes:
         return Response(status, payload, headers=tuple(extra))
 
 
-def _events(response: EdgeResponse, call: ChatCall) -> Iterator[bytes]:
-    """Server-sent events of one answer, ended by ``data: [DONE]`` as OpenAI's clients expect."""
-    for chunk in chunks_from_response(response, call):
+def _events(chunks: Iterable[dict[str, Any]], done: bool = True) -> Iterator[bytes]:
+    """Server-sent events of chunks; ``done``: ended by ``data: [DONE]`` as OpenAI's clients expect."""
+    for chunk in chunks:
         yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode("utf-8") + b"\n\n"
-    yield b"data: [DONE]\n\n"
+    if done:
+        yield b"data: [DONE]\n\n"
+
+
+def _live_events(stream: ChunkStream, text: str, events: queue.Queue, until: float, wait_s: float) -> Iterator[bytes]:
+    """An answer streamed while it is committed: its first final text, each later one, then its end.
+
+    The 200 is sent before the answer is whole, so a failure after it (the deadline passed, the
+    daemon stopped) comes as an OpenAI ``error`` event before ``[DONE]``, as OpenAI's own streams
+    report one.
+    """
+    yield from _events([stream.start(), *stream.grow(text)], done=False)
+    while True:
+        try:
+            kind, item = events.get(timeout=max(0.0, until - time.monotonic()))
+        except queue.Empty:
+            yield from _events([error_body(f"no whole answer within {wait_s:.1f} s; what was sent is final", "deadline")])
+            return
+        if kind == "partial":
+            yield from _events(stream.grow(item), done=False)
+        elif item is None:
+            yield from _events([error_body("the edge daemon stopped before the answer was whole; what was sent is final", "unavailable")])
+            return
+        elif item.status != "ok":
+            yield from _events([error_body(item.error or "request failed", item.error_code or "internal", item)])
+            return
+        else:
+            yield from _events(stream.end(item))
+            return
 
 
 def _models(runtime: EdgeRuntime) -> dict[str, Any]:

@@ -335,8 +335,12 @@ class MqttIntake:
         log.debug("request %s: accepted from %s (%d bytes, deadline %.0f ms)", rid, msg.topic, msg.wire_bytes, request.deadline_ms)
         runtime = self.runtime
         assert runtime is not None  # _on_message holds requests until ``serve``
+        on_partial = None
+        if request.partials:
+            model = runtime.large.name if runtime.large is not None else runtime.edge.name  # verified tokens are the large model's
+            on_partial = partial(self._on_partial, rid, model, request.context)
         try:
-            runtime.submit(request, partial(self._on_done, rid))
+            runtime.submit(request, partial(self._on_done, rid), on_partial)
         except RequestError as exc:
             with self._lock:
                 waiting = self._running.pop(rid, [delivery])
@@ -389,6 +393,23 @@ class MqttIntake:
             return
         log.debug("request %s: %s %s", rid, response.status, response.error_code or response.answer)
         self._send(data, waiting)
+
+    def _on_partial(self, rid: str, model: str, context: Any, text: str) -> None:
+        """Runtime worker thread: the answer so far to every copy of the request waiting, as a ``partial`` response.
+
+        QoS 1 like the final response, so the broker keeps them in order; nothing is acknowledged
+        (the request is acked on its final response only) and nothing is stored for duplicates.
+        """
+        with self._lock:
+            waiting = list(self._running.get(rid, ()))
+        data = EdgeResponse.partial(rid, text, model, context).to_json_bytes()
+        for d in waiting:
+            if self._closed.is_set():
+                return
+            try:
+                self.client.publish(d.response_topic, data, qos=1, correlation_data=d.correlation_data, content_type=CONTENT_TYPE)
+            except MsaoError as exc:  # a partial lost is superseded by the next one or the final response
+                log.info("could not publish a partial response on %s (%s)", d.response_topic, exc)
 
     def _send(self, data: bytes, deliveries: list[_Delivery]) -> None:
         """Publish ``data`` to each delivery's response topic; its request is acked once the broker has it."""

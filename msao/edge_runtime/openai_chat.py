@@ -5,6 +5,7 @@ OpenAI-shaped error.
     call_from_chat(body, limits, request_id)      bytes of a POST /v1/chat/completions -> ChatCall
     completion_from_response(response, call)      an answered EdgeResponse -> chat.completion JSON
     chunks_from_response(response, call)          ... -> chat.completion.chunk objects (stream: true)
+    ChunkStream(call, model)                      the same chunks while a speculative answer's text grows
     error_body(message, code, response)           any refusal or failed response -> {"error": {...}}
     OPENAI_ERRORS[code]                           HTTP status and OpenAI error type of each code
 
@@ -35,6 +36,7 @@ __all__ = [
     "MSAO_KEYS",
     "OPENAI_ERRORS",
     "ChatCall",
+    "ChunkStream",
     "OpenAIErrorKind",
     "call_from_chat",
     "chunks_from_response",
@@ -211,28 +213,78 @@ def completion_from_response(response: EdgeResponse, call: ChatCall | None = Non
 
 
 def chunks_from_response(response: EdgeResponse, call: ChatCall) -> list[dict[str, Any]]:
-    """The ``chat.completion.chunk`` objects of a streamed answer, as OpenAI sends them: the role,
-    the committed text (one chunk: msao commits whole answers), the finish reason (with ``msao``
-    added), then ``usage`` alone when ``stream_options.include_usage`` asked for it."""
-    answer, finish = _answer_and_finish(response, call)
-    head = {"id": "chatcmpl-" + response.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": response.model}
+    """The ``chat.completion.chunk`` objects of an answer committed whole, as OpenAI sends them:
+    the role, the text (one chunk), the finish reason (with ``msao`` added), then ``usage`` alone
+    when ``stream_options.include_usage`` asked for it."""
+    stream = ChunkStream(call, response.model)
+    return [stream.start(), *stream.end(response)]
 
-    def chunk(delta: dict, finish_reason: str | None, **more: Any) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **more}
 
-    out = [chunk({"role": "assistant", "content": ""}, None), chunk({"content": answer}, None), chunk({}, finish, msao=response.to_dict())]
-    if call.include_usage:
-        out.append({**head, "choices": [], "usage": _usage(response)})
-    return out
+class ChunkStream:
+    """The chunks of one streamed answer while its text grows (the speculative plan's verified
+    tokens), then its end: the same chunks ``chunks_from_response`` sends, the text split over
+    several content deltas.
+
+    Every text ``grow`` sees is final (a prefix of the answer), so the deltas concatenate to the
+    answer. With stop sequences, a tail that could begin one is held back until the next text
+    says whether it does, so no delta ever has to be taken back.
+    """
+
+    def __init__(self, call: ChatCall, model: str):
+        self.call, self.model = call, model
+        self.created = int(time.time())
+        self.sent = ""  # the content the client has
+        self.stopped = False  # a stop sequence was reached: nothing more is sent
+
+    def _chunk(self, delta: dict, finish_reason: str | None, model: str | None = None, **more: Any) -> dict[str, Any]:
+        head = {"id": "chatcmpl-" + self.call.request.request_id, "object": "chat.completion.chunk", "created": self.created}
+        return {**head, "model": model or self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **more}
+
+    def start(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def grow(self, text: str) -> list[dict[str, Any]]:
+        """The content delta (none or one chunk) for the answer's text so far."""
+        if self.stopped:
+            return []
+        visible, stopped = _cut_at_stop(text, self.call.stop)
+        if not stopped:
+            visible = visible[: len(visible) - _stop_prefix_length(visible, self.call.stop)]
+        self.stopped = stopped
+        if len(visible) <= len(self.sent) or not visible.startswith(self.sent):
+            return []
+        delta, self.sent = visible[len(self.sent) :], visible
+        return [self._chunk({"content": delta}, None)]
+
+    def end(self, response: EdgeResponse) -> list[dict[str, Any]]:
+        """The rest of the text, the finish reason with ``msao``, and ``usage`` if asked for."""
+        answer, finish = _answer_and_finish(response, self.call)
+        out = []
+        if not self.sent:
+            out.append(self._chunk({"content": answer}, None, response.model))
+        elif answer.startswith(self.sent) and len(answer) > len(self.sent):
+            out.append(self._chunk({"content": answer[len(self.sent) :]}, None, response.model))
+        out.append(self._chunk({}, finish, response.model, msao=response.to_dict()))
+        if self.call.include_usage:
+            head = {"id": "chatcmpl-" + response.request_id, "object": "chat.completion.chunk", "created": self.created}
+            out.append({**head, "model": response.model, "choices": [], "usage": _usage(response)})
+        return out
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to its first stop sequence, and whether it had one."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest tail of ``text`` that begins a stop sequence (0: none)."""
+    return max((j for s in stops for j in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:j])), default=0)
 
 
 def _answer_and_finish(response: EdgeResponse, call: ChatCall | None) -> tuple[str, str]:
-    answer, finish = response.answer, response.finish_reason or "stop"
-    for s in call.stop if call else ():
-        cut = answer.find(s)
-        if cut >= 0:
-            answer, finish = answer[:cut], "stop"
-    return answer, finish
+    answer, stopped = _cut_at_stop(response.answer, call.stop if call else ())
+    return answer, "stop" if stopped else response.finish_reason or "stop"
 
 
 def _usage(response: EdgeResponse) -> dict[str, int]:

@@ -102,6 +102,8 @@ class EdgeRequest:
             with ``finish_reason`` "length".
         context: the caller's JSON value (None = none), echoed unchanged in the response so a
             flow can carry its own state through the daemon; bounded by ``context_from_value``.
+        partials: publish the answer's text so far as ``partial`` responses while it is being
+            committed (the MQTT intake; the speculative plan's verified tokens), before the final one.
     """
 
     request_id: str
@@ -114,6 +116,7 @@ class EdgeRequest:
     keep_ratio: float | None = None
     max_new_tokens: int | None = None
     context: Any = None
+    partials: bool = False
 
     @property
     def text_only(self) -> bool:
@@ -155,6 +158,8 @@ class EdgeRequest:
             or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS
         ):
             problems.append(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {str(self.max_new_tokens)[:40]}")
+        if not isinstance(self.partials, bool):
+            problems.append(f"partials must be true or false, got {str(self.partials)[:40]}")
         if problems:
             raise RequestError("; ".join(problems), "bad_request")
 
@@ -164,7 +169,9 @@ class EdgeResponse:
     """The daemon's answer to one request (JSON on every intake; ``docs/mqtt-api.md`` has the schema).
 
     Attributes:
-        status: ``ok``, or ``error`` / ``busy`` with ``error_code`` and ``error``.
+        status: ``ok``, or ``error`` / ``busy`` with ``error_code`` and ``error``; ``partial``
+            (only to a request that asked for ``partials``): ``answer`` is the text so far, final
+            but not whole, and the response with another status follows.
         answered_by: ``edge`` or ``cloud``: whose answer was committed.
         model: name of the model that produced the committed answer.
         plan: the plan taken (``Plan.describe()``) and ``reason``: why the scheduler chose it.
@@ -217,6 +224,11 @@ class EdgeResponse:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
 
     @classmethod
+    def partial(cls, request_id: str, answer: str, model: str, context: Any = None) -> EdgeResponse:
+        """The answer so far, final but not whole (``EdgeRequest.partials``)."""
+        return cls(request_id=request_id, status="partial", answer=answer, model=model, context=context)
+
+    @classmethod
     def failure(cls, request_id: str, code: str, message: str, context: Any = None) -> EdgeResponse:
         if code not in ERROR_CODES:
             code = "internal"
@@ -232,7 +244,7 @@ class EdgeResponse:
 
 
 _PROPERTY_KEYS = {"question", "stream", "deadline_ms", "request_id", "policy", "traceparent"}
-JSON_ONLY_KEYS = frozenset({"image", "split_layer", "keep_ratio", "max_new_tokens", "context"})  # no user-property form
+JSON_ONLY_KEYS = frozenset({"image", "split_layer", "keep_ratio", "max_new_tokens", "context", "partials"})  # no user-property form
 _JSON_KEYS = (_PROPERTY_KEYS - {"traceparent"}) | JSON_ONLY_KEYS
 
 
@@ -355,6 +367,7 @@ def request_from_json(payload: bytes | bytearray, limits: RequestLimits = Reques
         keep_ratio=doc.get("keep_ratio"),
         max_new_tokens=doc.get("max_new_tokens"),
         context=context,
+        partials=False if doc.get("partials") is None else doc["partials"],
     )
 
 

@@ -30,7 +30,7 @@ from msao.cloud_bridge.link import CloudLink
 from msao.edge_runtime.calibration import Calibration
 from msao.edge_runtime.estimates import EwmaOptions
 from msao.edge_runtime.estimator import Estimator, Observation
-from msao.edge_runtime.executor import Executor, Outcome
+from msao.edge_runtime.executor import Executor, Outcome, Partial
 from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.metrics import EdgeMetrics
 from msao.edge_runtime.plans import Plan, PlanKind
@@ -102,6 +102,7 @@ class _Item:
     request: EdgeRequest
     accepted: float  # time.monotonic()
     on_done: Done
+    on_partial: Partial | None = None
     deadline: float = field(init=False)
     rgb: np.ndarray | None = None  # the decoded image, for the web view's thumbnail (set by _serve)
     relevance: tuple[float, ...] | None = None  # MAS relevance per image token (set by _serve where MAS ran)
@@ -217,8 +218,12 @@ class EdgeRuntime:
 
     # -- intake ---------------------------------------------------------------------------------
 
-    def submit(self, request: EdgeRequest, on_done: Done) -> None:
+    def submit(self, request: EdgeRequest, on_done: Done, on_partial: Partial | None = None) -> None:
         """Accept ``request`` or refuse it at once.
+
+        ``on_partial`` (on a serving thread) gets the answer's text so far whenever more of it is
+        final before the end: the speculative plan's verified tokens, each a prefix of the answer
+        ``on_done`` gets unless that one failed. Other plans commit whole answers and never call it.
 
         Raises:
             RequestError: ``busy`` (queue full) or ``unavailable`` (stopping); nothing was accepted.
@@ -227,7 +232,7 @@ class EdgeRuntime:
             self.metrics.rejected.inc(code="unavailable")
             raise RequestError("the edge daemon is shutting down; send the request again in a moment", "unavailable")
         try:
-            self._queue.put_nowait(_Item(request, time.monotonic(), on_done))
+            self._queue.put_nowait(_Item(request, time.monotonic(), on_done, on_partial))
         except queue.Full:
             self.metrics.rejected.inc(code="busy")
             raise RequestError(
@@ -309,7 +314,7 @@ class EdgeRuntime:
             return None, EdgeResponse.failure(req.request_id, "bad_request", str(exc))
         log.debug("request %s: plan %s (%s)", req.request_id, plan.describe(), plan.reason, extra={"request_id": req.request_id})
         try:
-            out = self.executor.run(plan, req, rgb, decode_ms, item.deadline)
+            out = self.executor.run(plan, req, rgb, decode_ms, item.deadline, item.on_partial)
         except MsaoError as exc:  # bad input found while running (e.g. MAS refused the question)
             return plan.kind, EdgeResponse.failure(req.request_id, "bad_request", str(exc))
         total_ms = (time.monotonic() - item.accepted) * 1e3

@@ -121,6 +121,7 @@ def speculate(
     fixed_block: int | None = None,
     dilate: Callable[[float], float] = lambda ms: ms,
     deadline: float = math.inf,
+    on_commit: Callable[[tuple[int, ...]], None] | None = None,
 ) -> SpeculationOutcome:
     """Run one answer's speculation loop on this thread.
 
@@ -138,6 +139,9 @@ def speculate(
         fixed_block: every block after the first has this k (benchmarks that measure per k); None = adapt.
         dilate: turns edge compute just done into emulated device time (``Executor.dilate``).
         deadline: ``time.monotonic()`` after which no more blocks are sent (the edge finishes alone).
+        on_commit: called on this thread with the verified tokens so far each time a verdict adds
+            some (the end token included when it is one): they are final, so a client may see them
+            before the answer ends; the edge's own continuation after a fallback is never passed.
     """
     state = _Drafting(seq, first_probs, budget, eos, dilate, edge_step_ms)
     committed: list[int] = []
@@ -193,8 +197,11 @@ def speculate(
         n_block = _common_prefix(new[len(committed) :], block) if len(new) > len(committed) else 0
         accepted += min(n_block, len(block))
         per_block.append(min(n_block, len(block)))
+        grew = len(new) > len(committed)
         committed, probs_of = new, new_probs
         restart = False
+        if grew and on_commit is not None:
+            on_commit(tuple(committed))
         if reply.finish_reason:
             return SpeculationOutcome(
                 tuple(committed), tuple(probs_of), reply.finish_reason, "", len(committed), blocks, drafted, accepted,

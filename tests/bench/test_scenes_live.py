@@ -17,14 +17,16 @@ def test_the_live_benchmark_asks_every_question_once_per_policy_and_reports_what
     save_calibration(calibration, tmp_path / "cal.json")
     out = tmp_path / "live.json"
     rc = main(["--edge", str(edge_bundle_dir), "--cloud", str(cloud_bundle_dir), "--dataset", "easy-vqa", "--calibration", str(tmp_path / "cal.json"),
-               "--links", "wifi", "--questions", "4", "--policies", "cloud_only,msao,edge_only", "--out", str(out)])  # fmt: skip
+               "--links", "wifi", "--questions", "4", "--policies", "cloud_only,msao,edge_only,speculative", "--out", str(out)])  # fmt: skip
     assert rc == 0 and out.with_suffix(".png").stat().st_size > 0
     result = json.loads(out.read_text())
-    assert result["regime"] == "large_on_edge = false" and result["policies"] == ["cloud_only", "msao", "edge_only"]
+    assert result["regime"] == "large_on_edge = false" and result["policies"] == ["cloud_only", "msao", "edge_only", "speculative"]
     cells = result["cells"]["wifi"]
     assert all(c["requests"] == 4 and c["errors"] == 0 for c in cells.values())
     assert cells["cloud_only"]["uploads"] == {"file": 4} and cells["cloud_only"]["uplink_bytes_per_request"] > 0
     assert cells["edge_only"]["uploads"] == {"-": 4} and cells["edge_only"]["uplink_bytes_per_request"] == 0
+    assert cells["speculative"]["plans"] == {"speculative": 4} and cells["speculative"]["blocks_mean"] >= 1  # its verdicts, counted
+    assert cells["edge_only"]["blocks_mean"] == 0 and cells["edge_only"]["edge_compute_ms_p50"] > 0
 
 
 def test_bad_flags_get_usage_and_a_calibration_of_another_dataset_is_refused(tmp_path, calibration, capsys):

@@ -293,6 +293,8 @@ def edge_request_cases() -> list[dict[str, Any]]:
         ("wt_keep_ratio_string", _j(_q(keep_ratio="0.5")), (), B, "keep_ratio", "keep_ratio as a string"),
         ("wt_keep_ratio_bool", _j(_q(keep_ratio=True)), (), B, "keep_ratio", "keep_ratio true"),
         ("wt_keep_ratio_nan", _sub(_q(), "keep_ratio", "NaN"), (), B, "keep_ratio", "keep_ratio NaN"),
+        ("wt_partials_string", _j(_q(partials="yes")), (), B, "partials", "partials as a string"),
+        ("wt_partials_int", _j(_q(partials=1)), (), B, "partials", "partials as a number"),
         ("wt_request_id_list", _j(_q(request_id=[1])), (), B, "request id", "request_id is a list"),
         # (unknown keys are ignored, not refused: tests/edge_runtime/test_requests.py has those accepted cases)
         # context: any JSON, echoed back, but bounded
@@ -363,6 +365,7 @@ def edge_request_cases() -> list[dict[str, Any]]:
         ("raw_policy_unknown", GOOD_PNG, (*P, ("policy", "bogus")), B, "policy", "unknown policy property"),
         ("raw_split_layer_property", GOOD_PNG, (*P, ("split_layer", "1")), B, "only in the JSON form", "split_layer (JSON-only) as a property"),
         ("raw_context_property", GOOD_PNG, (*P, ("context", "{}")), B, "only in the JSON form", "context (JSON-only) as a property"),
+        ("raw_partials_property", GOOD_PNG, (*P, ("partials", "true")), B, "only in the JSON form", "partials (JSON-only) as a property"),
         ("raw_empty_payload", b"", P, B, "image is empty", "empty payload with a question"),
         ("raw_oversize", GOOD_PNG + bytes(REQ_LIMIT), P, TL, f"over the limit of {REQ_LIMIT}", "raw payload just over the limit"),
         ("raw_bom_json", b"\xef\xbb\xbf" + good, (), B, "question", "JSON after a UTF-8 BOM (read as a raw image)"),

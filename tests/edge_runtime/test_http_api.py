@@ -378,11 +378,9 @@ def test_models_lists_the_edge_and_large_models_with_their_hashes(intake, runtim
     assert all(m["object"] == "model" and m["owned_by"] == "msao" for m in body["data"])
 
 
-def test_stream_true_sends_the_answer_as_server_sent_chunks_then_done(intake, easyvqa_test):
-    i = colour_questions(easyvqa_test, 1)[0]
-    body = chat_body(easyvqa_test.questions[i], data_uri(easyvqa_test.image_pngs[easyvqa_test.image_ids[i]]), stream=True,
-                     stream_options={"include_usage": True})  # fmt: skip
-    conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=15)
+def streamed_chunks(port: int, body: dict, timeout_s: float = 15) -> list[dict]:
+    """POST a ``stream: true`` chat body: its chunks, once the stream ended with ``[DONE]``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
         conn.request("POST", CHAT, body=json.dumps(body))
         resp = conn.getresponse()
@@ -391,7 +389,14 @@ def test_stream_true_sends_the_answer_as_server_sent_chunks_then_done(intake, ea
     finally:
         conn.close()
     assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+
+
+def test_stream_true_sends_the_answer_as_server_sent_chunks_then_done(intake, easyvqa_test):
+    i = colour_questions(easyvqa_test, 1)[0]
+    body = chat_body(easyvqa_test.questions[i], data_uri(easyvqa_test.image_pngs[easyvqa_test.image_ids[i]]), stream=True,
+                     stream_options={"include_usage": True})  # fmt: skip
+    chunks = streamed_chunks(intake.port, body)
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])

@@ -14,6 +14,7 @@ import pytest
 from msao.edge_runtime.openai_chat import (
     OPENAI_ERRORS,
     ChatCall,
+    ChunkStream,
     call_from_chat,
     chunks_from_response,
     completion_from_response,
@@ -208,6 +209,45 @@ def test_streamed_chunks_carry_role_text_finish_and_usage_in_order():
     assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "stop"] and chunks[2]["msao"]["answer"] == "red"
     assert chunks[3]["choices"] == [] and chunks[3]["usage"] == {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
     assert len(chunks_from_response(response, ChatCall(EdgeRequest("r1", "q", b"x"), stream=True))) == 3
+
+
+def _deltas(chunks: list[dict]) -> list[str]:
+    return [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+
+
+def test_a_growing_answer_streams_as_deltas_that_add_up_to_the_whole_answer():
+    """Each final prefix adds one delta; a repeated or shorter text adds none; the end sends the rest and the finish."""
+    call = ChatCall(EdgeRequest("r1", "describe it", b"x"), stream=True, include_usage=True)
+    stream = ChunkStream(call, "large")
+    assert stream.start()["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    grown = [stream.grow(t) for t in ("small", "small", "small red", "small")]
+    assert [_deltas(g) for g in grown] == [["small"], [], [" red"], []]
+    response = EdgeResponse(request_id="r1", status="ok", answer="small red triangle", model="large", completion_tokens=3,
+                            finish_reason="stop")  # fmt: skip
+    end = stream.end(response)
+    assert _deltas(end) == [" triangle"] and end[-2]["choices"][0]["finish_reason"] == "stop" and end[-2]["msao"]["answer"] == "small red triangle"
+    assert end[-1]["usage"]["completion_tokens"] == 3
+    assert "".join(_deltas([c for g in grown for c in g] + end)) == completion_from_response(response, call)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    "texts, answer, want",
+    [
+        (("small red t", "small red tr", "small red triangle"), "small red triangle", "small red"),  # " t", " tr" held back: they begin " tri"
+        (("small red", "small red t"), "small red tx", "small red tx"),  # a held-back tail that was not a stop is sent after all
+        (("small red tri",), "small red triangle", "small red"),  # a stop reached: nothing after it, ever
+    ],
+)
+def test_a_tail_that_may_begin_a_stop_sequence_is_held_back_so_no_delta_is_ever_taken_back(texts, answer, want):
+    call = ChatCall(EdgeRequest("r1", "describe it", b"x"), stream=True, stop=(" tri", "zzz"))
+    stream = ChunkStream(call, "large")
+    sent = []
+    for t in texts:
+        sent += _deltas(stream.grow(t))
+        assert " tri" not in "".join(sent) and want.startswith("".join(sent))
+    end = stream.end(EdgeResponse(request_id="r1", status="ok", answer=answer, model="large", finish_reason="length"))
+    assert "".join(sent + _deltas(end)) == want
+    assert end[-1]["choices"][0]["finish_reason"] == ("stop" if " tri" in answer else "length")
 
 
 def test_error_body_carries_the_runtime_response_when_there_is_one():

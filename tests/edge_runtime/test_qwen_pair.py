@@ -212,3 +212,51 @@ def test_a_worker_killed_mid_answer_leaves_the_edge_to_finish_it_alone_within_th
         stop_all(workers)
         proxy.stop()
         broker.stop()
+
+
+def test_a_streamed_speculative_answer_arrives_verdict_by_verdict_and_adds_up_to_the_cloud_answer(runtime, pair):
+    """POST stream: true over real HTTP: the verified tokens come as several deltas before the end, summing to the answer."""
+    from msao.edge_runtime.http_api import HttpIntake
+
+    from .test_http_api import streamed_chunks
+    from .test_openai_chat import chat_body, data_uri
+
+    _, large = pair
+    image, q = _images(1)[0], QUESTIONS[2]
+    here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q, max_new_tokens=12)
+    body = chat_body(q, {"url": data_uri(image)}, stream=True, max_tokens=12, msao={"policy": "speculative", "deadline_ms": 30_000})
+    with HttpIntake(runtime, "127.0.0.1", 0) as intake:
+        chunks = streamed_chunks(intake.port, body, timeout_s=60)
+    deltas = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    final = chunks[-1]["msao"]
+    assert final["status"] == "ok" and final["plan"].startswith("speculative") and not final["fallback"]
+    assert len(here.token_ids) >= 3 and len(deltas) >= 2  # more than one delta: only a live stream splits the answer
+    assert "".join(deltas) == here.text == final["answer"] and chunks[-1]["choices"][0]["finish_reason"] == here.finish_reason
+
+
+def test_partials_asked_for_over_mqtt_come_verdict_by_verdict_before_the_final_response(runtime, pair):
+    """A JSON request with ``partials`` through a real MqttIntake and broker: partial responses (schema-valid), each a
+    growing prefix of the final answer, then the final response, equal to the cloud model's answer."""
+    import json
+
+    from msao.edge_runtime.edge_client import EdgeClient
+    from msao.edge_runtime.mqtt_intake import MqttIntake
+
+    from .test_mqtt_intake import SCHEMAS, schema_errors
+
+    _, large = pair
+    image, q = _images(2)[1], QUESTIONS[3]
+    here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q, max_new_tokens=12)
+    schema = json.loads((SCHEMAS / "edge-response.schema.json").read_text())
+    url, edge_id = str(runtime.link.client.url), "partials-" + uuid.uuid4().hex[:6]
+    partials = []
+    with MqttIntake(runtime, ClientOptions(url, f"msao-{edge_id}"), edge_id) as intake:
+        assert intake.wait_ready(10)
+        with EdgeClient(ClientOptions(url, EdgeClient.new_client_id()), edge_id) as client:
+            reply = client.ask(image, q, deadline_ms=30_000, policy="speculative", max_new_tokens=12, on_partial=partials.append)
+    final = reply.response
+    assert final.status == "ok" and final.plan.startswith("speculative") and not final.fallback and final.answer == here.text
+    assert len(here.token_ids) >= 3 and len(partials) >= 2 and all(p.status == "partial" and p.model == large.name for p in partials)
+    texts = [p.answer for p in partials]
+    assert all(len(a) < len(b) for a, b in zip(texts, texts[1:])) and all(final.answer.startswith(t) for t in texts)
+    assert not schema_errors(schema, json.loads(partials[0].to_json_bytes()))

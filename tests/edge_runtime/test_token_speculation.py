@@ -103,6 +103,17 @@ def test_a_cloud_gone_mid_answer_leaves_the_edge_to_finish_after_the_verified_pr
     assert len(out.token_ids) == BUDGET or out.token_ids[-1] in edge.generator().eos
 
 
+@pytest.mark.parametrize("verifier_kw", [None, {"fail_after": 3}], ids=["whole", "cloud-gone"])
+def test_each_verdict_passes_on_only_verified_tokens_each_a_prefix_of_the_answer(qwen_pair, pool, verifier_kw):  # noqa: F811
+    """What a stream shows early is final: growing prefixes of the committed answer, never the edge's unverified drafts."""
+    seen: list[tuple[int, ...]] = []
+    out, want, verifier = _run(qwen_pair, pool, 7, QUESTIONS[1], verifier_kw, on_commit=seen.append)
+    assert len(want) >= 3 and len(seen) >= 2  # several verdicts, each adding tokens
+    assert all(len(a) < len(b) for a, b in zip(seen, seen[1:])) and all(out.token_ids[: len(t)] == t for t in seen)
+    assert len(seen[-1]) == out.verified and all(want[: len(t)] == t for t in seen)  # the cloud model's tokens only
+    assert (out.fallback == "") == (verifier_kw is None) and (out.verified == len(want)) == (verifier_kw is None)
+
+
 def test_a_deadline_already_past_sends_no_block(qwen_pair, pool):  # noqa: F811
     out, _, verifier = _run(qwen_pair, pool, 6, QUESTIONS[0], deadline=0.0)
     assert verifier.calls == 0 and out.blocks == 0 and out.verified == 0 and "deadline" in out.fallback
