@@ -142,6 +142,12 @@ bench-load: $(STAMP) export
 	@mkdir -p bench/results
 	$(BIN)/python -m bench.load --out bench/results/load.json
 
+## bench-fleet: the paper's regime as a fleet: 4 edge daemons (small model only, dilated x15) share 1 cloud worker on lte, cloud_only vs msao up a Poisson rate ladder (docs/benchmarks.md)
+.PHONY: bench-fleet
+bench-fleet: $(STAMP) bundles/calibration-scenes.json
+	@mkdir -p bench/results
+	$(BIN)/python -m bench.fleet --out bench/results/fleet.json
+
 ## soak: the fault suite three times in a row, then a 10-minute hold at the bench-load rate (~25 min)
 soak: $(STAMP) export broker
 	@for i in 1 2 3; do echo "==> fault suite, round $$i/3"; $(BIN)/python -m pytest -q tests/faults || exit 1; done

@@ -96,12 +96,13 @@ def poisson_times(rate_per_s: float, duration_s: float, seed: int = 0) -> list[f
 
 
 def fire_at(
-    schedule: list[tuple[float, EdgeDaemon, Item]], fields: dict, timeout_s: float = 60.0
+    schedule: list[tuple[float, EdgeDaemon, Item]], fields: dict, timeout_s: float = 60.0, items: list[Item] | None = None
 ) -> tuple[list[tuple[float, int, dict]], float]:
     """Send each ``(t, daemon, item)`` at ``t`` s from now, each on its own thread, whatever the answers take.
 
-    Returns every result ``ask`` gave (a request whose connection failed gets ``error_code``
-    ``connection``; one whose thread never finished has no result) and the elapsed seconds.
+    Returns every result ``ask`` gave, in the order they came (a request whose connection failed
+    gets ``error_code`` ``connection``; one whose thread never finished has no result), and the
+    elapsed seconds. ``items``: filled with each result's item, in the same order.
     """
     results: list[tuple[float, int, dict]] = []
     lock = threading.Lock()
@@ -113,6 +114,8 @@ def fire_at(
             out = (0.0, 0, {"status": "error", "error_code": "connection", "error": str(exc)})
         with lock:
             results.append(out)
+            if items is not None:
+                items.append(item)
 
     threads = []
     start = time.perf_counter()

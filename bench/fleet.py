@@ -1,0 +1,162 @@
+"""A fleet in the paper's regime: N dilated edge daemons that hold only the small model share one cloud worker.
+
+    make bench-fleet        # 4 edges x 1 worker on lte, scenes, the edges dilated x15; cloud_only vs msao
+
+Per policy, every edge daemon (``--large-on-edge false``, ``--edge-dilation k``) gets Poisson
+arrivals at the same rate over its HTTP API, each question asked once; the rate per edge steps
+up a ladder until the p95 latency passes the bound (or a request is lost). **Throughput** is the
+highest total rate whose p95 stays under the bound with nothing lost and nothing refused; every
+request is accounted for (sent = answered ok + answered with an error + lost, and lost must be
+0). The cloud's **busy share** is the worker's CPU seconds per second at each step (one worker
+thread: 1.0 is saturated), beside the daemons' and the broker's, so the table shows which side
+saturates. On this 2-core machine the edges, the worker, the broker and the proxy share the
+cores: where everything saturates at once, the machine, not the cloud, is the ceiling, and the
+report says so. A benchmark, not a test: the numbers move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.cells import Item, fire_at, poisson_times
+from bench.run import workload
+from msao.edge_runtime.plans import POLICIES
+from testbed import PROFILES, EdgeDaemon, Stack, cpu_seconds
+
+__all__ = ["fleet_step", "run_fleet"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fleet_step(stack: Stack, edges: list[EdgeDaemon], items: list[Item], policy: str, rate_per_edge: float, duration_s: float,
+               seed: int, offset: int) -> dict:  # fmt: skip
+    """Poisson arrivals at every edge for ``duration_s``: latency, accuracy, every request accounted for, CPU per side."""
+    schedule = [
+        (t, edge, items[(offset + n * len(edges) + e) % len(items)])
+        for e, edge in enumerate(edges)
+        for n, t in enumerate(poisson_times(rate_per_edge, duration_s, seed + e))
+    ]
+    cpu0 = (stack.cloud_cpu_seconds(), stack.broker_cpu_seconds(), sum(cpu_seconds(e.pid) for e in edges))
+    asked: list[Item] = []
+    results, elapsed = fire_at(schedule, {"policy": policy, "deadline_ms": 20_000}, timeout_s=60.0, items=asked)
+    cpu1 = (stack.cloud_cpu_seconds(), stack.broker_cpu_seconds(), sum(cpu_seconds(e.pid) for e in edges))
+    ok = [(ms, m) for ms, status, m in results if status == 200 and m.get("status") == "ok"]
+    answered = [m for _, _, m in results if m.get("error_code") != "connection"]
+    errors: dict[str, int] = {}
+    for m in answered:
+        if m.get("status") != "ok":
+            errors[m.get("error_code", "?")] = errors.get(m.get("error_code", "?"), 0) + 1
+    right = sum(m.get("answer") == item.truth for item, (_, status, m) in zip(asked, results) if status == 200 and m.get("status") == "ok")
+    ms = [x for x, _ in ok]
+    return {
+        "rate_per_edge": rate_per_edge, "rate_total": round(rate_per_edge * len(edges), 3), "duration_s": round(elapsed, 2),
+        "sent": len(schedule), "answered_ok": len(ok), "answered_error": errors, "lost": len(schedule) - len(answered),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1) if ms else None, "p95_ms": round(float(np.percentile(ms, 95)), 1) if ms else None,
+        "accuracy": round(right / len(schedule), 4) if schedule else None,
+        "by_cloud": round(sum(m.get("answered_by") == "cloud" for _, m in ok) / max(1, len(ok)), 3),
+        "cloud_busy": round((cpu1[0] - cpu0[0]) / elapsed, 3), "broker_cpu_s_per_s": round((cpu1[1] - cpu0[1]) / elapsed, 3),
+        "edges_cpu_s_per_s": round((cpu1[2] - cpu0[2]) / elapsed, 3),
+    }  # fmt: skip
+
+
+def run_fleet(
+    edge_bundle: Path, cloud_bundle: Path, calibration: Path | None, work: Path, *, edges: int, dilation: float, link: str,
+    policies: tuple[str, ...], rates: tuple[float, ...], duration_s: float, bound_ms: float, dataset: str, seed: int = 0,
+) -> dict:  # fmt: skip
+    """Every policy up the rate ladder on one stack (a fresh set of daemons per policy)."""
+    items = workload(2000, seed, dataset)
+    cells: dict[str, dict] = {}
+    with Stack(work, edge_bundle, cloud_bundle, calibration, workers=1, edge_share=None, edge_dilation=dilation) as stack:
+        stack.shape(PROFILES[link])
+        offset = 0
+        for policy in policies:
+            daemons = [stack.start_edge(f"{policy}-{i}", policy, ("--large-on-edge", "false", "--workers", "4")) for i in range(edges)]
+            try:
+                fleet_step(stack, daemons, items, policy, min(rates), 2.0, seed + 99, offset)  # warm-up, not reported
+                steps = []
+                for rate in rates:
+                    step = fleet_step(stack, daemons, items, policy, rate, duration_s, seed, offset)
+                    offset += step["sent"]
+                    steps.append(step)
+                    _log(f"{policy}: {rate * edges:g}/s total -> p95 {step['p95_ms']} ms, lost {step['lost']}, cloud busy {step['cloud_busy']}")
+                    if step["lost"] or step["p95_ms"] is None or step["p95_ms"] > bound_ms:
+                        break
+            finally:
+                for d in daemons:
+                    stack.stop_edge(d)
+            held = [s for s in steps if not s["lost"] and not s["answered_error"] and s["p95_ms"] is not None and s["p95_ms"] <= bound_ms]
+            cells[policy] = {"throughput_per_s": max((s["rate_total"] for s in held), default=0.0), "steps": steps,
+                             "lost": sum(s["lost"] for s in steps)}  # fmt: skip
+    base = cells[policies[0]]["throughput_per_s"]
+    return {
+        "benchmark": "fleet", "regime": "large_on_edge = false", "dataset": dataset, "edges": edges, "workers": 1,
+        "edge_dilation": dilation, "link": link, "bound_ms": bound_ms, "duration_s": duration_s, "rates_per_edge": list(rates),
+        "cells": cells, "throughput_vs_first": {p: (c["throughput_per_s"] / base if base else None) for p, c in cells.items()},
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }  # fmt: skip
+
+
+def report(result: dict) -> str:
+    lines = [f"fleet: {result['edges']} edges (x{result['edge_dilation']:g}, {result['regime']}) x {result['workers']} worker, "
+             f"{result['link']}, {result['dataset']}, p95 bound {result['bound_ms']:g} ms", "",
+             "| policy | total rate /s | p50 ms | p95 ms | lost | errors | accuracy | by cloud | cloud busy | edges CPU s/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for policy, cell in result["cells"].items():
+        for s in cell["steps"]:
+            lines.append(f"| {policy} | {s['rate_total']:g} | {s['p50_ms']} | {s['p95_ms']} | {s['lost']} | {sum(s['answered_error'].values())} | "
+                         f"{s['accuracy']} | {s['by_cloud']} | {s['cloud_busy']} | {s['edges_cpu_s_per_s']} |")  # fmt: skip
+    lines.append("")
+    for policy, cell in result["cells"].items():
+        ratio = result["throughput_vs_first"][policy]
+        lines.append(f"- {policy}: throughput {cell['throughput_per_s']:g}/s" + (f" ({ratio:.2f}x the first)" if ratio is not None else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--edge", type=Path, default=ROOT / "bundles" / "msao-scenes-edge")
+    ap.add_argument("--cloud", type=Path, default=ROOT / "bundles" / "msao-scenes-cloud")
+    ap.add_argument("--calibration", type=Path, default=ROOT / "bundles" / "calibration-scenes.json")
+    ap.add_argument("--dataset", default="scenes")
+    ap.add_argument("--edges", type=int, default=4)
+    ap.add_argument("--edge-dilation", type=float, default=15.0)
+    ap.add_argument("--link", default="lte", choices=sorted(PROFILES))
+    ap.add_argument("--policies", default="cloud_only,msao", help="comma-separated; ratios are against the first")
+    ap.add_argument("--rates", default="2,4,6,8,10,12", help="requests per second to each edge, ascending")
+    ap.add_argument("--duration-s", type=float, default=20.0)
+    ap.add_argument("--bound-ms", type=float, default=2000.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet.json")
+    a = ap.parse_args(argv)
+    policies = tuple(p for p in a.policies.split(",") if p)
+    try:
+        rates = tuple(float(r) for r in a.rates.split(","))
+    except ValueError:
+        ap.error(f"--rates must be numbers separated by commas, got {a.rates!r}")
+    if set(policies) - set(POLICIES) or not policies or a.edges < 1 or a.edge_dilation < 1 or list(rates) != sorted(rates) or min(rates) <= 0:
+        ap.error(f"--policies from {list(POLICIES)}, --edges >= 1, --edge-dilation >= 1, --rates positive and ascending")
+    if not a.calibration.exists():
+        ap.error(f"no calibration at {a.calibration}: run `make bundles/calibration-scenes.json` (or pass --calibration)")
+    result = run_fleet(a.edge, a.cloud, a.calibration, a.out.parent / (a.out.stem + "-work"), edges=a.edges, dilation=a.edge_dilation,
+                       link=a.link, policies=policies, rates=rates, duration_s=a.duration_s, bound_ms=a.bound_ms, dataset=a.dataset)  # fmt: skip
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+    print(report(result))
+    print(f"wrote {a.out}")
+    return 0 if all(c["lost"] == 0 for c in result["cells"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
