@@ -191,7 +191,10 @@ class ShapingProxy:
         finally:
             self._cut()
             self._server.close()
-            loop.run_until_complete(asyncio.sleep(0))
+            pending = asyncio.all_tasks(loop)  # each connection's pumps and deliveries: end them, not leave them pending
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:

@@ -19,9 +19,10 @@ each chat POST as an intake request.
 
 Owns the routes and which status each outcome gets; the framing (HTTP/1.1, keep-alive, chunked
 bodies, ``Expect: 100-continue``, connection limits) is ``msao.http_server``'s, the body's meaning
-``openai_chat``'s, the answer the runtime's (``EdgeRuntime.submit_and_wait``, the same admission
-as every other intake). Bind it before the models load (``start`` with no runtime; ``serve``
-hands it the runtime once ready): a port in use fails at once, and probes see 503 "loading".
+``openai_chat``'s, the answer the runtime's (``EdgeRuntime.submit``, the same admission as
+every other intake; a stream also takes its partial texts). Bind it before the models load
+(``start`` with no runtime; ``serve`` hands it the runtime once ready): a port in use fails at
+once, and probes see 503 "loading".
 """
 
 from __future__ import annotations
