@@ -271,25 +271,28 @@ def _speculative_job(s: Scheduler, plan: Plan, net: _Transfers, d: Draws, pre: f
     Each block is a round trip with one cloud pass over k + 1 tokens; the edge drafts the next block
     meanwhile and holds the edge only for what drafting takes beyond the round trip. The number of
     blocks is the scheduler's expectation at the prior acceptance (not drawn per token), so the
-    simulation tests the plan's timing, not the acceptance model.
+    simulation tests the plan's timing, not the acceptance model. Each verdict (the prompt's
+    included) also carries ``plan.decode_ahead`` of the cloud's own decode steps.
     """
     m, e, c, n, r, k = s.large, d.edge_factor, d.cloud_factor, d.answer_tokens, plan.keep_ratio, plan.block
     assert m is not None and s.cloud_clock is not None and k is not None
     cc, large_cloud, edge_t = s.cloud_clock, _Times(m, s.cloud_clock), _Times(s.edge, s.edge_clock)
     image_bytes, build_ms = _upload(s, plan, d)
     up = image_bytes + (8 * round(r * m.model.image_tokens) if plan.send_keep else 0) + 600
+    layers, ahead = m.model.num_layers, plan.decode_ahead
+    step = c * (cc.ms("text_embed", 1) + cc.decoder_ms(0, layers, 1, t) + cc.ms("lm_head", 1))
     cloud_first = (
         ([("edge", pre)] if plan.send_keep else [])
         + ([("edge", build_ms)] if build_ms > 0 else [])
-        + net.around(up, 600, [("cloud", c * (large_cloud.vision() + large_cloud.prefill(t)))])
+        + net.around(up, 600, [("cloud", c * (large_cloud.vision() + large_cloud.prefill(t)) + min(ahead, max(0.0, n - 1)) * step)])
     )
     t_edge = s.prompt_tokens(s.edge, r)
     edge_first = [("edge", e * (edge_t.vision() + edge_t.prefill(t_edge)))]
     a = PRIOR_ACCEPTANCE
-    blocks = math.ceil(max(0.0, n - 1) / ((1 - a ** (k + 1)) / (1 - a)))
-    layers, suffix, down = m.model.num_layers, [], 600
+    blocks = math.ceil(max(0.0, n - 1 - ahead) / ((1 - a ** (k + 1)) / (1 - a) + ahead))
+    suffix, down = [], 600
     for _ in range(blocks):
-        cloud_pass = c * (cc.ms("text_embed", k + 1) + cc.decoder_ms(0, layers, k + 1, t) + cc.ms("lm_head", k + 1))
+        cloud_pass = c * (cc.ms("text_embed", k + 1) + cc.decoder_ms(0, layers, k + 1, t) + cc.ms("lm_head", k + 1)) + ahead * step
         trip = net.around(700, 700, [("cloud", cloud_pass)])
         drafting = e * k * edge_t.step(t_edge)
         suffix += [*trip, ("edge", max(0.0, drafting - sum(ms for _, ms in trip)))]

@@ -74,10 +74,10 @@ def run(edge_dir: Path, cloud_dir: Path, dataset: str, family: str, limit: int, 
             want = cloud.generator().generate(enc_cloud, q, max_new_tokens=budget).token_ids
             session = {"s": None}
 
-            def verify(drafts, committed, restart, enc=enc_cloud, q=q, session=session):
+            def verify(drafts, committed, restart, ahead, enc=enc_cloud, q=q, session=session):
                 if restart:
                     session["s"] = VerifySession(cloud.generator(), enc, q, keep=None, max_new_tokens=budget)
-                v = session["s"].verify(np.asarray(drafts, np.int64))
+                v = session["s"].verify(np.asarray(drafts, np.int64), ahead)
                 return BlockReply(v.token_ids, v.token_probs, v.committed, v.finish_reason)
 
             gen = edge.generator()

@@ -41,6 +41,7 @@ FLAG_KEYS = {
     "accuracy_slack": "runtime.scheduler.accuracy_slack",
     "split_layer": "runtime.scheduler.split_layer",
     "prune_ratio": "runtime.scheduler.prune_ratio",
+    "decode_ahead": "runtime.scheduler.decode_ahead",
 }
 
 
@@ -108,6 +109,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--split-layer", type=int, metavar="K", help="static_split: run decoder layers [0, K) here (default 1)")
     p.add_argument("--prune-ratio", type=float, metavar="R", help="prune_only: share of image tokens kept (default 0.25)")
+    p.add_argument(
+        "--decode-ahead", type=int, metavar="N",
+        help="speculative plans: tokens the cloud decodes after each verdict (default -1: as many as it decodes within a round "
+        "trip; 0: verdicts only, each block a round trip)",
+    )  # fmt: skip
     p.add_argument(
         "--mas-always", action="store_const", const=True,
         help="run MAS on every request to report its values, even when all tokens are kept (costs its time each request)",

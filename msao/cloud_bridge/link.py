@@ -370,6 +370,7 @@ class CloudLink:
         prompt: Mapping[str, np.ndarray] | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         deadline_s: float = 5.0,
+        decode_ahead: int = 0,
     ) -> VerifiedBlock:
         """Send one block of drafts (k,) for the large model to check in one forward pass.
 
@@ -378,6 +379,8 @@ class CloudLink:
                 block, which carries ``question``, ``prompt`` (an answer job's tensors: image
                 [+ keep], image_tokens + keep, or none) and ``max_new_tokens``, to any worker.
             worker_id: later blocks: the worker holding the session (``VerifiedBlock.worker_id``).
+            decode_ahead: the large model then decodes up to this many more of its own tokens,
+                committed with the block's (``VerifySession.verify``).
         """
         tensors: dict[str, np.ndarray] = {"draft": np.asarray(drafts, np.int64)}
         if committed == 0:
@@ -387,7 +390,7 @@ class CloudLink:
         header = JobHeader(
             job_id=job_id or new_job_id(), model_hash=model_hash, kind="verify", deadline_unix_s=time.time() + deadline_s,
             session_id=session_id, past_length=committed, question=question if committed == 0 else "",
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, decode_ahead=decode_ahead,
         )  # fmt: skip
         res = self.submit(header, tensors, worker_id=worker_id)
         ids = tuple(int(t) for t in res.tensors["token_ids"])

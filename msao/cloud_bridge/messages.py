@@ -18,7 +18,8 @@ Job kinds:
             by the large model in one forward pass; the first block of a session (``past_length``
             0) also carries the prompt as an answer job does. The result holds the committed
             tokens (the accepted drafts, then the large model's own next token), ``past_length``
-            the answer tokens committed so far, ``finish_reason`` whether the answer ended.
+            the answer tokens committed so far, ``finish_reason`` whether the answer ended;
+            with ``decode_ahead`` n, up to n more of the large model's own tokens after them.
             ``session_id`` keeps the large model's KV cache until the answer ends or the
             request's deadline passes.
 """
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 LAYOUT_VERSION = "1"
+_ADDED_IN_LAYOUT_1 = ("decode_ahead",)  # job keys newer than layout 1's first release, sent only when not 0
 JOB_KINDS = ("split", "answer", "probe", "verify")
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 RESULT_STATUSES = ("ok", "busy", "error")
@@ -142,6 +144,11 @@ class JobHeader:
             a job from an older edge that sends none gets ``DEFAULT_MAX_NEW_TOKENS``.
         exit_layer: answer: answer from the exit head after this layer; -1 = full depth.
         reply_bytes: probe: size of the reply tensor (downlink measurement).
+        decode_ahead: verify: after the verdict, decode up to this many more tokens of the large
+            model's greedy answer and commit them with the block's (0..``MAX_NEW_TOKENS``; other
+            kinds: 0). Sent only when not 0, so a job without it has layout 1's bytes; a worker
+            older than this key refuses a job with it (``bad_job``), the edge then finishes the
+            answer alone: upgrade workers before edges.
     """
 
     job_id: str
@@ -158,6 +165,7 @@ class JobHeader:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     exit_layer: int = -1
     reply_bytes: int = 0
+    decode_ahead: int = 0
     layout: str = LAYOUT_VERSION
 
     def __post_init__(self) -> None:
@@ -203,13 +211,19 @@ class JobHeader:
                 problems.append(f"max_new_tokens {self.max_new_tokens} not in 1..{MAX_NEW_TOKENS}")
             if self.exit_layer < -1:
                 problems.append(f"exit_layer {self.exit_layer} must be -1 (full depth) or a layer")
+        if not 0 <= self.decode_ahead <= (MAX_NEW_TOKENS if self.kind == "verify" else 0):
+            problems.append(f"decode_ahead {self.decode_ahead} must be 0 (verify jobs: at most {MAX_NEW_TOKENS})")
         if not 0 <= self.reply_bytes <= (MAX_REPLY_BYTES if self.kind == "probe" else 0):
             problems.append(f"reply_bytes {self.reply_bytes} must be 0 (probe jobs: at most {MAX_REPLY_BYTES})")
         if problems:
             raise CodecError("job header: " + "; ".join(problems))
 
     def to_metadata(self) -> dict[str, str]:
-        return _to_strings(self)
+        md = _to_strings(self)
+        for key in _ADDED_IN_LAYOUT_1:  # absent at its default: a worker that predates the key reads the job unchanged
+            if getattr(self, key) == 0:
+                del md[key]
+        return md
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, str]) -> JobHeader:

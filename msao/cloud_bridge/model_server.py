@@ -296,7 +296,7 @@ class ModelServer:
                     "session_mismatch",
                 )
             try:
-                verdict = session.verify(draft)
+                verdict = session.verify(draft, header.decode_ahead)
             except Exception:
                 if header.past_length == 0:  # a first block that failed leaves no session behind
                     self.sessions.drop(sid)

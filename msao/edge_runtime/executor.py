@@ -447,7 +447,7 @@ class Executor:
         session = {"id": new_job_id(), "worker": None}
         budget = request.token_budget
 
-        def verify(drafts: list[int], committed: list[int], restart: bool) -> BlockReply:
+        def verify(drafts: list[int], committed: list[int], restart: bool, ahead: int) -> BlockReply:
             remaining = run.cloud_deadline - time.monotonic()
             if remaining <= 0.005:
                 raise CloudUnavailable("no time left in the request's deadline for another block")
@@ -457,7 +457,7 @@ class Executor:
             v = link.verify(
                 large.manifest.model_hash, session["id"], np.asarray(drafts, np.int64), committed=0 if restart else len(committed),
                 job_id=run.new_job(), worker_id=session["worker"], question=request.question, prompt=prompt if restart else None,
-                max_new_tokens=budget, deadline_s=remaining,
+                max_new_tokens=budget, deadline_s=remaining, decode_ahead=ahead,
             )  # fmt: skip
             session["worker"] = v.worker_id
             verify_ms.append((time.perf_counter() - t0) * 1e3)
@@ -465,6 +465,8 @@ class Executor:
 
         verify_ms: list[float] = []
         started = time.perf_counter()
+        # the prompt's block leaves first: the cloud's prefill (and what it decodes ahead) overlaps the edge's prefill
+        sent = self._pool.submit(verify, [], [], True, max(0, min(plan.decode_ahead, budget - 1)))
         gen = self.edge.generator()
         seq = TokenSequence(gen)
         t0 = time.perf_counter()
@@ -475,6 +477,7 @@ class Executor:
             seq, first, verify, self._pool.submit, budget=budget, eos=gen.eos, round_trip_ms=link_rtt,
             edge_step_ms=max(0.05, prefill_ms / max(1, seq.prompt_length)), first_block=0, dilate=self.dilate,
             deadline=run.cloud_deadline, on_commit=_partial_text(run, gen) if run.on_partial is not None else None,
+            decode_ahead=plan.decode_ahead, first_sent=sent,
         )  # fmt: skip
         if s.fallback:
             for job_id in run.jobs:
@@ -488,10 +491,10 @@ class Executor:
         edge_flops = _vision_flops(self.edge, p) + request_flops(
             self.edge.manifest, image_tokens=p.kept_tokens, text_tokens=text_tokens, new_tokens=s.edge_steps, include_vision=False
         )
-        cloud_flops = request_flops(large.manifest, image_tokens=kept, text_tokens=text_tokens, new_tokens=s.drafted + s.blocks) if s.blocks else 0
+        cloud_flops = request_flops(large.manifest, image_tokens=kept, text_tokens=text_tokens, new_tokens=s.drafted + s.blocks + s.decoded) if s.blocks else 0
         spec = (
             f"token-level: {s.blocks} blocks (k={','.join(map(str, s.block_sizes))}), {s.accepted}/{s.drafted} drafts accepted, "
-            f"{s.verified} of {len(ids)} tokens verified"
+            f"{s.decoded} decoded ahead, {s.verified} of {len(ids)} tokens verified"
         )
         if s.fallback:
             spec += "; the edge finished the answer alone"

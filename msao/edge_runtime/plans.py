@@ -13,11 +13,12 @@ from enum import Enum
 
 from msao.errors import ConfigError
 
-__all__ = ["ALWAYS_VERIFY", "PLAN_KINDS", "POLICIES", "UPLOAD_FORMS", "Plan", "PlanKind", "sends_tokens"]
+__all__ = ["ALWAYS_VERIFY", "MAX_DECODE_AHEAD", "PLAN_KINDS", "POLICIES", "UPLOAD_FORMS", "Plan", "PlanKind", "sends_tokens"]
 
 # ``msao`` is the adaptive policy; the others are the fixed baselines the benchmark compares it with.
 POLICIES = ("msao", "edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static", "speculative")
 ALWAYS_VERIFY = 1.01  # a commit threshold no confidence reaches
+MAX_DECODE_AHEAD = 64  # tokens the cloud decodes after one verdict, at most (a speculative plan's decode_ahead)
 # What a cloud job carries for the image (``uploads.py`` builds each): the request's file as it came;
 # the image fitted to the cloud model's input and re-encoded as JPEG at a quality; only the kept
 # patches (the rest flattened) as JPEG, with the keep-set; the edge encoder's kept image tokens in
@@ -67,6 +68,9 @@ class Plan:
         block: speculative: the block size its estimate assumed (``block_size`` at the prior
             acceptance). The run sends the prompt alone first and then sizes every block live,
             from the link, the edge's measured step and the acceptance so far.
+        decode_ahead: speculative: how many of its own tokens the large model decodes after each
+            verdict (``speculate(decode_ahead=)``): as many as it decodes within a round trip,
+            so a cheap cloud behind a slow link answers in fewer round trips; 0 = verdicts only.
         fallback_reserve_ms: time kept back from the cloud path for an edge-only answer if the
             cloud fails: the cloud's deadline is the request's minus this (0 for local plans,
             and for draft/verify, whose fallback, the draft, is already there).
@@ -80,6 +84,7 @@ class Plan:
     send_keep: bool = True  # cloud/draft_verify/speculative: prune the cloud's prefill with the edge's keep-set
     upload: str = "file"  # cloud/draft_verify/speculative: what the cloud job carries for the image (``UPLOAD_FORMS``)
     block: int = 0
+    decode_ahead: int = 0
     est_latency_ms: float = 0.0
     est_accuracy: float = 0.0
     est_uplink_bytes: float = 0.0
@@ -97,6 +102,8 @@ class Plan:
             raise ConfigError(f"upload form {self.upload!r} not in {UPLOAD_FORMS}")
         if not 0 <= self.block <= 64:
             raise ConfigError(f"block {self.block} not in 0..64 drafts")
+        if not 0 <= self.decode_ahead <= MAX_DECODE_AHEAD:
+            raise ConfigError(f"decode_ahead {self.decode_ahead} not in 0..{MAX_DECODE_AHEAD} tokens")
         if self.fallback_reserve_ms < 0:
             raise ConfigError(f"fallback reserve {self.fallback_reserve_ms} ms must be >= 0")
 
@@ -112,6 +119,8 @@ class Plan:
             parts.append("speculative" if self.speculate else "sequential")
         if self.kind is PlanKind.SPECULATIVE and self.block:
             parts.append(f"k={self.block}")
+        if self.kind is PlanKind.SPECULATIVE and self.decode_ahead:
+            parts.append(f"ahead={self.decode_ahead}")
         if self.upload != "file" and self.kind in (PlanKind.CLOUD, PlanKind.DRAFT_VERIFY, PlanKind.SPECULATIVE):
             parts.append(f"upload={self.upload}")
         return " ".join(parts)

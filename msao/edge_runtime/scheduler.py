@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 
 from msao.edge_runtime.calibration import Calibration, UploadCalibration
 from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
-from msao.edge_runtime.plans import ALWAYS_VERIFY, PLAN_KINDS, POLICIES, Plan, PlanKind, sends_tokens
+from msao.edge_runtime.plans import ALWAYS_VERIFY, MAX_DECODE_AHEAD, PLAN_KINDS, POLICIES, Plan, PlanKind, sends_tokens
 from msao.edge_runtime.token_speculation import PRIOR_ACCEPTANCE, block_size
 from msao.engines.manifest import Manifest
 from msao.errors import ConfigError
@@ -79,6 +79,9 @@ class SchedulerOptions:
         latency_tolerance: among eligible plans within this share of the fastest one's expected
             latency (0.1 = 10 %), take the one that sends the fewest bytes: a little latency for
             a lot of uplink (a speculative upload of every image saves little over a sequential one).
+        decode_ahead: speculative plans: tokens the cloud decodes after each verdict; -1 = as many
+            as it decodes within the link's round trip (from the cloud clock); 0 = verdicts only,
+            every block a round trip (what a streamed answer shows verdict by verdict).
     """
 
     policy: str = "msao"
@@ -89,6 +92,7 @@ class SchedulerOptions:
     allow_local_large: bool = True
     speculate: bool = True
     latency_tolerance: float = 0.1
+    decode_ahead: int = -1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -101,6 +105,8 @@ class SchedulerOptions:
             raise ConfigError(f"prune_ratio must be in (0, 1], got {self.prune_ratio}")
         if not 0 <= self.latency_tolerance <= 1:
             raise ConfigError(f"latency_tolerance must be in [0, 1], got {self.latency_tolerance}")
+        if isinstance(self.decode_ahead, bool) or not -1 <= self.decode_ahead <= MAX_DECODE_AHEAD:
+            raise ConfigError(f"decode_ahead must be -1 (auto) or 0..{MAX_DECODE_AHEAD} tokens, got {self.decode_ahead!r}")
 
 
 @dataclass(frozen=True)
@@ -389,13 +395,18 @@ class Scheduler:
         edge_step = x.edge_load * (ec.ms("text_embed", 1) + ec.decoder_ms(0, self.edge.model.num_layers, 1, t_edge) + ec.ms("lm_head", 1))
         rtt = x.link.transfer_ms(700, 700)
         a = PRIOR_ACCEPTANCE
+        cloud_step = cc.ms("text_embed", 1) + cc.decoder_ms(0, layers, 1, t) + cc.ms("lm_head", 1)
+        ahead = self.options.decode_ahead
+        if ahead < 0:  # auto: the tokens the cloud decodes within one round trip
+            ahead = min(MAX_DECODE_AHEAD, int(rtt // cloud_step) if cloud_step > 0 else MAX_DECODE_AHEAD)
         k = block_size(a, rtt + cc.decoder_ms(0, layers, 1, t), edge_step)
         cloud_pass = cc.ms("text_embed", k + 1) + cc.decoder_ms(0, layers, k + 1, t) + cc.ms("lm_head", k + 1)
-        per_block = (1 - a ** (k + 1)) / (1 - a)
-        blocks = math.ceil(max(0.0, n - 1) / per_block)
-        ms = max(first, edge_ready) + blocks * max(rtt + cloud_pass, k * edge_step)
+        per_block = (1 - a ** (k + 1)) / (1 - a) + ahead
+        first += min(ahead, max(0.0, n - 1)) * cloud_step  # the prompt's verdict: its own token, then the tokens decoded ahead
+        blocks = math.ceil(max(0.0, n - 1 - ahead) / per_block)
+        ms = max(first, edge_ready) + blocks * max(rtt + cloud_pass + ahead * cloud_step, k * edge_step)
         return Plan(
-            "speculative", r, send_keep=send_keep, block=k, upload=form.form if form else "file", est_latency_ms=ms,
+            "speculative", r, send_keep=send_keep, block=k, decode_ahead=ahead, upload=form.form if form else "file", est_latency_ms=ms,
             est_accuracy=self._cloud_accuracy(r, send_keep, form), est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep, form) + blocks * 700,
         )  # fmt: skip
 

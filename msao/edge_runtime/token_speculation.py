@@ -8,6 +8,12 @@ model's greedy answer while the cloud runs about one pass per k + 1 tokens. Whil
 in flight the edge keeps drafting past it (assuming it will be accepted), so the round trip
 is hidden whenever the drafts turn out right.
 
+Where a round trip costs more than several of the large model's decode steps (a cloud GPU
+behind lte), each block is paid in round trips, not in the cloud's passes, so a block may also
+ask the large model to decode ahead (``decode_ahead``): its own next tokens after the verdict,
+committed with it, so an answer needs fewer round trips; the edge's drafts that agree with them
+stay in its cache.
+
     edge:  draft d1..dk ─block─► cloud: accept d1..dn, own token c ─► edge: keep drafts that agree,
            else roll its KV cache back to the committed tokens and continue from c
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
@@ -61,6 +68,7 @@ class SpeculationOutcome:
         edge_ms / cloud_ms: the edge model's decode compute (device time: dilated where the edge is emulated) and the verifier's.
         block_sizes / block_accepted: k of each block sent (one that got no verdict included), and how many
             of each answered block's drafts were accepted.
+        decoded: tokens the large model decoded ahead after its verdicts (each one of its passes).
     """
 
     token_ids: tuple[int, ...]
@@ -76,6 +84,7 @@ class SpeculationOutcome:
     cloud_ms: float
     block_sizes: tuple[int, ...] = field(default=())
     block_accepted: tuple[int, ...] = field(default=())
+    decoded: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -110,7 +119,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def speculate(
     seq: TokenSequence,
     first_probs: np.ndarray,
-    verify: Callable[[list[int], list[int], bool], BlockReply],
+    verify: Callable[[list[int], list[int], bool, int], BlockReply],
     submit: Callable[[Callable[[], BlockReply]], object],
     *,
     budget: int,
@@ -122,14 +131,17 @@ def speculate(
     dilate: Callable[[float], float] = lambda ms: ms,
     deadline: float = math.inf,
     on_commit: Callable[[tuple[int, ...]], None] | None = None,
+    decode_ahead: int = 0,
+    first_sent: Future | None = None,
 ) -> SpeculationOutcome:
     """Run one answer's speculation loop on this thread.
 
     Args:
         seq: the edge model's sequence, its prompt prefilled; ``first_probs`` its distribution after the prompt.
-        verify: ``verify(drafts, committed, restart)`` sends one block; ``committed`` the tokens the edge
-            holds as committed, ``restart`` True when the session must start again from the prompt
-            (its first block, or after the worker lost it: then the committed tokens are re-sent as drafts).
+        verify: ``verify(drafts, committed, restart, ahead)`` sends one block; ``committed`` the tokens the
+            edge holds as committed, ``restart`` True when the session must start again from the prompt
+            (its first block, or after the worker lost it: then the committed tokens are re-sent as drafts),
+            ``ahead`` how many of its own tokens the large model decodes after the verdict.
         submit: runs a call on a helper thread; returns a future (``concurrent.futures``).
         budget: the answer's budget, the end token included.
         round_trip_ms: the link's expected time for a block's round trip (the cloud's pass included), for k.
@@ -142,11 +154,18 @@ def speculate(
         on_commit: called on this thread with the verified tokens so far each time a verdict adds
             some (the end token included when it is one): they are final, so a client may see them
             before the answer ends; the edge's own continuation after a fallback is never passed.
+        decode_ahead: every block asks the large model to decode up to this many of its own tokens
+            after its verdict (within the budget): fewer round trips where one costs more than
+            that many cloud decode steps (``Plan.decode_ahead``); 0 = verdicts only.
+        first_sent: the first block (the prompt, no drafts: ``first_block`` 0), already sent by the
+            caller before the edge's prefill, so the cloud's prefill overlaps it; its future.
     """
+    if first_sent is not None and first_block != 0:
+        raise ValueError("first_sent is the prompt's block without drafts: pass first_block=0 with it")
     state = _Drafting(seq, first_probs, budget, eos, dilate, edge_step_ms)
     committed: list[int] = []
     probs_of: list[float] = []
-    blocks = drafted = accepted = 0
+    blocks = drafted = accepted = decoded = 0
     cloud_ms = 0.0
     sizes: list[int] = []
     per_block: list[int] = []
@@ -170,11 +189,16 @@ def speculate(
                 cloud_ms,
                 sizes,
                 per_block,
+                decoded,
             )
         drafts = (committed + block) if restart else block
-        future = submit(lambda d=drafts, c=list(committed), r=restart: verify(d, c, r))
+        ahead = max(0, min(decode_ahead, budget - len(committed) - len(block) - 1))
+        if first_sent is not None:
+            future, first_sent = first_sent, None
+        else:
+            future = submit(lambda d=drafts, c=list(committed), r=restart, a=ahead: verify(d, c, r, a))
         sizes.append(len(block))
-        while not future.done() and not state.ended and len(state.tokens) < len(committed) + len(block) + 1 + k_next:
+        while not future.done() and not state.ended and len(state.tokens) < len(committed) + len(block) + 1 + ahead + k_next:
             state.draft_one()  # speculation: draft the next block while this one's verdict travels
         try:
             wait = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic()) + 0.05
@@ -184,11 +208,11 @@ def speculate(
                 restart = restarted = True
                 continue
             return state.finish_alone(
-                committed, probs_of, f"{type(exc).__name__}: {exc}", blocks, drafted, accepted, cloud_ms, sizes, per_block
+                committed, probs_of, f"{type(exc).__name__}: {exc}", blocks, drafted, accepted, cloud_ms, sizes, per_block, decoded
             )
         except (CloudError, FutureTimeout) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else "the cloud gave no verdict within the deadline"
-            return state.finish_alone(committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes, per_block)
+            return state.finish_alone(committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes, per_block, decoded)
         blocks += 1
         drafted += len(block)
         cloud_ms += reply.cloud_ms
@@ -197,6 +221,7 @@ def speculate(
         n_block = _common_prefix(new[len(committed) :], block) if len(new) > len(committed) else 0
         accepted += min(n_block, len(block))
         per_block.append(min(n_block, len(block)))
+        decoded += max(0, len(new) - len(committed) - min(n_block, len(block)) - 1)  # past the drafts and its own next token
         grew = len(new) > len(committed)
         committed, probs_of = new, new_probs
         restart = False
@@ -205,7 +230,7 @@ def speculate(
         if reply.finish_reason:
             return SpeculationOutcome(
                 tuple(committed), tuple(probs_of), reply.finish_reason, "", len(committed), blocks, drafted, accepted,
-                state.steps, state.edge_ms, cloud_ms, tuple(sizes), tuple(per_block),
+                state.steps, state.edge_ms, cloud_ms, tuple(sizes), tuple(per_block), decoded,
             )  # fmt: skip
         state.reconcile(committed)
         if fixed_block is None:
@@ -272,7 +297,7 @@ class _Drafting:
         self.tokens = list(committed)
         self.token_probs += [1.0] * len(rest)  # placeholders; a fallback reports the cloud's probabilities for committed tokens
 
-    def finish_alone(self, committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes, per_block) -> SpeculationOutcome:
+    def finish_alone(self, committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes, per_block, decoded) -> SpeculationOutcome:
         """The cloud is gone: the edge's drafts continue the committed answer; draft to its end."""
         if committed:
             self.reconcile(committed)
@@ -283,5 +308,5 @@ class _Drafting:
         finish = "stop" if ids and ids[-1] in self.eos else "length"
         return SpeculationOutcome(
             tuple(ids), tuple(probs), finish, reason, len(committed), blocks, drafted, accepted, self.steps, self.edge_ms, cloud_ms,
-            tuple(sizes), tuple(per_block),
+            tuple(sizes), tuple(per_block), decoded,
         )  # fmt: skip

@@ -143,6 +143,8 @@ class BlockVerdict:
         token_probs: the large model's probability of each committed token.
         accepted: how many of the block's drafts were accepted.
         committed: answer tokens committed so far, this block's included.
+        decoded: of ``token_ids``, how many the large model decoded ahead after its own next
+            token (``verify(decode_ahead=...)``): its greedy continuation, committed too.
         finish_reason: "" (the answer goes on), ``stop`` (the end token) or ``length`` (budget or context).
     """
 
@@ -151,6 +153,7 @@ class BlockVerdict:
     accepted: int
     committed: int
     finish_reason: str = ""
+    decoded: int = 0
 
 
 class VerifySession:
@@ -173,8 +176,17 @@ class VerifySession:
         self.finish_reason = ""
         self.forward_passes = 0
 
-    def verify(self, drafts: np.ndarray) -> BlockVerdict:
-        """Check a block of drafts (k,), k >= 0, continuing the committed answer; one forward pass."""
+    def verify(self, drafts: np.ndarray, decode_ahead: int = 0) -> BlockVerdict:
+        """Check a block of drafts (k,), k >= 0, continuing the committed answer; one forward pass.
+
+        ``decode_ahead``: then decode up to that many more tokens of the large model's own greedy
+        answer (one pass each), committed with the block's. Why: where a round trip costs more
+        than several of the large model's decode steps (a cloud GPU behind lte), the edge's next
+        block would buy fewer tokens per millisecond than the cloud decoding on does; the answer
+        stays the large model's greedy answer either way.
+        """
+        if isinstance(decode_ahead, bool) or not isinstance(decode_ahead, int | np.integer) or not 0 <= decode_ahead <= MAX_NEW_TOKENS:
+            raise FeedError(f"decode_ahead must be an int in 0..{MAX_NEW_TOKENS}, got {decode_ahead!r}")
         if self.finish_reason:
             raise FeedError(f"this answer already ended ({self.finish_reason}); a finished session takes no more blocks")
         drafts = np.asarray(drafts)
@@ -206,8 +218,22 @@ class VerifySession:
             p.append(float(probs[n, own]))
         self.committed += ids
         self.pending = ids[-1]
-        if ids[-1] in self.eos:
+        self._check_end()
+        decoded = 0
+        while decoded < decode_ahead and not self.finish_reason:
+            probs = self.seq.feed(np.asarray([self.pending], np.int64))
+            self.forward_passes += 1
+            own = int(probs[-1].argmax())
+            ids.append(own)
+            p.append(float(probs[-1, own]))
+            self.committed.append(own)
+            self.pending = own
+            decoded += 1
+            self._check_end()
+        return BlockVerdict(tuple(ids), tuple(p), n, len(self.committed), self.finish_reason, decoded)
+
+    def _check_end(self) -> None:
+        if self.committed[-1] in self.eos:
             self.finish_reason = "stop"
         elif len(self.committed) >= self.budget or self.seq.room == 0:  # where generate() stops too
             self.finish_reason = "length"
-        return BlockVerdict(tuple(ids), tuple(p), n, len(self.committed), self.finish_reason)

@@ -119,6 +119,19 @@ def test_only_probe_jobs_may_ask_for_reply_bytes():
         JobHeader("j", H, "split", 1.0, segment="decoder[0:1]", reply_bytes=10)
 
 
+def test_decode_ahead_travels_only_on_verify_jobs_that_ask_for_it():
+    """A job without it keeps layout 1's keys (a worker older than the key reads it); one with it round-trips."""
+    plain = JobHeader("j", H, "verify", 1.0, session_id="s", past_length=3)
+    assert "decode_ahead" not in plain.to_metadata() and JobHeader.from_metadata(plain.to_metadata()) == plain
+    ahead = JobHeader("j", H, "verify", 1.0, session_id="s", past_length=3, decode_ahead=12)
+    assert ahead.to_metadata()["decode_ahead"] == "12" and JobHeader.from_metadata(ahead.to_metadata()) == ahead
+    with pytest.raises(CodecError, match="decode_ahead"):
+        JobHeader("j", H, "answer", 1.0, question="q", decode_ahead=1)
+    md = plain.to_metadata() | {"decode_ahead": "-1"}
+    with pytest.raises(CodecError, match="decode_ahead -1"):
+        JobHeader.from_metadata(md)
+
+
 def test_session_table_is_bounded_by_declared_bytes_least_recently_used_first():
     t: SessionTable = SessionTable(max_sessions=10, idle_s=60, max_bytes=100)
     t.put("a", 1, nbytes=40)

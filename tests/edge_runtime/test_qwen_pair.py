@@ -24,6 +24,7 @@ from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.plans import Plan
 from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
+from msao.edge_runtime.scheduler import SchedulerOptions
 from msao.engines.bundle import load_bundle
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
 from msao.export.exporter import ExportOptions, export_bundle
@@ -32,6 +33,9 @@ from testbed import LinkShape, ShapingProxy, start_broker, start_workers, stop_a
 from ..export.tiny_qwen import make_tiny_qwen
 
 QUESTIONS = ("what color is the shape?", "what shape is in the image?", "is there a red shape?", "does the image contain a circle?")
+# Verdicts only: every block a round trip, whatever the link and the worker's speed (the tests below count blocks
+# and stream verdict by verdict); decoding ahead has its own test at the end.
+VERDICTS_ONLY = RuntimeOptions(workers=1, probe_interval_s=0, scheduler=SchedulerOptions(decode_ahead=0))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,7 @@ def runtime(tmp_path_factory, qwen_bundles, pair):
     rt = None
     try:
         wait_online(link, workers)
-        rt = EdgeRuntime(*pair, link, None, RuntimeOptions(workers=1, probe_interval_s=0)).start()
+        rt = EdgeRuntime(*pair, link, None, VERDICTS_ONLY).start()
         yield rt
     finally:
         if rt is not None:
@@ -152,7 +156,7 @@ def same_model_runtime(runtime, qwen_bundles):
     be = OnnxRuntimeBackend(OrtOptions(threads=1))
     edge, large = (LocalModel(load_bundle(qwen_bundles[1]), be, image_cache_bytes=0) for _ in range(2))
     link = runtime.executor.link
-    rt = EdgeRuntime(edge, large, link, None, RuntimeOptions(workers=1, probe_interval_s=0)).start()
+    rt = EdgeRuntime(edge, large, link, None, VERDICTS_ONLY).start()
     yield rt
     rt.stop()
     edge.close()
@@ -190,7 +194,7 @@ def test_a_worker_killed_mid_answer_leaves_the_edge_to_finish_it_alone_within_th
     rt = None
     try:
         wait_online(link, workers)
-        rt = EdgeRuntime(*pair, link, None, RuntimeOptions(workers=1, probe_interval_s=0)).start()
+        rt = EdgeRuntime(*pair, link, None, VERDICTS_ONLY).start()
         image, q = _images(1)[0], QUESTIONS[0]  # 12 one-token blocks (tests above): >= 2.4 s of round trips
         got = []
         asker = threading.Thread(
@@ -260,3 +264,20 @@ def test_partials_asked_for_over_mqtt_come_verdict_by_verdict_before_the_final_r
     texts = [p.answer for p in partials]
     assert all(len(a) < len(b) for a, b in zip(texts, texts[1:])) and all(final.answer.startswith(t) for t in texts)
     assert not schema_errors(schema, json.loads(partials[0].to_json_bytes()))
+
+
+def test_decoding_ahead_commits_the_whole_cloud_answer_in_the_prompts_verdict(runtime, pair):
+    """With the cloud asked to decode 11 tokens after its first verdict, a 12-token answer takes one round trip, not 12,
+    and is still the Qwen2.5 model's greedy answer token for token."""
+    edge, large = pair
+    link = runtime.executor.link
+    rt = EdgeRuntime(edge, large, link, None, RuntimeOptions(workers=1, probe_interval_s=0, scheduler=SchedulerOptions(decode_ahead=11))).start()
+    try:
+        for image, q in zip(_images(2), QUESTIONS[2:]):
+            r = _ask(rt, image, q, policy="speculative", max_new_tokens=12)
+            here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q, max_new_tokens=12)
+            assert r.answer == here.text and r.finish_reason == here.finish_reason and "ahead=11" in r.plan
+            blocks, _, drafted = _speculation_counts(r.reason)
+            assert blocks == 1 and drafted == 0 and f"{len(here.token_ids) - 1} decoded ahead" in r.reason, r.reason
+    finally:
+        rt.stop()

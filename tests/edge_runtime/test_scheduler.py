@@ -57,6 +57,20 @@ def test_each_fixed_policy_gives_its_plan_kind(models, calibration, policy, kind
         assert plan.commit_threshold > 1 and plan.speculate
 
 
+def test_speculative_plans_decode_ahead_what_the_cloud_decodes_within_a_round_trip(models, calibration):
+    """Auto (-1): more tokens the slower the link, so a slow link costs fewer round trips; a fixed count is kept as given."""
+    auto = _scheduler(models, calibration, policy="speculative")
+    near, far = (auto.choose(_inputs(rtt_ms=rtt, mbps=20)) for rtt in (0.5, 200))
+    assert near.kind == far.kind == "speculative" and 0 <= near.decode_ahead < far.decode_ahead
+    assert f"ahead={far.decode_ahead}" in far.describe()
+    verdicts_only = _scheduler(models, calibration, policy="speculative", decode_ahead=0).choose(_inputs(rtt_ms=200, mbps=20))
+    assert verdicts_only.decode_ahead == 0 and "ahead" not in verdicts_only.describe()
+    assert far.est_latency_ms < verdicts_only.est_latency_ms - 100  # at least one round trip of 200 ms fewer
+    assert _scheduler(models, calibration, policy="speculative", decode_ahead=5).choose(_inputs(rtt_ms=200)).decode_ahead == 5
+    with pytest.raises(ConfigError, match="decode_ahead"):
+        SchedulerOptions(decode_ahead=-2)
+
+
 def test_without_the_cloud_only_local_plans_are_candidates(models, calibration):
     s = _scheduler(models, calibration)
     kinds = {p.kind for p in s.candidates(_inputs(cloud_ok=False))}

@@ -24,7 +24,7 @@ BUDGET = 10
 
 
 class LocalVerifier:
-    """``verify(drafts, committed, restart)`` as the daemon's link offers it, on a local session.
+    """``verify(drafts, committed, restart, ahead)`` as the daemon's link offers it, on a local session.
 
     ``lose_after``: the session is forgotten after that many blocks (a worker restart), once.
     ``fail_after``: every block after that many raises CloudUnavailable (the cloud is gone).
@@ -37,7 +37,7 @@ class LocalVerifier:
         self.calls = 0
         self.restarts = 0
 
-    def __call__(self, drafts, committed, restart):
+    def __call__(self, drafts, committed, restart, ahead):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise CloudUnavailable("test: the worker and the link are gone")
@@ -48,7 +48,7 @@ class LocalVerifier:
             raise CloudJobFailed("test: this worker holds no speculation session", "session_unknown")
         elif len(self.session.committed) != len(committed):
             raise CloudJobFailed("test: committed lengths differ", "session_mismatch")
-        v = self.session.verify(np.asarray(drafts, np.int64))
+        v = self.session.verify(np.asarray(drafts, np.int64), ahead)
         if self.lose_after is not None and self.calls == self.lose_after:
             self.session, self.lose_after = None, None
         return BlockReply(v.token_ids, v.token_probs, v.committed, v.finish_reason)
@@ -112,6 +112,34 @@ def test_each_verdict_passes_on_only_verified_tokens_each_a_prefix_of_the_answer
     assert all(len(a) < len(b) for a, b in zip(seen, seen[1:])) and all(out.token_ids[: len(t)] == t for t in seen)
     assert len(seen[-1]) == out.verified and all(want[: len(t)] == t for t in seen)  # the cloud model's tokens only
     assert (out.fallback == "") == (verifier_kw is None) and (out.verified == len(want)) == (verifier_kw is None)
+
+
+@pytest.mark.parametrize("ahead", [2, BUDGET])
+def test_decoding_ahead_takes_fewer_blocks_and_the_answer_stays_the_large_models(qwen_pair, pool, ahead):  # noqa: F811
+    """The prompt's verdict and every later one carry ``ahead`` of the cloud's own tokens: the loop keeps them committed,
+    the edge's cache follows them, and a budget within one verdict needs one round trip."""
+    out, want, verifier = _run(qwen_pair, pool, 8, QUESTIONS[2], first_block=0, decode_ahead=ahead)
+    base, _, _ = _run(qwen_pair, pool, 8, QUESTIONS[2], first_block=0)
+    assert out.token_ids == want == base.token_ids and out.fallback == "" and out.verified == len(want)
+    assert out.decoded > 0 and out.blocks < base.blocks and out.blocks == verifier.calls
+    if ahead == BUDGET:
+        assert out.blocks == 1 and out.decoded == len(want) - 1 and out.drafted == 0
+
+
+def test_a_prompt_block_sent_before_the_edge_prefill_is_the_loops_first_verdict(qwen_pair, pool):  # noqa: F811
+    """The daemon sends the prompt first so the cloud's prefill overlaps the edge's: the loop uses that block, sends it not again."""
+    edge, large = qwen_pair
+    verifier = LocalVerifier(large, _image(large, 9), QUESTIONS[0])
+    sent = pool.submit(verifier, [], [], True, 0)
+    want = large.generator().generate(_image(large, 9), QUESTIONS[0], max_new_tokens=BUDGET).token_ids
+    gen = edge.generator()
+    seq = TokenSequence(gen)
+    first = seq.start(_image(edge, 9), QUESTIONS[0], capacity=BUDGET)[-1]
+    out = speculate(seq, first, verifier, pool.submit, budget=BUDGET, eos=gen.eos, round_trip_ms=20.0, edge_step_ms=2.0, first_block=0,
+                    first_sent=sent)  # fmt: skip
+    assert out.token_ids == want and out.fallback == "" and verifier.calls == out.blocks and verifier.restarts == 1
+    with pytest.raises(ValueError, match="first_block=0"):
+        speculate(seq, first, verifier, pool.submit, budget=BUDGET, eos=gen.eos, round_trip_ms=20.0, edge_step_ms=2.0, first_sent=sent)
 
 
 def test_a_deadline_already_past_sends_no_block(qwen_pair, pool):  # noqa: F811

@@ -127,6 +127,35 @@ def test_an_accepted_end_token_ends_the_answer_where_the_large_model_ends_it(eas
         session.verify(np.asarray([1], np.int64))
 
 
+@pytest.mark.parametrize("ahead", [1, 3, 20])
+def test_decoding_ahead_commits_the_large_models_own_next_tokens_one_pass_each(qwen_pair, easy_cloud, ahead):
+    """Wrong drafts, then ``ahead`` tokens of its own per verdict (within the budget, up to its end token): the same greedy answer."""
+    for large in (qwen_pair[1], easy_cloud):
+        enc = _image(large, 4)
+        budget = 10
+        want = large.generator().generate(enc, QUESTIONS[1], max_new_tokens=budget).token_ids
+        session = VerifySession(large.generator(), enc, QUESTIONS[1], keep=None, max_new_tokens=budget)
+        vocab = large.manifest.model.vocab_size
+        got, verdicts = [], []
+        while not session.finish_reason:
+            wrong = [(want[len(got)] + 1) % vocab] if len(got) < len(want) else []  # a draft the model rejects
+            v = session.verify(np.asarray(wrong, np.int64), ahead)
+            got += v.token_ids
+            verdicts.append(v)
+        assert tuple(got) == want and verdicts[-1].finish_reason == ("stop" if want[-1] in large.generator().eos else "length")
+        assert all(v.accepted == 0 and v.decoded == len(v.token_ids) - 1 for v in verdicts)
+        assert all(v.decoded == ahead for v in verdicts[:-1]) and verdicts[-1].decoded <= ahead
+        assert len(verdicts) == -(-len(want) // (ahead + 1)) and session.forward_passes == len(want)  # one pass per token
+
+
+def test_a_decode_ahead_that_is_not_a_small_count_is_refused(easy_cloud):
+    session = VerifySession(easy_cloud.generator(), _image(easy_cloud, 0), QUESTIONS[0], keep=None, max_new_tokens=4)
+    for bad in (-1, True, 1.5, 10**6):
+        with pytest.raises(FeedError, match="decode_ahead"):
+            session.verify(np.asarray([], np.int64), bad)
+    assert session.verify(np.asarray([], np.int64), 0).committed == 1 and session.forward_passes == 1
+
+
 def test_rollback_leaves_the_cache_as_if_the_rejected_tokens_never_came(qwen_pair):
     _, large = qwen_pair
     enc = _image(large, 2)
