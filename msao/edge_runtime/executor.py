@@ -436,16 +436,25 @@ class Executor:
         return replace(out, flops_edge=committed.flops_edge, local_observed_ms=committed.local_observed_ms, speculation=spec)
 
     def _speculative(self, run: _Run) -> Outcome:
-        """Token-level speculation: the prompt goes up at once (no drafts), the edge drafts while the cloud prefills."""
+        """Token-level speculation: the prompt goes up first (no drafts), the edge prepares and drafts while the cloud prefills.
+
+        Where the prompt needs nothing of the edge's (the image file or a re-encoded JPEG, no keep-set),
+        it leaves before the edge's vision encoder; and where the prompt's verdict will reach the
+        budget (the cloud decodes ahead that far), the edge's encoder and prefill wait for a reason
+        (the cloud failed, or its worker lost the session): they could not shorten the answer.
+        """
         plan, request, large = run.plan, run.request, self._large()
         if self.link is None:
             return self._fallback(CloudUnavailable("no cloud link configured (--broker)"), run)
         link = self.link
-        p = self._prepare(self.edge, run, plan.keep_ratio)
-        keep = p.keep if plan.send_keep and large.n_tokens == self.edge.n_tokens else None
-        prompt = self._upload(run, keep, p)
-        session = {"id": new_job_id(), "worker": None}
         budget = request.token_budget
+        edge: dict = {"p": None, "prefill_ms": 0.0}
+        if plan.send_keep or sends_tokens(plan.upload):  # the prompt carries the edge's keep-set or tokens
+            edge["p"] = self._prepare(self.edge, run, plan.keep_ratio)
+        p0 = edge["p"]
+        keep = p0.keep if p0 is not None and plan.send_keep and large.n_tokens == self.edge.n_tokens else None
+        prompt = self._upload(run, keep, p0)
+        session = {"id": new_job_id(), "worker": None}
 
         def verify(drafts: list[int], committed: list[int], restart: bool, ahead: int) -> BlockReply:
             remaining = run.cloud_deadline - time.monotonic()
@@ -465,19 +474,27 @@ class Executor:
 
         verify_ms: list[float] = []
         started = time.perf_counter()
-        # the prompt's block leaves first: the cloud's prefill (and what it decodes ahead) overlaps the edge's prefill
-        sent = self._pool.submit(verify, [], [], True, max(0, min(plan.decode_ahead, budget - 1)))
+        first_ahead = max(0, min(plan.decode_ahead, budget - 1))
+        sent = self._pool.submit(verify, [], [], True, first_ahead)  # the cloud's prefill overlaps all the edge does next
         gen = self.edge.generator()
         seq = TokenSequence(gen)
-        t0 = time.perf_counter()
-        first = seq.start(p.encoding, request.question, keep=p.keep, capacity=budget)[-1]
-        prefill_ms = self.dilate((time.perf_counter() - t0) * 1e3)
+
+        def edge_prefill() -> np.ndarray:
+            if edge["p"] is None:
+                edge["p"] = self._prepare(self.edge, run, plan.keep_ratio)
+            t0 = time.perf_counter()
+            first = seq.start(edge["p"].encoding, request.question, keep=edge["p"].keep, capacity=budget)[-1]
+            edge["prefill_ms"] = self.dilate((time.perf_counter() - t0) * 1e3)
+            return first
+
+        lazy = first_ahead >= budget - 1  # the prompt's verdict reaches the budget: the edge's drafts are the fallback's only
+        first = edge_prefill if lazy else edge_prefill()
+        prior_step = max(0.05, edge["prefill_ms"] / max(1, seq.prompt_length)) if not lazy else 1.0  # lazy: blocks only after a loss
         link_rtt = self.round_trip_ms() if self.round_trip_ms is not None else 20.0
         s: SpeculationOutcome = speculate(
-            seq, first, verify, self._pool.submit, budget=budget, eos=gen.eos, round_trip_ms=link_rtt,
-            edge_step_ms=max(0.05, prefill_ms / max(1, seq.prompt_length)), first_block=0, dilate=self.dilate,
-            deadline=run.cloud_deadline, on_commit=_partial_text(run, gen) if run.on_partial is not None else None,
-            decode_ahead=plan.decode_ahead, first_sent=sent,
+            seq, first, verify, self._pool.submit, budget=budget, eos=gen.eos, round_trip_ms=link_rtt, edge_step_ms=prior_step,
+            first_block=0, dilate=self.dilate, deadline=run.cloud_deadline,
+            on_commit=_partial_text(run, gen) if run.on_partial is not None else None, decode_ahead=plan.decode_ahead, first_sent=sent,
         )  # fmt: skip
         if s.fallback:
             for job_id in run.jobs:
@@ -486,26 +503,33 @@ class Executor:
         ids = s.token_ids
         text = _answer_text(gen, ids)
         up, down = self._sent(run)
-        kept = p.kept_tokens if keep is not None else (0 if request.text_only else large.n_tokens)
+        p: Prepared | None = edge["p"]
+        kept = keep.size if keep is not None else (0 if request.text_only else large.n_tokens)
         text_tokens = self._cloud_text_tokens(request.question)
-        edge_flops = _vision_flops(self.edge, p) + request_flops(
-            self.edge.manifest, image_tokens=p.kept_tokens, text_tokens=text_tokens, new_tokens=s.edge_steps, include_vision=False
-        )
+        edge_flops = 0
+        if p is not None:
+            edge_flops = _vision_flops(self.edge, p) + (request_flops(
+                self.edge.manifest, image_tokens=p.kept_tokens, text_tokens=text_tokens, new_tokens=s.edge_steps, include_vision=False
+            ) if seq.prompt_length else 0)  # fmt: skip
         cloud_flops = request_flops(large.manifest, image_tokens=kept, text_tokens=text_tokens, new_tokens=s.drafted + s.blocks + s.decoded) if s.blocks else 0
         spec = (
             f"token-level: {s.blocks} blocks (k={','.join(map(str, s.block_sizes))}), {s.accepted}/{s.drafted} drafts accepted, "
             f"{s.decoded} decoded ahead, {s.verified} of {len(ids)} tokens verified"
         )
+        if p is None:
+            spec += "; the edge did not need to prefill"
         if s.fallback:
             spec += "; the edge finished the answer alone"
         finish = s.finish_reason
+        local_ms = edge["prefill_ms"] + s.edge_ms
         return Outcome(
             text, min(s.token_probs) if s.token_probs else 0.0, "cloud" if not s.fallback else "edge",
-            large.name if not s.fallback else self.edge.name, s.fallback, _mas_fields(p),
-            self._timings(p, local=prefill_ms + s.edge_ms, cloud=sum(verify_ms), speculation=total_ms), up, down,
-            flops_edge=edge_flops, flops_cloud=cloud_flops, local_observed_ms=p.vision_ms + prefill_ms + s.edge_ms,
+            large.name if not s.fallback else self.edge.name, s.fallback, _mas_fields(p) if p is not None else {},
+            {**(self._timings(p) if p is not None else {"decode_image": round(run.decode_ms, 3)}), **{k: round(v, 3) for k, v in {"local": local_ms, "cloud": sum(verify_ms),
+                                                                                            "speculation": total_ms}.items()}},
+            up, down, flops_edge=edge_flops, flops_cloud=cloud_flops, local_observed_ms=(p.vision_ms if p is not None else 0.0) + local_ms,
             speculation=spec, prompt_tokens=kept + text_tokens, completion_tokens=len(ids) - (finish == "stop"), finish_reason=finish,
-            image_cached=p.cached, relevance=_relevance(p),
+            image_cached=bool(p is not None and p.cached), relevance=_relevance(p),
         )  # fmt: skip
 
     # -- fallback ---------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def speculate(
     seq: TokenSequence,
-    first_probs: np.ndarray,
+    first_probs: np.ndarray | Callable[[], np.ndarray],
     verify: Callable[[list[int], list[int], bool, int], BlockReply],
     submit: Callable[[Callable[[], BlockReply]], object],
     *,
@@ -138,6 +138,9 @@ def speculate(
 
     Args:
         seq: the edge model's sequence, its prompt prefilled; ``first_probs`` its distribution after the prompt.
+            A callable instead prefills ``seq`` when the loop first needs a draft and returns that
+            distribution: an answer whose verdicts never need one (the cloud decodes to the budget)
+            costs the edge no prefill.
         verify: ``verify(drafts, committed, restart, ahead)`` sends one block; ``committed`` the tokens the
             edge holds as committed, ``restart`` True when the session must start again from the prompt
             (its first block, or after the worker lost it: then the committed tokens are re-sent as drafts),
@@ -198,7 +201,8 @@ def speculate(
         else:
             future = submit(lambda d=drafts, c=list(committed), r=restart, a=ahead: verify(d, c, r, a))
         sizes.append(len(block))
-        while not future.done() and not state.ended and len(state.tokens) < len(committed) + len(block) + 1 + ahead + k_next:
+        reaches_budget = len(committed) + len(block) + 1 + ahead >= budget  # its verdict ends the answer: nothing to draft for
+        while not reaches_budget and not future.done() and not state.ended and len(state.tokens) < len(committed) + len(block) + 1 + ahead + k_next:
             state.draft_one()  # speculation: draft the next block while this one's verdict travels
         try:
             wait = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic()) + 0.05
@@ -249,9 +253,11 @@ class _Drafting:
     """The edge model's drafted continuation (``tokens``), kept fed in its KV cache."""
 
     def __init__(
-        self, seq: TokenSequence, probs: np.ndarray, budget: int, eos: set[int], dilate: Callable[[float], float], prior_step_ms: float
-    ):
-        self.seq, self.probs, self.budget, self.eos, self.dilate = seq, probs, budget, eos, dilate
+        self, seq: TokenSequence, probs: np.ndarray | Callable[[], np.ndarray], budget: int, eos: set[int],
+        dilate: Callable[[float], float], prior_step_ms: float,
+    ):  # fmt: skip
+        self.seq, self.budget, self.eos, self.dilate = seq, budget, eos, dilate
+        self._prefill, self.probs = (probs, None) if callable(probs) else (None, probs)
         self.prior_step_ms = prior_step_ms
         self.tokens: list[int] = []  # committed tokens, then drafts; all fed except an end token
         self.token_probs: list[float] = []  # the edge model's probability of each (for a fallback answer)
@@ -263,7 +269,12 @@ class _Drafting:
     def step_ms(self) -> float:
         return self.edge_ms / self.steps if self.steps else self.prior_step_ms
 
+    def _started(self) -> None:
+        if self._prefill is not None:
+            self.probs, self._prefill = self._prefill(), None
+
     def draft_one(self) -> None:
+        self._started()
         tok = int(self.probs.argmax())
         self.tokens.append(tok)
         self.token_probs.append(float(self.probs[tok]))
@@ -281,6 +292,7 @@ class _Drafting:
 
     def reconcile(self, committed: list[int]) -> None:
         """Keep the drafts that continue ``committed``; else roll back to it and continue from its last token."""
+        self._started()
         same = _common_prefix(self.tokens, committed)
         if same == len(committed):
             return  # the drafts past the committed tokens were drafted from them: still valid

@@ -279,5 +279,6 @@ def test_decoding_ahead_commits_the_whole_cloud_answer_in_the_prompts_verdict(ru
             assert r.answer == here.text and r.finish_reason == here.finish_reason and "ahead=11" in r.plan
             blocks, _, drafted = _speculation_counts(r.reason)
             assert blocks == 1 and drafted == 0 and f"{len(here.token_ids) - 1} decoded ahead" in r.reason, r.reason
+            assert "the edge did not need to prefill" in r.reason and r.flops_edge == 0 and r.flops_cloud > 0  # its drafts could not help
     finally:
         rt.stop()

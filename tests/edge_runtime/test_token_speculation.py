@@ -126,6 +126,28 @@ def test_decoding_ahead_takes_fewer_blocks_and_the_answer_stays_the_large_models
         assert out.blocks == 1 and out.decoded == len(want) - 1 and out.drafted == 0
 
 
+@pytest.mark.parametrize("verifier_kw", [None, {"fail_after": 0}], ids=["cloud-answers", "cloud-gone"])
+def test_an_edge_prefill_passed_as_a_callable_runs_only_when_a_draft_is_needed(qwen_pair, pool, verifier_kw):  # noqa: F811
+    """The cloud decoding to the budget needs no draft: the edge never prefills; a cloud gone at once: it prefills and answers."""
+    edge, large = qwen_pair
+    verifier = LocalVerifier(large, _image(large, 10), QUESTIONS[1], **(verifier_kw or {}))
+    want = large.generator().generate(_image(large, 10), QUESTIONS[1], max_new_tokens=BUDGET).token_ids
+    gen = edge.generator()
+    seq = TokenSequence(gen)
+    calls = []
+
+    def prefill():
+        calls.append(1)
+        return seq.start(_image(edge, 10), QUESTIONS[1], capacity=BUDGET)[-1]
+
+    out = speculate(seq, prefill, verifier, pool.submit, budget=BUDGET, eos=gen.eos, round_trip_ms=20.0, edge_step_ms=2.0, first_block=0,
+                    decode_ahead=BUDGET)  # fmt: skip
+    if verifier_kw is None:
+        assert calls == [] and out.token_ids == want and out.blocks == 1 and out.edge_steps == 0
+    else:
+        assert calls == [1] and out.fallback and out.verified == 0 and len(out.token_ids) >= 1 and out.edge_steps > 0
+
+
 def test_a_prompt_block_sent_before_the_edge_prefill_is_the_loops_first_verdict(qwen_pair, pool):  # noqa: F811
     """The daemon sends the prompt first so the cloud's prefill overlaps the edge's: the loop uses that block, sends it not again."""
     edge, large = qwen_pair
