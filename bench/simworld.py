@@ -35,6 +35,7 @@ import numpy as np
 from msao.edge_runtime.estimates import SegmentClock
 from msao.edge_runtime.scheduler import Plan, Scheduler
 from msao.edge_runtime.token_speculation import PRIOR_ACCEPTANCE
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS
 from msao.engines.manifest import Manifest
 
 __all__ = ["Draws", "Job", "Link", "Stage", "draw_requests", "mean_draws", "job_from_plan", "closed_loop_ms", "run_open_loop"]
@@ -272,7 +273,8 @@ def _speculative_job(s: Scheduler, plan: Plan, net: _Transfers, d: Draws, pre: f
     meanwhile and holds the edge only for what drafting takes beyond the round trip. The number of
     blocks is the scheduler's expectation at the prior acceptance (not drawn per token), so the
     simulation tests the plan's timing, not the acceptance model. Each verdict (the prompt's
-    included) also carries ``plan.decode_ahead`` of the cloud's own decode steps.
+    included) also carries ``plan.decode_ahead`` of the cloud's own decode steps; where the
+    prompt's verdict reaches the (default) budget the edge does nothing, as in the daemon.
     """
     m, e, c, n, r, k = s.large, d.edge_factor, d.cloud_factor, d.answer_tokens, plan.keep_ratio, plan.block
     assert m is not None and s.cloud_clock is not None and k is not None
@@ -286,6 +288,9 @@ def _speculative_job(s: Scheduler, plan: Plan, net: _Transfers, d: Draws, pre: f
         + ([("edge", build_ms)] if build_ms > 0 else [])
         + net.around(up, 600, [("cloud", c * (large_cloud.vision() + large_cloud.prefill(t)) + min(ahead, max(0.0, n - 1)) * step)])
     )
+    if ahead >= DEFAULT_MAX_NEW_TOKENS - 1:  # the simulated requests ask for the default budget
+        return Job(tuple(cloud_first), bytes_up=up, bytes_down=600, answered_by="cloud", mas_ms=mas_ms if plan.send_keep else 0.0,
+                   correct=correct)  # fmt: skip
     t_edge = s.prompt_tokens(s.edge, r)
     edge_first = [("edge", e * (edge_t.vision() + edge_t.prefill(t_edge)))]
     a = PRIOR_ACCEPTANCE

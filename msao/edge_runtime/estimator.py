@@ -26,6 +26,7 @@ from msao.cloud_bridge.stats import TransferStats
 from msao.edge_runtime.estimates import EwmaOptions, LinkEstimate, LoadEstimate, SegmentClock
 from msao.edge_runtime.plans import Plan, PlanKind
 from msao.edge_runtime.scheduler import CostInputs, Scheduler, SchedulerOptions
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS
 from msao.engines.manifest import LatencyProfile, Manifest
 
 __all__ = ["Estimator", "Observation"]
@@ -110,7 +111,9 @@ class Estimator:
 
     # -- the snapshot the scheduler reads ---------------------------------------------------
 
-    def snapshot(self, *, cloud_ok: bool, cloud_queue_depth: float, image_bytes: int, deadline_ms: float) -> CostInputs:
+    def snapshot(
+        self, *, cloud_ok: bool, cloud_queue_depth: float, image_bytes: int, deadline_ms: float, token_budget: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> CostInputs:
         """The live state for one decision.
 
         Args:
@@ -124,6 +127,7 @@ class Estimator:
         return CostInputs(
             link=self.link.snapshot(), cloud_ok=cloud_ok, cloud_queue_ms=queue_ms, edge_load=self.load.local_wait_factor(),
             mas_ms=mas, image_bytes=image_bytes, deadline_ms=max(0.0, deadline_ms), local_residuals=residuals,
+            token_budget=token_budget,
         )  # fmt: skip
 
     def residual(self, kind: str, r: float) -> float:

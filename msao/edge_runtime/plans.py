@@ -70,7 +70,9 @@ class Plan:
             from the link, the edge's measured step and the acceptance so far.
         decode_ahead: speculative: how many of its own tokens the large model decodes after each
             verdict (``speculate(decode_ahead=)``): as many as it decodes within a round trip,
-            so a cheap cloud behind a slow link answers in fewer round trips; 0 = verdicts only.
+            so a cheap cloud behind a slow link answers in fewer round trips; 0 = verdicts only. Not
+            in ``describe()`` (it moves with each request's upload; the benchmarks group plans by
+            their description): the answer's reason counts the tokens decoded ahead.
         fallback_reserve_ms: time kept back from the cloud path for an edge-only answer if the
             cloud fails: the cloud's deadline is the request's minus this (0 for local plans,
             and for draft/verify, whose fallback, the draft, is already there).
@@ -119,8 +121,6 @@ class Plan:
             parts.append("speculative" if self.speculate else "sequential")
         if self.kind is PlanKind.SPECULATIVE and self.block:
             parts.append(f"k={self.block}")
-        if self.kind is PlanKind.SPECULATIVE and self.decode_ahead:
-            parts.append(f"ahead={self.decode_ahead}")
         if self.upload != "file" and self.kind in (PlanKind.CLOUD, PlanKind.DRAFT_VERIFY, PlanKind.SPECULATIVE):
             parts.append(f"upload={self.upload}")
         return " ".join(parts)

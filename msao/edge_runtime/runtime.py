@@ -352,7 +352,8 @@ class EdgeRuntime:
         cloud = self.cloud_ok()
         depth = self.cloud_queue_depth() if cloud else 0.0
         return self.estimator.snapshot(
-            cloud_ok=cloud, cloud_queue_depth=depth, image_bytes=len(req.image), deadline_ms=(deadline - time.monotonic()) * 1e3
+            cloud_ok=cloud, cloud_queue_depth=depth, image_bytes=len(req.image), deadline_ms=(deadline - time.monotonic()) * 1e3,
+            token_budget=req.token_budget,
         )
 
     def _remember(self, item: _Item, response: EdgeResponse | None) -> None:

@@ -57,6 +57,7 @@ from msao.edge_runtime.calibration import Calibration, UploadCalibration
 from msao.edge_runtime.estimates import LinkSnapshot, SegmentClock
 from msao.edge_runtime.plans import ALWAYS_VERIFY, MAX_DECODE_AHEAD, PLAN_KINDS, POLICIES, Plan, PlanKind, sends_tokens
 from msao.edge_runtime.token_speculation import PRIOR_ACCEPTANCE, block_size
+from msao.engines.generation import DEFAULT_MAX_NEW_TOKENS
 from msao.engines.manifest import Manifest
 from msao.errors import ConfigError
 
@@ -120,6 +121,7 @@ class CostInputs:
         mas_ms: live MAS time per request.
         image_bytes: size of this request's image file.
         deadline_ms: this request's remaining budget.
+        token_budget: this request's answer budget in tokens (``EdgeRequest.token_budget``).
         local_residuals: per local (kind, keep ratio), how far that plan's runs were from its
             estimate on this device (``Estimator``); 1 where nothing was learned.
     """
@@ -132,6 +134,7 @@ class CostInputs:
     image_bytes: int
     deadline_ms: float
     local_residuals: Mapping[tuple[str, float], float] = field(default_factory=dict)
+    token_budget: int = DEFAULT_MAX_NEW_TOKENS
 
     def local_residual(self, kind: str, r: float) -> float:
         return self.local_residuals.get((str(kind), r), 1.0)
@@ -396,15 +399,23 @@ class Scheduler:
         rtt = x.link.transfer_ms(700, 700)
         a = PRIOR_ACCEPTANCE
         cloud_step = cc.ms("text_embed", 1) + cc.decoder_ms(0, layers, 1, t) + cc.ms("lm_head", 1)
-        ahead = self.options.decode_ahead
-        if ahead < 0:  # auto: the tokens the cloud decodes within one round trip
-            ahead = min(MAX_DECODE_AHEAD, int(rtt // cloud_step) if cloud_step > 0 else MAX_DECODE_AHEAD)
         k = block_size(a, rtt + cc.decoder_ms(0, layers, 1, t), edge_step)
         cloud_pass = cc.ms("text_embed", k + 1) + cc.decoder_ms(0, layers, k + 1, t) + cc.ms("lm_head", k + 1)
-        per_block = (1 - a ** (k + 1)) / (1 - a) + ahead
-        first += min(ahead, max(0.0, n - 1)) * cloud_step  # the prompt's verdict: its own token, then the tokens decoded ahead
-        blocks = math.ceil(max(0.0, n - 1 - ahead) / per_block)
-        ms = max(first, edge_ready) + blocks * max(rtt + cloud_pass + ahead * cloud_step, k * edge_step)
+
+        def cost(ahead: int) -> tuple[float, int]:
+            """(latency, blocks after the prompt's) when every verdict carries ``ahead`` of the cloud's own tokens."""
+            head = first + min(ahead, max(0.0, n - 1)) * cloud_step  # the prompt's verdict: its own token, then those
+            blocks = math.ceil(max(0.0, n - 1 - ahead) / ((1 - a ** (k + 1)) / (1 - a) + ahead))
+            if ahead >= x.token_budget - 1:  # the prompt's verdict reaches the budget: the edge prefills only on a fault
+                return head, blocks
+            return max(head, edge_ready) + blocks * max(rtt + cloud_pass + ahead * cloud_step, k * edge_step), blocks
+
+        ahead = self.options.decode_ahead
+        if ahead < 0:  # auto: what the cloud decodes within a round trip, or the whole budget where the edge is slower still
+            within = min(MAX_DECODE_AHEAD, int(rtt // cloud_step) if cloud_step > 0 else MAX_DECODE_AHEAD)
+            whole = min(MAX_DECODE_AHEAD, max(0, x.token_budget - 1))
+            ahead = min((within, whole), key=lambda h: (cost(h)[0], h))
+        ms, blocks = cost(ahead)
         return Plan(
             "speculative", r, send_keep=send_keep, block=k, decode_ahead=ahead, upload=form.form if form else "file", est_latency_ms=ms,
             est_accuracy=self._cloud_accuracy(r, send_keep, form), est_uplink_bytes=self._cloud_up_bytes(r, x, send_keep, form) + blocks * 700,

@@ -276,7 +276,7 @@ def test_decoding_ahead_commits_the_whole_cloud_answer_in_the_prompts_verdict(ru
         for image, q in zip(_images(2), QUESTIONS[2:]):
             r = _ask(rt, image, q, policy="speculative", max_new_tokens=12)
             here = large.answer(large.prepare(large.decode(image, 10**6)[0], q, analyse=False), q, max_new_tokens=12)
-            assert r.answer == here.text and r.finish_reason == here.finish_reason and "ahead=11" in r.plan
+            assert r.answer == here.text and r.finish_reason == here.finish_reason and r.plan.startswith("speculative")
             blocks, _, drafted = _speculation_counts(r.reason)
             assert blocks == 1 and drafted == 0 and f"{len(here.token_ids) - 1} decoded ahead" in r.reason, r.reason
             assert "the edge did not need to prefill" in r.reason and r.flops_edge == 0 and r.flops_cloud > 0  # its drafts could not help

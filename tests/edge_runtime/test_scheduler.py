@@ -57,16 +57,24 @@ def test_each_fixed_policy_gives_its_plan_kind(models, calibration, policy, kind
         assert plan.commit_threshold > 1 and plan.speculate
 
 
-def test_speculative_plans_decode_ahead_what_the_cloud_decodes_within_a_round_trip(models, calibration):
-    """Auto (-1): more tokens the slower the link, so a slow link costs fewer round trips; a fixed count is kept as given."""
-    auto = _scheduler(models, calibration, policy="speculative")
-    near, far = (auto.choose(_inputs(rtt_ms=rtt, mbps=20)) for rtt in (0.5, 200))
-    assert near.kind == far.kind == "speculative" and 0 <= near.decode_ahead < far.decode_ahead
-    assert f"ahead={far.decode_ahead}" in far.describe()
-    verdicts_only = _scheduler(models, calibration, policy="speculative", decode_ahead=0).choose(_inputs(rtt_ms=200, mbps=20))
-    assert verdicts_only.decode_ahead == 0 and "ahead" not in verdicts_only.describe()
-    assert far.est_latency_ms < verdicts_only.est_latency_ms - 100  # at least one round trip of 200 ms fewer
-    assert _scheduler(models, calibration, policy="speculative", decode_ahead=5).choose(_inputs(rtt_ms=200)).decode_ahead == 5
+def test_speculative_plans_decode_ahead_as_far_as_pays_and_skip_the_edge_when_the_budget_is_covered(models, calibration):
+    """Auto (-1) takes the faster of a round trip's worth and the whole budget, priced as that count given outright;
+    a prompt's verdict that reaches the budget (16 tokens: 15 ahead) charges no edge prefill; a slow link saves round trips."""
+
+    def plan(rtt_ms, ahead=-1, budget=16, load=1.0):
+        x = replace(_inputs(rtt_ms=rtt_ms, mbps=20, load=load), token_budget=budget)
+        return _scheduler(models, calibration, policy="speculative", decode_ahead=ahead).choose(x)
+
+    for rtt in (0.5, 200):
+        auto = plan(rtt)
+        assert auto.kind == "speculative" and auto.est_latency_ms == pytest.approx(plan(rtt, auto.decode_ahead).est_latency_ms)
+        assert auto.est_latency_ms <= plan(rtt, 15).est_latency_ms + 1e-9
+    slow = 50.0  # an edge 50x slower: its prefill outlasts the cloud's whole answer
+    assert plan(0.5, 15, load=slow).est_latency_ms < plan(0.5, 14, load=slow).est_latency_ms  # 14 leaves the edge's prefill on the path
+    assert plan(0.5, 15, budget=32, load=slow).est_latency_ms > plan(0.5, 15, load=slow).est_latency_ms  # as does a budget not covered
+    assert plan(0.5, load=slow).decode_ahead == 15  # so auto has the cloud decode the whole budget
+    assert plan(200).est_latency_ms < plan(200, 0).est_latency_ms - 100  # at least one 200 ms round trip fewer than verdicts only
+    assert plan(200, 5).decode_ahead == 5 and plan(200, 0).decode_ahead == 0
     with pytest.raises(ConfigError, match="decode_ahead"):
         SchedulerOptions(decode_ahead=-2)
 
