@@ -1,6 +1,7 @@
 """A fleet in the paper's regime: N dilated edge daemons that hold only the small model share one cloud worker.
 
     make bench-fleet        # 4 edges x 1 worker on lte, scenes, the edges dilated x15; cloud_only vs msao
+    python -m bench.fleet --edge-dilation-profile bench/profiles/dilation_orin-nx_vs_a100.toml   # per kind of work
 
 Per policy, every edge daemon (``--large-on-edge false``, ``--edge-dilation k``) gets Poisson
 arrivals at the same rate over its HTTP API, each question asked once; the rate per edge steps
@@ -22,13 +23,17 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from bench.cells import Item, fire_at, poisson_times
 from bench.run import workload
+from msao.edge_runtime.dilation import Dilation
 from msao.edge_runtime.plans import POLICIES
+from msao.edge_runtime.runtime import RuntimeOptions
+from msao.errors import ConfigError
 from testbed import PROFILES, EdgeDaemon, Stack, cpu_seconds
 
 __all__ = ["fleet_step", "run_fleet"]
@@ -74,15 +79,17 @@ def fleet_step(stack: Stack, edges: list[EdgeDaemon], items: list[Item], policy:
 def run_fleet(
     edge_bundle: Path, cloud_bundle: Path, calibration: Path | None, work: Path, *, edges: int, dilation: float, link: str,
     policies: tuple[str, ...], rates: tuple[float, ...], duration_s: float, bound_ms: float, dataset: str, seed: int = 0,
+    dilation_profile: str = "",
 ) -> dict:  # fmt: skip
     """Every policy up the rate ladder on one stack (a fresh set of daemons per policy)."""
     items = workload(2000, seed, dataset)
     cells: dict[str, dict] = {}
-    with Stack(work, edge_bundle, cloud_bundle, calibration, workers=1, edge_share=None, edge_dilation=dilation) as stack:
+    env = {"MSAO_RUNTIME_EDGE_DILATION_PROFILE": str(Path(dilation_profile).resolve())} if dilation_profile else None
+    with Stack(work, edge_bundle, cloud_bundle, calibration, workers=1, edge_share=None, edge_dilation=None if dilation_profile else dilation) as stack:
         stack.shape(PROFILES[link])
         offset = 0
         for policy in policies:
-            daemons = [stack.start_edge(f"{policy}-{i}", policy, ("--large-on-edge", "false", "--workers", "4")) for i in range(edges)]
+            daemons = [stack.start_edge(f"{policy}-{i}", policy, ("--large-on-edge", "false", "--workers", "4"), env) for i in range(edges)]
             try:
                 fleet_step(stack, daemons, items, policy, min(rates), 2.0, seed + 99, offset)  # warm-up, not reported
                 steps = []
@@ -102,7 +109,9 @@ def run_fleet(
     base = cells[policies[0]]["throughput_per_s"]
     return {
         "benchmark": "fleet", "regime": "large_on_edge = false", "dataset": dataset, "edges": edges, "workers": 1,
-        "edge_dilation": dilation, "link": link, "bound_ms": bound_ms, "duration_s": duration_s, "rates_per_edge": list(rates),
+        "edge_dilation": None if dilation_profile else dilation, "edge_dilation_profile": dilation_profile,
+        "dilation": asdict(RuntimeOptions(edge_dilation_profile=dilation_profile).dilation if dilation_profile else Dilation.uniform(dilation)),
+        "link": link, "bound_ms": bound_ms, "duration_s": duration_s, "rates_per_edge": list(rates),
         "cells": cells, "throughput_vs_first": {p: (c["throughput_per_s"] / base if base else None) for p, c in cells.items()},
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -110,7 +119,8 @@ def run_fleet(
 
 
 def report(result: dict) -> str:
-    lines = [f"fleet: {result['edges']} edges (x{result['edge_dilation']:g}, {result['regime']}) x {result['workers']} worker, "
+    how_slow = f"x{result['edge_dilation']:g}" if result.get("edge_dilation") else ", ".join(f"{k} x{v:g}" for k, v in result["dilation"].items())
+    lines = [f"fleet: {result['edges']} edges ({how_slow}, {result['regime']}) x {result['workers']} worker, "
              f"{result['link']}, {result['dataset']}, p95 bound {result['bound_ms']:g} ms", "",
              "| policy | total rate /s | p50 ms | p95 ms | lost | errors | accuracy | by cloud | cloud busy | edges CPU s/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -133,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="scenes")
     ap.add_argument("--edges", type=int, default=4)
     ap.add_argument("--edge-dilation", type=float, default=15.0)
+    ap.add_argument("--edge-dilation-profile", default="", metavar="FILE", help="instead, one factor per kind of edge work (a device profile)")
     ap.add_argument("--link", default="lte", choices=sorted(PROFILES))
     ap.add_argument("--policies", default="cloud_only,msao", help="comma-separated; ratios are against the first")
     ap.add_argument("--rates", default="2,4,6,8,10,12", help="requests per second to each edge, ascending")
@@ -147,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rates must be numbers separated by commas, got {a.rates!r}")
     if set(policies) - set(POLICIES) or not policies or a.edges < 1 or a.edge_dilation < 1 or list(rates) != sorted(rates) or min(rates) <= 0:
         ap.error(f"--policies from {list(POLICIES)}, --edges >= 1, --edge-dilation >= 1, --rates positive and ascending")
+    if a.edge_dilation_profile:
+        try:
+            RuntimeOptions(edge_dilation_profile=a.edge_dilation_profile)
+        except ConfigError as exc:
+            ap.error(str(exc))
     if not a.calibration.exists():
         ap.error(f"no calibration at {a.calibration}: run `make bundles/calibration-scenes.json` (or pass --calibration)")
     result = run_fleet(a.edge, a.cloud, a.calibration, a.out.parent / (a.out.stem + "-work"), edges=a.edges, dilation=a.edge_dilation,
-                       link=a.link, policies=policies, rates=rates, duration_s=a.duration_s, bound_ms=a.bound_ms, dataset=a.dataset)  # fmt: skip
+                       link=a.link, policies=policies, rates=rates, duration_s=a.duration_s, bound_ms=a.bound_ms, dataset=a.dataset,
+                       dilation_profile=a.edge_dilation_profile)  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     print(report(result))

@@ -7,7 +7,8 @@ The paper's regime (the edge holds only the small model; ``large_on_edge = false
 Mosquitto, a real `msao cloud` worker, the edge's link to the broker through the shaping proxy
 at a testbed link profile, and the edge runtime in this process with a calibration of the pair
 on *train* questions (``msao calibrate --dataset scenes``); ``--edge-dilation k`` makes the edge
-k times slower than this CPU (``RuntimeOptions.edge_dilation``), for an edge 10-20x slower
+k times slower than this CPU (``RuntimeOptions.edge_dilation``; ``--edge-dilation-profile FILE``:
+one factor per kind of edge work, bench/profiles/dilation_orin-nx_vs_a100.toml), for an edge 10-20x slower
 than the cloud. Every test question is asked once per policy, side by side, the order rotating
 per question so no policy always runs on a warmer link. Reports per link and policy the client
 p50/p95, uplink bytes per request, accuracy on the test answers, and the plan and upload mix,
@@ -27,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from msao.edge_runtime.requests import EdgeRequest
 from msao.edge_runtime.runtime import EdgeRuntime, RuntimeOptions
 from msao.engines.bundle import load_bundle
 from msao.engines.onnxruntime_backend import OnnxRuntimeBackend, OrtOptions
+from msao.errors import ConfigError
 from testbed import PROFILES, ShapingProxy, start_broker, start_workers, stop_all, wait_online
 
 
@@ -81,7 +84,7 @@ def _blocks(reason: str) -> int:
 
 def run(
     edge_dir: Path, cloud_dir: Path, calibration: Path, dataset: str, links: list[str], limit: int, seed: int,
-    policies: tuple[str, ...] = ("cloud_only", "msao"), family: str = "all", edge_dilation: float = 1.0,
+    policies: tuple[str, ...] = ("cloud_only", "msao"), family: str = "all", edge_dilation: float = 1.0, edge_dilation_profile: str = "",
 ) -> dict:  # fmt: skip
     cal = load_calibration(calibration)
     if cal.dataset != dataset:
@@ -100,7 +103,8 @@ def run(
             proxy.set_shape(PROFILES[name])
             edge_id = "bench-" + uuid.uuid4().hex[:8]
             link = CloudLink(LinkOptions(edge_id, ClientOptions(f"mqtt://127.0.0.1:{proxy.port}", f"msao-{edge_id}", keepalive_s=10))).start()
-            rt = EdgeRuntime(edge, large, link, cal, RuntimeOptions(workers=1, probe_interval_s=2.0, edge_dilation=edge_dilation)).start()
+            rt = EdgeRuntime(edge, large, link, cal, RuntimeOptions(workers=1, probe_interval_s=2.0, edge_dilation=edge_dilation,
+                                                                   edge_dilation_profile=edge_dilation_profile)).start()
             try:
                 wait_online(link, workers)
                 link.probe(large.manifest.model_hash, 64 * 1024, deadline_s=10)  # the link estimate starts from the shaped link
@@ -137,16 +141,23 @@ def run(
     return {
         "benchmark": "scenes_live", "dataset": dataset, "edge": edge.manifest.name, "cloud": large.manifest.name, "calibration": str(calibration),
         "calibration_questions": cal.questions, "regime": "large_on_edge = false", "questions": len(questions), "seed": seed, "cells": cells,
-        "policies": list(policies), "family": family, "edge_dilation": edge_dilation,
+        "policies": list(policies), "family": family, "edge_dilation": edge_dilation, "edge_dilation_profile": edge_dilation_profile,
+        "dilation": asdict(RuntimeOptions(edge_dilation=edge_dilation, edge_dilation_profile=edge_dilation_profile).dilation),
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }  # fmt: skip
 
 
+def _dilation_label(result: dict) -> str:
+    if result.get("edge_dilation_profile"):
+        return Path(result["edge_dilation_profile"]).stem + ": " + ", ".join(f"{k} x{v:g}" for k, v in result["dilation"].items())
+    return f"x{result['edge_dilation']:g}"
+
+
 def table(result: dict) -> str:
     lines = [
         f"{result['dataset']} ({result['family']}), {result['questions']} test questions per link, edge {result['edge']} "
-        f"(dilation x{result['edge_dilation']:g}), cloud {result['cloud']} ({result['regime']}), calibration on {result['calibration_questions']} train questions",
+        f"(dilation {_dilation_label(result)}), cloud {result['cloud']} ({result['regime']}), calibration on {result['calibration_questions']} train questions",
         "",
         "| link | policy | p50 ms | p95 ms | uplink KB / request | accuracy | plans | uploads |",
         "|---|---|---|---|---|---|---|---|",
@@ -188,7 +199,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(x + w * (len(result["policies"]) - 1) / 2, links)
         ax.set_title(title)
     axes[0].legend()
-    fig.suptitle(f"{result['edge']} (x{result['edge_dilation']:g}) + {result['cloud']}, {result['questions']} {result['dataset']} ({result['family']}) questions")
+    fig.suptitle(f"{result['edge']} ({_dilation_label(result)}) + {result['cloud']}, {result['questions']} {result['dataset']} ({result['family']}) questions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="cloud_only,msao", help="comma-separated policies, the first the baseline of the ratios")
     ap.add_argument("--family", default="all", help="scenes question family only (describe: answers of >= 3 tokens), or all")
     ap.add_argument("--edge-dilation", type=float, default=1.0, help="make the edge this many times slower than this CPU")
+    ap.add_argument("--edge-dilation-profile", default="", metavar="FILE",
+                    help="instead, one factor per kind of edge work from a device profile (bench/profiles/dilation_orin-nx_vs_a100.toml)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/uploads.json"))
     a = ap.parse_args(argv)
     from msao.edge_runtime.plans import POLICIES
@@ -218,7 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             f"--policies needs two or more of {list(POLICIES)}" if len(policies) < 2 or set(policies) - set(POLICIES) else
             "--questions must be >= 1 and --edge-dilation >= 1"
         )  # fmt: skip
-    result = run(a.edge, a.cloud, a.calibration, a.dataset, links, a.questions, a.seed, policies, a.family, a.edge_dilation)
+    if a.edge_dilation_profile and a.edge_dilation != 1:
+        ap.error("--edge-dilation or --edge-dilation-profile, not both")
+    try:
+        RuntimeOptions(edge_dilation_profile=a.edge_dilation_profile)
+    except ConfigError as exc:
+        ap.error(str(exc))
+    result = run(a.edge, a.cloud, a.calibration, a.dataset, links, a.questions, a.seed, policies, a.family, a.edge_dilation,
+                 a.edge_dilation_profile)  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, a.out.with_suffix(".png"))

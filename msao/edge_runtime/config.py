@@ -29,10 +29,19 @@ from typing import Any
 from msao.edge_runtime.runtime import RuntimeOptions
 from msao.errors import ConfigError
 
-__all__ = ["BrokerSection", "EdgeConfig", "EdgeSection", "env_bool", "load_edge_config", "config_to_toml", "env_name"]
+__all__ = ["BrokerSection", "EdgeConfig", "EdgeSection", "env_bool", "load_edge_config", "config_to_toml", "env_name", "toml_reader"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+def toml_reader():
+    """The TOML parser: ``tomllib`` from Python 3.11, the ``tomli`` backport on 3.10 (JetPack 6, a dependency of msao[edge] there)."""
+    try:
+        import tomllib  # novermin (guarded: tomli below on 3.10)
+    except ImportError:
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib
 
 
 def env_bool(value: str, name: str = "value") -> bool:
@@ -242,10 +251,7 @@ def load_edge_config(
     leaves = _leaves(EdgeConfig)
     values: dict[tuple[str, ...], Any] = {}
     if path is not None:
-        try:
-            import tomllib  # novermin (guarded: tomli below on 3.10)
-        except ImportError:  # Python 3.10 (JetPack 6): the backport, a dependency of msao[edge] there
-            import tomli as tomllib  # type: ignore[no-redef]
+        tomllib = toml_reader()
         try:
             doc = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:

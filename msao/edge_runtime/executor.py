@@ -25,6 +25,7 @@ import numpy as np
 
 from msao.cloud_bridge.link import CloudLink, RemoteAnswer, new_job_id
 from msao.cloud_bridge.remote_runner import RemoteOptions, RemoteRunner
+from msao.edge_runtime.dilation import Dilation
 from msao.edge_runtime.image_cache import image_key
 from msao.edge_runtime.local_model import LocalModel
 from msao.edge_runtime.plans import Plan, PlanKind, sends_tokens
@@ -193,13 +194,13 @@ class Executor:
         link: CloudLink | None,
         speculation_threads: int = 4,
         mas_always: bool = False,
-        dilation: float = 1.0,
+        dilation: Dilation = Dilation(),
         commit_score: Callable[[DraftSample], float] | None = None,
         round_trip_ms: Callable[[], float] | None = None,
     ):
         self.edge, self.large, self.link = edge, large, link
         self.mas_always = mas_always  # run MAS for its values even when every token is kept
-        self.dilation = dilation  # emulated slowness of this edge (RuntimeOptions.edge_dilation)
+        self.dilation = dilation  # emulated slowness of this edge, per kind of work (RuntimeOptions.dilation)
         self.commit_score = commit_score
         self.round_trip_ms = round_trip_ms  # the live link's round trip of a small job (token-level speculation's block size)
         self._pool = ThreadPoolExecutor(max_workers=speculation_threads, thread_name_prefix="msao-speculate")
@@ -235,25 +236,26 @@ class Executor:
 
     # -- device emulation -------------------------------------------------------------------
 
-    def dilate(self, ms: float) -> float:
-        """Hold this thread for (k - 1) x ``ms`` of edge compute just done; the dilated time."""
-        if self.dilation <= 1.0 or ms <= 0:
+    def dilate(self, ms: float, kind: str) -> float:
+        """Hold this thread for (k - 1) x ``ms`` of edge compute of ``kind`` just done (``DILATION_KINDS``); the dilated time."""
+        k = self.dilation.factor(kind)
+        if k <= 1.0 or ms <= 0:
             return ms
-        time.sleep((self.dilation - 1.0) * ms / 1e3)
-        return self.dilation * ms
+        time.sleep((k - 1.0) * ms / 1e3)
+        return k * ms
 
     def _dilated_answer(self, model: LocalModel, p: Prepared, question: str, *, budget: int, **kwargs) -> Answer:
         """``model.answer`` (at most ``budget`` tokens) with its local stages dilated (a split's remote share is not edge compute)."""
         a = model.answer(p, question, max_new_tokens=budget, **kwargs)
-        if self.dilation <= 1.0:
+        if self.dilation.identity:
             return a
         tail = kwargs.get("tail")
         remote_ms = tail[1].cloud_ms if tail is not None else 0.0
         t = a.timings
-        local = t.embed_ms + t.prefill_ms + t.decode_ms - remote_ms
-        self.dilate(local)
-        k = self.dilation
-        scaled = replace(t, embed_ms=k * t.embed_ms, prefill_ms=k * t.prefill_ms, decode_ms=k * t.decode_ms - (k - 1) * remote_ms)
+        self.dilate(t.embed_ms + t.prefill_ms, "prefill")
+        self.dilate(t.decode_ms - remote_ms, "decode")
+        kp, kd = self.dilation.prefill, self.dilation.decode
+        scaled = replace(t, embed_ms=kp * t.embed_ms, prefill_ms=kp * t.prefill_ms, decode_ms=kd * t.decode_ms - (kd - 1) * remote_ms)
         return replace(a, timings=scaled)
 
     # -- plans ------------------------------------------------------------------------------
@@ -266,10 +268,9 @@ class Executor:
             run.rgb, r.question, keep_ratio, stream_id=r.stream_id, analyse=self.mas_always, decode_ms=run.decode_ms,
             image_key=run.image_key,
         )  # fmt: skip
-        if self.dilation <= 1.0:
+        if self.dilation.identity:
             return p
-        self.dilate(p.vision_ms + p.mas_ms)
-        return replace(p, vision_ms=self.dilation * p.vision_ms, mas_ms=self.dilation * p.mas_ms)
+        return replace(p, vision_ms=self.dilate(p.vision_ms, "vision"), mas_ms=self.dilate(p.mas_ms, "mas"))
 
     def _large(self) -> LocalModel:
         if self.large is None:
@@ -484,7 +485,7 @@ class Executor:
                 edge["p"] = self._prepare(self.edge, run, plan.keep_ratio)
             t0 = time.perf_counter()
             first = seq.start(edge["p"].encoding, request.question, keep=edge["p"].keep, capacity=budget)[-1]
-            edge["prefill_ms"] = self.dilate((time.perf_counter() - t0) * 1e3)
+            edge["prefill_ms"] = self.dilate((time.perf_counter() - t0) * 1e3, "prefill")
             return first
 
         lazy = first_ahead >= budget - 1  # the prompt's verdict reaches the budget: the edge's drafts are the fallback's only
@@ -493,7 +494,7 @@ class Executor:
         link_rtt = self.round_trip_ms() if self.round_trip_ms is not None else 20.0
         s: SpeculationOutcome = speculate(
             seq, first, verify, self._pool.submit, budget=budget, eos=gen.eos, round_trip_ms=link_rtt, edge_step_ms=prior_step,
-            first_block=0, dilate=self.dilate, deadline=run.cloud_deadline,
+            first_block=0, dilate=functools.partial(self.dilate, kind="decode"), deadline=run.cloud_deadline,
             on_commit=_partial_text(run, gen) if run.on_partial is not None else None, decode_ahead=plan.decode_ahead, first_sent=sent,
         )  # fmt: skip
         if s.fallback:

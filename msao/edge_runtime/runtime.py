@@ -28,6 +28,7 @@ import numpy as np
 
 from msao.cloud_bridge.link import CloudLink
 from msao.edge_runtime.calibration import Calibration
+from msao.edge_runtime.dilation import Dilation
 from msao.edge_runtime.estimates import EwmaOptions
 from msao.edge_runtime.estimator import Estimator, Observation
 from msao.edge_runtime.executor import Executor, Outcome, Partial
@@ -67,6 +68,9 @@ class RuntimeOptions:
             production): every piece of edge compute holds its worker for (k - 1) times its
             measured time, so queueing is real while the CPU stays free for other processes.
             1 = the device's own speed.
+        edge_dilation_profile: instead of one factor, a device profile (TOML) with one per kind
+            of edge work (``msao.edge_runtime.dilation``; ``bench/profiles/dilation_orin-nx_vs_a100.toml``);
+            "" = none. Not both: a profile with ``edge_dilation`` other than 1 is refused.
         recent_requests: served requests the live web view (``GET /ui``) shows, each with a
             small thumbnail (about 10 KB); 0 keeps none.
     """
@@ -79,6 +83,7 @@ class RuntimeOptions:
     mas_always: bool = False
     profile_at_start: bool = True
     edge_dilation: float = 1.0
+    edge_dilation_profile: str = ""
     recent_requests: int = 50
     limits: RequestLimits = RequestLimits()
     scheduler: SchedulerOptions = SchedulerOptions()
@@ -95,6 +100,15 @@ class RuntimeOptions:
             raise ConfigError(f"recent_requests must be in [0, 10000] (0 turns the web view's history off), got {self.recent_requests}")
         if not 1.0 <= self.edge_dilation <= 1000.0:
             raise ConfigError(f"edge_dilation must be in [1, 1000] (1 = this device's own speed), got {self.edge_dilation}")
+        if self.edge_dilation_profile and self.edge_dilation != 1.0:
+            raise ConfigError("set edge_dilation (one factor) or edge_dilation_profile (one per kind of work), not both")
+        if self.edge_dilation_profile:
+            Dilation.load(self.edge_dilation_profile)  # a profile that does not load fails here, at configuration time
+
+    @property
+    def dilation(self) -> Dilation:
+        """The emulated edge's factors per kind of work (``Dilation()`` = its own speed)."""
+        return Dilation.load(self.edge_dilation_profile) if self.edge_dilation_profile else Dilation.uniform(self.edge_dilation)
 
 
 @dataclass
@@ -138,7 +152,7 @@ class EdgeRuntime:
         self.load = self.estimator.load
         pair = self.scheduler.pair
         self.executor = Executor(
-            edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always, dilation=options.edge_dilation,
+            edge, large, link, speculation_threads=2 * options.workers, mas_always=options.mas_always, dilation=options.dilation,
             commit_score=pair.commit_score if pair is not None and pair.verifier is not None else None,
             round_trip_ms=lambda: self.estimator.link.snapshot().transfer_ms(700, 700),
         )  # fmt: skip
@@ -154,7 +168,7 @@ class EdgeRuntime:
 
     def start(self) -> EdgeRuntime:
         if self.options.profile_at_start:
-            k = self.options.edge_dilation  # a dilated edge is k times slower than its segments' profile: so is its starting scale
+            k = self.executor.dilation.prefill  # a dilated edge's starting scale: its prefill's (a request's largest share); the clock learns the rest
             self.estimator.profile_local(PlanKind.EDGE, self.edge.profile(), lambda: k * self.edge.timed_request())
             if self.large is not None and self.large.resident:
                 large = self.large
@@ -304,7 +318,7 @@ class EdgeRuntime:
             try:
                 rgb, decode_ms = self.edge.decode(req.image, self.options.max_image_pixels)
                 item.rgb = rgb
-                decode_ms = self.executor.dilate(decode_ms)
+                decode_ms = self.executor.dilate(decode_ms, "image_decode")
             except ImageError as exc:
                 return None, EdgeResponse.failure(req.request_id, "bad_image", str(exc))
         inputs = self._cost_inputs(req, item.deadline)

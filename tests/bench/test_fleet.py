@@ -1,8 +1,12 @@
-"""bench/fleet.py on the easy-VQA pair: two dilated daemons (small model only) and one real worker, a short rate ladder."""
+"""bench/fleet.py on the easy-VQA pair: two daemons dilated per kind of work (small model only) and one real worker, a short rate ladder."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.fleet import report, run_fleet
+
+ORIN_NX = Path(__file__).resolve().parents[2] / "bench" / "profiles" / "dilation_orin-nx_vs_a100.toml"
 
 
 def test_the_fleet_accounts_for_every_request_and_reports_which_side_works(tmp_path, edge_bundle_dir, cloud_bundle_dir, calibration):
@@ -10,10 +14,12 @@ def test_the_fleet_accounts_for_every_request_and_reports_which_side_works(tmp_p
 
     save_calibration(calibration, tmp_path / "cal.json")
     result = run_fleet(
-        edge_bundle_dir, cloud_bundle_dir, tmp_path / "cal.json", tmp_path / "work", edges=2, dilation=2.0, link="wifi",
+        edge_bundle_dir, cloud_bundle_dir, tmp_path / "cal.json", tmp_path / "work", edges=2, dilation=1.0, link="wifi",
         policies=("cloud_only", "edge_only"), rates=(1.0, 2.0), duration_s=3.0, bound_ms=30_000.0, dataset="easy-vqa",
+        dilation_profile=str(ORIN_NX),
     )  # fmt: skip
-    assert (result["regime"], result["edges"], result["workers"], result["edge_dilation"]) == ("large_on_edge = false", 2, 1, 2.0)
+    assert (result["regime"], result["edges"], result["workers"], result["edge_dilation"]) == ("large_on_edge = false", 2, 1, None)
+    assert result["dilation"]["prefill"] == 18.2 and result["edge_dilation_profile"] == str(ORIN_NX)  # per kind, from the device profile
     for cell in result["cells"].values():  # 20 s deadlines and a 30 s bound: every step holds, whatever the load
         assert [s["rate_total"] for s in cell["steps"]] == [2.0, 4.0] and cell["lost"] == 0 and cell["throughput_per_s"] == 4.0
         for s in cell["steps"]:
