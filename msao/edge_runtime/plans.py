@@ -69,8 +69,9 @@ class Plan:
             acceptance). The run sends the prompt alone first and then sizes every block live,
             from the link, the edge's measured step and the acceptance so far.
         decode_ahead: speculative: how many of its own tokens the large model decodes after each
-            verdict (``speculate(decode_ahead=)``): as many as it decodes within a round trip,
-            so a cheap cloud behind a slow link answers in fewer round trips; 0 = verdicts only. Not
+            verdict (``speculate(decode_ahead=)``): a round trip's worth or the whole budget
+            (``SchedulerOptions.decode_ahead``), so a cheap cloud behind a slow link answers in
+            fewer round trips; 0 = verdicts only. Not
             in ``describe()`` (it moves with each request's upload; the benchmarks group plans by
             their description): the answer's reason counts the tokens decoded ahead.
         fallback_reserve_ms: time kept back from the cloud path for an edge-only answer if the

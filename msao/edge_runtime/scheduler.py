@@ -80,9 +80,10 @@ class SchedulerOptions:
         latency_tolerance: among eligible plans within this share of the fastest one's expected
             latency (0.1 = 10 %), take the one that sends the fewest bytes: a little latency for
             a lot of uplink (a speculative upload of every image saves little over a sequential one).
-        decode_ahead: speculative plans: tokens the cloud decodes after each verdict; -1 = as many
-            as it decodes within the link's round trip (from the cloud clock); 0 = verdicts only,
-            every block a round trip (what a streamed answer shows verdict by verdict).
+        decode_ahead: speculative plans: tokens the cloud decodes after each verdict; -1 = the
+            faster, by the estimate, of as many as it decodes within the link's round trip (from
+            the cloud clock) and the request's whole budget; 0 = verdicts only, every block a round
+            trip (what a streamed answer shows verdict by verdict).
     """
 
     policy: str = "msao"
