@@ -12,13 +12,15 @@ import http.client
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+from msao.edge_runtime.dilation import Dilation
 from testbed import EdgeDaemon, cpu_seconds, peak_rss_bytes
 
-__all__ = ["Item", "closed_loop", "fire_at", "open_loop", "poisson_times", "ask"]
+__all__ = ["Item", "closed_loop", "dilation_factors", "dilation_label", "fire_at", "open_loop", "poisson_times", "ask"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +148,15 @@ def open_loop(daemon: EdgeDaemon, items: list[Item], fields: dict, rate_per_s: f
         "latency_ms_p50": round(float(np.percentile(ok, 50)), 3) if ok else None,
         "latency_ms_p95": round(float(np.percentile(ok, 95)), 3) if ok else None,
     }
+
+
+def dilation_factors(factor: float, profile: str) -> dict[str, float]:
+    """The emulated edge's factor per kind of work, for a results file: the device profile's, else ``factor`` for every kind."""
+    return asdict(Dilation.load(profile) if profile else Dilation.uniform(factor))
+
+
+def dilation_label(result: dict) -> str:
+    """How slow a result's edge was, for its table and plot: ``x15``, or the profile's name and its factors."""
+    if result.get("edge_dilation_profile"):
+        return Path(result["edge_dilation_profile"]).stem + ": " + ", ".join(f"{k} x{v:g}" for k, v in result["dilation"].items())
+    return f"x{result['edge_dilation']:g}"

@@ -23,14 +23,12 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from bench.cells import Item, fire_at, poisson_times
+from bench.cells import Item, dilation_factors, dilation_label, fire_at, poisson_times
 from bench.run import workload
-from msao.edge_runtime.dilation import Dilation
 from msao.edge_runtime.plans import POLICIES
 from msao.edge_runtime.runtime import RuntimeOptions
 from msao.errors import ConfigError
@@ -110,7 +108,7 @@ def run_fleet(
     return {
         "benchmark": "fleet", "regime": "large_on_edge = false", "dataset": dataset, "edges": edges, "workers": 1,
         "edge_dilation": None if dilation_profile else dilation, "edge_dilation_profile": dilation_profile,
-        "dilation": asdict(RuntimeOptions(edge_dilation_profile=dilation_profile).dilation if dilation_profile else Dilation.uniform(dilation)),
+        "dilation": dilation_factors(dilation, dilation_profile),
         "link": link, "bound_ms": bound_ms, "duration_s": duration_s, "rates_per_edge": list(rates),
         "cells": cells, "throughput_vs_first": {p: (c["throughput_per_s"] / base if base else None) for p, c in cells.items()},
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
@@ -119,8 +117,7 @@ def run_fleet(
 
 
 def report(result: dict) -> str:
-    how_slow = f"x{result['edge_dilation']:g}" if result.get("edge_dilation") else ", ".join(f"{k} x{v:g}" for k, v in result["dilation"].items())
-    lines = [f"fleet: {result['edges']} edges ({how_slow}, {result['regime']}) x {result['workers']} worker, "
+    lines = [f"fleet: {result['edges']} edges ({dilation_label(result)}, {result['regime']}) x {result['workers']} worker, "
              f"{result['link']}, {result['dataset']}, p95 bound {result['bound_ms']:g} ms", "",
              "| policy | total rate /s | p50 ms | p95 ms | lost | errors | accuracy | by cloud | cloud busy | edges CPU s/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -28,11 +28,11 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from bench.cells import dilation_factors, dilation_label
 from msao.cloud_bridge.link import CloudLink, LinkOptions
 from msao.cloud_bridge.mqtt_options import ClientOptions
 from msao.edge_runtime.calibration import load_calibration
@@ -142,22 +142,16 @@ def run(
         "benchmark": "scenes_live", "dataset": dataset, "edge": edge.manifest.name, "cloud": large.manifest.name, "calibration": str(calibration),
         "calibration_questions": cal.questions, "regime": "large_on_edge = false", "questions": len(questions), "seed": seed, "cells": cells,
         "policies": list(policies), "family": family, "edge_dilation": edge_dilation, "edge_dilation_profile": edge_dilation_profile,
-        "dilation": asdict(RuntimeOptions(edge_dilation=edge_dilation, edge_dilation_profile=edge_dilation_profile).dilation),
+        "dilation": dilation_factors(edge_dilation, edge_dilation_profile),
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }  # fmt: skip
 
 
-def _dilation_label(result: dict) -> str:
-    if result.get("edge_dilation_profile"):
-        return Path(result["edge_dilation_profile"]).stem + ": " + ", ".join(f"{k} x{v:g}" for k, v in result["dilation"].items())
-    return f"x{result['edge_dilation']:g}"
-
-
 def table(result: dict) -> str:
     lines = [
         f"{result['dataset']} ({result['family']}), {result['questions']} test questions per link, edge {result['edge']} "
-        f"(dilation {_dilation_label(result)}), cloud {result['cloud']} ({result['regime']}), calibration on {result['calibration_questions']} train questions",
+        f"(dilation {dilation_label(result)}), cloud {result['cloud']} ({result['regime']}), calibration on {result['calibration_questions']} train questions",
         "",
         "| link | policy | p50 ms | p95 ms | uplink KB / request | accuracy | plans | uploads |",
         "|---|---|---|---|---|---|---|---|",
@@ -199,7 +193,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(x + w * (len(result["policies"]) - 1) / 2, links)
         ax.set_title(title)
     axes[0].legend()
-    fig.suptitle(f"{result['edge']} ({_dilation_label(result)}) + {result['cloud']}, {result['questions']} {result['dataset']} ({result['family']}) questions")
+    fig.suptitle(f"{result['edge']} ({dilation_label(result)}) + {result['cloud']}, {result['questions']} {result['dataset']} ({result['family']}) questions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -287,10 +287,9 @@ def _model(f: _Figures, key: str) -> ModelSpec | None:
 
 def load_sim_profile(path: str | Path = DEFAULT_PROFILE) -> SimProfile:
     """Read and check a profile file; ``ConfigError`` lists every problem at once."""
-    try:
-        import tomllib  # novermin (guarded: tomli below on 3.10)
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    from msao.edge_runtime.config import toml_reader
+
+    tomllib = toml_reader()
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text())
