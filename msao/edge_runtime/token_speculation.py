@@ -168,10 +168,7 @@ def speculate(
     state = _Drafting(seq, first_probs, budget, eos, dilate, edge_step_ms)
     committed: list[int] = []
     probs_of: list[float] = []
-    blocks = drafted = accepted = decoded = 0
-    cloud_ms = 0.0
-    sizes: list[int] = []
-    per_block: list[int] = []
+    tally = _Tally()
     restart = True
     restarted = False
     k = block_size(PRIOR_ACCEPTANCE, round_trip_ms, edge_step_ms) if first_block is None else first_block
@@ -182,27 +179,21 @@ def speculate(
         state.draft_until(len(committed) + k)
         block = state.tokens[len(committed) : len(committed) + k]
         if time.monotonic() > deadline:
-            return state.finish_alone(
-                committed,
-                probs_of,
-                "the request's deadline left no time for another block",
-                blocks,
-                drafted,
-                accepted,
-                cloud_ms,
-                sizes,
-                per_block,
-                decoded,
-            )
+            return state.finish_alone(committed, probs_of, "the request's deadline left no time for another block", tally)
         drafts = (committed + block) if restart else block
         ahead = max(0, min(decode_ahead, budget - len(committed) - len(block) - 1))
         if first_sent is not None:
             future, first_sent = first_sent, None
         else:
             future = submit(lambda d=drafts, c=list(committed), r=restart, a=ahead: verify(d, c, r, a))
-        sizes.append(len(block))
+        tally.sizes.append(len(block))
         reaches_budget = len(committed) + len(block) + 1 + ahead >= budget  # its verdict ends the answer: nothing to draft for
-        while not reaches_budget and not future.done() and not state.ended and len(state.tokens) < len(committed) + len(block) + 1 + ahead + k_next:
+        while (
+            not reaches_budget
+            and not future.done()
+            and not state.ended
+            and len(state.tokens) < len(committed) + len(block) + 1 + ahead + k_next
+        ):
             state.draft_one()  # speculation: draft the next block while this one's verdict travels
         try:
             wait = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic()) + 0.05
@@ -211,36 +202,52 @@ def speculate(
             if exc.code == "session_unknown" and not restarted:  # the worker restarted or evicted it: start again, once
                 restart = restarted = True
                 continue
-            return state.finish_alone(
-                committed, probs_of, f"{type(exc).__name__}: {exc}", blocks, drafted, accepted, cloud_ms, sizes, per_block, decoded
-            )
+            return state.finish_alone(committed, probs_of, f"{type(exc).__name__}: {exc}", tally)
         except (CloudError, FutureTimeout) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else "the cloud gave no verdict within the deadline"
-            return state.finish_alone(committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes, per_block, decoded)
-        blocks += 1
-        drafted += len(block)
-        cloud_ms += reply.cloud_ms
+            return state.finish_alone(committed, probs_of, reason, tally)
+        tally.blocks += 1
+        tally.drafted += len(block)
+        tally.cloud_ms += reply.cloud_ms
         new = (list(committed) if not restart else []) + list(reply.token_ids)
         new_probs = (probs_of if not restart else []) + list(reply.token_probs)
         n_block = _common_prefix(new[len(committed) :], block) if len(new) > len(committed) else 0
-        accepted += min(n_block, len(block))
-        per_block.append(min(n_block, len(block)))
-        decoded += max(0, len(new) - len(committed) - min(n_block, len(block)) - 1)  # past the drafts and its own next token
+        tally.accepted += min(n_block, len(block))
+        tally.per_block.append(min(n_block, len(block)))
+        tally.decoded += max(0, len(new) - len(committed) - min(n_block, len(block)) - 1)  # past the drafts and its own next token
         grew = len(new) > len(committed)
         committed, probs_of = new, new_probs
         restart = False
         if grew and on_commit is not None:
             on_commit(tuple(committed))
         if reply.finish_reason:
-            return SpeculationOutcome(
-                tuple(committed), tuple(probs_of), reply.finish_reason, "", len(committed), blocks, drafted, accepted,
-                state.steps, state.edge_ms, cloud_ms, tuple(sizes), tuple(per_block), decoded,
-            )  # fmt: skip
+            return tally.outcome(committed, probs_of, reply.finish_reason, "", len(committed), state)
         state.reconcile(committed)
         if fixed_block is None:
-            k = k_next = block_size(_acceptance(accepted, drafted), round_trip_ms, state.step_ms)
+            k = k_next = block_size(_acceptance(tally.accepted, tally.drafted), round_trip_ms, state.step_ms)
         else:
             k = k_next
+
+
+@dataclass
+class _Tally:
+    """What the verdicts so far add up to: the counters of ``SpeculationOutcome``, kept while the loop runs."""
+
+    blocks: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    decoded: int = 0
+    cloud_ms: float = 0.0
+    sizes: list[int] = field(default_factory=list)
+    per_block: list[int] = field(default_factory=list)
+
+    def outcome(
+        self, ids: list[int], probs: list[float], finish: str, fallback: str, verified: int, state: _Drafting
+    ) -> SpeculationOutcome:
+        return SpeculationOutcome(
+            tuple(ids), tuple(probs), finish, fallback, verified, self.blocks, self.drafted, self.accepted, state.steps, state.edge_ms,
+            self.cloud_ms, tuple(self.sizes), tuple(self.per_block), self.decoded,
+        )  # fmt: skip
 
 
 def _acceptance(accepted: int, drafted: int) -> float:
@@ -309,7 +316,7 @@ class _Drafting:
         self.tokens = list(committed)
         self.token_probs += [1.0] * len(rest)  # placeholders; a fallback reports the cloud's probabilities for committed tokens
 
-    def finish_alone(self, committed, probs_of, reason, blocks, drafted, accepted, cloud_ms, sizes, per_block, decoded) -> SpeculationOutcome:
+    def finish_alone(self, committed: list[int], probs_of: list[float], reason: str, tally: _Tally) -> SpeculationOutcome:
         """The cloud is gone: the edge's drafts continue the committed answer; draft to its end."""
         if committed:
             self.reconcile(committed)
@@ -318,7 +325,4 @@ class _Drafting:
         ids = self.tokens[: self.budget]
         probs = list(probs_of) + self.token_probs[len(committed) : len(ids)]
         finish = "stop" if ids and ids[-1] in self.eos else "length"
-        return SpeculationOutcome(
-            tuple(ids), tuple(probs), finish, reason, len(committed), blocks, drafted, accepted, self.steps, self.edge_ms, cloud_ms,
-            tuple(sizes), tuple(per_block), decoded,
-        )  # fmt: skip
+        return tally.outcome(ids, probs, finish, reason, len(committed), self)
