@@ -66,14 +66,14 @@ eval: export
 demo: setup export
 	$(BIN)/python -m examples.demo
 
-## bench: every policy against every link profile through the real daemon, throttled edge (quick: 100 requests per cell, ~10-15 min)
+## bench: both regimes and the fleet (bench.suite --quick, <= 15 min): the paper's (scenes pair, small model only on an Orin-NX-dilated edge), the resident one (easy-VQA pair, both models at a quarter core), 4 edges x 1 worker
 .PHONY: bench bench-full
-bench: $(STAMP) export
-	$(BIN)/python -m bench.run --quick
+bench: $(STAMP) export bundles/calibration-scenes.json
+	$(BIN)/python -m bench.suite --quick
 
-## bench-full: the same with 1,000 requests per cell and the full load test (about an hour on 2 cores)
-bench-full: $(STAMP) export
-	$(BIN)/python -m bench.run
+## bench-full: the same with 300 requests per paper cell, 1,000 per resident cell, the full load test and fleet ladder (about 2 hours on 2 cores)
+bench-full: $(STAMP) export bundles/calibration-scenes.json
+	$(BIN)/python -m bench.suite
 
 ## bench-sim: the scaled SIMULATION (msao's scheduler on published LLaVA-1.5 7B/13B, Orin NX vs A100 figures; ~45 s); SIM_ARGS passes flags
 .PHONY: bench-sim

@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,45 @@ from msao.edge_runtime.runtime import RuntimeOptions
 from msao.errors import ConfigError
 from testbed import PROFILES, EdgeDaemon, Stack, cpu_seconds
 
-__all__ = ["fleet_step", "run_fleet"]
+__all__ = ["FleetConfig", "fleet_step", "run_fleet"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What one fleet run measures (the results JSON records it whole).
+
+    Attributes:
+        edge_bundle / cloud_bundle / calibration: what the daemons and the worker serve.
+        edges: edge daemons, each dilated, each with ``--large-on-edge false``; one cloud worker.
+        dilation: every kind of edge work this many times slower (ignored with ``dilation_profile``).
+        dilation_profile: one factor per kind of edge work (a device profile file).
+        rates: requests per second to each edge, ascending; each step lasts ``duration_s``.
+        bound_ms: the p95 a step must stay under to count as held.
+    """
+
+    edge_bundle: Path = ROOT / "bundles" / "msao-scenes-edge"
+    cloud_bundle: Path = ROOT / "bundles" / "msao-scenes-cloud"
+    calibration: Path | None = ROOT / "bundles" / "calibration-scenes.json"
+    dataset: str = "scenes"
+    edges: int = 4
+    dilation: float = 15.0
+    dilation_profile: str = ""
+    link: str = "lte"
+    policies: tuple[str, ...] = ("cloud_only", "msao")
+    rates: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
+    duration_s: float = 20.0
+    bound_ms: float = 2000.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if set(self.policies) - set(POLICIES) or not self.policies or "static_split" in self.policies:
+            raise ValueError(f"policies: one or more of {[p for p in POLICIES if p != 'static_split']} (the edges hold only the small model)")
+        if self.edges < 1 or self.dilation < 1 or not self.rates or list(self.rates) != sorted(self.rates) or min(self.rates) <= 0:
+            raise ValueError("edges >= 1, dilation >= 1, rates positive and ascending")
+        if self.link not in PROFILES:
+            raise ValueError(f"link {self.link!r}: one of {sorted(PROFILES)}")
 
 
 def _log(msg: str) -> None:
@@ -74,42 +111,41 @@ def fleet_step(stack: Stack, edges: list[EdgeDaemon], items: list[Item], policy:
     }  # fmt: skip
 
 
-def run_fleet(
-    edge_bundle: Path, cloud_bundle: Path, calibration: Path | None, work: Path, *, edges: int, dilation: float, link: str,
-    policies: tuple[str, ...], rates: tuple[float, ...], duration_s: float, bound_ms: float, dataset: str, seed: int = 0,
-    dilation_profile: str = "",
-) -> dict:  # fmt: skip
+def run_fleet(config: FleetConfig, work: Path) -> dict:
     """Every policy up the rate ladder on one stack (a fresh set of daemons per policy)."""
-    items = workload(2000, seed, dataset)
+    c = config
+    items = workload(2000, c.seed, c.dataset)
     cells: dict[str, dict] = {}
-    env = {"MSAO_RUNTIME_EDGE_DILATION_PROFILE": str(Path(dilation_profile).resolve())} if dilation_profile else None
-    with Stack(work, edge_bundle, cloud_bundle, calibration, workers=1, edge_share=None, edge_dilation=None if dilation_profile else dilation) as stack:
-        stack.shape(PROFILES[link])
+    dilation = dilation_factors(c.dilation, c.dilation_profile)
+    setting = {"regime": "paper", "dilation": dilation, "edge_share": None, "edges": c.edges, "workers": 1}
+    with Stack(work, c.edge_bundle, c.cloud_bundle, c.calibration, workers=1, edge_share=None,
+               edge_dilation=None if c.dilation_profile else c.dilation, edge_dilation_profile=c.dilation_profile) as stack:  # fmt: skip
+        stack.shape(PROFILES[c.link])
         offset = 0
-        for policy in policies:
-            daemons = [stack.start_edge(f"{policy}-{i}", policy, ("--large-on-edge", "false", "--workers", "4"), env) for i in range(edges)]
+        for policy in c.policies:
+            daemons = [stack.start_edge(f"{policy}-{i}", policy, ("--large-on-edge", "false", "--workers", "4")) for i in range(c.edges)]
             try:
-                fleet_step(stack, daemons, items, policy, min(rates), 2.0, seed + 99, offset)  # warm-up, not reported
+                fleet_step(stack, daemons, items, policy, min(c.rates), 2.0, c.seed + 99, offset)  # warm-up, not reported
                 steps = []
-                for rate in rates:
-                    step = fleet_step(stack, daemons, items, policy, rate, duration_s, seed, offset)
+                for rate in c.rates:
+                    step = fleet_step(stack, daemons, items, policy, rate, c.duration_s, c.seed, offset)
                     offset += step["sent"]
                     steps.append(step)
-                    _log(f"{policy}: {rate * edges:g}/s total -> p95 {step['p95_ms']} ms, lost {step['lost']}, cloud busy {step['cloud_busy']}")
-                    if step["lost"] or step["p95_ms"] is None or step["p95_ms"] > bound_ms:
+                    _log(f"{policy}: {rate * c.edges:g}/s total -> p95 {step['p95_ms']} ms, lost {step['lost']}, cloud busy {step['cloud_busy']}")
+                    if step["lost"] or step["p95_ms"] is None or step["p95_ms"] > c.bound_ms:
                         break
             finally:
                 for d in daemons:
                     stack.stop_edge(d)
-            held = [s for s in steps if not s["lost"] and not s["answered_error"] and s["p95_ms"] is not None and s["p95_ms"] <= bound_ms]
+            held = [s for s in steps if not s["lost"] and not s["answered_error"] and s["p95_ms"] is not None and s["p95_ms"] <= c.bound_ms]
             cells[policy] = {"throughput_per_s": max((s["rate_total"] for s in held), default=0.0), "steps": steps,
-                             "lost": sum(s["lost"] for s in steps)}  # fmt: skip
-    base = cells[policies[0]]["throughput_per_s"]
+                             "lost": sum(s["lost"] for s in steps), "setting": setting}  # fmt: skip
+    base = cells[c.policies[0]]["throughput_per_s"]
     return {
-        "benchmark": "fleet", "regime": "large_on_edge = false", "dataset": dataset, "edges": edges, "workers": 1,
-        "edge_dilation": None if dilation_profile else dilation, "edge_dilation_profile": dilation_profile,
-        "dilation": dilation_factors(dilation, dilation_profile),
-        "link": link, "bound_ms": bound_ms, "duration_s": duration_s, "rates_per_edge": list(rates),
+        "benchmark": "fleet", "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()},
+        "regime": "large_on_edge = false", "dataset": c.dataset, "edges": c.edges, "workers": 1,
+        "edge_dilation": None if c.dilation_profile else c.dilation, "edge_dilation_profile": c.dilation_profile, "dilation": dilation,
+        "link": c.link, "bound_ms": c.bound_ms, "duration_s": c.duration_s, "rates_per_edge": list(c.rates),
         "cells": cells, "throughput_vs_first": {p: (c["throughput_per_s"] / base if base else None) for p, c in cells.items()},
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -148,13 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bound-ms", type=float, default=2000.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet.json")
     a = ap.parse_args(argv)
-    policies = tuple(p for p in a.policies.split(",") if p)
     try:
         rates = tuple(float(r) for r in a.rates.split(","))
     except ValueError:
         ap.error(f"--rates must be numbers separated by commas, got {a.rates!r}")
-    if set(policies) - set(POLICIES) or not policies or a.edges < 1 or a.edge_dilation < 1 or list(rates) != sorted(rates) or min(rates) <= 0:
-        ap.error(f"--policies from {list(POLICIES)}, --edges >= 1, --edge-dilation >= 1, --rates positive and ascending")
+    try:
+        config = FleetConfig(a.edge, a.cloud, a.calibration, a.dataset, a.edges, a.edge_dilation, a.edge_dilation_profile, a.link,
+                             tuple(p for p in a.policies.split(",") if p), rates, a.duration_s, a.bound_ms)  # fmt: skip
+    except ValueError as exc:
+        ap.error(str(exc))
     if a.edge_dilation_profile:
         try:
             RuntimeOptions(edge_dilation_profile=a.edge_dilation_profile)
@@ -162,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
     if not a.calibration.exists():
         ap.error(f"no calibration at {a.calibration}: run `make bundles/calibration-scenes.json` (or pass --calibration)")
-    result = run_fleet(a.edge, a.cloud, a.calibration, a.out.parent / (a.out.stem + "-work"), edges=a.edges, dilation=a.edge_dilation,
-                       link=a.link, policies=policies, rates=rates, duration_s=a.duration_s, bound_ms=a.bound_ms, dataset=a.dataset,
-                       dilation_profile=a.edge_dilation_profile)  # fmt: skip
+    result = run_fleet(config, a.out.parent / (a.out.stem + "-work"))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     print(report(result))

@@ -1,9 +1,12 @@
-"""The side-by-side benchmark: every policy under every link profile, through the real daemon.
+"""The side-by-side benchmark of one regime: every policy under every link profile, through the real daemon.
 
-    python -m bench.run --quick            # `make bench`: fewer requests per cell (~10 min on 2 cores)
-    python -m bench.run                    # `make bench-full`: 1,000 requests per cell
+    python -m bench.run --quick                    # the resident regime, fewer requests per cell (~10 min on 2 cores)
+    python -m bench.run --regime paper --quick     # the paper's regime (`make bench` runs both and the fleet: bench.suite)
 
-For each profile: shape the link, measure its real RTT and throughput through the emulation
+Two regimes (``REGIMES``): **paper**, the edge holds only the small model (``--large-on-edge
+false``; the scenes pair, dilated per kind of work as an Orin NX relates to an A100, so
+``static_split`` is not a candidate); **resident**, the edge holds both models (the easy-VQA
+pair, the edge a quarter of a core). For each profile: shape the link, measure its real RTT and throughput through the emulation
 (probe jobs to the worker), then for each policy start a fresh throttled edge daemon, warm it,
 ask the same easy-VQA test requests (closed loop), read its CPU and memory; then an open-loop
 load test for the policies whose throughput the goals compare; then the oracle, the best
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cells import Item, ask, closed_loop, open_loop
+from bench.cells import Item, ask, closed_loop, dilation_factors, open_loop
 from bench.summary import goals_for_profile, profile_summary
 from msao.edge_runtime import plans
 from msao.progress import progress_bar
@@ -38,6 +41,8 @@ class BenchConfig:
     """What one run measures (the JSON records it whole).
 
     Attributes:
+        regime: ``paper`` (the edge daemons run with ``--large-on-edge false``) or ``resident``.
+        edge_bundle / cloud_bundle / calibration: names under ``bundles``.
         profiles: link profiles (``testbed.PROFILES``).
         policies: placement policies; ``static_split`` runs once per split point of the large model.
         requests: easy-VQA test requests per cell (closed loop), after ``warmup`` unmeasured ones.
@@ -46,17 +51,24 @@ class BenchConfig:
         edge_dilation: instead of (or with) the quota, the daemon holds its compute this many
             times as long (a slower device that machine load cannot make faster or slower
             relative to the cloud; no root needed); None = its own speed.
+        edge_dilation_profile: instead, one factor per kind of edge work from a device profile
+            (a path relative to the repository, or absolute).
         load_profiles / load_policies / load_rates / load_seconds: the open-loop throughput test.
         stream_questions: questions of the stream workload (0 = skip), asked with stream ids.
         dataset: whose test questions and stream (easy-vqa, scenes; ``msao.datasets.vqa``).
     """
 
+    regime: str = "resident"
+    edge_bundle: str = "msao-tiny-edge"
+    cloud_bundle: str = "msao-tiny-cloud"
+    calibration: str = "calibration.json"
     profiles: tuple[str, ...] = tuple(PROFILES)
     policies: tuple[str, ...] = POLICIES
     requests: int = 1000
     warmup: int = 10
     edge_share: float | None = 0.25
     edge_dilation: float | None = None
+    edge_dilation_profile: str = ""
     prune_ratio: float = 0.25
     load_profiles: tuple[str, ...] = ("lte", "congested")
     load_policies: tuple[str, ...] = ("cloud_only", "msao")
@@ -69,7 +81,36 @@ class BenchConfig:
     bundles: str = "bundles"
     notes: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime {self.regime!r}: one of {list(REGIMES)}")
+        if self.regime == "paper" and "static_split" in self.policies:
+            raise ValueError("static_split runs the large model's first layers on the edge, which the paper regime does not hold")
+        if self.edge_dilation_profile and self.edge_dilation:
+            raise ValueError("edge_dilation or edge_dilation_profile, not both")
 
+    @property
+    def dilation_profile_path(self) -> str:
+        """The device profile as an absolute path (the daemons run elsewhere); empty without one."""
+        if not self.edge_dilation_profile:
+            return ""
+        path = Path(self.edge_dilation_profile)
+        return str(path if path.is_absolute() else ROOT / path)
+
+    @property
+    def dilation(self) -> dict[str, float]:
+        """The emulated edge's factor per kind of work (1 everywhere under a quota alone)."""
+        return dilation_factors(self.edge_dilation or 1.0, self.dilation_profile_path)
+
+
+REGIMES = ("paper", "resident")
+ORIN_PROFILE = "bench/profiles/dilation_orin-nx_vs_a100.toml"
+PAPER = dict(
+    regime="paper", dataset="scenes", edge_bundle="msao-scenes-edge", cloud_bundle="msao-scenes-cloud",
+    calibration="calibration-scenes.json", edge_share=None, edge_dilation_profile=ORIN_PROFILE,
+    policies=tuple(p for p in POLICIES if p != "static_split"), load_profiles=(),
+)  # fmt: skip
+"""The paper's regime: only the small model on an Orin-NX-like edge; its throughput is the fleet's (bench.fleet)."""
 QUICK = dict(requests=100, warmup=5, load_rates=(10.0, 20.0, 40.0, 80.0), load_seconds=6.0, stream_questions=60)
 
 
@@ -151,7 +192,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
     from msao.engines.bundle import load_bundle
 
     bundles = ROOT / config.bundles
-    edge_b, cloud_b, cal = bundles / "msao-tiny-edge", bundles / "msao-tiny-cloud", bundles / "calibration.json"
+    edge_b, cloud_b, cal = bundles / config.edge_bundle, bundles / config.cloud_bundle, bundles / config.calibration
     large = load_bundle(cloud_b).manifest
     items = workload(config.requests + config.warmup, config.seed, config.dataset)
     warm, measured = items[: config.warmup], items[config.warmup :]
@@ -165,11 +206,20 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
             "python": platform.python_version(),
         },
         "models": {"edge": load_bundle(edge_b).manifest.name, "large": large.name, "split_points": list(large.split_points)},
+        "regime": config.regime,
         "profiles": {},
     }
+    setting = {"regime": config.regime, "dilation": config.dilation, "edge_share": config.edge_share, "edges": 1, "workers": 1}
+    edge_args = ("--large-on-edge", "false") if config.regime == "paper" else ()
     work = out.parent / (out.stem + "-work")
     with Stack(
-        work, edge_b, cloud_b, cal if cal.exists() else None, edge_share=config.edge_share, edge_dilation=config.edge_dilation
+        work,
+        edge_b,
+        cloud_b,
+        cal if cal.exists() else None,
+        edge_share=config.edge_share,
+        edge_dilation=config.edge_dilation,
+        edge_dilation_profile=config.dilation_profile_path,
     ) as stack:
         for profile in config.profiles:
             shape = PROFILES[profile]
@@ -192,7 +242,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
                 else:
                     runs.append((policy, policy, {"policy": policy}))
             for name, policy, fields in runs:
-                daemon = stack.start_edge(f"{profile}-{name}", policy)
+                daemon = stack.start_edge(f"{profile}-{name}", policy, edge_args)
                 try:
                     if name == runs[0][0]:
                         result["profiles"].setdefault(profile, {})["edge_profile"] = daemon.get("/readyz")[1]
@@ -200,17 +250,19 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
                         ask(daemon, item, fields)
                     cells[name] = closed_loop(
                         daemon, measured, fields, stack.cloud_cpu_seconds, warmup=0, progress=_progress(f"{profile} {name}")
-                    )
+                    ) | {"setting": setting}
                     if stream and name in ("msao", "edge_only"):
                         cells[f"{name}+stream"] = closed_loop(daemon, stream, fields, stack.cloud_cpu_seconds, warmup=0,
-                                                             progress=_progress(f"{profile} {name} stream"))  # fmt: skip
+                                                             progress=_progress(f"{profile} {name} stream")) | {"setting": setting}  # fmt: skip
                 finally:
                     stack.stop_edge(daemon)
             throughput: dict[str, float] = {}
             load: dict[str, list] = {}
             if profile in config.load_profiles:
                 for policy in config.load_policies:
-                    daemon = stack.start_edge(f"{profile}-{policy}-load", policy, extra=("--workers", "4", "--queue-size", "64"))
+                    daemon = stack.start_edge(
+                        f"{profile}-{policy}-load", policy, extra=(*edge_args, "--workers", "4", "--queue-size", "64")
+                    )
                     try:
                         points = []
                         for rate in config.load_rates:
@@ -243,7 +295,13 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="100 requests per cell and a short load test (`make bench`, ~10 min)")
+    p.add_argument(
+        "--regime",
+        choices=REGIMES,
+        default="resident",
+        help="paper: the scenes pair, the edge holds only the small model, dilated as an Orin NX; resident: both models on the edge",
+    )
+    p.add_argument("--quick", action="store_true", help="100 requests per cell and a short load test (~10 min)")
     p.add_argument("--profiles", help=f"comma-separated subset of {','.join(PROFILES)}")
     p.add_argument("--policies", help=f"comma-separated subset of {','.join(POLICIES)}")
     p.add_argument("--requests", type=int, help="requests per cell (closed loop)")
@@ -255,13 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="the edge daemon emulates a device this many times slower (with --edge-share 0: instead of the quota)",
     )
-    p.add_argument("--dataset", choices=("easy-vqa", "scenes"), help="whose test questions and stream (default easy-vqa)")
+    p.add_argument(
+        "--edge-dilation-profile", metavar="FILE", help=f"one factor per kind of edge work (the paper regime's default: {ORIN_PROFILE})"
+    )
+    p.add_argument("--dataset", choices=("easy-vqa", "scenes"), help="whose test questions and stream (default: the regime's)")
     p.add_argument("--no-load", action="store_true", help="skip the open-loop throughput test")
     p.add_argument("--no-stream", action="store_true", help="skip the stream workload")
     p.add_argument("--out", help="results JSON (default bench/results/<UTC date-time>.json)")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     args = p.parse_args(argv)
-    kw: dict = dict(QUICK) if args.quick else {}
+    kw: dict = {**(PAPER if args.regime == "paper" else {}), **(QUICK if args.quick else {})}
     if args.profiles:
         kw["profiles"] = tuple(x for x in args.profiles.split(",") if x)
     if args.policies:
@@ -273,12 +334,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset:
         kw["dataset"] = args.dataset
     if args.edge_dilation:
-        kw["edge_dilation"] = args.edge_dilation
+        kw["edge_dilation"], kw["edge_dilation_profile"] = args.edge_dilation, ""
+    if args.edge_dilation_profile:
+        kw["edge_dilation_profile"], kw["edge_dilation"] = args.edge_dilation_profile, None
     if args.no_load:
         kw["load_profiles"] = ()
     if args.no_stream:
         kw["stream_questions"] = 0
-    config = BenchConfig(**kw)
+    try:
+        config = BenchConfig(**kw)
+    except ValueError as exc:
+        p.error(str(exc))
     unknown = [x for x in config.profiles if x not in PROFILES] + [x for x in config.policies if x not in POLICIES]
     if unknown:
         p.error(f"unknown profiles/policies {unknown}")

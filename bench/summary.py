@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-__all__ = ["BASELINES", "cell_metrics", "goals_for_profile", "oracle_metrics", "profile_summary"]
+__all__ = ["BASELINES", "cell_metrics", "goals_for_profile", "oracle_metrics", "paper_goals", "profile_summary"]
 
 BASELINES = ("edge_only", "cloud_only", "static_split", "prune_only", "draft_verify_static")
 EQUAL_ACCURACY_POINTS = 0.5
@@ -142,3 +142,44 @@ def goals_for_profile(profile: str, summary: dict) -> dict[str, dict]:
     v = m.get("mas_share_of_latency")
     goal("MAS <= 2 % of latency", v, None if v is None else v <= 0.02)
     return goals
+
+
+SLOW_LINKS = ("lte", "congested")
+FAST_LINKS = ("paper-200", "paper-400", "wifi")
+
+
+def paper_goals(paper: dict, fleet: dict | None) -> list[dict]:
+    """Issue 19's goals for the paper regime, one row per goal and link: the value, its bound, met or not.
+
+    A latency goal counts as met only where msao also holds cloud-only's accuracy within half a
+    point: a faster answer that is more often wrong is not the win the goal asks for. ``paper``
+    is ``run_bench``'s result for the paper regime; ``fleet`` is ``run_fleet``'s (None: not run).
+    """
+    rows: list[dict] = []
+
+    def row(goal: str, link: str, value, bound: float, at_most: bool, needs_accuracy: bool = False, accurate: bool = True) -> None:
+        met = None if value is None else (value <= bound if at_most else value >= bound)
+        if met and needs_accuracy and not accurate:
+            met = False
+        rows.append({"goal": goal, "link": link, "value": value, "bound": bound, "at_most": at_most, "met": met,
+                     **({"note": "msao is below cloud-only's accuracy by more than 0.5 point"} if needs_accuracy and not accurate else {})})  # fmt: skip
+
+    for link, p in paper.get("profiles", {}).items():
+        if "summary" not in p:
+            continue
+        r = p["summary"].get("msao_ratios", {})
+        accuracy = r.get("accuracy_minus_cloud_only_points")
+        accurate = accuracy is not None and accuracy >= -EQUAL_ACCURACY_POINTS
+        row("accuracy − cloud-only, points", link, accuracy, -EQUAL_ACCURACY_POINTS, at_most=False)
+        if link in SLOW_LINKS:
+            row("p50 / best baseline", link, r.get("p50_vs_best_baseline"), 0.6, True, True, accurate)
+            row("uplink / cloud-only", link, r.get("uplink_vs_cloud_only"), 0.3, True)
+        elif link in FAST_LINKS:
+            row("p50 / best baseline", link, r.get("p50_vs_best_baseline"), 1.0, True, True, accurate)
+        row("cloud CPU per request / cloud-only", link, r.get("cloud_cpu_vs_cloud_only"), 0.4, True)
+        row("p50 / hindsight oracle", link, r.get("p50_vs_oracle"), 1.15, True)
+        row("MAS share of latency", link, p["summary"]["metrics"].get("msao", {}).get("mas_share_of_latency"), 0.02, True)
+    if fleet is not None:
+        row(f"fleet throughput / cloud-only ({fleet['edges']} edges, {fleet['workers']} worker)", fleet["link"],
+            fleet["throughput_vs_first"].get("msao"), 2.5, at_most=False)  # fmt: skip
+    return rows

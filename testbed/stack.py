@@ -26,6 +26,8 @@ from testbed.throttle import CpuThrottle
 
 __all__ = ["Stack"]
 
+DILATION_PROFILE_ENV = "MSAO_RUNTIME_EDGE_DILATION_PROFILE"
+
 EDGE_READY_TIMEOUT_S = 240.0  # loading two bundles on a throttled edge, then seeing a worker
 
 
@@ -38,6 +40,7 @@ class Stack:
         workers: cloud worker processes.
         edge_share: cores each edge daemon may use (cgroup quota); None = unthrottled.
         edge_dilation: each edge daemon emulates a device this many times slower; None = its own speed.
+        edge_dilation_profile: instead, a device profile file (one factor per kind of edge work).
     """
 
     def __init__(
@@ -49,12 +52,16 @@ class Stack:
         workers: int = 1,
         edge_share: float | None = 0.25,
         edge_dilation: float | None = None,
+        edge_dilation_profile: str = "",
     ):
+        if edge_dilation is not None and edge_dilation_profile:
+            raise ValueError("edge_dilation or edge_dilation_profile, not both")
         self.work = work
         self.edge_bundle, self.cloud_bundle, self.calibration = edge_bundle, cloud_bundle, calibration
         self.workers_wanted = workers
         self.edge_share = edge_share
         self.edge_dilation = edge_dilation
+        self.edge_dilation_profile = str(Path(edge_dilation_profile).resolve()) if edge_dilation_profile else ""
         self.broker: Broker | None = None
         self.workers: list[CloudWorker] = []
         self.proxy: ShapingProxy | None = None
@@ -94,6 +101,8 @@ class Stack:
             "--policy", policy, *extra,
         ]  # fmt: skip
         environment = {**os.environ, "MSAO_RUNTIME_PROBE_INTERVAL_S": "2", **(env or {})}
+        if self.edge_dilation_profile:
+            environment[DILATION_PROFILE_ENV] = self.edge_dilation_profile
         throttle = CpuThrottle(self.edge_share).__enter__() if self.edge_share is not None else None
         try:
             daemon = EdgeDaemon(args, self.work / f"edge-{name}.log", port, environment, throttle, self.edge_dilation)

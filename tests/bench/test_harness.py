@@ -7,10 +7,6 @@ time-dilated daemon per policy, so it runs without cgroups or root), not how fas
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
-
-import pytest
 
 from bench.run import POLICIES, BenchConfig, run_bench
 from bench.summary import BASELINES
@@ -22,22 +18,11 @@ METRICS = (
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory, edge_bundle_dir: Path, cloud_bundle_dir: Path, models, calibration):
-    from msao.edge_runtime.calibration import save_calibration
-
-    root = tmp_path_factory.mktemp("bench-bundles")
-    shutil.copytree(edge_bundle_dir, root / "msao-tiny-edge")
-    shutil.copytree(cloud_bundle_dir, root / "msao-tiny-cloud")
-    save_calibration(calibration, root / "calibration.json")
-    return root
-
-
-def test_a_tiny_run_has_every_policy_metric_oracle_and_goal(bundles, tmp_path):
+def test_a_tiny_run_has_every_policy_metric_oracle_and_goal(bench_bundles, tmp_path):
     config = BenchConfig(
         edge_share=None, edge_dilation=4.0,
         profiles=("lte",), requests=3, warmup=1, load_profiles=("lte",), load_rates=(4.0,), load_seconds=2.0, stream_questions=3,
-        bundles=str(bundles),
+        bundles=str(bench_bundles),
     )  # fmt: skip
     out = tmp_path / "run.json"
     result = run_bench(config, out)
@@ -57,4 +42,6 @@ def test_a_tiny_run_has_every_policy_metric_oracle_and_goal(bundles, tmp_path):
     assert set(s["throughput_per_s"]) == {"cloud_only", "msao"}
     assert "p50_vs_oracle" in s["msao_ratios"] and "p50 <= 1.15x oracle" in s["goals"]
     assert set(s["stream"]) == {"msao+stream", "edge_only+stream"}
+    assert all(c["setting"] == {"regime": "resident", "dilation": dict.fromkeys(c["setting"]["dilation"], 4.0), "edge_share": None,
+                                "edges": 1, "workers": 1} for c in p["cells"].values())  # fmt: skip
     assert s["metrics"]["cloud_only"]["uplink_bytes_per_request"] > 0 and s["metrics"]["edge_only"]["uplink_bytes_per_request"] == 0
