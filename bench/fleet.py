@@ -6,7 +6,8 @@
 Per policy, every edge daemon (``--large-on-edge false``, ``--edge-dilation k``) gets Poisson
 arrivals at the same rate over its HTTP API, each question asked once; the rate per edge steps
 up a ladder until the p95 latency passes the bound (or a request is lost). **Throughput** is the
-highest total rate whose p95 stays under the bound with nothing lost and nothing refused; every
+highest total rate whose p95 stays under the bound with nothing lost and nothing refused (a
+lower bound where the ladder's top step held: ``saturated`` is false); every
 request is accounted for (sent = answered ok + answered with an error + lost, and lost must be
 0). The cloud's **busy share** is the worker's CPU seconds per second at each step (one worker
 thread: 1.0 is saturated), beside the daemons' and the broker's, so the table shows which side
@@ -139,7 +140,7 @@ def run_fleet(config: FleetConfig, work: Path) -> dict:
                     stack.stop_edge(d)
             held = [s for s in steps if not s["lost"] and not s["answered_error"] and s["p95_ms"] is not None and s["p95_ms"] <= c.bound_ms]
             cells[policy] = {"throughput_per_s": max((s["rate_total"] for s in held), default=0.0), "steps": steps,
-                             "lost": sum(s["lost"] for s in steps), "setting": setting}  # fmt: skip
+                             "saturated": len(held) < len(steps), "lost": sum(s["lost"] for s in steps), "setting": setting}  # fmt: skip
     base = cells[c.policies[0]]["throughput_per_s"]
     return {
         "benchmark": "fleet", "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()},
@@ -164,7 +165,8 @@ def report(result: dict) -> str:
     lines.append("")
     for policy, cell in result["cells"].items():
         ratio = result["throughput_vs_first"][policy]
-        lines.append(f"- {policy}: throughput {cell['throughput_per_s']:g}/s" + (f" ({ratio:.2f}x the first)" if ratio is not None else ""))
+        lines.append(f"- {policy}: throughput {cell['throughput_per_s']:g}/s" + (f" ({ratio:.2f}x the first)" if ratio is not None else "")
+                     + ("" if cell.get("saturated", True) else ": the ladder's top step held, so this is a lower bound"))  # fmt: skip
     return "\n".join(lines)
 
 

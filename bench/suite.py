@@ -44,13 +44,13 @@ class SuiteConfig:
 
 
 def quick_suite() -> SuiteConfig:
-    """`make bench`: every link in the paper regime, lte and congested in the resident one, a three-step fleet ladder."""
+    """`make bench`: every link in the paper regime, lte and congested in the resident one, a four-step fleet ladder to 56/s."""
     paper = BenchConfig(**{**PAPER, "requests": 40, "warmup": 3, "stream_questions": 20})
     resident = BenchConfig(
         profiles=("lte", "congested"), requests=40, warmup=3, load_profiles=("lte",), load_rates=(10.0, 20.0, 40.0),
         load_seconds=5.0, stream_questions=20,
     )  # fmt: skip
-    fleet = FleetConfig(dilation_profile=str(ROOT / ORIN_PROFILE), rates=(2.0, 4.0, 8.0), duration_s=8.0)
+    fleet = FleetConfig(dilation_profile=str(ROOT / ORIN_PROFILE), rates=(2.0, 6.0, 10.0, 14.0), duration_s=8.0)
     return SuiteConfig(paper, resident, fleet)
 
 
@@ -84,7 +84,7 @@ def goals_table(rows: list[dict]) -> str:
     """Issue 19's goals as Markdown: value, bound, met."""
     lines = ["| goal | link | measured | bound | met |", "|---|---|---|---|---|"]
     for r in rows:
-        met = "–" if r["met"] is None else "yes" if r["met"] else "**no**" + (f" ({r['note']})" if r.get("note") else "")
+        met = ("–" if r["met"] is None else "yes" if r["met"] else "**no**") + (f" ({r['note']})" if r.get("note") else "")
         value = "–" if r["value"] is None else f"{r['value']:g}"
         lines.append(f"| {r['goal']} | {r['link']} | {value} | {'≤' if r['at_most'] else '≥'} {r['bound']:g} | {met} |")
     return "\n".join(lines)

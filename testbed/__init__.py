@@ -18,12 +18,12 @@ from testbed.edge import EdgeDaemon
 from testbed.process import ManagedProcess, TestbedError, free_port, msao_command, poll_until, wait_port
 from testbed.shaping import PROFILES, LinkShape, ShapingProxy
 from testbed.stack import Stack
-from testbed.stats import cpu_seconds, peak_rss_bytes
+from testbed.stats import ProcessResources, cpu_seconds, peak_rss_bytes, process_resources
 from testbed.throttle import CpuThrottle, ThrottleUnavailable, throttle_unavailable_reason
 
 __all__ = [
-    "Broker", "CloudWorker", "CpuThrottle", "EdgeDaemon", "LinkShape", "ManagedProcess", "PROFILES", "ShapingProxy", "Stack",
-    "TestbedError", "ThrottleUnavailable", "cpu_seconds", "free_port", "mosquitto_path", "msao_command", "open_link",
-    "peak_rss_bytes", "poll_until", "start_broker", "start_broker_from_conf", "start_workers", "stop_all", "throttle_unavailable_reason",
+    "Broker", "CloudWorker", "CpuThrottle", "EdgeDaemon", "LinkShape", "ManagedProcess", "PROFILES", "ProcessResources", "ShapingProxy",
+    "Stack", "TestbedError", "ThrottleUnavailable", "cpu_seconds", "free_port", "mosquitto_path", "msao_command", "open_link",
+    "peak_rss_bytes", "poll_until", "process_resources", "start_broker", "start_broker_from_conf", "start_workers", "stop_all", "throttle_unavailable_reason",
     "wait_online", "wait_port",
 ]  # fmt: skip

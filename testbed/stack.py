@@ -129,6 +129,18 @@ class Stack:
                 return
         daemon.stop()
 
+    def replace_worker(self, index: int = 0) -> CloudWorker:
+        """SIGKILL worker ``index`` (a crash: nothing flushed, no offline status of its own) and start a fresh one in its place.
+
+        What a supervisor does after a crash; the new worker has a new id, as a restarted container would.
+        """
+        old = self.workers[index]
+        if old.alive():
+            old.kill()
+        n = len(list(self.work.glob("cloud-*.log")))
+        self.workers[index] = CloudWorker(f"bench-cloud-{n}", self.cloud_bundle, self.broker_url, self.work / f"cloud-{n}.log", verbosity="-v")
+        return self.workers[index]
+
     def broker_cpu_seconds(self) -> float:
         assert self.broker is not None, "the stack is not started"
         return cpu_seconds(self.broker.process.pid)

@@ -1,11 +1,12 @@
-"""What a testbed process has used so far, read from /proc: CPU seconds and peak memory."""
+"""What a testbed process has used so far, read from /proc: CPU seconds, memory, open files, threads."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "peak_rss_bytes"]
+__all__ = ["ProcessResources", "cpu_seconds", "peak_rss_bytes", "process_resources"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -21,3 +22,20 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+@dataclass(frozen=True)
+class ProcessResources:
+    """What a soak samples of one process: a leak shows as one of these climbing while the load stays flat."""
+
+    rss_bytes: int
+    open_fds: int
+    threads: int
+
+
+def process_resources(pid: int) -> ProcessResources:
+    """VmRSS, the entries of /proc/PID/fd and the thread count of process ``pid`` (OSError once it is gone)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return ProcessResources(
+        rss_bytes=int(status["VmRSS"].split()[0]) * 1024, open_fds=len(os.listdir(f"/proc/{pid}/fd")), threads=int(status["Threads"])
+    )

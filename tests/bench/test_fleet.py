@@ -24,6 +24,7 @@ def test_the_fleet_accounts_for_every_request_and_reports_which_side_works(tmp_p
                for cell in result["cells"].values())  # fmt: skip
     for cell in result["cells"].values():  # 20 s deadlines and a 30 s bound: every step holds, whatever the load
         assert [s["rate_total"] for s in cell["steps"]] == [2.0, 4.0] and cell["lost"] == 0 and cell["throughput_per_s"] == 4.0
+        assert not cell["saturated"]  # the ladder's top held: 4/s is a lower bound
         for s in cell["steps"]:
             assert s["sent"] > 0 and s["sent"] == s["answered_ok"] and not s["answered_error"] and s["lost"] == 0
     cloud, edge = result["cells"]["cloud_only"]["steps"], result["cells"]["edge_only"]["steps"]

@@ -42,5 +42,6 @@ def test_both_regimes_and_the_fleet_say_per_cell_what_they_ran(bench_bundles, tm
     assert goals[("p50 / best baseline", "lte")]["bound"] == 0.6 and goals[("uplink / cloud-only", "lte")]["value"] is not None
     fleet_goal = next(g for g in result["goals"] if g["goal"].startswith("fleet throughput"))
     assert fleet_goal["bound"] == 2.5 and not fleet_goal["at_most"]
+    assert fleet_goal["met"] is None and "lower bound" in fleet_goal["note"]  # a 30 s bound: both held the one step
     table = goals_table(result["goals"])
     assert "| uplink / cloud-only | lte |" in table and "≥ 2.5" in table
