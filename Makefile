@@ -71,15 +71,16 @@ demo: setup export
 bench: $(STAMP) export bundles/calibration-scenes.json
 	$(BIN)/python -m bench.suite --quick
 
-## bench-full: the same with 300 requests per paper cell, 1,000 per resident cell, the full load test and fleet ladder (about 2 hours on 2 cores)
+## bench-full: the same with 300 requests per paper cell, 1,000 per resident cell, the full load test and fleet ladder (about 80 minutes on 2 cores)
 bench-full: $(STAMP) export bundles/calibration-scenes.json
 	$(BIN)/python -m bench.suite
 
-## bench-sim: the scaled SIMULATION (msao's scheduler on published LLaVA-1.5 7B/13B, Orin NX vs A100 figures; ~45 s); SIM_ARGS passes flags
+## bench-sim: the scaled SIMULATION (msao's scheduler on figures derived from published ones), one run per profile: LLaVA-1.5 7B/13B (Orin NX vs A100) and the paper's pair, Qwen2-VL-2B on an Orin NX and on an AGX Orin with Qwen2.5-VL-7B on an A100 (~2 min each); SIM_ARGS passes flags
 .PHONY: bench-sim
 SIM_ARGS ?=
+SIM_PROFILES := llava15-7b-13b_orin-nx_vs_a100 qwen2-vl-2b_qwen25-vl-7b_orin-nx_vs_a100 qwen2-vl-2b_qwen25-vl-7b_agx-orin_vs_a100
 bench-sim: $(STAMP)
-	$(BIN)/python -m bench.simulate $(SIM_ARGS)
+	@for p in $(SIM_PROFILES); do $(BIN)/python -m bench.simulate --profile bench/profiles/$$p.toml $(SIM_ARGS) || exit 1; done
 
 ## bench-bridge: cloud bridge numbers (codec vs memcpy, zstd on real hidden states, loopback job round trips vs floors)
 .PHONY: bench-bridge
@@ -142,11 +143,11 @@ bench-load: $(STAMP) export
 	@mkdir -p bench/results
 	$(BIN)/python -m bench.load --out bench/results/load.json
 
-## bench-fleet: the paper's regime as a fleet: 4 edge daemons (small model only, dilated x15) share 1 cloud worker on lte, cloud_only vs msao up a Poisson rate ladder (docs/benchmarks.md)
+## bench-fleet: the paper's regime as a fleet: 4 edge daemons (small model only, dilated per kind of work as an Orin NX) share 1 cloud worker on lte, cloud_only vs msao up a Poisson rate ladder to 128/s (docs/benchmarks.md)
 .PHONY: bench-fleet
 bench-fleet: $(STAMP) bundles/calibration-scenes.json
 	@mkdir -p bench/results
-	$(BIN)/python -m bench.fleet --out bench/results/fleet.json
+	$(BIN)/python -m bench.fleet --edge-dilation-profile bench/profiles/dilation_orin-nx_vs_a100.toml --out bench/results/fleet.json
 
 ## soak: the paper-regime fleet (4 edges x 1 worker, lte) at a steady rate for SOAK_MINUTES, a broker restart and a worker crash along the way; RSS, descriptors and threads of every process each minute; pass = 0 lost, no growth (not in CI)
 SOAK_MINUTES ?= 120

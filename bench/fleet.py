@@ -36,7 +36,7 @@ from msao.edge_runtime.runtime import RuntimeOptions
 from msao.errors import ConfigError
 from testbed import PROFILES, EdgeDaemon, Stack, cpu_seconds
 
-__all__ = ["FleetConfig", "fleet_step", "run_fleet"]
+__all__ = ["FleetConfig", "fleet_step", "plot", "report", "run_fleet"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +63,8 @@ class FleetConfig:
     dilation_profile: str = ""
     link: str = "lte"
     policies: tuple[str, ...] = ("cloud_only", "msao")
-    rates: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
-    duration_s: float = 20.0
+    rates: tuple[float, ...] = (2.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0, 32.0)  # to 128/s in all: both held 112/s here (2026-12-07)
+    duration_s: float = 15.0
     bound_ms: float = 2000.0
     seed: int = 0
 
@@ -170,6 +170,32 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """p95 latency and the worker's busy share against the total offered rate, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for j, (policy, cell) in enumerate(result["cells"].items()):
+        rates, color = [s["rate_total"] for s in cell["steps"]], f"C{j}"
+        axes[0].plot(rates, [s["p95_ms"] for s in cell["steps"]], marker="o", color=color, label=policy)
+        axes[1].plot(rates, [s["cloud_busy"] for s in cell["steps"]], marker="o", color=color, label=f"{policy}: worker")
+        axes[1].plot(rates, [s["edges_cpu_s_per_s"] for s in cell["steps"]], marker=".", linestyle=":", color=color, label=f"{policy}: edges")
+    axes[0].set_yscale("log")
+    axes[0].axhline(result["bound_ms"], color="grey", linestyle="--", linewidth=1, label=f"bound {result['bound_ms']:g} ms")
+    axes[0].set(xlabel="offered requests/s (all edges)", ylabel="p95 latency (ms)", title="p95 under load")
+    axes[1].set(xlabel="offered requests/s (all edges)", ylabel="CPU seconds per second", title="who is busy (1.0 = one core)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"fleet: {result['edges']} edges x {result['workers']} worker, {result['link']} ({dilation_label(result)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--edge", type=Path, default=ROOT / "bundles" / "msao-scenes-edge")
@@ -181,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edge-dilation-profile", default="", metavar="FILE", help="instead, one factor per kind of edge work (a device profile)")
     ap.add_argument("--link", default="lte", choices=sorted(PROFILES))
     ap.add_argument("--policies", default="cloud_only,msao", help="comma-separated; ratios are against the first")
-    ap.add_argument("--rates", default="2,4,6,8,10,12", help="requests per second to each edge, ascending")
-    ap.add_argument("--duration-s", type=float, default=20.0)
+    ap.add_argument("--rates", default=",".join(f"{r:g}" for r in FleetConfig.rates), help="requests per second to each edge, ascending")
+    ap.add_argument("--duration-s", type=float, default=FleetConfig.duration_s)
     ap.add_argument("--bound-ms", type=float, default=2000.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet.json")
     a = ap.parse_args(argv)
@@ -205,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_fleet(config, a.out.parent / (a.out.stem + "-work"))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
+    plot(result, a.out.with_suffix(".png"))
     print(report(result))
     print(f"wrote {a.out}")
     return 0 if all(c["lost"] == 0 for c in result["cells"].values()) else 1

@@ -1,7 +1,7 @@
 """The whole benchmark: the paper's regime, the resident regime and the fleet, in one run, one results file.
 
     make bench          # python -m bench.suite --quick   (<= 15 min on 2 cores)
-    make bench-full     # python -m bench.suite           (about 2 hours on 2 cores)
+    make bench-full     # python -m bench.suite           (about 80 minutes on 2 cores)
 
 1. **paper**: the scenes pair, each edge daemon holding only the small model
    (``--large-on-edge false``) and dilated per kind of work as an Orin NX relates to an A100
@@ -13,7 +13,8 @@
    ladder (``bench.fleet``): the throughput goal, where the cloud is what saturates.
 
 Writes ``bench/results/bench-<UTC time>.json`` (each regime's result whole, the fleet's, and
-issue 19's goal table; every cell says its regime, dilation factors, edges and workers), plots
+issue 19's goal table; every cell says its regime, dilation factors, edges and workers), the
+same without per-request records as ``bench-<UTC time>-summary.json`` (what is committed), plots
 per regime beside it, and prints the tables. Benchmarks, not tests: the numbers move with load.
 """
 
@@ -26,12 +27,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench.fleet import FleetConfig, report, run_fleet
+from bench.fleet import FleetConfig, plot, report, run_fleet
 from bench.report import format_table
 from bench.run import ORIN_PROFILE, PAPER, ROOT, BenchConfig, run_bench
 from bench.summary import paper_goals
 
-__all__ = ["SuiteConfig", "full_suite", "goals_table", "quick_suite", "run_suite"]
+__all__ = ["SuiteConfig", "full_suite", "goals_table", "quick_suite", "run_suite", "summary_only"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,20 @@ def run_suite(config: SuiteConfig, out: Path) -> dict:
         result["goals"] = paper_goals(result["regimes"]["paper"], result.get("fleet"))
     result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.write_text(json.dumps(result, indent=1))
+    out.with_name(out.stem + "-summary.json").write_text(json.dumps(summary_only(result), indent=1))
     for name in result["regimes"]:
         (out.parent / f"{out.stem}-{name}.json").unlink(missing_ok=True)  # the whole result is in ``out`` now
     return result
+
+
+def summary_only(result: dict) -> dict:
+    """The result without per-request records (megabytes per run): what a repository keeps; the tables need nothing more."""
+    slim = json.loads(json.dumps(result))
+    for regime in slim["regimes"].values():
+        for profile in regime["profiles"].values():
+            for cell in profile.get("cells", {}).values():
+                cell.pop("records", None)
+    return slim
 
 
 def goals_table(rows: list[dict]) -> str:
@@ -119,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"plot: {path}", file=sys.stderr)
     if "fleet" in result:
         print("\n## the fleet\n" + report(result["fleet"]))
+        if not a.no_plots:
+            (out.parent / f"{out.stem}-plots").mkdir(parents=True, exist_ok=True)
+            plot(result["fleet"], out.parent / f"{out.stem}-plots" / "fleet.png")
     if "goals" in result:
         print("\n## issue 19's goals (paper regime)\n" + goals_table(result["goals"]))
     print(f"results: {out}", file=sys.stderr)

@@ -41,8 +41,18 @@ def result(profile):
     return run_simulation(profile, SimOptions(requests=60, load_requests=40, records=True))
 
 
-def test_every_figure_of_the_shipped_profile_is_labelled_with_its_source(profile):
-    assert len(profile.figures) >= 20
+SHIPPED = sorted(p for p in (ROOT / "bench" / "profiles").glob("*.toml") if not p.name.startswith("dilation_"))
+
+
+def test_the_paper_pair_ships_for_both_jetsons():
+    names = {p.stem for p in SHIPPED}
+    assert {"qwen2-vl-2b_qwen25-vl-7b_orin-nx_vs_a100", "qwen2-vl-2b_qwen25-vl-7b_agx-orin_vs_a100"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_figure_of_every_shipped_profile_is_labelled_with_its_source(path):
+    profile = load_sim_profile(path)
+    assert len(profile.figures) >= 20 and profile.name == path.stem
     for f in profile.figures:
         assert f.kind in FIGURE_KINDS, f
         assert len(f.source) > 20, f

@@ -24,7 +24,9 @@ def test_both_regimes_and_the_fleet_say_per_cell_what_they_ran(bench_bundles, tm
     out = tmp_path / "suite.json"
     result = run_suite(SuiteConfig(paper, resident, fleet), out)
     assert json.loads(out.read_text())["finished_at"] == result["finished_at"]
-    assert not list(tmp_path.glob("suite-*.json"))  # the per-regime partial files are folded into the one result
+    assert [f.name for f in tmp_path.glob("suite-*.json")] == ["suite-summary.json"]  # the per-regime partials are folded in
+    slim = json.loads((tmp_path / "suite-summary.json").read_text())
+    assert slim["goals"] == result["goals"] and "records" not in slim["regimes"]["paper"]["profiles"]["lte"]["cells"]["msao"]
 
     p, r = result["regimes"]["paper"]["profiles"]["lte"], result["regimes"]["resident"]["profiles"]["lte"]
     assert set(p["cells"]) == {"cloud_only", "edge_only", "msao"} and set(r["cells"]) == {"cloud_only", "msao"}
