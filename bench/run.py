@@ -6,9 +6,10 @@
 Two regimes (``REGIMES``): **paper**, the edge holds only the small model (``--large-on-edge
 false``; the scenes pair, dilated per kind of work as an Orin NX relates to an A100, so
 ``static_split`` is not a candidate); **resident**, the edge holds both models (the easy-VQA
-pair, the edge a quarter of a core). For each profile: shape the link, measure its real RTT and throughput through the emulation
-(probe jobs to the worker), then for each policy start a fresh throttled edge daemon, warm it,
-ask the same easy-VQA test requests (closed loop), read its CPU and memory; then an open-loop
+pair, the edge a quarter of a core). For each profile: shape the link, measure its real RTT
+and throughput through the emulation (probe jobs to the worker), then for each policy start a
+fresh slowed edge daemon, warm it, ask the same test requests (closed loop), read its CPU and
+memory; then an open-loop
 load test for the policies whose throughput the goals compare; then the oracle, the best
 baseline and the goals. Writes ``bench/results/<date>.json`` and plots next to it.
 """
