@@ -34,8 +34,10 @@ class ProcessResources:
 
 
 def process_resources(pid: int) -> ProcessResources:
-    """VmRSS, the entries of /proc/PID/fd and the thread count of process ``pid`` (OSError once it is gone)."""
+    """VmRSS, the entries of /proc/PID/fd and the thread count of process ``pid`` (OSError once it is gone or a zombie)."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    if "VmRSS" not in status:  # exited, not yet reaped: no memory left to report
+        raise ProcessLookupError(f"process {pid} has exited")
     return ProcessResources(
         rss_bytes=int(status["VmRSS"].split()[0]) * 1024, open_fds=len(os.listdir(f"/proc/{pid}/fd")), threads=int(status["Threads"])
     )

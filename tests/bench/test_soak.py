@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
+import pytest
+
 from bench.soak import SoakConfig, plot, run_soak, trend
+from testbed import poll_until, process_resources
 
 
 def test_a_flat_noisy_series_passes_and_a_climbing_one_is_caught():
@@ -34,3 +40,13 @@ def test_a_short_soak_loses_nothing_through_a_broker_restart_and_a_worker_crash(
     assert result["passed"] == (not result["growth"])
     plot(result, tmp_path / "soak.png")
     assert (tmp_path / "soak.png").stat().st_size > 10_000
+
+
+def test_a_process_that_exited_unreaped_reads_as_gone_not_as_a_crash():
+    child = subprocess.Popen(["sleep", "0.01"])
+    try:
+        assert poll_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 30)
+        with pytest.raises(OSError):  # the soak's sampler skips it, as it skips a process between a kill and its replacement
+            process_resources(child.pid)
+    finally:
+        child.wait()
