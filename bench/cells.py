@@ -20,7 +20,9 @@ import numpy as np
 from msao.edge_runtime.dilation import Dilation
 from testbed import EdgeDaemon, cpu_seconds, peak_rss_bytes
 
-__all__ = ["Item", "closed_loop", "dilation_factors", "dilation_label", "fire_at", "open_loop", "poisson_times", "ask"]
+__all__ = [
+    "Item", "ask", "ask_or_connection_error", "closed_loop", "dilation_factors", "dilation_label", "fire_at", "open_loop", "poisson_times",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,17 @@ def ask(daemon: EdgeDaemon, item: Item, fields: dict, timeout_s: float = 60.0) -
     finally:
         c.close()
     return ms, r.status, out.get("msao") or {"status": "error", "error_code": str(r.status), "error": json.dumps(out)[:300]}
+
+
+def ask_or_connection_error(daemon: EdgeDaemon, item: Item, fields: dict, timeout_s: float = 60.0) -> tuple[float, int, dict]:
+    """``ask``, with a request that never reached the daemon (its connection failed) as an answer of ``error_code`` ``connection``.
+
+    What the load tests count as lost: the daemon answered nothing, not even an error.
+    """
+    try:
+        return ask(daemon, item, fields, timeout_s)
+    except OSError as exc:
+        return 0.0, 0, {"status": "error", "error_code": "connection", "error": str(exc)}
 
 
 def _record(item: Item, ms: float, status: int, m: dict) -> dict:
@@ -110,10 +123,7 @@ def fire_at(
     lock = threading.Lock()
 
     def fire(daemon: EdgeDaemon, item: Item) -> None:
-        try:
-            out = ask(daemon, item, fields, timeout_s)
-        except OSError as exc:
-            out = (0.0, 0, {"status": "error", "error_code": "connection", "error": str(exc)})
+        out = ask_or_connection_error(daemon, item, fields, timeout_s)
         with lock:
             results.append(out)
             if items is not None:

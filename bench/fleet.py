@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.cells import Item, dilation_factors, dilation_label, fire_at, poisson_times
-from bench.run import workload
-from msao.edge_runtime.plans import POLICIES
+from bench.run import PAPER_POLICIES, workload
 from msao.edge_runtime.runtime import RuntimeOptions
 from msao.errors import ConfigError
 from testbed import PROFILES, EdgeDaemon, Stack, cpu_seconds
@@ -39,6 +38,8 @@ from testbed import PROFILES, EdgeDaemon, Stack, cpu_seconds
 __all__ = ["FleetConfig", "fleet_step", "plot", "report", "run_fleet"]
 
 ROOT = Path(__file__).resolve().parents[1]
+EDGE_ARGS = ("--large-on-edge", "false", "--workers", "4")
+"""Each fleet edge daemon (and the soak's): only the small model, four requests at a time."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class FleetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if set(self.policies) - set(POLICIES) or not self.policies or "static_split" in self.policies:
-            raise ValueError(f"policies: one or more of {[p for p in POLICIES if p != 'static_split']} (the edges hold only the small model)")
+        if set(self.policies) - set(PAPER_POLICIES) or not self.policies:
+            raise ValueError(f"policies: one or more of {list(PAPER_POLICIES)} (the edges hold only the small model)")
         if self.edges < 1 or self.dilation < 1 or not self.rates or list(self.rates) != sorted(self.rates) or min(self.rates) <= 0:
             raise ValueError("edges >= 1, dilation >= 1, rates positive and ascending")
         if self.link not in PROFILES:
@@ -124,7 +125,7 @@ def run_fleet(config: FleetConfig, work: Path) -> dict:
         stack.shape(PROFILES[c.link])
         offset = 0
         for policy in c.policies:
-            daemons = [stack.start_edge(f"{policy}-{i}", policy, ("--large-on-edge", "false", "--workers", "4")) for i in range(c.edges)]
+            daemons = [stack.start_edge(f"{policy}-{i}", policy, EDGE_ARGS) for i in range(c.edges)]
             try:
                 fleet_step(stack, daemons, items, policy, min(c.rates), 2.0, c.seed + 99, offset)  # warm-up, not reported
                 steps = []

@@ -105,11 +105,12 @@ class BenchConfig:
 
 
 REGIMES = ("paper", "resident")
+PAPER_POLICIES = tuple(p for p in POLICIES if p != "static_split")  # an edge without the large model's layers cannot split
 ORIN_PROFILE = "bench/profiles/dilation_orin-nx_vs_a100.toml"
 PAPER = dict(
     regime="paper", dataset="scenes", edge_bundle="msao-scenes-edge", cloud_bundle="msao-scenes-cloud",
     calibration="calibration-scenes.json", edge_share=None, edge_dilation_profile=ORIN_PROFILE,
-    policies=tuple(p for p in POLICIES if p != "static_split"), load_profiles=(),
+    policies=PAPER_POLICIES, load_profiles=(),
 )  # fmt: skip
 """The paper's regime: only the small model on an Orin-NX-like edge; its throughput is the fleet's (bench.fleet)."""
 QUICK = dict(requests=100, warmup=5, load_rates=(10.0, 20.0, 40.0, 80.0), load_seconds=6.0, stream_questions=60)

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cells import Item, ask, dilation_factors, poisson_times
-from bench.run import ORIN_PROFILE, ROOT, workload
-from msao.edge_runtime.plans import POLICIES
+from bench.cells import Item, ask_or_connection_error, dilation_factors, poisson_times
+from bench.fleet import EDGE_ARGS
+from bench.run import ORIN_PROFILE, PAPER_POLICIES, ROOT, workload
 from testbed import PROFILES, Stack, process_resources
 
 __all__ = ["SoakConfig", "run_soak", "trend"]
@@ -75,8 +75,8 @@ class SoakConfig:
     def __post_init__(self) -> None:
         if self.minutes <= 0 or self.sample_s <= 0 or self.rate_per_edge <= 0 or self.edges < 1:
             raise ValueError("minutes, sample_s and rate_per_edge must be positive and edges >= 1")
-        if self.policy not in POLICIES or self.policy == "static_split":
-            raise ValueError(f"policy {self.policy!r}: one of {[p for p in POLICIES if p != 'static_split']} (the edges hold only the small model)")
+        if self.policy not in PAPER_POLICIES:
+            raise ValueError(f"policy {self.policy!r}: one of {list(PAPER_POLICIES)} (the edges hold only the small model)")
         if self.link not in PROFILES:
             raise ValueError(f"link {self.link!r}: one of {sorted(PROFILES)}")
         for at in (self.broker_restart_at, self.worker_kill_at):
@@ -123,10 +123,7 @@ class _Driver(threading.Thread):
             threading.Thread(target=self._one, args=(t, edge, daemon, item), daemon=True).start()
 
     def _one(self, t: float, edge: int, daemon, item: Item) -> None:
-        try:
-            ms, status, m = ask(daemon, item, {"policy": self.policy, "deadline_ms": 20_000}, timeout_s=60.0)
-        except OSError as exc:
-            ms, status, m = 0.0, 0, {"status": "error", "error_code": "connection", "error": str(exc)}
+        ms, status, m = ask_or_connection_error(daemon, item, {"policy": self.policy, "deadline_ms": 20_000}, timeout_s=60.0)
         outcome = {
             "t_s": round(t, 3), "edge": edge, "ms": round(ms, 1), "ok": status == 200 and m.get("status") == "ok",
             "error_code": m.get("error_code", ""), "answered_by": m.get("answered_by", ""), "fallback": bool(m.get("fallback")),
@@ -157,7 +154,7 @@ def run_soak(config: SoakConfig, work: Path) -> dict:
     with Stack(work, c.edge_bundle, c.cloud_bundle, c.calibration, workers=1, edge_share=None, edge_dilation=None,
                edge_dilation_profile=c.dilation_profile) as stack:  # fmt: skip
         stack.shape(PROFILES[c.link])
-        daemons = [stack.start_edge(f"soak-{i}", c.policy, ("--large-on-edge", "false", "--workers", "4")) for i in range(c.edges)]
+        daemons = [stack.start_edge(f"soak-{i}", c.policy, EDGE_ARGS) for i in range(c.edges)]
         schedule = sorted(
             ((t, e, d, items[(n * c.edges + e) % len(items)]) for e, d in enumerate(daemons)
              for n, t in enumerate(poisson_times(c.rate_per_edge, duration_s, c.seed + e))),

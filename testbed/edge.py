@@ -24,6 +24,7 @@ from testbed.throttle import CpuThrottle
 __all__ = ["EdgeDaemon"]
 
 DILATION_ENV = "MSAO_RUNTIME_EDGE_DILATION"
+DILATION_PROFILE_ENV = "MSAO_RUNTIME_EDGE_DILATION_PROFILE"
 
 
 class EdgeDaemon(ManagedProcess):
@@ -34,6 +35,7 @@ class EdgeDaemon(ManagedProcess):
         env: the daemon's environment (None: this process's).
         throttle: a started ``CpuThrottle`` the process joins (the caller owns its lifetime).
         dilation: emulate an edge this many times slower (None: its own speed).
+        dilation_profile: instead, a device profile file with one factor per kind of edge work ("": none).
     """
 
     def __init__(
@@ -45,15 +47,19 @@ class EdgeDaemon(ManagedProcess):
         throttle: CpuThrottle | None = None,
         dilation: float | None = None,
         verbosity: str = "-v",
+        dilation_profile: str = "",
     ):
         self.args = list(args)
         self.http_port = http_port
         self.throttle = throttle
         self.dilation = dilation
+        self.dilation_profile = str(Path(dilation_profile).resolve()) if dilation_profile else ""
         self.verbosity = verbosity
         environment = dict(env if env is not None else os.environ)
         if dilation is not None:
             environment[DILATION_ENV] = str(dilation)
+        if self.dilation_profile:
+            environment[DILATION_PROFILE_ENV] = self.dilation_profile
         super().__init__(msao_command([verbosity, "edge", *self.args]), log_path, env=environment, name="msao edge")
         if throttle is not None:
             throttle.add(self.pid)
@@ -86,4 +92,6 @@ class EdgeDaemon(ManagedProcess):
 
     def restarted(self, log_path: Path) -> EdgeDaemon:
         """The same daemon (same edge id, so the same MQTT sessions; same device emulation) started again."""
-        return EdgeDaemon(self.args, log_path, self.http_port, self.env, self.throttle, self.dilation, self.verbosity)
+        return EdgeDaemon(
+            self.args, log_path, self.http_port, self.env, self.throttle, self.dilation, self.verbosity, self.dilation_profile
+        )

@@ -26,8 +26,6 @@ from testbed.throttle import CpuThrottle
 
 __all__ = ["Stack"]
 
-DILATION_PROFILE_ENV = "MSAO_RUNTIME_EDGE_DILATION_PROFILE"
-
 EDGE_READY_TIMEOUT_S = 240.0  # loading two bundles on a throttled edge, then seeing a worker
 
 
@@ -61,7 +59,7 @@ class Stack:
         self.workers_wanted = workers
         self.edge_share = edge_share
         self.edge_dilation = edge_dilation
-        self.edge_dilation_profile = str(Path(edge_dilation_profile).resolve()) if edge_dilation_profile else ""
+        self.edge_dilation_profile = edge_dilation_profile
         self.broker: Broker | None = None
         self.workers: list[CloudWorker] = []
         self.proxy: ShapingProxy | None = None
@@ -101,11 +99,17 @@ class Stack:
             "--policy", policy, *extra,
         ]  # fmt: skip
         environment = {**os.environ, "MSAO_RUNTIME_PROBE_INTERVAL_S": "2", **(env or {})}
-        if self.edge_dilation_profile:
-            environment[DILATION_PROFILE_ENV] = self.edge_dilation_profile
         throttle = CpuThrottle(self.edge_share).__enter__() if self.edge_share is not None else None
         try:
-            daemon = EdgeDaemon(args, self.work / f"edge-{name}.log", port, environment, throttle, self.edge_dilation)
+            daemon = EdgeDaemon(
+                args,
+                self.work / f"edge-{name}.log",
+                port,
+                environment,
+                throttle,
+                self.edge_dilation,
+                dilation_profile=self.edge_dilation_profile,
+            )
         except BaseException:
             if throttle is not None:
                 throttle.__exit__()
@@ -138,7 +142,9 @@ class Stack:
         if old.alive():
             old.kill()
         n = len(list(self.work.glob("cloud-*.log")))
-        self.workers[index] = CloudWorker(f"bench-cloud-{n}", self.cloud_bundle, self.broker_url, self.work / f"cloud-{n}.log", verbosity="-v")
+        self.workers[index] = CloudWorker(
+            f"bench-cloud-{n}", self.cloud_bundle, self.broker_url, self.work / f"cloud-{n}.log", verbosity="-v"
+        )
         return self.workers[index]
 
     def broker_cpu_seconds(self) -> float:

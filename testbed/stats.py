@@ -16,12 +16,19 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks  # utime stime cutime cstime (fields 14-17)
 
 
+def _status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as field -> value ("VmRSS" -> "131072 kB")."""
+    return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+
+
+def _kib_as_bytes(value: str) -> int:
+    return int(value.split()[0]) * 1024
+
+
 def peak_rss_bytes(pid: int) -> int:
-    """VmHWM: the process's peak resident memory so far."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """VmHWM: the process's peak resident memory so far (0 once it has exited, unreaped)."""
+    hwm = _status(pid).get("VmHWM")
+    return _kib_as_bytes(hwm) if hwm is not None else 0
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,9 @@ class ProcessResources:
 
 def process_resources(pid: int) -> ProcessResources:
     """VmRSS, the entries of /proc/PID/fd and the thread count of process ``pid`` (OSError once it is gone or a zombie)."""
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    status = _status(pid)
     if "VmRSS" not in status:  # exited, not yet reaped: no memory left to report
         raise ProcessLookupError(f"process {pid} has exited")
     return ProcessResources(
-        rss_bytes=int(status["VmRSS"].split()[0]) * 1024, open_fds=len(os.listdir(f"/proc/{pid}/fd")), threads=int(status["Threads"])
+        rss_bytes=_kib_as_bytes(status["VmRSS"]), open_fds=len(os.listdir(f"/proc/{pid}/fd")), threads=int(status["Threads"])
     )

@@ -16,6 +16,7 @@ unacknowledged so the broker redelivers it to the next daemon).
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -102,10 +103,9 @@ class RuntimeOptions:
             raise ConfigError(f"edge_dilation must be in [1, 1000] (1 = this device's own speed), got {self.edge_dilation}")
         if self.edge_dilation_profile and self.edge_dilation != 1.0:
             raise ConfigError("set edge_dilation (one factor) or edge_dilation_profile (one per kind of work), not both")
-        if self.edge_dilation_profile:
-            Dilation.load(self.edge_dilation_profile)  # a profile that does not load fails here, at configuration time
+        _ = self.dilation  # a profile that does not load fails here, at configuration time (and is read once)
 
-    @property
+    @functools.cached_property
     def dilation(self) -> Dilation:
         """The emulated edge's factors per kind of work (``Dilation()`` = its own speed)."""
         return Dilation.load(self.edge_dilation_profile) if self.edge_dilation_profile else Dilation.uniform(self.edge_dilation)
